@@ -1,0 +1,1084 @@
+/**
+ * sinkhole — an SMTP failure-injection fixture.
+ *
+ * One file, one job: answer every SMTP transaction the way the operator's
+ * current mode says. The file has three layers, top to bottom:
+ *
+ *   1. Configuration and named limits (every bound the listener enforces).
+ *   2. Policy: pure functions that map (session state, command, mode) to a
+ *      reply. No I/O, no clock; `respond` and `endOfData` are table-tested.
+ *   3. I/O: the mode source (SSM, file, static), the greylist table, the
+ *      TCP session loop, logging, signals, the health check, and `main`.
+ *
+ * No local imports: the image holds this file plus its npm dependencies.
+ */
+
+// ---------------------------------------------------------------------------
+// 1. Configuration and limits
+// ---------------------------------------------------------------------------
+
+/** RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF. */
+export const MAX_COMMAND_LINE = 512;
+/** RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with CRLF. */
+export const MAX_TEXT_LINE = 1000;
+/** RFC 5321 §4.5.3.1.8 asks servers to take at least 100 recipients. */
+export const MAX_RECIPIENTS = 100;
+/** Largest message accepted (advertised with SIZE; the body is discarded). */
+export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+/** RFC 5321 §4.5.3.1.3: a path is at most 256 octets. */
+export const MAX_PATH_LENGTH = 256;
+/** Protocol errors tolerated in one session before it is closed with 421. */
+export const MAX_ERRORS_PER_SESSION = 20;
+/** Concurrent sessions; one more is greeted with 421 and closed. */
+export const DEFAULT_MAX_SESSIONS = 1000;
+/** Seconds a session may wait for the client between reads. */
+export const DEFAULT_IDLE_TIMEOUT_S = 120;
+/** Seconds a whole session may last, whatever the client does. */
+export const DEFAULT_SESSION_TIMEOUT_S = 600;
+/** Header section logged in accept-log mode (the body is never logged). */
+export const MAX_LOGGED_HEADER_BYTES = 16 * 1024;
+/** Transactions and replies kept for one session's log line. */
+export const MAX_LOGGED_TRANSACTIONS = 20;
+export const MAX_LOGGED_REPLIES = 64;
+/** Distinct greylist keys remembered; the oldest is forgotten past it. */
+export const MAX_GREYLIST_ENTRIES = 100_000;
+/** Bytes read from a socket at once. */
+export const READ_BUFFER_BYTES = 16 * 1024;
+/** A mode-source request is abandoned after this long. */
+export const MODE_FETCH_TIMEOUT_MS = 5_000;
+/** Start-up waits at most this long for the first mode before listening. */
+export const MODE_INITIAL_WAIT_MS = 2_000;
+/** On SIGTERM, sessions inside DATA get this long to finish. */
+export const SHUTDOWN_GRACE_MS = 10_000;
+/** A last reply (421 on timeout or shutdown) gets this long to be written. */
+export const GOODBYE_WRITE_MS = 1_000;
+/** The health check gives up after this long. */
+export const HEALTHCHECK_TIMEOUT_MS = 3_000;
+
+export const MODES = [
+  "defer",
+  "bounce",
+  "accept",
+  "accept-log",
+  "greylist",
+] as const;
+export type Mode = typeof MODES[number];
+export const DEFAULT_MODE: Mode = "defer";
+
+export interface Config {
+  bindHost: string;
+  bindPort: number;
+  serverName: string;
+  /** SSM parameter name (used when source is "ssm"). */
+  modeParam: string;
+  modeSource: "ssm" | "file" | "static";
+  /** Path of the mode file (source "file") or the mode (source "static"). */
+  modeFile: string;
+  staticMode: string;
+  cacheTtlMs: number;
+  greylistWindowMs: number;
+  maxSessions: number;
+  idleTimeoutMs: number;
+  sessionTimeoutMs: number;
+}
+
+/** Reads the configuration from environment variables; throws on bad values. */
+export function configFromEnv(env: (name: string) => string | undefined): Config {
+  const seconds = (name: string, fallback: number): number => {
+    const raw = env(name);
+    if (raw === undefined || raw === "") return fallback * 1000;
+    const n = Number(raw);
+    if (!Number.isFinite(n) || n <= 0) {
+      throw new Error(`${name} must be a positive number of seconds, got ${JSON.stringify(raw)}`);
+    }
+    return Math.round(n * 1000);
+  };
+  const integer = (name: string, fallback: number, max: number): number => {
+    const raw = env(name);
+    if (raw === undefined || raw === "") return fallback;
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < 1 || n > max) {
+      throw new Error(`${name} must be an integer from 1 to ${max}, got ${JSON.stringify(raw)}`);
+    }
+    return n;
+  };
+  const modeFile = env("SINKHOLE_MODE_FILE") ?? "";
+  const staticMode = env("SINKHOLE_MODE") ?? "";
+  if (staticMode !== "" && parseMode(staticMode) === undefined) {
+    throw new Error(`SINKHOLE_MODE must be one of ${MODES.join(", ")}, got ${JSON.stringify(staticMode)}`);
+  }
+  return {
+    bindHost: env("SINKHOLE_BIND_HOST") || "0.0.0.0",
+    bindPort: integer("SINKHOLE_BIND_PORT", 25, 65535),
+    serverName: env("SINKHOLE_SERVER_NAME") || "sinkhole.cabal.internal",
+    modeParam: env("SINKHOLE_MODE_PARAM") || "/cabal/sinkhole_mode",
+    modeSource: modeFile !== "" ? "file" : staticMode !== "" ? "static" : "ssm",
+    modeFile,
+    staticMode,
+    cacheTtlMs: seconds("SINKHOLE_CACHE_TTL", 30),
+    greylistWindowMs: seconds("SINKHOLE_GREYLIST_WINDOW", 1800),
+    maxSessions: integer("SINKHOLE_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, 100_000),
+    idleTimeoutMs: seconds("SINKHOLE_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
+    sessionTimeoutMs: seconds("SINKHOLE_SESSION_TIMEOUT", DEFAULT_SESSION_TIMEOUT_S),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// 2. Policy: pure reply logic
+// ---------------------------------------------------------------------------
+
+/** Parses a mode value as stored in SSM or the mode file. */
+export function parseMode(raw: string): Mode | undefined {
+  const v = raw.trim().toLowerCase();
+  return (MODES as readonly string[]).includes(v) ? v as Mode : undefined;
+}
+
+export interface Reply {
+  code: number;
+  /** Lines of text after the code; the enhanced status code is part of them. */
+  lines: string[];
+}
+
+const r = (code: number, ...lines: string[]): Reply => ({ code, lines });
+
+/** Renders a reply as it goes on the wire (multi-line with `-`). */
+export function formatReply(reply: Reply): string {
+  const last = reply.lines.length - 1;
+  return reply.lines.map((line, i) => `${reply.code}${i === last ? " " : "-"}${line}\r\n`).join("");
+}
+
+/** Replies whose text is fixed; one place to read what each situation says. */
+export const REPLIES = {
+  ok: r(250, "2.0.0 OK"),
+  senderOk: r(250, "2.1.0 Sender OK"),
+  rcptOk: r(250, "2.1.5 Recipient OK"),
+  queued: r(250, "2.0.0 Message accepted and discarded"),
+  reset: r(250, "2.0.0 Reset state"),
+  dataGo: r(354, "End data with <CR><LF>.<CR><LF>"),
+  bye: r(221, "2.0.0 Bye"),
+  vrfy: r(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"),
+  help: r(214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"),
+  defer: r(421, "4.3.2 Service temporarily unavailable"),
+  bounce: r(550, "5.1.1 User unknown"),
+  greylisted: r(451, "4.7.1 Greylisted, please try again later"),
+  tooManyRcpts: r(452, "4.5.3 Too many recipients"),
+  unknown: r(500, "5.5.2 Command unrecognized"),
+  lineTooLong: r(500, "5.5.2 Line too long"),
+  badChars: r(500, "5.5.2 Command contains invalid characters"),
+  notImplemented: r(502, "5.5.1 Command not implemented"),
+  heloSyntax: r(501, "5.5.4 Syntax: HELO hostname"),
+  ehloSyntax: r(501, "5.5.4 Syntax: EHLO hostname"),
+  mailSyntax: r(501, "5.5.4 Syntax: MAIL FROM:<address>"),
+  rcptSyntax: r(501, "5.5.4 Syntax: RCPT TO:<address>"),
+  badSender: r(501, "5.1.7 Bad sender address syntax"),
+  badRcpt: r(501, "5.1.3 Bad recipient address syntax"),
+  noArgs: r(501, "5.5.4 Syntax error, no parameters allowed"),
+  badParam: r(555, "5.5.4 Unsupported parameter"),
+  sizeExceeded: r(552, "5.3.4 Message size exceeds fixed limit"),
+  needHelo: r(503, "5.5.1 Send HELO or EHLO first"),
+  nestedMail: r(503, "5.5.1 Sender already specified"),
+  needMail: r(503, "5.5.1 Need MAIL before RCPT"),
+  needRcpt: r(503, "5.5.1 Need RCPT before DATA"),
+  noValidRcpts: r(554, "5.5.1 No valid recipients"),
+  dataLineTooLong: r(554, "5.6.0 Message has a line over 1000 octets"),
+  tooManyErrors: r(421, "4.7.0 Too many errors, closing connection"),
+  tooManySessions: r(421, "4.3.2 Too many concurrent sessions, try again later"),
+  timeout: r(421, "4.4.2 Timeout, closing connection"),
+  shutdown: r(421, "4.3.2 Service shutting down"),
+} as const;
+
+export type GreylistVerdict = "pass" | "defer";
+
+export interface Transaction {
+  /** The mode read when the transaction began (MAIL): it holds to the end. */
+  mode: Mode;
+  from: string;
+  rcpts: string[];
+  /** Recipients answered 250. */
+  accepted: number;
+  /** Greylist answer for this transaction, asked once at its first RCPT. */
+  greylist?: GreylistVerdict;
+}
+
+export interface SessionState {
+  helo?: string;
+  esmtp: boolean;
+  tx?: Transaction;
+  errors: number;
+}
+
+export const initialState = (): SessionState => ({ esmtp: false, errors: 0 });
+
+export interface Inputs {
+  /** The current mode (read by MAIL to start a transaction). */
+  mode: Mode;
+  /** The greylist table's answer, given when the engine was asked for it. */
+  greylist?: GreylistVerdict;
+  serverName: string;
+}
+
+export interface Outcome {
+  reply: Reply;
+  state: SessionState;
+  /** Close the connection after the reply. */
+  close?: boolean;
+  /** Switch to reading the message body. */
+  data?: boolean;
+  /** The error limit was reached: a 421 follows the reply, then the close. */
+  tooManyErrors?: boolean;
+}
+
+/** True when a RCPT in this state needs a greylist answer from the engine. */
+export function needsGreylist(state: SessionState, verb: string): boolean {
+  return verb === "RCPT" && state.tx?.mode === "greylist" && state.tx.greylist === undefined &&
+    state.tx.rcpts.length < MAX_RECIPIENTS;
+}
+
+/** The reply to a RCPT in a transaction of the given mode: the mode table. */
+export function rcptReply(mode: Mode, greylist: GreylistVerdict | undefined): { reply: Reply; close?: boolean } {
+  switch (mode) {
+    case "defer":
+      return { reply: REPLIES.defer, close: true };
+    case "bounce":
+      return { reply: REPLIES.bounce };
+    case "greylist":
+      return { reply: greylist === "pass" ? REPLIES.rcptOk : REPLIES.greylisted };
+    case "accept":
+    case "accept-log":
+      return { reply: REPLIES.rcptOk };
+  }
+}
+
+const DOMAIN = String
+  .raw`(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[^\]\s\\]+\])`;
+const LOCAL = String
+  .raw`(?:[A-Za-z0-9!#$%&'*+/=?^_\x60{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_\x60{|}~-]+)*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")`;
+const MAILBOX_RE = new RegExp(`^${LOCAL}@${DOMAIN}$`);
+/** Source route prefix (`@a,@b:`), which RFC 5321 §4.1.2 says to accept and ignore. */
+const SOURCE_ROUTE_RE = new RegExp(`^@${DOMAIN}(?:,@${DOMAIN})*:`);
+/** `FROM:<path> params` or `TO:<path> params`, a space after the colon tolerated. */
+const PATH_ARG_RE = /^(FROM|TO):\s?<([^<>]*)>(?:\s+(.*))?$/i;
+
+/** Validates a mailbox; returns it without a source route, or undefined. */
+export function parseMailbox(raw: string): string | undefined {
+  if (raw.length > MAX_PATH_LENGTH - 2) return undefined;
+  const box = raw.replace(SOURCE_ROUTE_RE, "");
+  if (!MAILBOX_RE.test(box)) return undefined;
+  const at = box.lastIndexOf("@");
+  if (at > 64 || box.length - at - 1 > 255) return undefined;
+  return box;
+}
+
+/** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters. */
+export function parsePathArg(
+  arg: string,
+  keyword: "FROM" | "TO",
+): { path: string; params: Map<string, string> } | undefined {
+  const m = PATH_ARG_RE.exec(arg);
+  if (!m || m[1].toUpperCase() !== keyword) return undefined;
+  const params = new Map<string, string>();
+  for (const p of (m[3] ?? "").split(" ")) {
+    if (p === "") continue;
+    const eq = p.indexOf("=");
+    params.set((eq < 0 ? p : p.slice(0, eq)).toUpperCase(), eq < 0 ? "" : p.slice(eq + 1));
+  }
+  return { path: m[2], params };
+}
+
+/** Checks MAIL parameters: SIZE and BODY are implemented, nothing else. */
+function mailParamsReply(params: Map<string, string>): Reply | undefined {
+  for (const [key, value] of params) {
+    if (key === "SIZE") {
+      if (!/^\d{1,20}$/.test(value)) return REPLIES.mailSyntax;
+      if (Number(value) > MAX_MESSAGE_BYTES) return REPLIES.sizeExceeded;
+    } else if (key === "BODY") {
+      if (!/^(7BIT|8BITMIME)$/i.test(value)) return REPLIES.badParam;
+    } else {
+      return REPLIES.badParam;
+    }
+  }
+  return undefined;
+}
+
+/** EHLO keywords: only what this file implements. */
+export function ehloReply(serverName: string, clientName: string): Reply {
+  return r(
+    250,
+    `${serverName} greets ${clientName}`,
+    "PIPELINING",
+    `SIZE ${MAX_MESSAGE_BYTES}`,
+    "8BITMIME",
+    "ENHANCEDSTATUSCODES",
+  );
+}
+
+export function greetingReply(serverName: string): Reply {
+  return r(220, `${serverName} ESMTP sinkhole`);
+}
+
+/** Splits a command line into its verb (upper case) and argument. */
+export function splitCommand(line: string): { verb: string; arg: string } {
+  const sp = line.indexOf(" ");
+  if (sp < 0) return { verb: line.toUpperCase(), arg: "" };
+  return { verb: line.slice(0, sp).toUpperCase(), arg: line.slice(sp + 1).trim() };
+}
+
+/** Recognised commands that this fixture deliberately does not implement. */
+const NOT_IMPLEMENTED = new Set(["EXPN", "TURN", "ETRN", "ATRN", "AUTH", "STARTTLS", "BDAT", "SEND", "SOML", "SAML"]);
+
+type Handler = (state: SessionState, arg: string, inputs: Inputs) => Outcome;
+
+const noArgs = (arg: string): boolean => arg === "";
+
+/** The per-command action table, as in Postfix's smtp-sink. */
+const COMMANDS: Record<string, Handler> = {
+  HELO: (state, arg) => {
+    if (!/^\S+$/.test(arg)) return { reply: REPLIES.heloSyntax, state: error(state) };
+    return { reply: r(250, "2.0.0 Hello " + arg), state: { ...state, helo: arg, esmtp: false, tx: undefined } };
+  },
+  EHLO: (state, arg, inputs) => {
+    if (!/^\S+$/.test(arg)) return { reply: REPLIES.ehloSyntax, state: error(state) };
+    return { reply: ehloReply(inputs.serverName, arg), state: { ...state, helo: arg, esmtp: true, tx: undefined } };
+  },
+  MAIL: (state, arg, inputs) => {
+    if (state.helo === undefined) return { reply: REPLIES.needHelo, state: error(state) };
+    if (state.tx) return { reply: REPLIES.nestedMail, state: error(state) };
+    const parsed = parsePathArg(arg, "FROM");
+    if (!parsed) return { reply: REPLIES.mailSyntax, state: error(state) };
+    if (parsed.path !== "" && parseMailbox(parsed.path) === undefined) {
+      return { reply: REPLIES.badSender, state: error(state) };
+    }
+    const bad = mailParamsReply(parsed.params);
+    if (bad) return { reply: bad, state: error(state) };
+    const from = parsed.path === "" ? "" : parseMailbox(parsed.path)!;
+    return { reply: REPLIES.senderOk, state: { ...state, tx: { mode: inputs.mode, from, rcpts: [], accepted: 0 } } };
+  },
+  RCPT: (state, arg, inputs) => {
+    const tx = state.tx;
+    if (!tx) return { reply: REPLIES.needMail, state: error(state) };
+    const parsed = parsePathArg(arg, "TO");
+    if (!parsed) return { reply: REPLIES.rcptSyntax, state: error(state) };
+    const box = /^postmaster$/i.test(parsed.path) ? parsed.path : parseMailbox(parsed.path);
+    if (box === undefined) return { reply: REPLIES.badRcpt, state: error(state) };
+    if (parsed.params.size > 0) return { reply: REPLIES.badParam, state: error(state) };
+    if (tx.rcpts.length >= MAX_RECIPIENTS) return { reply: REPLIES.tooManyRcpts, state };
+    const greylist = tx.mode === "greylist" ? tx.greylist ?? inputs.greylist : undefined;
+    const { reply, close } = rcptReply(tx.mode, greylist);
+    const accepted = tx.accepted + (reply.code === 250 ? 1 : 0);
+    return { reply, close, state: { ...state, tx: { ...tx, rcpts: [...tx.rcpts, box], accepted, greylist } } };
+  },
+  DATA: (state, arg) => {
+    if (!noArgs(arg)) return { reply: REPLIES.noArgs, state: error(state) };
+    if (!state.tx) return { reply: REPLIES.needMail, state: error(state) };
+    if (state.tx.rcpts.length === 0) return { reply: REPLIES.needRcpt, state: error(state) };
+    if (state.tx.accepted === 0) return { reply: REPLIES.noValidRcpts, state };
+    return { reply: REPLIES.dataGo, state, data: true };
+  },
+  RSET: (state, arg) =>
+    noArgs(arg)
+      ? { reply: REPLIES.reset, state: { ...state, tx: undefined } }
+      : { reply: REPLIES.noArgs, state: error(state) },
+  NOOP: (state) => ({ reply: REPLIES.ok, state }),
+  QUIT: (state) => ({ reply: REPLIES.bye, state, close: true }),
+  VRFY: (state, arg) =>
+    arg === "" ? { reply: r(501, "5.5.4 Syntax: VRFY address"), state: error(state) } : { reply: REPLIES.vrfy, state },
+  HELP: (state) => ({ reply: REPLIES.help, state }),
+};
+
+function error(state: SessionState): SessionState {
+  return { ...state, errors: state.errors + 1 };
+}
+
+/**
+ * The reply to one command line: the whole protocol state machine, pure.
+ * A session that has made too many errors is closed with 421.
+ */
+export function respond(state: SessionState, line: string, inputs: Inputs): Outcome {
+  const { verb, arg } = splitCommand(line);
+  const handler = COMMANDS[verb];
+  let out: Outcome;
+  if (handler) out = handler(state, arg, inputs);
+  else if (NOT_IMPLEMENTED.has(verb)) out = { reply: REPLIES.notImplemented, state: error(state) };
+  else out = { reply: REPLIES.unknown, state: error(state) };
+  return limitErrors(out);
+}
+
+/** Applies the error limit to an outcome. */
+export function limitErrors(out: Outcome): Outcome {
+  if (out.state.errors >= MAX_ERRORS_PER_SESSION && !out.close) return { ...out, close: true, tooManyErrors: true };
+  return out;
+}
+
+/** A command line the engine could not even read: too long or not ASCII. */
+export function respondToBadLine(state: SessionState, kind: "long" | "chars"): Outcome {
+  return limitErrors({ reply: kind === "long" ? REPLIES.lineTooLong : REPLIES.badChars, state: error(state) });
+}
+
+export interface DataSummary {
+  size: number;
+  /** A line of the message exceeded MAX_TEXT_LINE. */
+  longLine: boolean;
+}
+
+/** The reply at end of data; the transaction ends either way. */
+export function endOfData(state: SessionState, data: DataSummary): Outcome {
+  const next = { ...state, tx: undefined };
+  if (data.size > MAX_MESSAGE_BYTES) return { reply: REPLIES.sizeExceeded, state: next };
+  if (data.longLine) return { reply: REPLIES.dataLineTooLong, state: next };
+  return { reply: REPLIES.queued, state: next };
+}
+
+// ---------------------------------------------------------------------------
+// 3. I/O
+// ---------------------------------------------------------------------------
+
+/** One JSON line on stdout: CloudWatch Logs via the awslogs driver. */
+export function log(event: string, fields: Record<string, unknown> = {}): void {
+  console.log(JSON.stringify({ ts: new Date().toISOString(), event, ...fields }));
+}
+
+/** Remembers first attempts per key, for `window` ms, in bounded memory. */
+export class GreylistTable {
+  #first = new Map<string, number>();
+  constructor(readonly windowMs: number, readonly maxEntries = MAX_GREYLIST_ENTRIES) {}
+
+  get size(): number {
+    return this.#first.size;
+  }
+
+  /** "defer" on a first attempt (remembered), "pass" on a retry within the window. */
+  check(key: string, now: number): GreylistVerdict {
+    this.#sweep(now);
+    const first = this.#first.get(key);
+    if (first !== undefined) return "pass";
+    while (this.#first.size >= this.maxEntries) {
+      this.#first.delete(this.#first.keys().next().value!);
+    }
+    this.#first.set(key, now);
+    return "defer";
+  }
+
+  /** Forgets expired entries; insertion order is time order, so stop at the first live one. */
+  #sweep(now: number): void {
+    for (const [key, first] of this.#first) {
+      if (now - first <= this.windowMs) break;
+      this.#first.delete(key);
+    }
+  }
+}
+
+/** Where the mode comes from: returns the raw value, or throws. */
+export interface ModeSource {
+  readonly describe: string;
+  fetch(signal: AbortSignal): Promise<string>;
+}
+
+export function staticSource(value: string): ModeSource {
+  return { describe: `static:${value}`, fetch: () => Promise.resolve(value) };
+}
+
+export function fileSource(path: string): ModeSource {
+  return { describe: `file:${path}`, fetch: (signal) => Deno.readTextFile(path, { signal }) };
+}
+
+/** SSM Parameter Store through the AWS SDK, imported only when used. */
+export function ssmSource(name: string, env: (k: string) => string | undefined): ModeSource {
+  let client: Promise<{ send: (name: string, signal: AbortSignal) => Promise<string | undefined> }> | undefined;
+  const connect = async () => {
+    const { SSMClient, GetParameterCommand } = await import("@aws-sdk/client-ssm");
+    const region = env("AWS_REGION") || env("AWS_DEFAULT_REGION") || undefined;
+    // The SDK reads AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_SSM itself (tests point it at moto).
+    const ssm = new SSMClient({ region, maxAttempts: 2 });
+    return {
+      send: async (n: string, signal: AbortSignal) =>
+        (await ssm.send(new GetParameterCommand({ Name: n }), { abortSignal: signal })).Parameter?.Value,
+    };
+  };
+  return {
+    describe: `ssm:${name}`,
+    fetch: async (signal) => {
+      client ??= connect();
+      const value = await (await client).send(name, signal);
+      if (value === undefined) throw new Error("parameter has no value");
+      return value;
+    },
+  };
+}
+
+/** A short, stable description of why a fetch failed, for the state log. */
+export function describeError(err: unknown): string {
+  if (err instanceof Error) {
+    const code = (err as { code?: string }).code;
+    const name = err.name !== "Error" ? err.name : code ?? "Error";
+    return `${name}: ${err.message.split("\n")[0].slice(0, 200)}`;
+  }
+  return String(err).slice(0, 200);
+}
+
+/**
+ * The current mode, refreshed from the source every TTL by one timer:
+ * sessions read `current` and never wait; at most one request is in flight;
+ * failures keep the last good mode, and each change of state is logged once.
+ */
+export class ModeCache {
+  current: Mode = DEFAULT_MODE;
+  /** Last logged state (mode or error); a new line is logged only on change. */
+  #state = "";
+  #timer: Timer | undefined;
+  #stopped = false;
+  fetches = 0;
+
+  constructor(readonly source: ModeSource, readonly ttlMs: number) {}
+
+  /** One fetch, bounded by MODE_FETCH_TIMEOUT_MS. Never throws. */
+  async refresh(): Promise<void> {
+    this.fetches++;
+    const ctrl = new AbortController();
+    const timer = setTimeout(
+      () => ctrl.abort(new Error(`no answer in ${MODE_FETCH_TIMEOUT_MS} ms`)),
+      MODE_FETCH_TIMEOUT_MS,
+    );
+    try {
+      const raw = await Promise.race([
+        this.source.fetch(ctrl.signal),
+        new Promise<never>((_, reject) => ctrl.signal.addEventListener("abort", () => reject(ctrl.signal.reason))),
+      ]);
+      const mode = parseMode(raw);
+      if (mode === undefined) {
+        this.#report(`invalid:${raw}`, "mode_invalid", {
+          value: raw.slice(0, 100),
+          reason: `not one of ${MODES.join(", ")}`,
+        });
+      } else {
+        const previous = this.current;
+        this.current = mode;
+        this.#report(`ok:${mode}`, "mode", { mode, previous });
+      }
+    } catch (err) {
+      const reason = describeError(err);
+      this.#report(`error:${reason}`, "mode_error", { reason });
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #report(state: string, event: string, fields: Record<string, unknown>): void {
+    if (state === this.#state) return;
+    this.#state = state;
+    log(event, { source: this.source.describe, keeping: event === "mode" ? undefined : this.current, ...fields });
+  }
+
+  /** Fetches once (waiting at most `initialWaitMs`), then every TTL. */
+  async start(initialWaitMs = MODE_INITIAL_WAIT_MS): Promise<void> {
+    const first = this.refresh();
+    let waited: Timer | undefined;
+    await Promise.race([first, new Promise((ok) => waited = setTimeout(ok, initialWaitMs))]);
+    clearTimeout(waited);
+    first.then(() => this.#schedule());
+  }
+
+  #schedule(): void {
+    if (this.#stopped) return;
+    this.#timer = setTimeout(() => this.refresh().then(() => this.#schedule()), this.ttlMs);
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+  }
+}
+
+type Timer = ReturnType<typeof setTimeout>;
+
+const encoder = new TextEncoder();
+
+/** Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. */
+export function decodeCommand(bytes: Uint8Array): string | undefined {
+  let s = "";
+  for (const b of bytes) {
+    if (b > 126 || (b < 32 && b !== 9)) return undefined;
+    s += String.fromCharCode(b);
+  }
+  return s;
+}
+
+const LF = 10;
+const CR = 13;
+const DOT = 46;
+
+interface TransactionLog {
+  mode: Mode;
+  from: string;
+  rcpts: { to: string; code: number }[];
+  /** Message size and the end-of-data reply, when DATA was reached. */
+  size?: number;
+  result?: number;
+}
+
+export interface ServerDeps {
+  config: Config;
+  modes: { readonly current: Mode };
+  greylist: GreylistTable;
+}
+
+const headerDecoder = new TextDecoder();
+
+/** Strips the LF and an optional CR before it. */
+function lineEnd(line: Uint8Array): number {
+  let len = line.length;
+  if (len > 0 && line[len - 1] === LF) len--;
+  if (len > 0 && line[len - 1] === CR) len--;
+  return len;
+}
+
+/** One SMTP session: splits lines, asks `respond`, queues replies. No socket reads here. */
+class Session {
+  state = initialState();
+  inData = false;
+  closed = false;
+  #closing = false;
+  /** The current line when it spans reads (only its first MAX_TEXT_LINE bytes are kept). */
+  #partial = new Uint8Array(MAX_TEXT_LINE);
+  #lineBytes = 0;
+  #out: string[] = [];
+  #writing: Promise<void> = Promise.resolve();
+  // The message being received.
+  #size = 0;
+  #longLine = false;
+  #inHeaders = true;
+  #headers: string[] = [];
+  #headerBytes = 0;
+  #headersTruncated = false;
+  // What the session log line reports.
+  readonly started = Date.now();
+  transactions: TransactionLog[] = [];
+  transactionCount = 0;
+  replies: number[] = [];
+  replyCount = 0;
+  bytesIn = 0;
+  bytesOut = 0;
+  commands = 0;
+  /** True while the client said nothing but QUIT (a health check). */
+  onlyQuit = true;
+
+  constructor(readonly conn: Deno.Conn, readonly deps: ServerDeps, readonly client: string) {}
+
+  reply(reply: Reply): void {
+    this.#out.push(formatReply(reply));
+    this.replyCount++;
+    if (this.replies.length < MAX_LOGGED_REPLIES) this.replies.push(reply.code);
+  }
+
+  /** Writes the queued replies in one write; writes never overlap. */
+  async flush(): Promise<void> {
+    if (this.#out.length === 0) return;
+    const bytes = encoder.encode(this.#out.join(""));
+    this.#out = [];
+    this.bytesOut += bytes.length;
+    const write = this.#writing.then(() => writeAll(this.conn, bytes));
+    this.#writing = write.catch(() => {});
+    await write;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      this.conn.close();
+    } catch { /* already closed */ }
+  }
+
+  /** Feeds bytes from the socket; returns false once the session must end. */
+  feed(chunk: Uint8Array): boolean {
+    this.bytesIn += chunk.length;
+    let pos = 0;
+    while (pos < chunk.length && !this.#closing) {
+      const nl = chunk.indexOf(LF, pos);
+      const end = nl < 0 ? chunk.length : nl + 1;
+      const piece = chunk.subarray(pos, end);
+      pos = end;
+      const limit = this.inData ? MAX_TEXT_LINE : MAX_COMMAND_LINE;
+      if (this.#lineBytes === 0 && nl >= 0) {
+        // The common case: a whole line inside this read, used in place.
+        this.#line(piece.length <= limit ? piece : undefined, piece.length);
+        continue;
+      }
+      const total = this.#lineBytes + piece.length;
+      if (total <= limit) this.#partial.set(piece, this.#lineBytes);
+      else if (!this.inData && this.#lineBytes <= limit) this.#badLine("long"); // answer now, then discard to LF
+      this.#lineBytes = total;
+      if (nl >= 0) {
+        this.#lineBytes = 0;
+        if (total <= limit) this.#line(this.#partial.subarray(0, total), total);
+        else if (this.inData) this.#line(undefined, total);
+      }
+    }
+    return !this.#closing;
+  }
+
+  /** A complete line; `undefined` when it was longer than the limit. */
+  #line(line: Uint8Array | undefined, length: number): void {
+    if (this.inData) this.#dataLine(line, length);
+    else if (line === undefined) this.#badLine("long");
+    else this.#commandLine(line);
+  }
+
+  #badLine(kind: "long" | "chars"): void {
+    this.commands++;
+    this.onlyQuit = false;
+    this.#apply(respondToBadLine(this.state, kind));
+  }
+
+  #commandLine(line: Uint8Array): void {
+    const text = decodeCommand(line.subarray(0, lineEnd(line)));
+    if (text === undefined) return this.#badLine("chars");
+    this.commands++;
+    const { verb } = splitCommand(text);
+    if (verb !== "QUIT") this.onlyQuit = false;
+    const inputs: Inputs = { mode: this.deps.modes.current, serverName: this.deps.config.serverName };
+    if (needsGreylist(this.state, verb)) inputs.greylist = this.deps.greylist.check(this.client, Date.now());
+    const before = this.state.tx;
+    const out = respond(this.state, text, inputs);
+    this.#record(before, out);
+    this.#apply(out);
+    if (out.data) this.#startData();
+  }
+
+  /** Keeps the session log's transactions in step with the state. */
+  #record(before: Transaction | undefined, out: Outcome): void {
+    const tx = out.state.tx;
+    if (!tx) return;
+    if (!before) {
+      this.transactionCount++;
+      if (this.transactions.length < MAX_LOGGED_TRANSACTIONS) {
+        this.transactions.push({ mode: tx.mode, from: tx.from, rcpts: [] });
+      }
+    } else if (tx.rcpts.length > before.rcpts.length) {
+      const logged = this.transactions.at(-1);
+      if (logged && this.transactions.length === Math.min(this.transactionCount, MAX_LOGGED_TRANSACTIONS)) {
+        logged.rcpts.push({ to: tx.rcpts.at(-1)!, code: out.reply.code });
+      }
+    }
+  }
+
+  #apply(out: Outcome): void {
+    this.state = out.state;
+    this.reply(out.reply);
+    if (out.tooManyErrors) this.reply(REPLIES.tooManyErrors);
+    if (out.close) this.#closing = true;
+  }
+
+  #startData(): void {
+    this.inData = true;
+    this.#size = 0;
+    this.#longLine = false;
+    this.#inHeaders = true;
+    this.#headers = [];
+    this.#headerBytes = 0;
+    this.#headersTruncated = false;
+  }
+
+  /** One body line; `line` is undefined when it was over MAX_TEXT_LINE. */
+  #dataLine(line: Uint8Array | undefined, length: number): void {
+    if (line === undefined) {
+      this.#size += length;
+      this.#longLine = true;
+      if (this.#inHeaders) this.#headersTruncated = true;
+      return;
+    }
+    if (line[0] === DOT && lineEnd(line) === 1) {
+      // "." alone: end of data (CRLF, or bare LF from lenient clients).
+      return this.#endData();
+    }
+    const stuffed = line[0] === DOT ? 1 : 0; // RFC 5321 §4.5.2 dot-unstuffing
+    this.#size += length - stuffed;
+    if (!this.#inHeaders) return;
+    const len = lineEnd(line);
+    if (len === 0) {
+      this.#inHeaders = false;
+      return;
+    }
+    if (this.state.tx?.mode !== "accept-log") return;
+    if (this.#headerBytes + len > MAX_LOGGED_HEADER_BYTES) {
+      this.#headersTruncated = true;
+      return;
+    }
+    this.#headerBytes += len;
+    const text = headerDecoder.decode(line.subarray(stuffed, len));
+    if ((text[0] === " " || text[0] === "\t") && this.#headers.length > 0) {
+      this.#headers[this.#headers.length - 1] += " " + text.trim(); // unfold
+    } else this.#headers.push(text);
+  }
+
+  #endData(): void {
+    this.inData = false;
+    const tx = this.state.tx!;
+    const out = endOfData(this.state, { size: this.#size, longLine: this.#longLine });
+    const logged = this.transactions.at(-1);
+    if (logged && this.transactions.length === Math.min(this.transactionCount, MAX_LOGGED_TRANSACTIONS)) {
+      logged.size = this.#size;
+      logged.result = out.reply.code;
+    }
+    if (tx.mode === "accept-log" && out.reply.code === 250) {
+      log("message", {
+        client: this.client,
+        helo: this.state.helo,
+        from: tx.from,
+        rcpts: tx.rcpts,
+        size: this.#size,
+        headers: this.#headers,
+        truncated: this.#headersTruncated,
+      });
+    }
+    this.#apply(out);
+  }
+
+  /** Waiting for a command, not inside DATA: may be told 421 on shutdown. */
+  get idle(): boolean {
+    return !this.inData && this.#lineBytes === 0;
+  }
+
+  /** Sends a final reply and closes, after any write in progress (bounded). */
+  async goodbye(reply: Reply): Promise<void> {
+    if (this.closed) return;
+    this.#closing = true;
+    this.reply(reply);
+    try {
+      await withTimeout(this.flush(), GOODBYE_WRITE_MS);
+    } catch { /* the client is gone or not reading */ }
+    this.close();
+  }
+
+  summary(): Record<string, unknown> {
+    return {
+      client: this.client,
+      helo: this.state.helo,
+      modes: [...new Set(this.transactions.map((t) => t.mode))],
+      transactions: this.transactions,
+      transactionCount: this.transactionCount,
+      replies: this.replies,
+      replyCount: this.replyCount,
+      commands: this.commands,
+      bytesIn: this.bytesIn,
+      bytesOut: this.bytesOut,
+      durationMs: Date.now() - this.started,
+    };
+  }
+}
+
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  let t: Timer | undefined;
+  return Promise.race([
+    p,
+    new Promise<never>((_, reject) => t = setTimeout(() => reject(new Error("timeout")), ms)),
+  ]).finally(() => clearTimeout(t));
+}
+
+function clientAddress(conn: Deno.Conn): string {
+  const addr = conn.remoteAddr as Deno.NetAddr;
+  return (addr.hostname ?? "unknown").replace(/^::ffff:/, "");
+}
+
+const isLoopback = (ip: string): boolean => ip.startsWith("127.") || ip === "::1";
+
+/** The TCP server: accepts, caps concurrency, runs sessions, shuts down gracefully. */
+export class Server {
+  readonly sessions = new Set<Session>();
+  #listener: Deno.TcpListener | undefined;
+  #done: Promise<void> | undefined;
+  #shuttingDown = false;
+
+  constructor(readonly deps: ServerDeps) {}
+
+  get addr(): Deno.NetAddr {
+    return this.#listener!.addr;
+  }
+
+  listen(): void {
+    const { bindHost, bindPort } = this.deps.config;
+    this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
+    this.#done = this.#acceptLoop();
+  }
+
+  async #acceptLoop(): Promise<void> {
+    for (;;) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener!.accept();
+      } catch (err) {
+        if (this.#shuttingDown) return;
+        log("error", { where: "accept", reason: describeError(err) });
+        continue;
+      }
+      if (this.sessions.size >= this.deps.config.maxSessions) {
+        this.#refuse(conn);
+        continue;
+      }
+      this.#run(conn);
+    }
+  }
+
+  /** Past the session cap: a 421 without waiting for the client, then close. */
+  #refuse(conn: Deno.Conn): void {
+    const bytes = encoder.encode(formatReply(REPLIES.tooManySessions));
+    withTimeout(writeAll(conn, bytes), GOODBYE_WRITE_MS).catch(() => {}).finally(() => {
+      try {
+        conn.close();
+      } catch { /* gone */ }
+    });
+    log("refused", { client: clientAddress(conn), reason: "too many sessions", limit: this.deps.config.maxSessions });
+  }
+
+  async #run(conn: Deno.TcpConn): Promise<void> {
+    try {
+      conn.setNoDelay(true);
+    } catch { /* not fatal */ }
+    const client = clientAddress(conn);
+    const session = new Session(conn, this.deps, client);
+    this.sessions.add(session);
+    const { idleTimeoutMs, sessionTimeoutMs, serverName } = this.deps.config;
+    let idle: Timer | undefined;
+    const armIdle = () => {
+      clearTimeout(idle);
+      idle = setTimeout(() => session.goodbye(REPLIES.timeout), idleTimeoutMs);
+    };
+    const total = setTimeout(() => session.goodbye(REPLIES.timeout), sessionTimeoutMs);
+    let failure: string | undefined;
+    try {
+      session.reply(greetingReply(serverName));
+      armIdle();
+      await session.flush();
+      const buf = new Uint8Array(READ_BUFFER_BYTES);
+      while (!session.closed) {
+        const n = await conn.read(buf);
+        if (n === null) break;
+        armIdle();
+        const more = session.feed(buf.subarray(0, n));
+        await session.flush();
+        if (!more) break;
+        if (this.#shuttingDown && session.idle) {
+          await session.goodbye(REPLIES.shutdown);
+          break;
+        }
+      }
+    } catch (err) {
+      if (!session.closed) failure = describeError(err);
+    } finally {
+      clearTimeout(idle);
+      clearTimeout(total);
+      session.close();
+      this.sessions.delete(session);
+      if (!(session.onlyQuit && isLoopback(client))) {
+        log("session", { ...session.summary(), ...(failure ? { error: failure } : {}) });
+      }
+    }
+  }
+
+  /** Stops accepting, says 421 to idle sessions, lets DATA finish up to a bound. */
+  async shutdown(graceMs = SHUTDOWN_GRACE_MS): Promise<void> {
+    this.#shuttingDown = true;
+    try {
+      this.#listener?.close();
+    } catch { /* already closed */ }
+    await this.#done;
+    for (const s of this.sessions) if (s.idle) s.goodbye(REPLIES.shutdown);
+    const deadline = Date.now() + graceMs;
+    while (this.sessions.size > 0 && Date.now() < deadline) {
+      await new Promise((ok) => setTimeout(ok, 50));
+    }
+    for (const s of this.sessions) s.close();
+    while (this.sessions.size > 0) await new Promise((ok) => setTimeout(ok, 10));
+  }
+}
+
+/** Builds the mode source the configuration names. */
+export function sourceFor(config: Config, env: (k: string) => string | undefined): ModeSource {
+  switch (config.modeSource) {
+    case "file":
+      return fileSource(config.modeFile);
+    case "static":
+      return staticSource(config.staticMode);
+    case "ssm":
+      return ssmSource(config.modeParam, env);
+  }
+}
+
+/** `--healthcheck`: expects a 220 greeting on the local port, says QUIT; exit 0 or 1. */
+export async function healthcheck(config: Config): Promise<number> {
+  const host = config.bindHost === "0.0.0.0" ? "127.0.0.1" : config.bindHost === "::" ? "::1" : config.bindHost;
+  try {
+    const conn = await withTimeout(Deno.connect({ hostname: host, port: config.bindPort }), HEALTHCHECK_TIMEOUT_MS);
+    try {
+      const buf = new Uint8Array(MAX_COMMAND_LINE);
+      const n = await withTimeout(conn.read(buf), HEALTHCHECK_TIMEOUT_MS);
+      const greeting = n === null ? "" : new TextDecoder().decode(buf.subarray(0, n));
+      if (!greeting.startsWith("220")) {
+        console.error(`healthcheck: expected 220, got ${JSON.stringify(greeting.slice(0, 80))}`);
+        return 1;
+      }
+      await withTimeout(writeAll(conn, encoder.encode("QUIT\r\n")), HEALTHCHECK_TIMEOUT_MS);
+      await withTimeout(conn.read(buf), HEALTHCHECK_TIMEOUT_MS).catch(() => null);
+      return 0;
+    } finally {
+      conn.close();
+    }
+  } catch (err) {
+    console.error(`healthcheck: ${describeError(err)}`);
+    return 1;
+  }
+}
+
+async function main(): Promise<void> {
+  const env = (k: string) => Deno.env.get(k);
+  let config: Config;
+  try {
+    config = configFromEnv(env);
+  } catch (err) {
+    console.error(`sinkhole: ${(err as Error).message}`);
+    Deno.exit(2);
+  }
+  if (Deno.args.includes("--healthcheck")) Deno.exit(await healthcheck(config));
+  const unknownArgs = Deno.args.filter((a) => a !== "--healthcheck");
+  if (unknownArgs.length > 0) {
+    console.error(`sinkhole: unknown arguments ${unknownArgs.join(" ")} (only --healthcheck)`);
+    Deno.exit(2);
+  }
+  const modes = new ModeCache(sourceFor(config, env), config.cacheTtlMs);
+  const server = new Server({ config, modes, greylist: new GreylistTable(config.greylistWindowMs) });
+  await modes.start();
+  try {
+    server.listen();
+  } catch (err) {
+    log("error", { where: "listen", reason: describeError(err) });
+    Deno.exit(1);
+  }
+  log("start", {
+    bind: `${server.addr.hostname}:${server.addr.port}`,
+    serverName: config.serverName,
+    source: modes.source.describe,
+    mode: modes.current,
+    cacheTtlMs: config.cacheTtlMs,
+    greylistWindowMs: config.greylistWindowMs,
+    maxSessions: config.maxSessions,
+    pid: Deno.pid,
+  });
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log("stop", { signal, sessions: server.sessions.size });
+    modes.stop();
+    await server.shutdown();
+    log("stopped", { signal });
+    Deno.exit(0);
+  };
+  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+}
+
+if (import.meta.main) await main();
