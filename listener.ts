@@ -93,12 +93,12 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
     }
     return Math.round(n * 1000);
   };
-  const integer = (name: string, fallback: number, max: number): number => {
+  const integer = (name: string, fallback: number, max: number, min = 1): number => {
     const raw = env(name);
     if (raw === undefined || raw === "") return fallback;
     const n = Number(raw);
-    if (!Number.isInteger(n) || n < 1 || n > max) {
-      throw new Error(`${name} must be an integer from 1 to ${max}, got ${JSON.stringify(raw)}`);
+    if (!/^\d+$/.test(raw) || n < min || n > max) {
+      throw new Error(`${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(raw)}`);
     }
     return n;
   };
@@ -109,7 +109,7 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
   }
   return {
     bindHost: env("SINKHOLE_BIND_HOST") || "0.0.0.0",
-    bindPort: integer("SINKHOLE_BIND_PORT", 25, 65535),
+    bindPort: integer("SINKHOLE_BIND_PORT", 25, 65535, 0), // 0: any free port
     serverName: env("SINKHOLE_SERVER_NAME") || "sinkhole.cabal.internal",
     modeParam: env("SINKHOLE_MODE_PARAM") || "/cabal/sinkhole_mode",
     modeSource: modeFile !== "" ? "file" : staticMode !== "" ? "static" : "ssm",

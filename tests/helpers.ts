@@ -1,0 +1,318 @@
+/** Test helpers: run the real listener as a subprocess, talk raw SMTP to it, find tools. */
+
+export const ROOT = new URL("..", import.meta.url).pathname;
+export const IN_CI = Deno.env.get("CI") === "true";
+
+/** The listener command exactly as `deno task start` runs it (one source of truth). */
+export function startCommand(): string[] {
+  const config = JSON.parse(Deno.readTextFileSync(`${ROOT}/deno.json`));
+  const words = (config.tasks.start as string).split(/\s+/);
+  if (words[0] !== "deno") throw new Error(`tasks.start must begin with deno: ${config.tasks.start}`);
+  return [Deno.execPath(), ...words.slice(1)];
+}
+
+export type LogLine = Record<string, unknown> & { event?: string };
+
+export interface Listener {
+  host: string;
+  port: number;
+  logs: LogLine[];
+  /** Resolves with the first log line that matches, or throws after `ms`. */
+  waitForLog(pred: (l: LogLine) => boolean, ms?: number): Promise<LogLine>;
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+  child: Deno.ChildProcess;
+  stderr(): string;
+  pid: number;
+}
+
+/** Starts `listener.ts` with the given environment on `host` (port 0: any free port). */
+export async function startListener(
+  env: Record<string, string>,
+  opts: { host?: string; port?: number; args?: string[] } = {},
+): Promise<Listener> {
+  const host = opts.host ?? "127.0.0.1";
+  const [cmd, ...args] = startCommand();
+  const child = new Deno.Command(cmd, {
+    args: [...args, ...(opts.args ?? [])],
+    cwd: ROOT,
+    env: { SINKHOLE_BIND_HOST: host, SINKHOLE_BIND_PORT: String(opts.port ?? 0), NO_COLOR: "1", ...env },
+    stdout: "piped",
+    stderr: "piped",
+    stdin: "null",
+  }).spawn();
+  const logs: LogLine[] = [];
+  const waiters: { pred: (l: LogLine) => boolean; ok: (l: LogLine) => void }[] = [];
+  let err = "";
+  const pump = (async () => {
+    let rest = "";
+    for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
+      rest += chunk;
+      let nl;
+      while ((nl = rest.indexOf("\n")) >= 0) {
+        const text = rest.slice(0, nl);
+        rest = rest.slice(nl + 1);
+        let line: LogLine;
+        try {
+          line = JSON.parse(text);
+        } catch {
+          line = { event: "raw", text };
+        }
+        logs.push(line);
+        for (const w of [...waiters]) {
+          if (w.pred(line)) {
+            waiters.splice(waiters.indexOf(w), 1);
+            w.ok(line);
+          }
+        }
+      }
+    }
+  })();
+  const errPump = (async () => {
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) err += chunk;
+  })();
+  const status = child.status;
+  let exited = false;
+  status.then(() => exited = true);
+
+  const waitForLog = (pred: (l: LogLine) => boolean, ms = 10_000): Promise<LogLine> => {
+    const found = logs.find(pred);
+    if (found) return Promise.resolve(found);
+    return new Promise((ok, fail) => {
+      const w = {
+        pred,
+        ok: (l: LogLine) => {
+          clearTimeout(t);
+          ok(l);
+        },
+      };
+      const t = setTimeout(() => {
+        waiters.splice(waiters.indexOf(w), 1);
+        fail(
+          new Error(
+            `no matching log line in ${ms} ms; logs:\n${logs.map((l) => JSON.stringify(l)).join("\n")}\n${err}`,
+          ),
+        );
+      }, ms);
+      waiters.push(w);
+    });
+  };
+
+  const stop = async (signal: Deno.Signal = "SIGTERM"): Promise<Deno.CommandStatus> => {
+    if (!exited) {
+      try {
+        child.kill(signal);
+      } catch { /* gone */ }
+    }
+    const killer = setTimeout(() => {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* gone */ }
+    }, 15_000);
+    const s = await status;
+    clearTimeout(killer);
+    await pump.catch(() => {});
+    await errPump.catch(() => {});
+    return s;
+  };
+
+  let start: LogLine;
+  try {
+    start = await Promise.race([
+      waitForLog((l) => l.event === "start", 30_000),
+      status.then((s) => {
+        throw new Error(`listener exited with ${s.code} before start: ${err}`);
+      }),
+    ]);
+  } catch (e) {
+    await stop("SIGKILL");
+    throw e;
+  }
+  const port = Number(String(start.bind).split(":").pop());
+  return { host, port, logs, waitForLog, stop, child, stderr: () => err, pid: child.pid };
+}
+
+export interface SmtpReply {
+  code: number;
+  lines: string[];
+  text: string;
+}
+
+/** A raw SMTP client over Deno.connect, for exact bytes and exact replies. */
+export class RawClient {
+  #buf = "";
+  #eof = false;
+  #decoder = new TextDecoder();
+  constructor(readonly conn: Deno.TcpConn) {}
+
+  static async connect(port: number, host = "127.0.0.1"): Promise<RawClient> {
+    return new RawClient(await Deno.connect({ hostname: host, port }));
+  }
+
+  async #fill(deadline: number): Promise<boolean> {
+    const buf = new Uint8Array(65536);
+    const left = deadline - Date.now();
+    if (left <= 0) throw new Error(`timed out; have ${JSON.stringify(this.#buf.slice(0, 200))}`);
+    let t: ReturnType<typeof setTimeout> | undefined;
+    const n = await Promise.race([
+      this.conn.read(buf).catch(() => null),
+      new Promise<"timeout">((ok) => t = setTimeout(() => ok("timeout"), left)),
+    ]);
+    clearTimeout(t);
+    if (n === "timeout") throw new Error(`timed out; have ${JSON.stringify(this.#buf.slice(0, 200))}`);
+    if (n === null) {
+      this.#eof = true;
+      return false;
+    }
+    this.#buf += this.#decoder.decode(buf.subarray(0, n), { stream: true });
+    return true;
+  }
+
+  /** Reads one (possibly multi-line) reply. */
+  async reply(ms = 10_000): Promise<SmtpReply> {
+    const deadline = Date.now() + ms;
+    const lines: string[] = [];
+    for (;;) {
+      const nl = this.#buf.indexOf("\r\n");
+      if (nl < 0) {
+        if (this.#eof || !(await this.#fill(deadline))) {
+          throw new Error(`connection closed while reading a reply; have ${JSON.stringify(lines)}`);
+        }
+        continue;
+      }
+      const line = this.#buf.slice(0, nl);
+      this.#buf = this.#buf.slice(nl + 2);
+      lines.push(line);
+      if (!/^\d{3}[ -]/.test(line)) throw new Error(`malformed reply line ${JSON.stringify(line)}`);
+      if (line[3] === " ") {
+        return { code: Number(line.slice(0, 3)), lines, text: lines.map((l) => l.slice(4)).join("\n") };
+      }
+    }
+  }
+
+  async send(data: string | Uint8Array): Promise<void> {
+    let bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+    while (bytes.length > 0) bytes = bytes.subarray(await this.conn.write(bytes));
+  }
+
+  async cmd(line: string, ms?: number): Promise<SmtpReply> {
+    await this.send(line + "\r\n");
+    return await this.reply(ms);
+  }
+
+  /** True once the server has closed the connection (within `ms`). */
+  async closedByServer(ms = 5_000): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (!this.#eof) {
+      try {
+        if (!(await this.#fill(deadline))) return true;
+      } catch {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  close(): void {
+    try {
+      this.conn.close();
+    } catch { /* closed */ }
+  }
+}
+
+/** Runs a full transaction and returns the reply codes (greeting included). */
+export async function transaction(
+  port: number,
+  opts: { from?: string; to?: string[]; body?: string; host?: string } = {},
+): Promise<number[]> {
+  const c = await RawClient.connect(port, opts.host);
+  const codes: number[] = [];
+  try {
+    codes.push((await c.reply()).code);
+    codes.push((await c.cmd("EHLO client.test")).code);
+    codes.push((await c.cmd(`MAIL FROM:<${opts.from ?? "sender@origin.test"}>`)).code);
+    let accepted = 0;
+    for (const to of opts.to ?? ["someone@sinkhole.test"]) {
+      const rep = await c.cmd(`RCPT TO:<${to}>`);
+      codes.push(rep.code);
+      if (rep.code === 421) return codes;
+      if (rep.code === 250) accepted++;
+    }
+    const data = await c.cmd("DATA");
+    codes.push(data.code);
+    if (data.code === 354) {
+      codes.push((await c.cmd(`${opts.body ?? "Subject: t\r\n\r\nbody"}\r\n.`)).code);
+    }
+    codes.push((await c.cmd("QUIT")).code);
+    void accepted;
+    return codes;
+  } finally {
+    c.close();
+  }
+}
+
+/** Where a command lives on PATH (or an absolute path), or undefined. */
+export function which(name: string): string | undefined {
+  if (name.startsWith("/")) {
+    try {
+      return Deno.statSync(name).isFile ? name : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
+    try {
+      if (Deno.statSync(`${dir}/${name}`).isFile) return `${dir}/${name}`;
+    } catch { /* not here */ }
+  }
+  return undefined;
+}
+
+/**
+ * For suites that need a real peer: locally a missing tool skips the suite with a
+ * note; under CI=true the suite runs and fails, saying what is missing.
+ */
+export function needs(...tools: string[]): { ignore: boolean; missing: string[] } {
+  const missing = tools.filter((t) => which(t) === undefined);
+  if (missing.length > 0 && !IN_CI) {
+    console.error(`note: skipping a suite locally, missing ${missing.join(", ")} (CI installs them; see .ci/run)`);
+  }
+  return { ignore: missing.length > 0 && !IN_CI, missing };
+}
+
+export function assertTools(missing: string[]): void {
+  if (missing.length > 0) throw new Error(`required tools missing: ${missing.join(", ")}; .ci/run installs them`);
+}
+
+/** Polls `cond` every `stepMs` until true or `ms` passed; bounded. */
+export async function eventually(cond: () => boolean | Promise<boolean>, ms = 10_000, stepMs = 50): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await cond()) return;
+    await new Promise((ok) => setTimeout(ok, stepMs));
+  }
+  throw new Error(`condition not met within ${ms} ms`);
+}
+
+export async function run(cmd: string, args: string[], opts: { env?: Record<string, string>; stdin?: string } = {}) {
+  const child = new Deno.Command(cmd, {
+    args,
+    env: opts.env,
+    stdin: opts.stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (opts.stdin !== undefined) {
+    const w = child.stdin.getWriter();
+    await w.write(new TextEncoder().encode(opts.stdin));
+    await w.close();
+  }
+  const out = await child.output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+export async function tempModeFile(mode: string): Promise<string> {
+  const path = await Deno.makeTempFile({ prefix: "sinkhole-mode-" });
+  await Deno.writeTextFile(path, mode + "\n");
+  return path;
+}

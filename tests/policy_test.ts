@@ -1,0 +1,377 @@
+/** The pure reply logic, table-tested: every mode × every command × every state. */
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import {
+  configFromEnv,
+  endOfData,
+  formatReply,
+  GreylistTable,
+  type GreylistVerdict,
+  initialState,
+  MAX_ERRORS_PER_SESSION,
+  MAX_MESSAGE_BYTES,
+  MAX_RECIPIENTS,
+  type Mode,
+  ModeCache,
+  MODES,
+  needsGreylist,
+  type Outcome,
+  parseMailbox,
+  parseMode,
+  parsePathArg,
+  respond,
+  type SessionState,
+} from "../listener.ts";
+
+const SERVER = "sinkhole.test.internal";
+
+/** Plays command lines through `respond`; the greylist answer is given when asked for. */
+function play(mode: Mode, lines: string[], greylist: GreylistVerdict = "defer") {
+  let state: SessionState = initialState();
+  const outs: Outcome[] = [];
+  for (const line of lines) {
+    const verb = line.split(" ")[0].toUpperCase();
+    const out = respond(state, line, {
+      mode,
+      serverName: SERVER,
+      greylist: needsGreylist(state, verb) ? greylist : undefined,
+    });
+    outs.push(out);
+    state = out.state;
+    if (out.close) break;
+  }
+  return { outs, state, codes: outs.map((o) => o.reply.code), last: outs.at(-1)! };
+}
+
+/** What each mode answers to RCPT and then to DATA. */
+const MODE_TABLE: {
+  mode: Mode;
+  greylist?: GreylistVerdict;
+  rcpt: string;
+  close?: boolean;
+  data?: number;
+}[] = [
+  { mode: "defer", rcpt: "421 4.3.2 Service temporarily unavailable", close: true },
+  { mode: "bounce", rcpt: "550 5.1.1 User unknown", data: 554 },
+  { mode: "accept", rcpt: "250 2.1.5 Recipient OK", data: 354 },
+  { mode: "accept-log", rcpt: "250 2.1.5 Recipient OK", data: 354 },
+  { mode: "greylist", greylist: "defer", rcpt: "451 4.7.1 Greylisted, please try again later", data: 554 },
+  { mode: "greylist", greylist: "pass", rcpt: "250 2.1.5 Recipient OK", data: 354 },
+];
+
+const STATES: Record<string, string[]> = {
+  start: [],
+  greeted: ["EHLO client.test"],
+  mail: ["EHLO client.test", "MAIL FROM:<a@origin.test>"],
+  rcpt: ["EHLO client.test", "MAIL FROM:<a@origin.test>", "RCPT TO:<b@sinkhole.test>"],
+};
+
+const COMMANDS = [
+  "HELO client.test",
+  "EHLO client.test",
+  "MAIL FROM:<a@origin.test>",
+  "RCPT TO:<c@sinkhole.test>",
+  "DATA",
+  "RSET",
+  "NOOP",
+  "QUIT",
+  "VRFY someone",
+  "HELP",
+  "EXPN list",
+  "STARTTLS",
+  "AUTH PLAIN",
+  "BDAT 10 LAST",
+  "XYZZY",
+];
+
+/** Expected code for a command in a state, given the mode's row. */
+function expected(state: string, command: string, row: typeof MODE_TABLE[number]): number {
+  const verb = command.split(" ")[0];
+  const rcptCode = Number(row.rcpt.slice(0, 3));
+  switch (verb) {
+    case "HELO":
+    case "EHLO":
+    case "RSET":
+    case "NOOP":
+      return 250;
+    case "QUIT":
+      return 221;
+    case "VRFY":
+      return 252;
+    case "HELP":
+      return 214;
+    case "EXPN":
+    case "STARTTLS":
+    case "AUTH":
+    case "BDAT":
+      return 502;
+    case "MAIL":
+      return state === "greeted" ? 250 : 503;
+    case "RCPT":
+      return state === "mail" || state === "rcpt" ? rcptCode : 503;
+    case "DATA":
+      return state === "rcpt" ? row.data! : 503;
+    default:
+      return 500;
+  }
+}
+
+for (const row of MODE_TABLE) {
+  const label = row.mode + (row.greylist ? `/${row.greylist}` : "");
+  Deno.test(`policy: ${label}: RCPT gets "${row.rcpt}"`, () => {
+    const { last } = play(row.mode, [...STATES.mail, "RCPT TO:<b@sinkhole.test>"], row.greylist);
+    assertEquals(formatReply(last.reply), row.rcpt + "\r\n");
+    assertEquals(last.close ?? false, row.close ?? false);
+  });
+
+  Deno.test(`policy: ${label}: every command in every state`, () => {
+    for (const [state, prefix] of Object.entries(STATES)) {
+      if (state === "rcpt" && row.close) continue; // defer closed the session at the first RCPT
+      for (const command of COMMANDS) {
+        const { last, codes } = play(row.mode, [...prefix, command], row.greylist);
+        assertEquals(
+          last.reply.code,
+          expected(state, command, row),
+          `${label} in ${state}: ${command} (codes ${codes.join(",")})`,
+        );
+        const verb = command.split(" ")[0];
+        assertEquals(
+          last.close ?? false,
+          verb === "QUIT" || (verb === "RCPT" && (state === "mail" || state === "rcpt") && !!row.close),
+          `${label} in ${state}: ${command} closes?`,
+        );
+        assertEquals(last.data ?? false, verb === "DATA" && last.reply.code === 354);
+      }
+    }
+  });
+}
+
+Deno.test("policy: the mode is fixed per transaction, read at MAIL", () => {
+  let state = play("accept", STATES.mail).state;
+  const out = respond(state, "RCPT TO:<b@sinkhole.test>", { mode: "bounce", serverName: SERVER });
+  assertEquals(out.reply.code, 250, "a mode change mid-transaction does not apply");
+  state = respond(out.state, "RSET", { mode: "bounce", serverName: SERVER }).state;
+  state = respond(state, "MAIL FROM:<a@origin.test>", { mode: "bounce", serverName: SERVER }).state;
+  assertEquals(respond(state, "RCPT TO:<b@sinkhole.test>", { mode: "bounce", serverName: SERVER }).reply.code, 550);
+});
+
+Deno.test("policy: greylist asks once per transaction and keeps the answer", () => {
+  const { state } = play("greylist", [...STATES.mail, "RCPT TO:<b@sinkhole.test>"], "defer");
+  assertEquals(state.tx?.greylist, "defer");
+  assert(!needsGreylist(state, "RCPT"), "the second RCPT does not ask again");
+  const second = respond(state, "RCPT TO:<c@sinkhole.test>", {
+    mode: "greylist",
+    serverName: SERVER,
+    greylist: "pass",
+  });
+  assertEquals(second.reply.code, 451, "same answer for every recipient of the transaction");
+  assert(!needsGreylist(play("accept", STATES.mail).state, "RCPT"), "only greylist mode asks");
+});
+
+Deno.test("policy: EHLO advertises only what is implemented", () => {
+  const { last } = play("accept", ["EHLO client.test"]);
+  assertEquals(last.reply.lines, [
+    `${SERVER} greets client.test`,
+    "PIPELINING",
+    `SIZE ${MAX_MESSAGE_BYTES}`,
+    "8BITMIME",
+    "ENHANCEDSTATUSCODES",
+  ]);
+  assertEquals(
+    formatReply(last.reply).split("\r\n").slice(0, 2),
+    [`250-${SERVER} greets client.test`, "250-PIPELINING"],
+  );
+});
+
+/** Syntax: line after EHLO (and MAIL where the row says so) → exact reply. */
+const SYNTAX: [string[], string][] = [
+  [["HELO"], "501 5.5.4 Syntax: HELO hostname"],
+  [["EHLO"], "501 5.5.4 Syntax: EHLO hostname"],
+  [["MAIL FROM:a@origin.test"], "501 5.5.4 Syntax: MAIL FROM:<address>"],
+  [["MAIL TO:<a@origin.test>"], "501 5.5.4 Syntax: MAIL FROM:<address>"],
+  [["MAIL FROM:<a b@origin.test>"], "501 5.1.7 Bad sender address syntax"],
+  [["MAIL FROM:<a@>"], "501 5.1.7 Bad sender address syntax"],
+  [["MAIL FROM:<>"], "250 2.1.0 Sender OK"],
+  [["MAIL FROM: <a@origin.test>"], "250 2.1.0 Sender OK"],
+  [["mail from:<a@origin.test>"], "250 2.1.0 Sender OK"],
+  [["MAIL FROM:<a@origin.test> SIZE=1000 BODY=8BITMIME"], "250 2.1.0 Sender OK"],
+  [[`MAIL FROM:<a@origin.test> SIZE=${MAX_MESSAGE_BYTES + 1}`], "552 5.3.4 Message size exceeds fixed limit"],
+  [["MAIL FROM:<a@origin.test> SIZE=lots"], "501 5.5.4 Syntax: MAIL FROM:<address>"],
+  [["MAIL FROM:<a@origin.test> BODY=BINARYMIME"], "555 5.5.4 Unsupported parameter"],
+  [["MAIL FROM:<a@origin.test> SMTPUTF8"], "555 5.5.4 Unsupported parameter"],
+  [["MAIL FROM:<a@origin.test>", "RCPT TO:<postmaster>"], "250 2.1.5 Recipient OK"],
+  [["MAIL FROM:<a@origin.test>", "RCPT TO:<@relay.test,@b.test:u@sinkhole.test>"], "250 2.1.5 Recipient OK"],
+  [["MAIL FROM:<a@origin.test>", 'RCPT TO:<"odd name"@sinkhole.test>'], "250 2.1.5 Recipient OK"],
+  [["MAIL FROM:<a@origin.test>", "RCPT TO:<u@[127.0.0.2]>"], "250 2.1.5 Recipient OK"],
+  [["MAIL FROM:<a@origin.test>", "RCPT TO:<no-at-sign>"], "501 5.1.3 Bad recipient address syntax"],
+  [["MAIL FROM:<a@origin.test>", "RCPT TO:<u@sinkhole.test> NOTIFY=NEVER"], "555 5.5.4 Unsupported parameter"],
+  [["MAIL FROM:<a@origin.test>", "RCPT TO:u@sinkhole.test"], "501 5.5.4 Syntax: RCPT TO:<address>"],
+  [["MAIL FROM:<a@origin.test>", "RCPT FROM:<u@sinkhole.test>"], "501 5.5.4 Syntax: RCPT TO:<address>"],
+  [
+    ["MAIL FROM:<a@origin.test>", `RCPT TO:<${"x".repeat(65)}@sinkhole.test>`],
+    "501 5.1.3 Bad recipient address syntax",
+  ],
+  [["DATA now"], "501 5.5.4 Syntax error, no parameters allowed"],
+  [["RSET everything"], "501 5.5.4 Syntax error, no parameters allowed"],
+  [["VRFY"], "501 5.5.4 Syntax: VRFY address"],
+  [["MAIL FROM:<a@origin.test>", "MAIL FROM:<a@origin.test>"], "503 5.5.1 Sender already specified"],
+  [["MAIL FROM:<a@origin.test>", "DATA"], "503 5.5.1 Need RCPT before DATA"],
+  [["RCPT TO:<u@sinkhole.test>"], "503 5.5.1 Need MAIL before RCPT"],
+  [["MAIL FROM:<a@origin.test>", "RSET", "RCPT TO:<u@sinkhole.test>"], "503 5.5.1 Need MAIL before RCPT"],
+  [["MAIL FROM:<a@origin.test>", "EHLO again.test", "RCPT TO:<u@sinkhole.test>"], "503 5.5.1 Need MAIL before RCPT"],
+];
+
+Deno.test("policy: syntax and sequence replies", () => {
+  for (const [lines, reply] of SYNTAX) {
+    const { last } = play("accept", ["EHLO client.test", ...lines]);
+    assertEquals(formatReply(last.reply), reply + "\r\n", lines.join(" | "));
+  }
+  assertEquals(
+    formatReply(play("accept", ["MAIL FROM:<a@origin.test>"]).last.reply),
+    "503 5.5.1 Send HELO or EHLO first\r\n",
+  );
+});
+
+Deno.test("policy: recipients past the cap get 452 4.5.3 and the transaction goes on", () => {
+  const rcpts = Array.from({ length: MAX_RECIPIENTS + 5 }, (_, i) => `RCPT TO:<u${i}@sinkhole.test>`);
+  const { codes, state } = play("accept", [...STATES.mail, ...rcpts, "DATA"]);
+  const rcptCodes = codes.slice(2, -1);
+  assertEquals(rcptCodes.filter((c) => c === 250).length, MAX_RECIPIENTS);
+  assertEquals(rcptCodes.slice(MAX_RECIPIENTS), [452, 452, 452, 452, 452]);
+  assertEquals(codes.at(-1), 354);
+  assertEquals(state.tx?.rcpts.length, MAX_RECIPIENTS);
+});
+
+Deno.test("policy: too many errors closes the session with 421 4.7.0", () => {
+  const { outs } = play("accept", Array(MAX_ERRORS_PER_SESSION + 5).fill("BOGUS"));
+  assertEquals(outs.length, MAX_ERRORS_PER_SESSION);
+  assert(outs.at(-1)!.close && outs.at(-1)!.tooManyErrors);
+  assert(outs.slice(0, -1).every((o) => !o.close));
+});
+
+Deno.test("policy: end of data", () => {
+  const state = play("accept", [...STATES.rcpt, "DATA"]).state;
+  const cases: [{ size: number; longLine: boolean }, string][] = [
+    [{ size: 10, longLine: false }, "250 2.0.0 Message accepted and discarded"],
+    [{ size: 10, longLine: true }, "554 5.6.0 Message has a line over 1000 octets"],
+    [{ size: MAX_MESSAGE_BYTES + 1, longLine: false }, "552 5.3.4 Message size exceeds fixed limit"],
+  ];
+  for (const [data, reply] of cases) {
+    const out = endOfData(state, data);
+    assertEquals(formatReply(out.reply), reply + "\r\n");
+    assertEquals(out.state.tx, undefined, "the transaction ends");
+  }
+});
+
+Deno.test("policy: parseMode accepts the five modes, trimmed and case-insensitive", () => {
+  for (const m of MODES) {
+    assertEquals(parseMode(m), m);
+    assertEquals(parseMode(`  ${m.toUpperCase()}\n`), m);
+  }
+  for (const bad of ["", "deny", "accept log", "defer;", "acceptlog"]) assertEquals(parseMode(bad), undefined, bad);
+});
+
+Deno.test("policy: mailbox and path parsing", () => {
+  assertEquals(parseMailbox("a@b.test"), "a@b.test");
+  assertEquals(parseMailbox("@r.test:a@b.test"), "a@b.test");
+  for (const bad of ["", "a", "@b.test", "a@", "a@@b", "a b@c.test", "a@b..test", "a@-b.test", "a@b.test\x00"]) {
+    assertEquals(parseMailbox(bad), undefined, JSON.stringify(bad));
+  }
+  assertEquals(parsePathArg("FROM:<a@b.test> SIZE=5", "FROM")?.params.get("SIZE"), "5");
+  assertEquals(parsePathArg("TO:<a@b.test>", "FROM"), undefined);
+});
+
+Deno.test("greylist table: first attempt deferred, retries in the window pass, expired entries forgotten", () => {
+  const t = new GreylistTable(1000, 3);
+  assertEquals(t.check("10.0.0.1", 0), "defer");
+  assertEquals(t.check("10.0.0.1", 1), "pass");
+  assertEquals(t.check("10.0.0.1", 1000), "pass");
+  assertEquals(t.check("10.0.0.2", 1000), "defer");
+  assertEquals(t.check("10.0.0.1", 1001), "defer", "window passed: a first attempt again");
+  assertEquals(t.size, 2);
+  assertEquals(t.check("10.0.0.9", 5000), "defer");
+  assertEquals(t.size, 1, "expired entries are swept");
+});
+
+Deno.test("greylist table: bounded, the oldest key is forgotten first", () => {
+  const t = new GreylistTable(60_000, 3);
+  for (const k of ["a", "b", "c", "d"]) t.check(k, 0);
+  assertEquals(t.size, 3);
+  assertEquals(t.check("a", 1), "defer", "a was evicted");
+  assertEquals(t.check("d", 1), "pass");
+});
+
+Deno.test("config: defaults keep the upstream fixture's names and values", () => {
+  const c = configFromEnv(() => undefined);
+  assertEquals(c.bindHost, "0.0.0.0");
+  assertEquals(c.bindPort, 25);
+  assertEquals(c.modeParam, "/cabal/sinkhole_mode");
+  assertEquals(c.cacheTtlMs, 30_000);
+  assertEquals(c.greylistWindowMs, 1_800_000);
+  assertEquals(c.serverName, "sinkhole.cabal.internal");
+  assertEquals(c.modeSource, "ssm");
+  assertEquals(
+    configFromEnv((k) => ({ SINKHOLE_MODE_FILE: "/tmp/m" } as Record<string, string>)[k]).modeSource,
+    "file",
+  );
+  assertEquals(configFromEnv((k) => ({ SINKHOLE_MODE: "accept" } as Record<string, string>)[k]).modeSource, "static");
+});
+
+Deno.test("config: bad values are refused with the variable's name", () => {
+  const bad: [string, string, RegExp][] = [
+    ["SINKHOLE_BIND_PORT", "70000", /SINKHOLE_BIND_PORT must be an integer from 0 to 65535/],
+    ["SINKHOLE_BIND_PORT", "25x", /SINKHOLE_BIND_PORT/],
+    ["SINKHOLE_CACHE_TTL", "-1", /SINKHOLE_CACHE_TTL must be a positive number of seconds/],
+    ["SINKHOLE_GREYLIST_WINDOW", "soon", /SINKHOLE_GREYLIST_WINDOW/],
+    ["SINKHOLE_MODE", "deny", /SINKHOLE_MODE must be one of defer, bounce, accept, accept-log, greylist/],
+    ["SINKHOLE_MAX_SESSIONS", "0", /SINKHOLE_MAX_SESSIONS/],
+  ];
+  for (const [name, value, message] of bad) {
+    let error = "";
+    try {
+      configFromEnv((k) => k === name ? value : undefined);
+    } catch (e) {
+      error = (e as Error).message;
+    }
+    assertMatch(error, message);
+  }
+});
+
+/**
+ * The cache's state logic with an in-process source (the real SSM path is
+ * tested against moto in ssm_test.ts; this checks keep-last-good and log-once).
+ */
+Deno.test("mode cache: keeps the last good mode and logs each change of state once", async () => {
+  const answers: (string | Error)[] = [
+    "accept",
+    "accept",
+    "nonsense",
+    "nonsense",
+    new Error("boom"),
+    new Error("boom"),
+    "bounce",
+  ];
+  const lines: Record<string, unknown>[] = [];
+  const original = console.log;
+  console.log = (s: string) => lines.push(JSON.parse(s));
+  try {
+    const cache = new ModeCache({
+      describe: "test",
+      fetch: () => {
+        const a = answers.shift()!;
+        return a instanceof Error ? Promise.reject(a) : Promise.resolve(a);
+      },
+    }, 1000);
+    assertEquals(cache.current, "defer", "defer before any answer");
+    const seen: Mode[] = [];
+    for (let i = 0; i < 7; i++) {
+      await cache.refresh();
+      seen.push(cache.current);
+    }
+    assertEquals(seen, ["accept", "accept", "accept", "accept", "accept", "accept", "bounce"]);
+    assertEquals(lines.map((l) => l.event), ["mode", "mode_invalid", "mode_error", "mode"]);
+    assertEquals(lines[1].keeping, "accept");
+    assertEquals(lines[2].reason, "Error: boom");
+  } finally {
+    console.log = original;
+  }
+});
