@@ -1,0 +1,354 @@
+/** Each mode end to end over TCP with real clients: nodemailer, swaks, and raw SMTP. */
+import nodemailer from "nodemailer";
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import {
+  assertTools,
+  eventually,
+  needs,
+  RawClient,
+  run,
+  startCommand,
+  startListener,
+  tempModeFile,
+  transaction,
+} from "./helpers.ts";
+
+interface SendError extends Error {
+  responseCode?: number;
+  response?: string;
+}
+
+function mailer(port: number) {
+  return nodemailer.createTransport({
+    host: "127.0.0.1",
+    port,
+    secure: false,
+    ignoreTLS: true,
+    name: "nodemailer.client.test",
+    connectionTimeout: 5000,
+    greetingTimeout: 5000,
+    socketTimeout: 5000,
+  });
+}
+
+const MESSAGE = {
+  from: "sender@origin.test",
+  to: "someone@sinkhole.test",
+  subject: "sinkhole protocol test",
+  headers: { "X-Sinkhole-Test": "header-visible" },
+  text: "BODY-MUST-NOT-BE-LOGGED\n.leading dot line\n",
+};
+
+async function sendError(port: number): Promise<SendError> {
+  try {
+    await mailer(port).sendMail(MESSAGE);
+  } catch (e) {
+    return e as SendError;
+  }
+  throw new Error("expected the send to fail");
+}
+
+Deno.test("accept: nodemailer delivers, the body is discarded and not logged", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  try {
+    const info = await mailer(l.port).sendMail(MESSAGE);
+    assertEquals(info.accepted, ["someone@sinkhole.test"]);
+    assertMatch(info.response, /^250 2\.0\.0 Message accepted and discarded/);
+    const session = await l.waitForLog((x) => x.event === "session");
+    const [tx] = session.transactions as { mode: string; result: number; size: number }[];
+    assertEquals(tx.mode, "accept");
+    assertEquals(tx.result, 250);
+    assert(tx.size > 0);
+    assert(!l.logs.some((x) => x.event === "message"), "accept mode logs no message line");
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("accept-log: one JSON line with envelope and headers, never the body", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept-log" });
+  try {
+    await mailer(l.port).sendMail(MESSAGE);
+    const msg = await l.waitForLog((x) => x.event === "message");
+    assertEquals(msg.client, "127.0.0.1");
+    assertEquals(msg.helo, "nodemailer.client.test");
+    assertEquals(msg.from, "sender@origin.test");
+    assertEquals(msg.rcpts, ["someone@sinkhole.test"]);
+    assertEquals(msg.truncated, false);
+    const headers = msg.headers as string[];
+    assert(headers.includes("X-Sinkhole-Test: header-visible"), JSON.stringify(headers));
+    assert(headers.some((h) => h.startsWith("Subject: sinkhole protocol test")));
+    assert(typeof msg.size === "number" && msg.size > 0);
+    await l.waitForLog((x) => x.event === "session");
+    const all = l.logs.map((x) => JSON.stringify(x)).join("\n");
+    assert(!all.includes("BODY-MUST-NOT-BE-LOGGED"), "the body never reaches the logs");
+    assertEquals(l.logs.filter((x) => x.event === "message").length, 1);
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("accept-log: header section is bounded and flagged truncated", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept-log" });
+  try {
+    const big = Array.from({ length: 400 }, (_, i) => `X-Filler-${i}: ${"y".repeat(60)}`).join("\r\n");
+    const codes = await transaction(l.port, { body: `Subject: big\r\n${big}\r\n\r\nbody` });
+    assertEquals(codes.at(-2), 250);
+    const msg = await l.waitForLog((x) => x.event === "message");
+    assertEquals(msg.truncated, true);
+    assert(JSON.stringify(msg.headers).length < 20 * 1024, "logged headers stay under the cap");
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("bounce: 550 5.1.1 on RCPT (nodemailer and swaks), DATA refused", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "bounce" });
+  try {
+    const err = await sendError(l.port);
+    assertEquals(err.responseCode, 550);
+    assertMatch(err.response ?? "", /^550 5\.1\.1 User unknown/);
+    assertEquals(await transaction(l.port), [220, 250, 250, 550, 554, 221]);
+  } finally {
+    await l.stop();
+  }
+});
+
+const swaks = needs("swaks");
+Deno.test({
+  name: "swaks: each mode gives swaks the exit code of its stage",
+  ignore: swaks.ignore,
+  fn: async () => {
+    assertTools(swaks.missing);
+    const modeFile = await tempModeFile("accept");
+    const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.1" });
+    const swak = () =>
+      run("swaks", ["--server", `127.0.0.1:${l.port}`, "--from", "a@origin.test", "--to", "b@sinkhole.test"]);
+    // swaks exit codes: 0 delivered, 24 no recipient accepted.
+    const expect: [string, number, RegExp][] = [
+      ["accept", 0, /<- {2}250 2\.0\.0 Message accepted and discarded/],
+      ["accept-log", 0, /<- {2}250 2\.0\.0 Message accepted and discarded/],
+      ["bounce", 24, /<\*\* 550 5\.1\.1 User unknown/],
+      ["defer", 24, /<\*\* 421 4\.3\.2 Service temporarily unavailable/],
+      ["greylist", 24, /<\*\* 451 4\.7\.1 Greylisted/],
+      ["greylist", 0, /<- {2}250 2\.1\.5 Recipient OK/],
+    ];
+    try {
+      for (const [mode, code, pattern] of expect) {
+        await Deno.writeTextFile(modeFile, mode);
+        await eventually(() => l.logs.findLast((x) => x.event === "mode")?.mode === mode);
+        const res = await swak();
+        assertEquals(res.code, code, `${mode}: ${res.stdout}`);
+        assertMatch(res.stdout, pattern, mode);
+      }
+    } finally {
+      await l.stop();
+      await Deno.remove(modeFile);
+    }
+  },
+});
+
+Deno.test("defer: 421 4.3.2 on RCPT, then the server closes; one log line per session", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "defer" });
+  try {
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).code, 220);
+    assertEquals((await c.cmd("EHLO client.test")).code, 250);
+    assertEquals((await c.cmd("MAIL FROM:<a@origin.test>")).code, 250);
+    const rcpt = await c.cmd("RCPT TO:<b@sinkhole.test>");
+    assertEquals(rcpt.lines, ["421 4.3.2 Service temporarily unavailable"]);
+    assert(await c.closedByServer(), "421 closes the connection (RFC 5321 §3.8)");
+    c.close();
+    const err = await sendError(l.port);
+    assertEquals(err.responseCode, 421);
+    await eventually(() => l.logs.filter((x) => x.event === "session").length === 2);
+    const before = l.logs.length;
+    await transaction(l.port);
+    await eventually(() => l.logs.length > before);
+    await new Promise((ok) => setTimeout(ok, 100));
+    assertEquals(l.logs.length - before, 1, "a defer session costs exactly one log line");
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("greylist: first attempt 451, retry accepted, forgotten after the window", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "greylist", SINKHOLE_GREYLIST_WINDOW: "1" });
+  try {
+    const first = await sendError(l.port);
+    assertEquals(first.responseCode, 451);
+    const info = await mailer(l.port).sendMail(MESSAGE);
+    assertEquals(info.accepted, ["someone@sinkhole.test"]);
+    await new Promise((ok) => setTimeout(ok, 1200));
+    assertEquals((await sendError(l.port)).responseCode, 451, "after the window it is a first attempt again");
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("mode file: a developer switches modes live; each transaction keeps its mode", async () => {
+  const modeFile = await tempModeFile("defer");
+  const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
+  try {
+    assertEquals(await transaction(l.port), [220, 250, 250, 421]);
+    const c = await RawClient.connect(l.port);
+    await c.reply();
+    await c.cmd("EHLO client.test");
+    await Deno.writeTextFile(modeFile, "accept\n");
+    await l.waitForLog((x) => x.event === "mode" && x.mode === "accept");
+    assertEquals((await c.cmd("MAIL FROM:<a@origin.test>")).code, 250);
+    await Deno.writeTextFile(modeFile, "bounce\n");
+    await l.waitForLog((x) => x.event === "mode" && x.mode === "bounce");
+    assertEquals((await c.cmd("RCPT TO:<b@sinkhole.test>")).code, 250, "the transaction began in accept");
+    assertEquals((await c.cmd("RSET")).code, 250);
+    assertEquals((await c.cmd("MAIL FROM:<a@origin.test>")).code, 250);
+    assertEquals((await c.cmd("RCPT TO:<b@sinkhole.test>")).code, 550, "the next transaction is in bounce");
+    c.close();
+    await Deno.writeTextFile(modeFile, "not-a-mode\n");
+    const invalid = await l.waitForLog((x) => x.event === "mode_invalid");
+    assertEquals(invalid.keeping, "bounce");
+    assertEquals(await transaction(l.port), [220, 250, 250, 550, 554, 221], "invalid value keeps the last good mode");
+    await Deno.remove(modeFile);
+    const missing = await l.waitForLog((x) => x.event === "mode_error");
+    assertMatch(String(missing.reason), /NotFound/);
+    await new Promise((ok) => setTimeout(ok, 600));
+    assertEquals(l.logs.filter((x) => x.event === "mode_error").length, 1, "logged once per change of state");
+  } finally {
+    await l.stop();
+    await Deno.remove(modeFile).catch(() => {});
+  }
+});
+
+Deno.test("protocol: VRFY, HELP, NOOP, RSET, EXPN, unknown commands", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  try {
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).lines, ["220 sinkhole.cabal.internal ESMTP sinkhole"]);
+    assertEquals((await c.cmd("VRFY someone")).code, 252);
+    assertEquals((await c.cmd("HELP")).code, 214);
+    assertEquals((await c.cmd("NOOP")).code, 250);
+    assertEquals((await c.cmd("EXPN list")).lines, ["502 5.5.1 Command not implemented"]);
+    assertEquals((await c.cmd("STARTTLS")).code, 502);
+    assertEquals((await c.cmd("FROBNICATE")).lines, ["500 5.5.2 Command unrecognized"]);
+    assertEquals((await c.cmd("MAIL FROM:<a@origin.test>")).lines, ["503 5.5.1 Send HELO or EHLO first"]);
+    const ehlo = await c.cmd("EHLO client.test");
+    assert(!ehlo.text.includes("STARTTLS") && !ehlo.text.includes("AUTH"), "nothing unimplemented is advertised");
+    assertEquals((await c.cmd("DATA")).code, 503);
+    assertEquals((await c.cmd("QUIT")).lines, ["221 2.0.0 Bye"]);
+    assert(await c.closedByServer());
+    c.close();
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("health check: exit 0 against a running listener (not logged as a session), 1 when down", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "defer" });
+  const [cmd, ...args] = startCommand();
+  const env = { SINKHOLE_BIND_HOST: "0.0.0.0", SINKHOLE_BIND_PORT: String(l.port), SINKHOLE_MODE: "defer" };
+  try {
+    const ok = await run(cmd, [...args, "--healthcheck"], { env });
+    assertEquals(ok.code, 0, ok.stderr);
+    await transaction(l.port);
+    await l.waitForLog((x) => x.event === "session");
+    assertEquals(l.logs.filter((x) => x.event === "session").length, 1, "only the real session is logged");
+  } finally {
+    await l.stop();
+  }
+  const down = await run(cmd, [...args, "--healthcheck"], { env });
+  assertEquals(down.code, 1);
+  assertMatch(down.stderr, /healthcheck: /);
+});
+
+Deno.test("SIGTERM: idle sessions get 421, a session in DATA finishes, exit 0", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  const idle = await RawClient.connect(l.port);
+  const busy = await RawClient.connect(l.port);
+  try {
+    await idle.reply();
+    await idle.cmd("EHLO idle.test");
+    await busy.reply();
+    await busy.cmd("EHLO busy.test");
+    await busy.cmd("MAIL FROM:<a@origin.test>");
+    await busy.cmd("RCPT TO:<b@sinkhole.test>");
+    assertEquals((await busy.cmd("DATA")).code, 354);
+    await busy.send("Subject: in flight\r\n\r\nfirst half\r\n");
+    l.child.kill("SIGTERM");
+    assertEquals((await idle.reply()).lines, ["421 4.3.2 Service shutting down"]);
+    assert(await idle.closedByServer());
+    await busy.send("second half\r\n.\r\n");
+    assertEquals((await busy.reply()).code, 250, "the in-flight message is accepted");
+    assertEquals((await busy.reply()).code, 421, "then the session is closed");
+    const status = await l.stop();
+    assertEquals(status.code, 0);
+    assert(l.logs.some((x) => x.event === "stopped"));
+    await assertRefused(l.port);
+  } finally {
+    idle.close();
+    busy.close();
+    await l.stop();
+  }
+});
+
+async function assertRefused(port: number): Promise<void> {
+  let refused = false;
+  try {
+    (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+  } catch {
+    refused = true;
+  }
+  assert(refused, "the port is closed after shutdown");
+}
+
+Deno.test("concurrency cap: past SINKHOLE_MAX_SESSIONS a clear 421, then room again", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept", SINKHOLE_MAX_SESSIONS: "2" });
+  const a = await RawClient.connect(l.port);
+  const b = await RawClient.connect(l.port);
+  try {
+    await a.reply();
+    await b.reply();
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).lines, ["421 4.3.2 Too many concurrent sessions, try again later"]);
+    assert(await c.closedByServer());
+    c.close();
+    await a.cmd("QUIT");
+    a.close();
+    await eventually(async () => (await transaction(l.port)).at(-1) === 221);
+    assert(l.logs.some((x) => x.event === "refused"));
+  } finally {
+    a.close();
+    b.close();
+    await l.stop();
+  }
+});
+
+Deno.test("timeouts: idle and total session bounds close with 421 4.4.2", async () => {
+  const l = await startListener({
+    SINKHOLE_MODE: "accept",
+    SINKHOLE_IDLE_TIMEOUT: "0.5",
+    SINKHOLE_SESSION_TIMEOUT: "1.5",
+  });
+  try {
+    const idle = await RawClient.connect(l.port);
+    await idle.reply();
+    const t0 = Date.now();
+    assertEquals((await idle.reply(5000)).lines, ["421 4.4.2 Timeout, closing connection"]);
+    assert(Date.now() - t0 >= 400);
+    assert(await idle.closedByServer());
+    idle.close();
+
+    const chatty = await RawClient.connect(l.port);
+    await chatty.reply();
+    let last = 0;
+    for (let i = 0; i < 40; i++) {
+      await chatty.send("NOOP\r\n");
+      last = (await chatty.reply(5000)).code;
+      if (last === 421) break;
+      await new Promise((ok) => setTimeout(ok, 100));
+    }
+    assertEquals(last, 421, "the total session timeout ends a session that keeps talking");
+    chatty.close();
+  } finally {
+    await l.stop();
+  }
+});
