@@ -1,0 +1,187 @@
+/**
+ * The SSM mode source with the real AWS SDK against moto_server, driven by the real aws CLI.
+ * A small counting proxy sits between the listener and moto to count GetParameter calls
+ * and to make the endpoint unreachable on demand.
+ */
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assertTools, eventually, type Listener, needs, run, startListener, transaction } from "./helpers.ts";
+import { MODE_FETCH_TIMEOUT_MS } from "../listener.ts";
+
+const PARAM = "/cabal/sinkhole_mode";
+const AWS_ENV = {
+  AWS_ACCESS_KEY_ID: "testing",
+  AWS_SECRET_ACCESS_KEY: "testing",
+  AWS_REGION: "us-east-1",
+  AWS_DEFAULT_REGION: "us-east-1",
+  AWS_EC2_METADATA_DISABLED: "true",
+};
+
+function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+/** moto_server on a free loopback port, stopped by `close`. */
+async function startMoto(): Promise<{ url: string; close: () => Promise<void> }> {
+  const port = freePort();
+  const child = new Deno.Command("moto_server", {
+    args: ["-H", "127.0.0.1", "-p", String(port)],
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const url = `http://127.0.0.1:${port}`;
+  await eventually(
+    async () => {
+      try {
+        const res = await fetch(`${url}/moto-api/data.json`);
+        await res.body?.cancel();
+        return res.ok;
+      } catch {
+        return false;
+      }
+    },
+    30_000,
+    100,
+  );
+  return {
+    url,
+    close: async () => {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
+
+/** Forwards to moto and counts GetParameter calls; `down()` makes it refuse connections. */
+function countingProxy(target: string) {
+  let getParameter = 0;
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+    if (req.headers.get("x-amz-target") === "AmazonSSM.GetParameter") getParameter++;
+    const url = new URL(req.url);
+    const res = await fetch(`${target}${url.pathname}${url.search}`, {
+      method: req.method,
+      headers: req.headers,
+      body: req.body,
+    });
+    return new Response(res.body, { status: res.status, headers: res.headers });
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    get count() {
+      return getParameter;
+    },
+    down: () => server.shutdown(),
+  };
+}
+
+async function aws(endpoint: string, ...args: string[]) {
+  const res = await run("aws", ["--endpoint-url", endpoint, "ssm", ...args], { env: AWS_ENV });
+  assertEquals(res.code, 0, res.stderr);
+  return res.stdout;
+}
+
+const put = (endpoint: string, value: string) =>
+  aws(endpoint, "put-parameter", "--name", PARAM, "--value", value, "--type", "String", "--overwrite");
+
+async function ssmListener(endpoint: string, ttl = "1"): Promise<Listener> {
+  return await startListener({
+    ...AWS_ENV,
+    AWS_ENDPOINT_URL: endpoint,
+    SINKHOLE_MODE: "",
+    SINKHOLE_MODE_FILE: "",
+    SINKHOLE_MODE_PARAM: PARAM,
+    SINKHOLE_CACHE_TTL: ttl,
+  });
+}
+
+const lastMode = (l: Listener) => l.logs.findLast((x) => x.event === "mode")?.mode;
+
+const tools = needs("moto_server", "aws");
+
+Deno.test({
+  name: "ssm: aws ssm put-parameter flips a running listener within the TTL; bad states keep the last good mode",
+  ignore: tools.ignore,
+  fn: async () => {
+    assertTools(tools.missing);
+    const moto = await startMoto();
+    const proxy = countingProxy(moto.url);
+    let l: Listener | undefined;
+    try {
+      await put(moto.url, "defer");
+      l = await ssmListener(proxy.url);
+      assertEquals(l.logs.find((x) => x.event === "start")?.mode, "defer");
+      assertEquals(await transaction(l.port), [220, 250, 250, 421]);
+
+      await put(moto.url, "accept");
+      const t0 = Date.now();
+      await eventually(() => lastMode(l!) === "accept", 1000 + MODE_FETCH_TIMEOUT_MS);
+      const seenAfter = Date.now() - t0;
+      assert(seenAfter <= 1000 + MODE_FETCH_TIMEOUT_MS, `seen after ${seenAfter} ms`);
+      assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
+
+      await put(moto.url, "accept;rm -rf");
+      const invalid = await l.waitForLog((x) => x.event === "mode_invalid");
+      assertEquals(invalid.keeping, "accept");
+      assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
+
+      await aws(moto.url, "delete-parameter", "--name", PARAM);
+      const missing = await l.waitForLog((x) => x.event === "mode_error");
+      assertMatch(String(missing.reason), /ParameterNotFound/);
+      assertEquals(missing.keeping, "accept");
+      await new Promise((ok) => setTimeout(ok, 2500));
+      assertEquals(l.logs.filter((x) => x.event === "mode_error").length, 1, "logged once, not once per fetch");
+      assertEquals(l.logs.filter((x) => x.event === "mode_invalid").length, 1);
+      assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
+
+      await put(moto.url, "bounce");
+      await eventually(() => lastMode(l!) === "bounce", 1000 + MODE_FETCH_TIMEOUT_MS);
+      await proxy.down();
+      const unreachable = await l.waitForLog((x) =>
+        x.event === "mode_error" && !/ParameterNotFound/.test(String(x.reason))
+      );
+      assertEquals(unreachable.keeping, "bounce");
+      const t1 = Date.now();
+      assertEquals(await transaction(l.port), [220, 250, 250, 550, 554, 221], "sessions keep the last good mode");
+      assert(Date.now() - t1 < MODE_FETCH_TIMEOUT_MS, "an unreachable SSM does not stall sessions");
+    } finally {
+      await l?.stop();
+      await proxy.down().catch(() => {});
+      await moto.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "ssm: 500 concurrent connections cost at most one GetParameter per TTL",
+  ignore: tools.ignore,
+  fn: async () => {
+    assertTools(tools.missing);
+    const moto = await startMoto();
+    const proxy = countingProxy(moto.url);
+    let l: Listener | undefined;
+    try {
+      await put(moto.url, "accept");
+      l = await ssmListener(proxy.url, "1");
+      const before = proxy.count;
+      const t0 = Date.now();
+      const results: number[][] = [];
+      // Waves of 500 concurrent sessions for at least 3.5 TTLs (bounded to 40 waves).
+      for (let w = 0; w < 40 && Date.now() - t0 < 3500; w++) {
+        results.push(...await Promise.all(Array.from({ length: 500 }, () => transaction(l!.port))));
+      }
+      const elapsed = Date.now() - t0;
+      const calls = proxy.count - before;
+      const allowed = Math.ceil(elapsed / 1000) + 1;
+      console.log(`ssm: ${results.length} sessions in ${elapsed} ms made ${calls} GetParameter calls (TTL 1 s)`);
+      assert(results.every((c) => c.at(-2) === 250), "every session was accepted");
+      assert(calls <= allowed, `${calls} calls in ${elapsed} ms, at most ${allowed} allowed`);
+      assert(calls >= 1, "the mode was refreshed from SSM during the run");
+    } finally {
+      await l?.stop();
+      await proxy.down().catch(() => {});
+      await moto.close();
+    }
+  },
+});
