@@ -1,0 +1,238 @@
+/**
+ * Real sendmail end to end: the reason this project exists.
+ *
+ * A private sendmail (its own .cf, queue, pid file and mailertable) routes
+ * `sinkhole.test` to the listener on 127.0.0.2:25 and `origin.test` (the
+ * sender's domain, where bounces go) to a second listener on 127.0.0.3:25.
+ * The mailertable lines have no port, as in production. Each sendmail runs in
+ * its own mount and UTS namespace with a qualified host name, a private
+ * /etc/hosts and a resolver on loopback, so it neither waits to qualify the
+ * machine's name nor sends a DNS query off the machine.
+ */
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import {
+  assertTools,
+  eventually,
+  type Listener,
+  needs,
+  run,
+  startListener,
+  tempModeFile,
+  transaction,
+} from "./helpers.ts";
+
+const SINKHOLE_IP = "127.0.0.2";
+const ORIGIN_IP = "127.0.0.3";
+const MTA_NAME = "mta.sinkhole-test.test";
+
+function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+/** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
+export async function makeSendmail(dir: string, port: number) {
+  await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
+  await Deno.writeTextFile(
+    `${dir}/mailertable`,
+    `sinkhole.test smtp:[${SINKHOLE_IP}]\norigin.test smtp:[${ORIGIN_IP}]\n`,
+  );
+  await Deno.writeTextFile(`${dir}/service.switch`, "hosts files\naliases files\n");
+  await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 localhost\n127.0.0.1 ${MTA_NAME} mta\n`);
+  await Deno.writeTextFile(`${dir}/resolv.conf`, "nameserver 127.0.0.1\n");
+  const mc = `divert(-1)dnl
+divert(0)dnl
+include(\`/usr/share/sendmail/cf/m4/cf.m4')dnl
+VERSIONID(\`sinkhole test MTA')dnl
+OSTYPE(\`debian')dnl
+define(\`confDOMAIN_NAME', \`${MTA_NAME}')dnl
+define(\`QUEUE_DIR', \`${dir}/mqueue')dnl
+define(\`confPID_FILE', \`${dir}/sendmail.pid')dnl
+define(\`STATUS_FILE', \`${dir}/statistics')dnl
+undefine(\`confHOST_STATUS_DIRECTORY')dnl
+define(\`confSERVICE_SWITCH_FILE', \`${dir}/service.switch')dnl
+define(\`confDONT_PROBE_INTERFACES', \`True')dnl
+define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
+define(\`confTO_ICONNECT', \`5s')dnl
+define(\`confTO_CONNECT', \`5s')dnl
+define(\`confTO_QUEUEWARN', \`0')dnl
+FEATURE(\`nocanonify')dnl
+FEATURE(\`accept_unresolvable_domains')dnl
+FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
+DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=127.0.0.1')dnl
+MAILER_DEFINITIONS
+MAILER(\`local')dnl
+MAILER(\`smtp')dnl
+`;
+  await Deno.writeTextFile(`${dir}/test.mc`, mc);
+  const m4 = await run("m4", [`${dir}/test.mc`]);
+  assertEquals(m4.code, 0, m4.stderr);
+  await Deno.writeTextFile(`${dir}/test.cf`, m4.stdout);
+  const map = await run("makemap", ["hash", `${dir}/mailertable`], {
+    stdin: await Deno.readTextFile(`${dir}/mailertable`),
+  });
+  assertEquals(map.code, 0, map.stderr);
+
+  /** Runs sendmail with this .cf inside its own namespaces. */
+  const sendmail = (...args: string[]) =>
+    run("unshare", [
+      "--mount",
+      "--uts",
+      "sh",
+      "-c",
+      `hostname ${MTA_NAME} && mount --bind "$0/hosts" /etc/hosts && ` +
+      `mount --bind "$0/resolv.conf" /etc/resolv.conf && shift && exec /usr/sbin/sendmail -C "$0/test.cf" "$@"`,
+      dir,
+      "--",
+      ...args,
+    ]);
+
+  const daemonPid = async () => Number((await Deno.readTextFile(`${dir}/sendmail.pid`)).split("\n")[0]);
+  const alive = (pid: number) => {
+    try {
+      Deno.kill(pid, "SIGCONT");
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  return {
+    port,
+    sendmail,
+    /** Starts the daemon (the MTA task); background delivery, hourly queue runs. */
+    async start() {
+      await Deno.remove(`${dir}/sendmail.pid`).catch(() => {});
+      const r = await sendmail("-bd", "-q1h");
+      assertEquals(r.code, 0, r.stderr);
+      await eventually(async () => {
+        try {
+          return alive(await daemonPid());
+        } catch {
+          return false;
+        }
+      });
+      await eventually(async () => {
+        try {
+          (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+          return true;
+        } catch {
+          return false;
+        }
+      });
+      return await daemonPid();
+    },
+    /** Kills the daemon the way a task replacement does (SIGKILL, no clean-up). */
+    async kill() {
+      const pid = await daemonPid().catch(() => 0);
+      if (pid > 0 && alive(pid)) {
+        Deno.kill(pid, "SIGKILL");
+        await eventually(() => !alive(pid));
+      }
+      return pid;
+    },
+    async mailq(): Promise<string> {
+      const r = await sendmail("-bp");
+      return r.stdout + r.stderr;
+    },
+    async queueRun(): Promise<string> {
+      const r = await sendmail("-q", "-v");
+      return r.stdout + r.stderr;
+    },
+    alive,
+  };
+}
+
+const queued = (mailq: string) => Number(/Total requests: (\d+)/.exec(mailq)?.[1] ?? "0");
+
+const tools = needs("/usr/sbin/sendmail", "makemap", "m4", "unshare", "/usr/share/sendmail/cf/m4/cf.m4");
+const isRoot = Deno.uid() === 0;
+
+Deno.test({
+  name: "sendmail: defer queues, survives the MTA's replacement, accept delivers; bounce bounces; greylist retries",
+  ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    assertTools(tools.missing);
+    assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-" });
+    const modeFile = await tempModeFile("defer");
+    const mta = await makeSendmail(dir, freePort());
+    let sink: Listener | undefined;
+    let origin: Listener | undefined;
+    const submit = (to: string, subject: string) =>
+      transaction(mta.port, { from: "tester@origin.test", to: [to], body: `Subject: ${subject}\r\n\r\nqueue test` });
+    const sinkSessions = () => sink!.logs.filter((x) => x.event === "session");
+    try {
+      sink = await startListener(
+        { SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" },
+        { host: SINKHOLE_IP, port: 25 },
+      );
+      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
+      const firstPid = await mta.start();
+
+      await t.step("defer: the message is queued with the 421", async () => {
+        assertEquals((await submit("anything@sinkhole.test", "defer phase")).at(-2), 250, "sendmail took it");
+        await eventually(() => sinkSessions().length >= 1, 20_000);
+        const [tx] = sinkSessions()[0].transactions as { rcpts: { to: string; code: number }[] }[];
+        assertEquals(tx.rcpts, [{ to: "anything@sinkhole.test", code: 421 }]);
+        let mailq = "";
+        await eventually(async () => /Deferred: 421 4\.3\.2/.test(mailq = await mta.mailq()), 20_000, 200);
+        assertEquals(queued(mailq), 1);
+        assertMatch(mailq, /anything@sinkhole\.test/);
+      });
+
+      await t.step("replace the MTA: kill it, start a new one on the same spool", async () => {
+        const killed = await mta.kill();
+        assertEquals(killed, firstPid);
+        assert(!mta.alive(firstPid));
+        const secondPid = await mta.start();
+        assert(secondPid !== firstPid, "a new process");
+        assertEquals(queued(await mta.mailq()), 1, "the queue was handed over");
+      });
+
+      await t.step("accept: a queue run delivers it and the queue is empty", async () => {
+        await Deno.writeTextFile(modeFile, "accept\n");
+        await sink!.waitForLog((x) => x.event === "mode" && x.mode === "accept");
+        const out = await mta.queueRun();
+        assertMatch(out, /<anything@sinkhole\.test>\.\.\. Sent \(Message accepted and discarded\)/);
+        assertEquals(queued(await mta.mailq()), 0);
+        const delivered = sinkSessions().at(-1)!.transactions as { rcpts: { code: number }[]; result: number }[];
+        assertEquals(delivered[0].result, 250);
+      });
+
+      await t.step("bounce: a bounce to the sender, not a queued message", async () => {
+        await Deno.writeTextFile(modeFile, "bounce\n");
+        await sink!.waitForLog((x) => x.event === "mode" && x.mode === "bounce");
+        assertEquals((await submit("nobody@sinkhole.test", "bounce phase")).at(-2), 250);
+        const dsn = await origin!.waitForLog((x) => x.event === "message", 20_000);
+        assertEquals(dsn.from, "", "a DSN has the null sender");
+        assertEquals(dsn.rcpts, ["tester@origin.test"]);
+        assert((dsn.headers as string[]).some((h) => /^Subject: Returned mail/.test(h)), JSON.stringify(dsn.headers));
+        await eventually(async () => queued(await mta.mailq()) === 0, 10_000, 200);
+      });
+
+      await t.step("greylist: queued at the first attempt, delivered at the next queue run", async () => {
+        await Deno.writeTextFile(modeFile, "greylist\n");
+        await sink!.waitForLog((x) => x.event === "mode" && x.mode === "greylist");
+        const before = sinkSessions().length;
+        assertEquals((await submit("grey@sinkhole.test", "greylist phase")).at(-2), 250);
+        let mailq = "";
+        await eventually(async () => /Deferred: 451 4\.7\.1 Greylisted/.test(mailq = await mta.mailq()), 20_000, 200);
+        assertEquals(queued(mailq), 1);
+        assert(sinkSessions().length > before);
+        const out = await mta.queueRun();
+        assertMatch(out, /<grey@sinkhole\.test>\.\.\. Sent/);
+        assertEquals(queued(await mta.mailq()), 0);
+      });
+    } finally {
+      await mta.kill().catch(() => {});
+      await sink?.stop();
+      await origin?.stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+      await Deno.remove(modeFile).catch(() => {});
+    }
+  },
+});
