@@ -250,6 +250,14 @@ export async function transaction(
   }
 }
 
+/** A free loopback port (bound, read, released). */
+export function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
 /** Where a command lives on PATH (or an absolute path), or undefined. */
 export function which(name: string): string | undefined {
   if (name.startsWith("/")) {

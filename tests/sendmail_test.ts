@@ -13,6 +13,7 @@ import { assert, assertEquals, assertMatch } from "./assert.ts";
 import {
   assertTools,
   eventually,
+  freePort,
   type Listener,
   needs,
   run,
@@ -24,13 +25,6 @@ import {
 const SINKHOLE_IP = "127.0.0.2";
 const ORIGIN_IP = "127.0.0.3";
 const MTA_NAME = "mta.sinkhole-test.test";
-
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
-}
 
 /** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
 export async function makeSendmail(dir: string, port: number) {

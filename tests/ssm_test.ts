@@ -4,97 +4,11 @@
  * and to make the endpoint unreachable on demand.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, type Listener, needs, run, startListener, transaction } from "./helpers.ts";
+import { assertTools, eventually, type Listener, needs, startListener, transaction } from "./helpers.ts";
+import { aws, faultProxy, PARAM, putMode as put, ssmEnv, startMoto } from "./aws.ts";
 import { MODE_FETCH_TIMEOUT_MS } from "../listener.ts";
 
-const PARAM = "/cabal/sinkhole_mode";
-const AWS_ENV = {
-  AWS_ACCESS_KEY_ID: "testing",
-  AWS_SECRET_ACCESS_KEY: "testing",
-  AWS_REGION: "us-east-1",
-  AWS_DEFAULT_REGION: "us-east-1",
-  AWS_EC2_METADATA_DISABLED: "true",
-};
-
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
-}
-
-/** moto_server on a free loopback port, stopped by `close`. */
-async function startMoto(): Promise<{ url: string; close: () => Promise<void> }> {
-  const port = freePort();
-  const child = new Deno.Command("moto_server", {
-    args: ["-H", "127.0.0.1", "-p", String(port)],
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
-  const url = `http://127.0.0.1:${port}`;
-  await eventually(
-    async () => {
-      try {
-        const res = await fetch(`${url}/moto-api/data.json`);
-        await res.body?.cancel();
-        return res.ok;
-      } catch {
-        return false;
-      }
-    },
-    30_000,
-    100,
-  );
-  return {
-    url,
-    close: async () => {
-      child.kill("SIGTERM");
-      await child.status;
-    },
-  };
-}
-
-/** Forwards to moto and counts GetParameter calls; `down()` makes it refuse connections. */
-function countingProxy(target: string) {
-  let getParameter = 0;
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
-    if (req.headers.get("x-amz-target") === "AmazonSSM.GetParameter") getParameter++;
-    const url = new URL(req.url);
-    const res = await fetch(`${target}${url.pathname}${url.search}`, {
-      method: req.method,
-      headers: req.headers,
-      body: req.body,
-    });
-    return new Response(res.body, { status: res.status, headers: res.headers });
-  });
-  return {
-    url: `http://127.0.0.1:${server.addr.port}`,
-    get count() {
-      return getParameter;
-    },
-    down: () => server.shutdown(),
-  };
-}
-
-async function aws(endpoint: string, ...args: string[]) {
-  const res = await run("aws", ["--endpoint-url", endpoint, "ssm", ...args], { env: AWS_ENV });
-  assertEquals(res.code, 0, res.stderr);
-  return res.stdout;
-}
-
-const put = (endpoint: string, value: string) =>
-  aws(endpoint, "put-parameter", "--name", PARAM, "--value", value, "--type", "String", "--overwrite");
-
-async function ssmListener(endpoint: string, ttl = "1"): Promise<Listener> {
-  return await startListener({
-    ...AWS_ENV,
-    AWS_ENDPOINT_URL: endpoint,
-    SINKHOLE_MODE: "",
-    SINKHOLE_MODE_FILE: "",
-    SINKHOLE_MODE_PARAM: PARAM,
-    SINKHOLE_CACHE_TTL: ttl,
-  });
-}
+const ssmListener = (endpoint: string, ttl = "1"): Promise<Listener> => startListener(ssmEnv(endpoint, ttl));
 
 const lastMode = (l: Listener) => l.logs.findLast((x) => x.event === "mode")?.mode;
 
@@ -106,7 +20,7 @@ Deno.test({
   fn: async () => {
     assertTools(tools.missing);
     const moto = await startMoto();
-    const proxy = countingProxy(moto.url);
+    const proxy = faultProxy(moto.url);
     let l: Listener | undefined;
     try {
       await put(moto.url, "defer");
@@ -159,7 +73,7 @@ Deno.test({
   fn: async () => {
     assertTools(tools.missing);
     const moto = await startMoto();
-    const proxy = countingProxy(moto.url);
+    const proxy = faultProxy(moto.url);
     let l: Listener | undefined;
     try {
       await put(moto.url, "accept");

@@ -1,0 +1,133 @@
+/**
+ * AWS emulation for tests and benchmarks: the real moto_server, the real aws CLI, and a
+ * small HTTP proxy in front of moto that counts GetParameter calls and injects faults
+ * (hang, delay, 5xx, throttling, access denied, connection refused).
+ */
+import { assertEquals } from "./assert.ts";
+import { eventually, freePort, run } from "./helpers.ts";
+
+export const PARAM = "/cabal/sinkhole_mode";
+
+/** Static test credentials; the metadata endpoints are switched off so nothing leaves loopback. */
+export const AWS_ENV = {
+  AWS_ACCESS_KEY_ID: "testing",
+  AWS_SECRET_ACCESS_KEY: "testing",
+  AWS_REGION: "us-east-1",
+  AWS_DEFAULT_REGION: "us-east-1",
+  AWS_EC2_METADATA_DISABLED: "true",
+};
+
+/** moto_server on a free loopback port, stopped by `close`. */
+export async function startMoto(): Promise<{ url: string; close: () => Promise<void> }> {
+  const port = freePort();
+  const child = new Deno.Command("moto_server", {
+    args: ["-H", "127.0.0.1", "-p", String(port)],
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const url = `http://127.0.0.1:${port}`;
+  await eventually(
+    async () => {
+      try {
+        const res = await fetch(`${url}/moto-api/data.json`);
+        await res.body?.cancel();
+        return res.ok;
+      } catch {
+        return false;
+      }
+    },
+    30_000,
+    100,
+  );
+  return {
+    url,
+    close: async () => {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
+
+export type Fault = "none" | "hang" | "5xx" | "throttle" | "deny";
+
+const AWS_JSON = { "content-type": "application/x-amz-json-1.1" };
+
+/** Canned AWS JSON-protocol error answers, as SSM sends them. */
+const FAULT_RESPONSES: Record<Exclude<Fault, "none" | "hang">, () => Response> = {
+  "5xx": () =>
+    new Response(JSON.stringify({ __type: "InternalServerError", message: "injected" }), {
+      status: 500,
+      headers: AWS_JSON,
+    }),
+  throttle: () =>
+    new Response(JSON.stringify({ __type: "ThrottlingException", message: "Rate exceeded" }), {
+      status: 400,
+      headers: AWS_JSON,
+    }),
+  deny: () =>
+    new Response(
+      JSON.stringify({ __type: "AccessDeniedException", message: "not authorized to perform: ssm:GetParameter" }),
+      { status: 400, headers: AWS_JSON },
+    ),
+};
+
+/** Forwards to `target`, counting GetParameter calls; `fault` and `delayMs` change its answers. */
+export function faultProxy(target: string) {
+  let getParameter = 0;
+  const state = { fault: "none" as Fault, delayMs: 0 };
+  const hung = new Set<() => void>();
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+    if (req.headers.get("x-amz-target") === "AmazonSSM.GetParameter") getParameter++;
+    if (state.fault === "hang") {
+      // Never answers until the proxy shuts down (the listener must give up on its own).
+      await new Promise<void>((ok) => hung.add(ok));
+      return new Response(null, { status: 503 });
+    }
+    if (state.delayMs > 0) await new Promise((ok) => setTimeout(ok, state.delayMs));
+    if (state.fault !== "none") {
+      await req.body?.cancel();
+      return FAULT_RESPONSES[state.fault]();
+    }
+    const url = new URL(req.url);
+    const res = await fetch(`${target}${url.pathname}${url.search}`, {
+      method: req.method,
+      headers: req.headers,
+      body: req.body,
+    });
+    return new Response(res.body, { status: res.status, headers: res.headers });
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    get count() {
+      return getParameter;
+    },
+    state,
+    /** Stops answering at all: connections are refused from now on. */
+    down: async () => {
+      for (const release of hung) release();
+      hung.clear();
+      await server.shutdown();
+    },
+  };
+}
+
+export async function aws(endpoint: string, ...args: string[]): Promise<string> {
+  const res = await run("aws", ["--endpoint-url", endpoint, "ssm", ...args], { env: AWS_ENV });
+  assertEquals(res.code, 0, res.stderr);
+  return res.stdout;
+}
+
+export const putMode = (endpoint: string, value: string, name = PARAM) =>
+  aws(endpoint, "put-parameter", "--name", name, "--value", value, "--type", "String", "--overwrite");
+
+/** Environment for a listener whose mode comes from SSM at `endpoint`. */
+export function ssmEnv(endpoint: string, ttl = "1", name = PARAM): Record<string, string> {
+  return {
+    ...AWS_ENV,
+    AWS_ENDPOINT_URL: endpoint,
+    SINKHOLE_MODE: "",
+    SINKHOLE_MODE_FILE: "",
+    SINKHOLE_MODE_PARAM: name,
+    SINKHOLE_CACHE_TTL: ttl,
+  };
+}
