@@ -658,8 +658,8 @@ class Session {
   bytesIn = 0;
   bytesOut = 0;
   commands = 0;
-  /** True while the client said nothing but QUIT (a health check). */
-  onlyQuit = true;
+  /** The client's first command was QUIT and it said nothing else: a health check. */
+  quitOnly = false;
 
   constructor(readonly conn: Deno.Conn, readonly deps: ServerDeps, readonly client: string) {}
 
@@ -725,7 +725,7 @@ class Session {
 
   #badLine(kind: "long" | "chars"): void {
     this.commands++;
-    this.onlyQuit = false;
+    this.quitOnly = false;
     this.#apply(respondToBadLine(this.state, kind));
   }
 
@@ -734,7 +734,7 @@ class Session {
     if (text === undefined) return this.#badLine("chars");
     this.commands++;
     const { verb } = splitCommand(text);
-    if (verb !== "QUIT") this.onlyQuit = false;
+    this.quitOnly = this.commands === 1 && verb === "QUIT";
     const inputs: Inputs = { mode: this.deps.modes.current, serverName: this.deps.config.serverName };
     if (needsGreylist(this.state, verb)) inputs.greylist = this.deps.greylist.check(this.client, Date.now());
     const before = this.state.tx;
@@ -973,7 +973,7 @@ export class Server {
       clearTimeout(total);
       session.close();
       this.sessions.delete(session);
-      if (!(session.onlyQuit && isLoopback(client))) {
+      if (!(session.quitOnly && isLoopback(client))) {
         log("session", { ...session.summary(), ...(failure ? { error: failure } : {}) });
       }
     }
