@@ -123,7 +123,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "faults: an unreachable endpoint at start: defer, and the first good answer switches",
+  name: "faults: SSM failing at start: defer, and the first good answer switches",
   ignore: tools.ignore,
   fn: async () => {
     assertTools(tools.missing);
