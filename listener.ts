@@ -42,8 +42,10 @@ export const MAX_LOGGED_TRANSACTIONS = 20;
 export const MAX_LOGGED_REPLIES = 64;
 /** Distinct greylist keys remembered; the oldest is forgotten past it. */
 export const MAX_GREYLIST_ENTRIES = 100_000;
-/** Bytes read from a socket at once. */
-export const READ_BUFFER_BYTES = 16 * 1024;
+/** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
+export const READ_BUFFER_BYTES = 4 * 1024;
+/** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
+export const TIMEOUT_SWEEP_MAX_MS = 1_000;
 /** A mode-source request is abandoned after this long. */
 export const MODE_FETCH_TIMEOUT_MS = 5_000;
 /** Start-up waits at most this long for the first mode before listening. */
@@ -434,8 +436,11 @@ export function endOfData(state: SessionState, data: DataSummary): Outcome {
 
 /** One JSON line on stdout: CloudWatch Logs via the awslogs driver. */
 export function log(event: string, fields: Record<string, unknown> = {}): void {
-  console.log(JSON.stringify({ ts: new Date().toISOString(), event, ...fields }));
+  const bytes = logEncoder.encode(JSON.stringify({ ts: new Date().toISOString(), event, ...fields }) + "\n");
+  for (let off = 0; off < bytes.length;) off += Deno.stdout.writeSync(bytes.subarray(off));
 }
+
+const logEncoder = new TextEncoder();
 
 /** Remembers first attempts per key, for `window` ms, in bounded memory. */
 export class GreylistTable {
@@ -528,7 +533,7 @@ export class ModeCache {
   #stopped = false;
   fetches = 0;
 
-  constructor(readonly source: ModeSource, readonly ttlMs: number) {}
+  constructor(readonly source: ModeSource, readonly ttlMs: number, readonly logger: typeof log = log) {}
 
   /** One fetch, bounded by MODE_FETCH_TIMEOUT_MS. Never throws. */
   async refresh(): Promise<void> {
@@ -565,7 +570,11 @@ export class ModeCache {
   #report(state: string, event: string, fields: Record<string, unknown>): void {
     if (state === this.#state) return;
     this.#state = state;
-    log(event, { source: this.source.describe, keeping: event === "mode" ? undefined : this.current, ...fields });
+    this.logger(event, {
+      source: this.source.describe,
+      keeping: event === "mode" ? undefined : this.current,
+      ...fields,
+    });
   }
 
   /** Fetches once (waiting at most `initialWaitMs`), then every TTL. */
@@ -637,8 +646,9 @@ class Session {
   inData = false;
   closed = false;
   #closing = false;
+  #saidGoodbye = false;
   /** The current line when it spans reads (only its first MAX_TEXT_LINE bytes are kept). */
-  #partial = new Uint8Array(MAX_TEXT_LINE);
+  #partial: Uint8Array | undefined; // allocated on the first line that spans reads
   #lineBytes = 0;
   #out: string[] = [];
   #writing: Promise<void> = Promise.resolve();
@@ -651,6 +661,8 @@ class Session {
   #headersTruncated = false;
   // What the session log line reports.
   readonly started = Date.now();
+  /** When the client last sent anything (for the idle timeout sweep). */
+  lastRead = this.started;
   transactions: TransactionLog[] = [];
   transactionCount = 0;
   replies: number[] = [];
@@ -704,12 +716,12 @@ class Session {
         continue;
       }
       const total = this.#lineBytes + piece.length;
-      if (total <= limit) this.#partial.set(piece, this.#lineBytes);
+      if (total <= limit) (this.#partial ??= new Uint8Array(MAX_TEXT_LINE)).set(piece, this.#lineBytes);
       else if (!this.inData && this.#lineBytes <= limit) this.#badLine("long"); // answer now, then discard to LF
       this.#lineBytes = total;
       if (nl >= 0) {
         this.#lineBytes = 0;
-        if (total <= limit) this.#line(this.#partial.subarray(0, total), total);
+        if (total <= limit) this.#line(this.#partial!.subarray(0, total), total);
         else if (this.inData) this.#line(undefined, total);
       }
     }
@@ -841,6 +853,8 @@ class Session {
   /** Sends a final reply and closes, after any write in progress (bounded). */
   async goodbye(reply: Reply): Promise<void> {
     if (this.closed) return;
+    if (this.#saidGoodbye) return this.close(); // asked again: the last write did not finish
+    this.#saidGoodbye = true;
     this.#closing = true;
     this.reply(reply);
     try {
@@ -892,6 +906,7 @@ export class Server {
   #listener: Deno.TcpListener | undefined;
   #done: Promise<void> | undefined;
   #shuttingDown = false;
+  #sweeper: Timer | undefined;
 
   constructor(readonly deps: ServerDeps) {}
 
@@ -900,9 +915,19 @@ export class Server {
   }
 
   listen(): void {
-    const { bindHost, bindPort } = this.deps.config;
+    const { bindHost, bindPort, idleTimeoutMs, sessionTimeoutMs } = this.deps.config;
     this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
     this.#done = this.#acceptLoop();
+    const every = Math.max(50, Math.min(TIMEOUT_SWEEP_MAX_MS, Math.min(idleTimeoutMs, sessionTimeoutMs) / 4));
+    this.#sweeper = setInterval(() => this.#sweep(Date.now()), every);
+  }
+
+  /** Ends sessions past the idle or the total timeout with 421 4.4.2. */
+  #sweep(now: number): void {
+    const { idleTimeoutMs, sessionTimeoutMs } = this.deps.config;
+    for (const s of this.sessions) {
+      if (now - s.lastRead >= idleTimeoutMs || now - s.started >= sessionTimeoutMs) s.goodbye(REPLIES.timeout);
+    }
   }
 
   async #acceptLoop(): Promise<void> {
@@ -935,29 +960,18 @@ export class Server {
   }
 
   async #run(conn: Deno.TcpConn): Promise<void> {
-    try {
-      conn.setNoDelay(true);
-    } catch { /* not fatal */ }
     const client = clientAddress(conn);
     const session = new Session(conn, this.deps, client);
     this.sessions.add(session);
-    const { idleTimeoutMs, sessionTimeoutMs, serverName } = this.deps.config;
-    let idle: Timer | undefined;
-    const armIdle = () => {
-      clearTimeout(idle);
-      idle = setTimeout(() => session.goodbye(REPLIES.timeout), idleTimeoutMs);
-    };
-    const total = setTimeout(() => session.goodbye(REPLIES.timeout), sessionTimeoutMs);
     let failure: string | undefined;
     try {
-      session.reply(greetingReply(serverName));
-      armIdle();
+      session.reply(greetingReply(this.deps.config.serverName));
       await session.flush();
       const buf = new Uint8Array(READ_BUFFER_BYTES);
       while (!session.closed) {
         const n = await conn.read(buf);
         if (n === null) break;
-        armIdle();
+        session.lastRead = Date.now();
         const more = session.feed(buf.subarray(0, n));
         await session.flush();
         if (!more) break;
@@ -969,8 +983,6 @@ export class Server {
     } catch (err) {
       if (!session.closed) failure = describeError(err);
     } finally {
-      clearTimeout(idle);
-      clearTimeout(total);
       session.close();
       this.sessions.delete(session);
       if (!(session.quitOnly && isLoopback(client))) {
@@ -993,6 +1005,7 @@ export class Server {
     }
     for (const s of this.sessions) s.close();
     while (this.sessions.size > 0) await new Promise((ok) => setTimeout(ok, 10));
+    clearInterval(this.#sweeper);
   }
 }
 

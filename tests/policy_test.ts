@@ -351,16 +351,18 @@ Deno.test("mode cache: keeps the last good mode and logs each change of state on
     "bounce",
   ];
   const lines: Record<string, unknown>[] = [];
-  const original = console.log;
-  console.log = (s: string) => lines.push(JSON.parse(s));
-  try {
-    const cache = new ModeCache({
+  const cache = new ModeCache(
+    {
       describe: "test",
       fetch: () => {
         const a = answers.shift()!;
         return a instanceof Error ? Promise.reject(a) : Promise.resolve(a);
       },
-    }, 1000);
+    },
+    1000,
+    (event, fields) => lines.push({ event, ...fields }),
+  );
+  {
     assertEquals(cache.current, "defer", "defer before any answer");
     const seen: Mode[] = [];
     for (let i = 0; i < 7; i++) {
@@ -371,7 +373,5 @@ Deno.test("mode cache: keeps the last good mode and logs each change of state on
     assertEquals(lines.map((l) => l.event), ["mode", "mode_invalid", "mode_error", "mode"]);
     assertEquals(lines[1].keeping, "accept");
     assertEquals(lines[2].reason, "Error: boom");
-  } finally {
-    console.log = original;
   }
 });

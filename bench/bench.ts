@@ -1,0 +1,384 @@
+/**
+ * `deno task bench`: sinkhole side by side with Postfix's smtp-sink, in one run.
+ *
+ * Throughput (smtp-source against smtp-sink and sinkhole, alternating), memory (idle,
+ * 1000 open sessions, during throughput; with and without the V8 flags), SSM call
+ * rate and the latency a slow SSM adds, mode-switch latency, and start-up time.
+ * Prints a table and writes bench/results.md. Everything runs on loopback.
+ *
+ * Environment: BENCH_REPS (default 5), BENCH_MESSAGES (default 20000).
+ */
+import { freePort, memoryMiB, RawClient, ROOT, startCommand, transaction } from "../tests/helpers.ts";
+import { faultProxy, putMode, ssmEnv, startMoto } from "../tests/aws.ts";
+
+const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
+const MESSAGES = Number(Deno.env.get("BENCH_MESSAGES") ?? "20000");
+const SESSIONS = 20;
+const OPEN_SESSIONS = 1000;
+const CACHE = `${ROOT}/bench/.cache`;
+const POSTFIX = `${CACHE}/postfix`;
+const SLOW_SSM_MS = 3000;
+const SWITCH_TTL_S = 5;
+
+const sleep = (ms: number) => new Promise((ok) => setTimeout(ok, ms));
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+const fmt = (n: number, digits = 0) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
+
+async function sh(cmd: string, args: string[], env?: Record<string, string>) {
+  const out = await new Deno.Command(cmd, { args, env, stdout: "piped", stderr: "piped" }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+/** smtp-source and smtp-sink from Debian's postfix package, unpacked, not installed. */
+async function postfixTools(): Promise<{ source: string; sink: string; env: Record<string, string>; version: string }> {
+  const source = `${POSTFIX}/usr/sbin/smtp-source`;
+  try {
+    Deno.statSync(source);
+  } catch {
+    await Deno.mkdir(CACHE, { recursive: true });
+    const get = () => sh("sh", ["-c", `cd '${CACHE}' && rm -f postfix_*.deb && apt-get download postfix`]);
+    let res = await get();
+    if (res.code !== 0) {
+      await sh("apt-get", ["update", "-qq"]);
+      res = await get();
+    }
+    if (res.code !== 0) throw new Error(`apt-get download postfix failed: ${res.stderr}`);
+    const x = await sh("sh", ["-c", `cd '${CACHE}' && dpkg -x postfix_*.deb postfix`]);
+    if (x.code !== 0) throw new Error(`dpkg -x failed: ${x.stderr}`);
+  }
+  const deb = (await sh("sh", ["-c", `ls '${CACHE}'/postfix_*.deb`])).stdout.trim().split("/").pop() ?? "postfix";
+  return {
+    source,
+    sink: `${POSTFIX}/usr/sbin/smtp-sink`,
+    env: { LD_LIBRARY_PATH: `${POSTFIX}/usr/lib/postfix` },
+    version: deb.replace(/\.deb$/, ""),
+  };
+}
+
+interface Proc {
+  pid: number;
+  port: number;
+  child: Deno.ChildProcess;
+  logFile: string;
+  stop(): Promise<void>;
+}
+
+/** Waits for the 220 greeting; returns ms since `t0`. */
+async function firstGreeting(port: number, t0: number, limitMs = 30_000): Promise<number> {
+  while (performance.now() - t0 < limitMs) {
+    try {
+      const c = await RawClient.connect(port);
+      const r = await c.reply(2000);
+      c.close();
+      if (r.code === 220) return performance.now() - t0;
+    } catch { /* not yet */ }
+    await sleep(5);
+  }
+  throw new Error(`no greeting on ${port} in ${limitMs} ms`);
+}
+
+/** The listener exactly as `deno task start` runs it, stdout to a file (as awslogs would take it). */
+async function sinkhole(
+  env: Record<string, string>,
+  opts: { v8Defaults?: boolean } = {},
+): Promise<Proc & { startMs: number }> {
+  const port = freePort();
+  const logFile = await Deno.makeTempFile({ prefix: "sinkhole-bench-", suffix: ".log" });
+  let cmd = startCommand();
+  if (opts.v8Defaults) cmd = cmd.filter((a) => !a.startsWith("--v8-flags="));
+  const t0 = performance.now();
+  const child = new Deno.Command("sh", {
+    args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, ...cmd],
+    cwd: ROOT,
+    env: { SINKHOLE_BIND_HOST: "127.0.0.1", SINKHOLE_BIND_PORT: String(port), NO_COLOR: "1", ...env },
+    stdin: "null",
+  }).spawn();
+  const startMs = await firstGreeting(port, t0);
+  return {
+    pid: child.pid,
+    port,
+    child,
+    logFile,
+    startMs,
+    stop: async () => {
+      child.kill("SIGTERM");
+      await child.status;
+      await Deno.remove(logFile).catch(() => {});
+    },
+  };
+}
+
+async function smtpSink(tools: Awaited<ReturnType<typeof postfixTools>>): Promise<Proc> {
+  const port = freePort();
+  const asRoot = Deno.uid() === 0 ? ["-u", "nobody"] : [];
+  const child = new Deno.Command(tools.sink, {
+    args: [...asRoot, `127.0.0.1:${port}`, "1000"],
+    env: tools.env,
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await firstGreeting(port, performance.now());
+  return {
+    pid: child.pid,
+    port,
+    child,
+    logFile: "",
+    stop: async () => {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
+
+/** One smtp-source run; returns messages per second and the peak RSS sampled meanwhile. */
+async function source(
+  tools: Awaited<ReturnType<typeof postfixTools>>,
+  port: number,
+  shape: string[],
+  samplePid?: number,
+): Promise<{ rate: number; rss: number[] }> {
+  const rss: number[] = [];
+  const timer = samplePid ? setInterval(() => rss.push(memoryMiB(samplePid).rss), 50) : undefined;
+  const t0 = performance.now();
+  const out = await sh(tools.source, [
+    ...shape,
+    "-m",
+    String(MESSAGES),
+    "-f",
+    "bench@origin.test",
+    "-t",
+    "bench@sinkhole.test",
+    `127.0.0.1:${port}`,
+  ], tools.env);
+  const ms = performance.now() - t0;
+  clearInterval(timer);
+  if (out.code !== 0) throw new Error(`smtp-source failed: ${out.stderr}`);
+  return { rate: MESSAGES / (ms / 1000), rss };
+}
+
+/** Opens `n` sessions and leaves each in the middle of a transaction. */
+async function openSessions(port: number, n: number): Promise<RawClient[]> {
+  const clients: RawClient[] = [];
+  for (let i = 0; i < n; i += 100) {
+    clients.push(
+      ...await Promise.all(Array.from({ length: Math.min(100, n - i) }, async () => {
+        const c = await RawClient.connect(port);
+        await c.reply();
+        await c.cmd("EHLO open.test");
+        await c.cmd("MAIL FROM:<a@origin.test>");
+        await c.cmd("RCPT TO:<b@sinkhole.test>");
+        return c;
+      })),
+    );
+  }
+  return clients;
+}
+
+/** Latency of `count` sequential sessions, in ms. */
+async function latencies(port: number, count: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const t0 = performance.now();
+    await transaction(port);
+    out.push(performance.now() - t0);
+  }
+  return out;
+}
+
+/** Time from `change()` returning to the first session whose RCPT reply is `code`. */
+async function switchLatency(port: number, change: () => Promise<unknown>, code: number, limitMs: number) {
+  await change();
+  const t0 = performance.now();
+  while (performance.now() - t0 < limitMs) {
+    const codes = await transaction(port);
+    if (codes[3] === code) return performance.now() - t0;
+    await sleep(20);
+  }
+  throw new Error(`mode not seen within ${limitMs} ms`);
+}
+
+async function main() {
+  const rows: [string, string][] = [];
+  const row = (what: string, value: string) => {
+    rows.push([what, value]);
+    console.log(`${what.padEnd(64)} ${value}`);
+  };
+  const tools = await postfixTools();
+  const moto = await startMoto();
+  const proxy = faultProxy(moto.url);
+  const procs: Proc[] = [];
+  try {
+    await putMode(moto.url, "accept", "/bench/accept");
+    await putMode(moto.url, "accept-log", "/bench/accept-log");
+
+    // --- Start-up and idle memory -------------------------------------------------
+    const startups: Record<string, number[]> = { static: [], ssm: [] };
+    for (let i = 0; i < REPS; i++) {
+      const s = await sinkhole({ SINKHOLE_MODE: "accept" });
+      startups.static.push(s.startMs);
+      await s.stop();
+      const m = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept"));
+      startups.ssm.push(m.startMs);
+      await m.stop();
+    }
+    row("start-up to first 220, static mode (median ms)", fmt(median(startups.static)));
+    row("start-up to first 220, SSM source (median ms)", fmt(median(startups.ssm)));
+
+    const accept = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept"));
+    const acceptLog = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept-log"));
+    const sink = await smtpSink(tools);
+    procs.push(accept, acceptLog, sink);
+    await sleep(1000);
+    row("RSS idle, SSM client loaded (MiB)", fmt(memoryMiB(accept.pid).rss, 1));
+
+    // --- Throughput, alternating ---------------------------------------------------
+    const shapes: [string, string[]][] = [
+      [`one message per connection (-s ${SESSIONS} -m ${MESSAGES})`, ["-s", String(SESSIONS)]],
+      [`many messages per connection (-d -s ${SESSIONS} -m ${MESSAGES})`, ["-d", "-s", String(SESSIONS)]],
+    ];
+    const callsBefore = proxy.count;
+    const tThroughput = performance.now();
+    const rssDuring: number[] = [];
+    for (const [label, shape] of shapes) {
+      const rates: Record<string, number[]> = { sink: [], accept: [], "accept-log": [] };
+      for (let i = 0; i < REPS; i++) {
+        rates.sink.push((await source(tools, sink.port, shape)).rate);
+        const a = await source(tools, accept.port, shape, accept.pid);
+        rates.accept.push(a.rate);
+        rssDuring.push(...a.rss);
+        const al = await source(tools, acceptLog.port, shape, acceptLog.pid);
+        rates["accept-log"].push(al.rate);
+        rssDuring.push(...al.rss);
+      }
+      const ref = median(rates.sink);
+      row(`${label}: smtp-sink (msgs/s, median of ${REPS})`, fmt(ref));
+      for (const mode of ["accept", "accept-log"]) {
+        const m = median(rates[mode]);
+        row(`${label}: sinkhole ${mode} (msgs/s; ratio to smtp-sink)`, `${fmt(m)}  (${(m / ref).toFixed(2)})`);
+      }
+    }
+    const throughputS = (performance.now() - tThroughput) / 1000;
+    const calls = proxy.count - callsBefore;
+    row(
+      "SSM GetParameter calls during the throughput runs (2 listeners, TTL 30 s)",
+      `${calls} in ${fmt(throughputS, 1)} s (one per TTL per listener: ${fmt(2 * Math.ceil(throughputS / 30))})`,
+    );
+    row(
+      "RSS during throughput, median / peak sampled (MiB)",
+      `${fmt(median(rssDuring), 1)} / ${fmt(Math.max(...rssDuring), 1)}`,
+    );
+    row(
+      "VmHWM after throughput, accept / accept-log (MiB)",
+      `${fmt(memoryMiB(accept.pid).peak, 1)} / ${fmt(memoryMiB(acceptLog.pid).peak, 1)}`,
+    );
+
+    // --- 1000 open sessions --------------------------------------------------------
+    const open = await openSessions(accept.port, OPEN_SESSIONS);
+    await sleep(500);
+    const mOpen = memoryMiB(accept.pid);
+    row(`RSS with ${OPEN_SESSIONS} open sessions, now / VmHWM (MiB)`, `${fmt(mOpen.rss, 1)} / ${fmt(mOpen.peak, 1)}`);
+    for (const c of open) c.close();
+
+    // --- Before/after: Deno's default V8 flags -------------------------------------
+    const plain = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept"), { v8Defaults: true });
+    procs.push(plain);
+    await sleep(1000);
+    const plainIdle = memoryMiB(plain.pid).rss;
+    const plainRate = (await source(tools, plain.port, shapes[0][1])).rate;
+    row(
+      "without the V8 flags: RSS idle / VmHWM after one -s 20 run (MiB); msgs/s",
+      `${fmt(plainIdle, 1)} / ${fmt(memoryMiB(plain.pid).peak, 1)}; ${fmt(plainRate)}`,
+    );
+    await plain.stop();
+    procs.pop();
+
+    // --- Slow SSM: latency a session sees -----------------------------------------
+    const slow = await sinkhole(ssmEnv(proxy.url, "1", "/bench/accept"));
+    procs.push(slow);
+    const fast = await latencies(slow.port, 200);
+    proxy.state.delayMs = SLOW_SSM_MS;
+    await sleep(1500);
+    const slowed = await latencies(slow.port, 200);
+    proxy.state.delayMs = 0;
+    row(
+      `session latency, SSM normal vs answering in ${SLOW_SSM_MS} ms (p50 / max ms)`,
+      `${fmt(median(fast), 2)} / ${fmt(Math.max(...fast), 1)}  vs  ${fmt(median(slowed), 2)} / ${
+        fmt(Math.max(...slowed), 1)
+      }`,
+    );
+    await slow.stop();
+    procs.pop();
+
+    // --- Mode-switch latency -------------------------------------------------------
+    await putMode(moto.url, "accept", "/bench/switch");
+    const sw = await sinkhole(ssmEnv(moto.url, String(SWITCH_TTL_S), "/bench/switch"));
+    procs.push(sw);
+    const ssmSwitch: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      ssmSwitch.push(await switchLatency(sw.port, () => putMode(moto.url, "bounce", "/bench/switch"), 550, 20_000));
+      ssmSwitch.push(await switchLatency(sw.port, () => putMode(moto.url, "accept", "/bench/switch"), 250, 20_000));
+    }
+    row(
+      `mode switch, aws ssm put-parameter -> first session (TTL ${SWITCH_TTL_S} s; median / max ms)`,
+      `${fmt(median(ssmSwitch))} / ${fmt(Math.max(...ssmSwitch))}`,
+    );
+    await sw.stop();
+    procs.pop();
+    const modeFile = await Deno.makeTempFile();
+    await Deno.writeTextFile(modeFile, "accept");
+    const local = await sinkhole({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "1" });
+    procs.push(local);
+    const fileSwitch: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      fileSwitch.push(await switchLatency(local.port, () => Deno.writeTextFile(modeFile, "bounce"), 550, 5000));
+      fileSwitch.push(await switchLatency(local.port, () => Deno.writeTextFile(modeFile, "accept"), 250, 5000));
+    }
+    row(
+      "mode switch, local mode file (TTL 1 s; median / max ms)",
+      `${fmt(median(fileSwitch))} / ${fmt(Math.max(...fileSwitch))}`,
+    );
+    await local.stop();
+    procs.pop();
+    await Deno.remove(modeFile);
+
+    await report(rows, tools.version);
+  } finally {
+    for (const p of procs) await p.stop().catch(() => {});
+    await proxy.down().catch(() => {});
+    await moto.close();
+  }
+}
+
+async function report(rows: [string, string][], postfix: string) {
+  const cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.*)/)?.[1] ?? "unknown";
+  const mem = (await Deno.readTextFile("/proc/meminfo")).match(/MemTotal:\s*(\d+)/)?.[1];
+  const md = `# sinkhole benchmark results
+
+Written by \`deno task bench\` on ${new Date().toISOString()}.
+
+- Machine: ${navigator.hardwareConcurrency} cores, ${cpu}, ${mem ? Math.round(Number(mem) / 1048576) : "?"} GiB
+- Deno ${Deno.version.deno} (V8 ${Deno.version.v8}); reference: ${postfix} \`smtp-sink\`, load from its \`smtp-source\`
+- Repetitions: ${REPS}, alternating smtp-sink / sinkhole accept / sinkhole accept-log; ${MESSAGES} messages a run
+- sinkhole runs as \`deno task start\` with its mode from SSM (moto_server on loopback, TTL 30 s), stdout to a file
+
+| measure | value |
+| --- | --- |
+${rows.map(([a, b]) => `| ${a} | ${b} |`).join("\n")}
+
+Commands (what the bench runs):
+
+\`\`\`sh
+smtp-sink -u nobody 127.0.0.1:PORT 1000                                  # reference
+smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test 127.0.0.1:PORT
+smtp-source -d -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test 127.0.0.1:PORT
+\`\`\`
+`;
+  await Deno.writeTextFile(`${ROOT}/bench/results.md`, md);
+  console.log(`\nwrote bench/results.md`);
+}
+
+if (import.meta.main) await main();
