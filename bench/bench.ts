@@ -265,7 +265,7 @@ async function main() {
     const calls = proxy.count - callsBefore;
     row(
       "SSM GetParameter calls during the throughput runs (2 listeners, TTL 30 s)",
-      `${calls} in ${fmt(throughputS, 1)} s (one per TTL per listener: ${fmt(2 * Math.ceil(throughputS / 30))})`,
+      `${calls} in ${fmt(throughputS, 1)} s (one per TTL per listener: ${fmt(2 * Math.floor(throughputS / 30))})`,
     );
     row(
       "RSS during throughput, median / peak sampled (MiB)",
