@@ -1,13 +1,9 @@
 /**
  * Real sendmail end to end: the reason this project exists.
  *
- * A private sendmail (its own .cf, queue, pid file and mailertable) routes
- * `sinkhole.test` to the listener on 127.0.0.2:25 and `origin.test` (the
- * sender's domain, where bounces go) to a second listener on 127.0.0.3:25.
- * The mailertable lines have no port, as in production. Each sendmail runs in
- * its own mount and UTS namespace with a qualified host name, a private
- * /etc/hosts and a resolver on loopback, so it neither waits to qualify the
- * machine's name nor sends a DNS query off the machine.
+ * A private sendmail (tests/sendmail.ts) routes `sinkhole.test` to the listener on
+ * 127.0.0.2:25 and `origin.test` (the sender's domain, where bounces go) to a second
+ * listener on 127.0.0.3:25. The mailertable lines have no port, as in production.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import {
@@ -16,127 +12,11 @@ import {
   freePort,
   type Listener,
   needs,
-  run,
   startListener,
   tempModeFile,
   transaction,
 } from "./helpers.ts";
-
-const SINKHOLE_IP = "127.0.0.2";
-const ORIGIN_IP = "127.0.0.3";
-const MTA_NAME = "mta.sinkhole-test.test";
-
-/** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
-export async function makeSendmail(dir: string, port: number) {
-  await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
-  await Deno.writeTextFile(
-    `${dir}/mailertable`,
-    `sinkhole.test smtp:[${SINKHOLE_IP}]\norigin.test smtp:[${ORIGIN_IP}]\n`,
-  );
-  await Deno.writeTextFile(`${dir}/service.switch`, "hosts files\naliases files\n");
-  await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 localhost\n127.0.0.1 ${MTA_NAME} mta\n`);
-  await Deno.writeTextFile(`${dir}/resolv.conf`, "nameserver 127.0.0.1\n");
-  const mc = `divert(-1)dnl
-divert(0)dnl
-include(\`/usr/share/sendmail/cf/m4/cf.m4')dnl
-VERSIONID(\`sinkhole test MTA')dnl
-OSTYPE(\`debian')dnl
-define(\`confDOMAIN_NAME', \`${MTA_NAME}')dnl
-define(\`QUEUE_DIR', \`${dir}/mqueue')dnl
-define(\`confPID_FILE', \`${dir}/sendmail.pid')dnl
-define(\`STATUS_FILE', \`${dir}/statistics')dnl
-undefine(\`confHOST_STATUS_DIRECTORY')dnl
-define(\`confSERVICE_SWITCH_FILE', \`${dir}/service.switch')dnl
-define(\`confDONT_PROBE_INTERFACES', \`True')dnl
-define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
-define(\`confTO_ICONNECT', \`5s')dnl
-define(\`confTO_CONNECT', \`5s')dnl
-define(\`confTO_QUEUEWARN', \`0')dnl
-FEATURE(\`nocanonify')dnl
-FEATURE(\`accept_unresolvable_domains')dnl
-FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
-DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=127.0.0.1')dnl
-MAILER_DEFINITIONS
-MAILER(\`local')dnl
-MAILER(\`smtp')dnl
-`;
-  await Deno.writeTextFile(`${dir}/test.mc`, mc);
-  const m4 = await run("m4", [`${dir}/test.mc`]);
-  assertEquals(m4.code, 0, m4.stderr);
-  await Deno.writeTextFile(`${dir}/test.cf`, m4.stdout);
-  const map = await run("makemap", ["hash", `${dir}/mailertable`], {
-    stdin: await Deno.readTextFile(`${dir}/mailertable`),
-  });
-  assertEquals(map.code, 0, map.stderr);
-
-  /** Runs sendmail with this .cf inside its own namespaces. */
-  const sendmail = (...args: string[]) =>
-    run("unshare", [
-      "--mount",
-      "--uts",
-      "sh",
-      "-c",
-      `hostname ${MTA_NAME} && mount --bind "$0/hosts" /etc/hosts && ` +
-      `mount --bind "$0/resolv.conf" /etc/resolv.conf && shift && exec /usr/sbin/sendmail -C "$0/test.cf" "$@"`,
-      dir,
-      "--",
-      ...args,
-    ]);
-
-  const daemonPid = async () => Number((await Deno.readTextFile(`${dir}/sendmail.pid`)).split("\n")[0]);
-  const alive = (pid: number) => {
-    try {
-      Deno.kill(pid, "SIGCONT");
-      return true;
-    } catch {
-      return false;
-    }
-  };
-  return {
-    port,
-    sendmail,
-    /** Starts the daemon (the MTA task); background delivery, hourly queue runs. */
-    async start() {
-      await Deno.remove(`${dir}/sendmail.pid`).catch(() => {});
-      const r = await sendmail("-bd", "-q1h");
-      assertEquals(r.code, 0, r.stderr);
-      await eventually(async () => {
-        try {
-          return alive(await daemonPid());
-        } catch {
-          return false;
-        }
-      });
-      await eventually(async () => {
-        try {
-          (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-          return true;
-        } catch {
-          return false;
-        }
-      });
-      return await daemonPid();
-    },
-    /** Kills the daemon the way a task replacement does (SIGKILL, no clean-up). */
-    async kill() {
-      const pid = await daemonPid().catch(() => 0);
-      if (pid > 0 && alive(pid)) {
-        Deno.kill(pid, "SIGKILL");
-        await eventually(() => !alive(pid));
-      }
-      return pid;
-    },
-    async mailq(): Promise<string> {
-      const r = await sendmail("-bp");
-      return r.stdout + r.stderr;
-    },
-    async queueRun(): Promise<string> {
-      const r = await sendmail("-q", "-v");
-      return r.stdout + r.stderr;
-    },
-    alive,
-  };
-}
+import { makeSendmail, ORIGIN_IP, SINKHOLE_IP } from "./sendmail.ts";
 
 const queued = (mailq: string) => Number(/Total requests: (\d+)/.exec(mailq)?.[1] ?? "0");
 

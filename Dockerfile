@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# sinkhole: one static-ish binary on distroless, non-root, no shell.
+# Multi-arch: docker buildx build --platform linux/arm64,linux/amd64 .
+# The build stage runs on the build machine's own platform and cross-compiles with
+# `deno compile --target`, so no emulation is needed. Flags come from `deno task start`.
+ARG DENO_VERSION=2.9.6
+
+FROM --platform=$BUILDPLATFORM denoland/deno:${DENO_VERSION} AS build
+ARG TARGETARCH
+WORKDIR /src
+COPY deno.json deno.lock listener.ts ./
+COPY scripts/compile.ts scripts/compile.ts
+RUN deno run --allow-read --allow-run --allow-env scripts/compile.ts --output /out/sinkhole --arch "$TARGETARCH"
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/sinkhole /sinkhole
+USER nonroot
+EXPOSE 25
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["/sinkhole", "--healthcheck"]
+ENTRYPOINT ["/sinkhole"]
