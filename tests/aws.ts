@@ -74,9 +74,11 @@ const FAULT_RESPONSES: Record<Exclude<Fault, "none" | "hang">, () => Response> =
 /** Forwards to `target`, counting GetParameter calls; `fault` and `delayMs` change its answers. */
 export function faultProxy(target: string) {
   let getParameter = 0;
+  let total = 0;
   const state = { fault: "none" as Fault, delayMs: 0 };
   const hung = new Set<() => void>();
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+    total++;
     if (req.headers.get("x-amz-target") === "AmazonSSM.GetParameter") getParameter++;
     if (state.fault === "hang") {
       // Never answers until the proxy shuts down (the listener must give up on its own).
@@ -100,6 +102,10 @@ export function faultProxy(target: string) {
     url: `http://127.0.0.1:${server.addr.port}`,
     get count() {
       return getParameter;
+    },
+    /** Every request, of any service. */
+    get total() {
+      return total;
     },
     state,
     /** Stops answering at all: connections are refused from now on. */

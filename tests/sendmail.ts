@@ -59,19 +59,19 @@ MAILER(\`smtp')dnl
   };
   await makemap();
 
+  // `bin/sendmail` and `bin/mailq`: this MTA's commands, as they are named inside an MTA container.
+  await Deno.mkdir(`${dir}/bin`);
+  await Deno.writeTextFile(
+    `${dir}/bin/sendmail`,
+    `#!/bin/sh\nexec unshare --mount --uts sh -c 'hostname ${MTA_NAME} && ` +
+      `mount --bind "$0/hosts" /etc/hosts && mount --bind "$0/resolv.conf" /etc/resolv.conf && ` +
+      `exec /usr/sbin/sendmail -C "$0/test.cf" "$@"' '${dir}' "$@"\n`,
+    { mode: 0o755 },
+  );
+  await Deno.writeTextFile(`${dir}/bin/mailq`, `#!/bin/sh\nexec '${dir}/bin/sendmail' -bp "$@"\n`, { mode: 0o755 });
+
   /** Runs sendmail with this .cf inside its own namespaces (`stdin`: what to type at it). */
-  const sendmailWith = (stdin: string | undefined, ...args: string[]) =>
-    run("unshare", [
-      "--mount",
-      "--uts",
-      "sh",
-      "-c",
-      `hostname ${MTA_NAME} && mount --bind "$0/hosts" /etc/hosts && ` +
-      `mount --bind "$0/resolv.conf" /etc/resolv.conf && shift && exec /usr/sbin/sendmail -C "$0/test.cf" "$@"`,
-      dir,
-      "--",
-      ...args,
-    ], { stdin });
+  const sendmailWith = (stdin: string | undefined, ...args: string[]) => run(`${dir}/bin/sendmail`, args, { stdin });
   const sendmail = (...args: string[]) => sendmailWith(undefined, ...args);
 
   const daemonPid = async () => Number((await Deno.readTextFile(`${dir}/sendmail.pid`)).split("\n")[0]);
@@ -85,6 +85,9 @@ MAILER(\`smtp')dnl
   };
   return {
     port,
+    /** Directory holding `sendmail` and `mailq` for this MTA (put it first on PATH). */
+    bin: `${dir}/bin`,
+    queueDir: `${dir}/mqueue`,
     sendmail,
     sendmailWith,
     makemap,

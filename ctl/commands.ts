@@ -1,0 +1,317 @@
+/**
+ * The control commands, thin over the AWS SDK (SSM, ECS, CloudWatch Logs, Cloud Map) and
+ * GitHub. Each returns a Report that ctl.ts prints as text, JSON or a Markdown summary.
+ */
+import { GetParameterCommand, GetParameterHistoryCommand, PutParameterCommand, SSMClient } from "@aws-sdk/client-ssm";
+import {
+  DescribeServicesCommand,
+  DescribeTasksCommand,
+  ECSClient,
+  ListTasksCommand,
+  UpdateServiceCommand,
+} from "@aws-sdk/client-ecs";
+import { CloudWatchLogsClient, FilterLogEventsCommand } from "@aws-sdk/client-cloudwatch-logs";
+import { ListInstancesCommand, ListServicesCommand, ServiceDiscoveryClient } from "@aws-sdk/client-servicediscovery";
+import { DEFAULT_MODE, parseMode } from "../listener.ts";
+import type { Environment } from "./environments.ts";
+import { type Exec, mtaCommands, type Task } from "./exec.ts";
+import type { IssueResult } from "./github.ts";
+
+export interface Report {
+  title: string;
+  ok: boolean;
+  lines: string[];
+  data: Record<string, unknown>;
+}
+
+export interface Deps {
+  env: Environment;
+  ssm: SSMClient;
+  ecs: ECSClient;
+  logs: CloudWatchLogsClient;
+  discovery: ServiceDiscoveryClient;
+  exec: Exec;
+  /** For `check`: reconciles the GitHub issue (absent: report only). */
+  issue?: (environment: string, findings: string[]) => Promise<IssueResult>;
+  now: () => number;
+  sleep: (ms: number) => Promise<void>;
+  /** How often `--wait` and `probe` poll. */
+  pollMs: number;
+}
+
+/** Builds the SDK clients for an environment; the SDK honours AWS_ENDPOINT_URL (tests: moto). */
+export function clients(env: Environment) {
+  const config = { region: env.region, maxAttempts: 3 };
+  return {
+    ssm: new SSMClient(config),
+    ecs: new ECSClient(config),
+    logs: new CloudWatchLogsClient(config),
+    discovery: new ServiceDiscoveryClient(config),
+  };
+}
+
+/** Refuses a mode the listener would not accept, before anything is sent. */
+export class InvalidModeError extends Error {
+  override name = "InvalidModeError";
+}
+
+export function validateMode(value: string): string {
+  const mode = parseMode(value);
+  if (!mode) {
+    throw new InvalidModeError(
+      `"${value}" is not a mode the listener accepts: defer, bounce, accept, accept-log, greylist`,
+    );
+  }
+  return mode;
+}
+
+async function currentMode(d: Deps) {
+  const p = (await d.ssm.send(new GetParameterCommand({ Name: d.env.parameter }))).Parameter;
+  const history = await d.ssm.send(new GetParameterHistoryCommand({ Name: d.env.parameter, MaxResults: 50 }));
+  const last = history.Parameters?.at(-1);
+  return {
+    value: p?.Value ?? "",
+    version: p?.Version,
+    changedAt: p?.LastModifiedDate?.toISOString(),
+    changedBy: last?.LastModifiedUser ?? "unknown",
+  };
+}
+
+async function service(d: Deps, name: string) {
+  const res = await d.ecs.send(new DescribeServicesCommand({ cluster: d.env.cluster, services: [name] }));
+  const s = res.services?.find((x) => x.status !== "INACTIVE");
+  return s
+    ? {
+      exists: true,
+      desired: s.desiredCount ?? 0,
+      running: s.runningCount ?? 0,
+      pending: s.pendingCount ?? 0,
+      deployments: s.deployments?.length ?? 0,
+    }
+    : { exists: false, desired: 0, running: 0, pending: 0, deployments: 0 };
+}
+
+async function mtaTasks(d: Deps): Promise<Task[]> {
+  const list = await d.ecs.send(
+    new ListTasksCommand({ cluster: d.env.cluster, serviceName: d.env.mtaService, desiredStatus: "RUNNING" }),
+  );
+  const arns = list.taskArns ?? [];
+  if (arns.length === 0) return [];
+  const desc = await d.ecs.send(new DescribeTasksCommand({ cluster: d.env.cluster, tasks: arns }));
+  return (desc.tasks ?? []).map((t) => ({ arn: t.taskArn!, id: t.taskArn!.split("/").pop()! }));
+}
+
+export async function status(d: Deps): Promise<Report> {
+  const [tier, mode, instances] = await Promise.all([
+    service(d, d.env.sinkholeService),
+    currentMode(d),
+    cloudMapInstances(d),
+  ]);
+  const lines = [
+    `sinkhole service ${d.env.sinkholeService}: ${
+      tier.exists
+        ? `desired ${tier.desired}, running ${tier.running}, ` +
+          `pending ${tier.pending}, deployments ${tier.deployments}`
+        : "not found"
+    }`,
+    `Cloud Map sinkhole.${d.env.namespace}: ${instances ?? "no service"} instance(s)`,
+    `mode ${mode.value} (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})`,
+    `flag for ${d.env.name}: sinkhole ${d.env.sinkhole ? "on" : "off"}`,
+  ];
+  return {
+    title: `sinkhole status: ${d.env.name}`,
+    ok: true,
+    lines,
+    data: { tier, mode, cloudMapInstances: instances },
+  };
+}
+
+async function cloudMapInstances(d: Deps): Promise<number | undefined> {
+  const services = await d.discovery.send(new ListServicesCommand({}));
+  const svc = services.Services?.find((s) => s.Name === "sinkhole");
+  if (!svc?.Id) return undefined;
+  const inst = await d.discovery.send(new ListInstancesCommand({ ServiceId: svc.Id }));
+  return inst.Instances?.length ?? 0;
+}
+
+export async function modeGet(d: Deps): Promise<Report> {
+  const mode = await currentMode(d);
+  return {
+    title: `sinkhole mode: ${d.env.name}`,
+    ok: true,
+    lines: [`${mode.value} (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})`],
+    data: { mode },
+  };
+}
+
+/** Listener log lines (JSON) in the sinkhole log group since `since`, matching a term. */
+async function listenerLines(d: Deps, since: number, term: string): Promise<Record<string, unknown>[]> {
+  const out: Record<string, unknown>[] = [];
+  let nextToken: string | undefined;
+  for (let page = 0; page < 20; page++) {
+    const res = await d.logs.send(
+      new FilterLogEventsCommand({
+        logGroupName: d.env.sinkholeLogGroup,
+        startTime: since,
+        filterPattern: JSON.stringify(term),
+        nextToken,
+      }),
+    );
+    for (const e of res.events ?? []) {
+      try {
+        out.push(JSON.parse(e.message ?? ""));
+      } catch { /* not a listener line */ }
+    }
+    nextToken = res.nextToken;
+    if (!nextToken) break;
+  }
+  return out;
+}
+
+export async function modeSet(d: Deps, value: string, wait: boolean): Promise<Report> {
+  const mode = validateMode(value);
+  const since = d.now() - 1000;
+  const put = await d.ssm.send(
+    new PutParameterCommand({ Name: d.env.parameter, Value: mode, Type: "String", Overwrite: true }),
+  );
+  const lines = [`mode set to ${mode} (version ${put.Version})`];
+  const data: Record<string, unknown> = { mode, version: put.Version };
+  if (!wait) return { title: `sinkhole mode: ${d.env.name}`, ok: true, lines, data };
+  const limit = (d.env.cacheTtlSeconds + 10) * 1000;
+  const t0 = d.now();
+  while (d.now() - t0 <= limit) {
+    const seen = (await listenerLines(d, since, mode)).some((l) =>
+      (l.event === "mode" || l.event === "start") && l.mode === mode
+    );
+    if (seen) {
+      lines.push(`the listener logged mode ${mode} after ${Math.round((d.now() - t0) / 1000)} s`);
+      return { title: `sinkhole mode: ${d.env.name}`, ok: true, lines, data: { ...data, confirmed: true } };
+    }
+    await d.sleep(d.pollMs);
+  }
+  lines.push(
+    `not seen in ${d.env.sinkholeLogGroup} within ${limit / 1000} s (TTL ${d.env.cacheTtlSeconds} s + 10 s): ` +
+      "is the tier running? (ctl status)",
+  );
+  return { title: `sinkhole mode: ${d.env.name}`, ok: false, lines, data: { ...data, confirmed: false } };
+}
+
+export type Outcome = "queued" | "delivered" | "bounced" | "unknown";
+
+/** What the sinkhole's session logs say about a recipient. */
+function sinkholeVerdict(lines: Record<string, unknown>[], rcpt: string): { codes: number[]; delivered: boolean } {
+  const codes: number[] = [];
+  let delivered = false;
+  for (const l of lines) {
+    if (l.event !== "session") continue;
+    for (const tx of (l.transactions ?? []) as { rcpts: { to: string; code: number }[]; result?: number }[]) {
+      const r = tx.rcpts.find((x) => x.to.toLowerCase() === rcpt.toLowerCase());
+      if (!r) continue;
+      codes.push(r.code);
+      if (r.code === 250 && tx.result === 250) delivered = true;
+    }
+  }
+  return { codes, delivered };
+}
+
+export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: number): Promise<Report> {
+  const tasks = await mtaTasks(d);
+  const run = `${d.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
+  const since = d.now() - 1000;
+  const results: { task: string; rcpt: string; outcome: Outcome; queued: boolean; sinkholeCodes: number[] }[] = [];
+  const lines: string[] = [];
+  if (tasks.length === 0) lines.push(`no running ${d.env.mtaService} task`);
+  for (const [i, task] of tasks.entries()) {
+    const rcpt = `probe-${run}-${i}@sinkhole.test`;
+    const sent = await d.exec.run(task, mtaCommands.sendProbe(rcpt, `${run}-${i}`));
+    if (sent.code !== 0) {
+      results.push({ task: task.id, rcpt, outcome: "unknown", queued: false, sinkholeCodes: [] });
+      lines.push(`${task.id}: sending failed (${sent.code}): ${sent.output.trim().slice(0, 200)}`);
+      continue;
+    }
+    const t0 = d.now();
+    let outcome: Outcome = "unknown";
+    let queued = false;
+    let codes: number[] = [];
+    for (;;) {
+      queued = (await d.exec.run(task, mtaCommands.mailq())).output.includes(rcpt);
+      const v = sinkholeVerdict(await listenerLines(d, since, `probe-${run}-${i}`), rcpt);
+      codes = v.codes;
+      outcome = queued ? "queued" : v.delivered ? "delivered" : codes.some((c) => c >= 500) ? "bounced" : "unknown";
+      const settled = expect ? outcome === expect : outcome !== "unknown" && (outcome !== "queued" || codes.length > 0);
+      if (settled || d.now() - t0 >= timeoutMs) break;
+      await d.sleep(d.pollMs);
+    }
+    results.push({ task: task.id, rcpt, outcome, queued, sinkholeCodes: codes });
+    lines.push(
+      `${task.id}: ${rcpt} ${outcome}${queued ? " (in mailq)" : ""}; sinkhole replies ${
+        codes.length ? codes.join(", ") : "none logged"
+      }`,
+    );
+  }
+  const ok = tasks.length > 0 && (!expect || results.every((r) => r.outcome === expect));
+  if (expect) lines.push(ok ? `expectation met: ${expect}` : `expected ${expect} on every task: not met`);
+  return { title: `sinkhole probe: ${d.env.name}`, ok, lines, data: { run, expect, results } };
+}
+
+export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue: boolean }): Promise<Report> {
+  const lines: string[] = [];
+  const put = await d.ssm.send(
+    new PutParameterCommand({ Name: d.env.parameter, Value: DEFAULT_MODE, Type: "String", Overwrite: true }),
+  );
+  lines.push(`mode set to ${DEFAULT_MODE} (version ${put.Version})`);
+  const data: Record<string, unknown> = { mode: DEFAULT_MODE };
+  if (opts.scaleToZero) {
+    await d.ecs.send(
+      new UpdateServiceCommand({ cluster: d.env.cluster, service: d.env.sinkholeService, desiredCount: 0 }),
+    );
+    lines.push(`${d.env.sinkholeService} scaled to 0`);
+    data.scaledToZero = true;
+  }
+  if (opts.purgeQueue) {
+    const purged: Record<string, string[]> = {};
+    for (const task of await mtaTasks(d)) {
+      const res = await d.exec.run(task, mtaCommands.purge(d.env.mtaQueueDir));
+      purged[task.id] = res.output.split("\n").map((s) => s.trim()).filter(Boolean);
+      lines.push(`${task.id}: removed ${purged[task.id].length} queued sinkhole.test message(s)`);
+    }
+    data.purged = purged;
+  }
+  return { title: `sinkhole cleanup: ${d.env.name}`, ok: true, lines, data };
+}
+
+export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: number }): Promise<Report> {
+  const findings: string[] = [];
+  const mode = await currentMode(d);
+  const age = mode.changedAt ? d.now() - Date.parse(mode.changedAt) : 0;
+  if (mode.value.trim() !== DEFAULT_MODE && age > opts.modeAgeMs) {
+    findings.push(
+      `mode is \`${mode.value}\` since ${mode.changedAt} (${Math.round(age / 60000)} min, set by ${mode.changedBy}); ` +
+        `the default is \`${DEFAULT_MODE}\``,
+    );
+  }
+  const tier = await service(d, d.env.sinkholeService);
+  if (!d.env.sinkhole && tier.exists && (tier.desired > 0 || tier.running > 0)) {
+    findings.push(
+      `the tier runs (desired ${tier.desired}, running ${tier.running}) although the flag is off in ${d.env.name}`,
+    );
+  }
+  for (const task of await mtaTasks(d)) {
+    const res = await d.exec.run(task, mtaCommands.staleCount(d.env.mtaQueueDir, opts.queueAgeMs / 60000));
+    const n = Number(res.output.trim());
+    if (n > 0) {
+      findings.push(
+        `${task.id}: ${n} sinkhole.test message(s) queued for more than ${Math.round(opts.queueAgeMs / 60000)} min`,
+      );
+    }
+  }
+  const issue = d.issue ? await d.issue(d.env.name, findings) : { action: "none" as const };
+  const lines = findings.length ? findings : ["all clean"];
+  if (issue.action !== "none") lines.push(`GitHub issue #${issue.number} ${issue.action}`);
+  return {
+    title: `sinkhole check: ${d.env.name}`,
+    ok: findings.length === 0,
+    lines,
+    data: { findings, issue },
+  };
+}
