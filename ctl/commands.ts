@@ -214,6 +214,17 @@ function sinkholeVerdict(lines: Record<string, unknown>[], rcpt: string): { code
   return { codes, delivered };
 }
 
+/**
+ * A probe's state: queued means in the MTA's queue after the sinkhole answered 4xx (a
+ * message still on its first attempt is not queued yet); delivered means the sinkhole
+ * accepted it and it left the queue; bounced means the sinkhole answered 5xx.
+ */
+export function classify(queued: boolean, delivered: boolean, codes: number[]): Outcome {
+  if (queued) return codes.some((c) => c >= 400 && c < 500) ? "queued" : "unknown";
+  if (delivered) return "delivered";
+  return codes.some((c) => c >= 500) ? "bounced" : "unknown";
+}
+
 export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: number): Promise<Report> {
   const tasks = await mtaTasks(d);
   const run = `${d.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
@@ -237,8 +248,8 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
       queued = (await d.exec.run(task, mtaCommands.mailq())).output.includes(rcpt);
       const v = sinkholeVerdict(await listenerLines(d, since, `probe-${run}-${i}`), rcpt);
       codes = v.codes;
-      outcome = queued ? "queued" : v.delivered ? "delivered" : codes.some((c) => c >= 500) ? "bounced" : "unknown";
-      const settled = expect ? outcome === expect : outcome !== "unknown" && (outcome !== "queued" || codes.length > 0);
+      outcome = classify(queued, v.delivered, codes);
+      const settled = expect ? outcome === expect : outcome !== "unknown";
       if (settled || d.now() - t0 >= timeoutMs) break;
       await d.sleep(d.pollMs);
     }

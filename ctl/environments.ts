@@ -52,7 +52,8 @@ export function parseEnvironments(text: string, source = "environments file"): M
   for (const [name, entry] of Object.entries(raw)) {
     if (isProduction(name)) throw new RefusedError(`${source}: "${name}" is production; it may not be listed at all`);
     for (const [field, type] of FIELDS) {
-      if (typeof entry[field] !== type) throw new Error(`${source}: ${name}.${field} must be a ${type}`);
+      const actual: string = typeof entry[field];
+      if (actual !== type) throw new Error(`${source}: ${name}.${field} must be a ${type}`);
     }
     out.set(name, { name, ...entry } as Environment);
   }

@@ -1,0 +1,471 @@
+/**
+ * The control CLI against moto_server with the real AWS SDK (SSM, ECS, CloudWatch Logs,
+ * Cloud Map). Fakes, said so: ECS Exec is replaced by a local shell in front of a real
+ * sendmail (moto has no ExecuteCommand); GitHub's API is a local HTTP double that records
+ * requests (@octokit/rest with a custom base URL). Listener log lines reach CloudWatch Logs
+ * through a small shipper standing in for the awslogs driver.
+ */
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assertTools, eventually, freePort, type Listener, needs, ROOT, run, startListener } from "./helpers.ts";
+import { AWS_ENV, faultProxy, startMoto } from "./aws.ts";
+import { makeSendmail, SINKHOLE_IP } from "./sendmail.ts";
+import * as commands from "../ctl/commands.ts";
+import { parseEnvironments } from "../ctl/environments.ts";
+import type { Exec } from "../ctl/exec.ts";
+import { github } from "../ctl/github.ts";
+
+const tools = needs("moto_server", "aws");
+const sendmailTools = needs("/usr/sbin/sendmail", "makemap", "m4", "unshare", "/usr/share/sendmail/cf/m4/cf.m4");
+const CLUSTER = "cabal-test";
+const ENVIRONMENTS = {
+  development: {
+    region: "us-east-1",
+    cluster: CLUSTER,
+    sinkholeService: "cabal-sinkhole",
+    mtaService: "cabal-smtp-out",
+    mtaContainer: "smtp-out",
+    mtaQueueDir: "/var/spool/mqueue",
+    parameter: "/cabal/sinkhole_mode",
+    sinkholeLogGroup: "/ecs/cabal-sinkhole",
+    mtaLogGroup: "/ecs/cabal-smtp-out",
+    namespace: "cabal.internal",
+    cacheTtlSeconds: 1,
+    sinkhole: true,
+  },
+};
+
+/** The aws CLI against moto, for seeding the world the CLI reads. */
+async function awsCli(endpoint: string, ...args: string[]): Promise<Record<string, unknown>> {
+  const res = await run("aws", ["--endpoint-url", endpoint, "--output", "json", ...args], { env: AWS_ENV });
+  assertEquals(res.code, 0, `aws ${args.join(" ")}: ${res.stderr}`);
+  return res.stdout.trim() ? JSON.parse(res.stdout) : {};
+}
+
+/** A cluster with the sinkhole and smtp-out services, two MTA tasks, the parameter, log groups, Cloud Map. */
+async function seed(endpoint: string) {
+  const aws = (...a: string[]) => awsCli(endpoint, ...a);
+  await aws("ecs", "create-cluster", "--cluster-name", CLUSTER);
+  const ec2 = await aws(
+    "ec2",
+    "run-instances",
+    "--image-id",
+    "ami-12c6146b",
+    "--count",
+    "1",
+    "--instance-type",
+    "t2.micro",
+  );
+  const instanceId = (ec2.Instances as { InstanceId: string }[])[0].InstanceId;
+  await aws(
+    "ecs",
+    "register-container-instance",
+    "--cluster",
+    CLUSTER,
+    "--instance-identity-document",
+    JSON.stringify({ instanceId, region: "us-east-1" }),
+  );
+  for (const family of ["cabal-sinkhole", "cabal-smtp-out"]) {
+    await aws(
+      "ecs",
+      "register-task-definition",
+      "--family",
+      family,
+      "--network-mode",
+      "bridge",
+      "--container-definitions",
+      JSON.stringify([{ name: family, image: "x", memory: 128 }]),
+    );
+    await aws(
+      "ecs",
+      "create-service",
+      "--cluster",
+      CLUSTER,
+      "--service-name",
+      family,
+      "--task-definition",
+      family,
+      "--desired-count",
+      "1",
+    );
+  }
+  await aws(
+    "ecs",
+    "run-task",
+    "--cluster",
+    CLUSTER,
+    "--task-definition",
+    "cabal-smtp-out",
+    "--count",
+    "2",
+    "--started-by",
+    "ecs-svc/smtp-out",
+  );
+  await aws(
+    "ssm",
+    "put-parameter",
+    "--name",
+    "/cabal/sinkhole_mode",
+    "--value",
+    "defer",
+    "--type",
+    "String",
+    "--overwrite",
+  );
+  await aws("logs", "create-log-group", "--log-group-name", "/ecs/cabal-sinkhole");
+  const vpc = await aws("ec2", "create-vpc", "--cidr-block", "10.9.0.0/16");
+  await aws(
+    "servicediscovery",
+    "create-private-dns-namespace",
+    "--name",
+    "cabal.internal",
+    "--vpc",
+    (vpc.Vpc as { VpcId: string }).VpcId,
+  );
+  const ns = await aws("servicediscovery", "list-namespaces");
+  const nsId = (ns.Namespaces as { Id: string }[])[0].Id;
+  const svc = await aws(
+    "servicediscovery",
+    "create-service",
+    "--name",
+    "sinkhole",
+    "--dns-config",
+    JSON.stringify({ NamespaceId: nsId, DnsRecords: [{ Type: "A", TTL: 10 }], RoutingPolicy: "MULTIVALUE" }),
+  );
+  await aws(
+    "servicediscovery",
+    "register-instance",
+    "--service-id",
+    (svc.Service as { Id: string }).Id,
+    "--instance-id",
+    "task-1",
+    "--attributes",
+    "AWS_INSTANCE_IPV4=10.9.0.5",
+  );
+}
+
+async function envFile(): Promise<string> {
+  const path = await Deno.makeTempFile({ prefix: "sinkhole-envs-", suffix: ".json" });
+  await Deno.writeTextFile(path, JSON.stringify(ENVIRONMENTS));
+  return path;
+}
+
+/** Runs `deno task ctl …` as a subprocess, as a workflow does. */
+async function ctl(endpoint: string, file: string, ...args: string[]) {
+  const [cmd, ...rest] = (JSON.parse(await Deno.readTextFile(`${ROOT}/deno.json`)).tasks.ctl as string).split(/\s+/);
+  assertEquals(cmd, "deno");
+  return await run(Deno.execPath(), [...rest.map((a) => a === "ctl/ctl.ts" ? `${ROOT}/ctl/ctl.ts` : a), ...args], {
+    env: {
+      ...AWS_ENV,
+      AWS_ENDPOINT_URL: endpoint,
+      SINKHOLE_ENVIRONMENTS: file,
+      SINKHOLE_CTL_POLL_MS: "200",
+      GITHUB_TOKEN: "",
+      GITHUB_STEP_SUMMARY: "",
+    },
+  });
+}
+
+/** Ships a listener's log lines to CloudWatch Logs (standing in for the awslogs driver). */
+function shipLogs(l: Listener, endpoint: string, group: string) {
+  let shipped = 0;
+  let running = true;
+  const done = (async () => {
+    const stream = `sinkhole/${crypto.randomUUID()}`;
+    await awsCli(endpoint, "logs", "create-log-stream", "--log-group-name", group, "--log-stream-name", stream);
+    while (running) {
+      const batch = l.logs.slice(shipped);
+      if (batch.length > 0) {
+        const now = Date.now();
+        await awsCli(
+          endpoint,
+          "logs",
+          "put-log-events",
+          "--log-group-name",
+          group,
+          "--log-stream-name",
+          stream,
+          "--log-events",
+          JSON.stringify(batch.map((b) => ({ timestamp: now, message: JSON.stringify(b) }))),
+        );
+        shipped += batch.length;
+      }
+      await new Promise((ok) => setTimeout(ok, 200));
+    }
+  })();
+  return { stop: async () => (running = false, await done) };
+}
+
+Deno.test({
+  name: "ctl: production is refused by every command before any request (zero requests at moto)",
+  ignore: tools.ignore,
+  fn: async () => {
+    assertTools(tools.missing);
+    const moto = await startMoto();
+    const proxy = faultProxy(moto.url);
+    const file = await envFile();
+    const prodFile = await Deno.makeTempFile({ suffix: ".json" });
+    await Deno.writeTextFile(prodFile, JSON.stringify({ ...ENVIRONMENTS, production: ENVIRONMENTS.development }));
+    try {
+      const commandsToTry = [
+        ["status"],
+        ["mode", "get"],
+        ["mode", "set", "accept", "--wait"],
+        ["probe", "--expect", "queued"],
+        ["cleanup", "--scale-to-zero", "--purge-queue"],
+        ["check"],
+      ];
+      for (const c of commandsToTry) {
+        for (const name of ["prod", "production", "Production", " PROD "]) {
+          const res = await ctl(proxy.url, file, ...c, "--env", name);
+          assertEquals(res.code, 2, `${c.join(" ")} --env ${name}: ${res.stderr}`);
+          assertMatch(res.stderr, /refused: .* is production/);
+        }
+        const viaFile = await ctl(proxy.url, prodFile, ...c, "--env", "development");
+        assertEquals(viaFile.code, 2, "an environments file that lists production is refused whole");
+        assertMatch(viaFile.stderr, /"production" is production; it may not be listed at all/);
+      }
+      assertEquals(proxy.total, 0, "no request reached AWS");
+      const invalid = await ctl(proxy.url, file, "mode", "set", "accept;drop", "--env", "development");
+      assertEquals(invalid.code, 2);
+      assertMatch(invalid.stderr, /not a mode the listener accepts/);
+      assertEquals(proxy.total, 0, "an invalid mode is refused before SSM too");
+    } finally {
+      await proxy.down();
+      await moto.close();
+      await Deno.remove(file);
+      await Deno.remove(prodFile);
+    }
+  },
+});
+
+Deno.test({
+  name: "ctl: status and mode set --wait against moto and a running listener",
+  ignore: tools.ignore,
+  fn: async () => {
+    assertTools(tools.missing);
+    const moto = await startMoto();
+    const file = await envFile();
+    let l: Listener | undefined;
+    let shipper: { stop: () => Promise<void> } | undefined;
+    try {
+      await seed(moto.url);
+      const st = await ctl(moto.url, file, "status", "--env", "development", "--json");
+      assertEquals(st.code, 0, st.stderr);
+      const status = JSON.parse(st.stdout);
+      assertEquals(status.tier.exists, true);
+      assertEquals(status.tier.desired, 1);
+      assertEquals(status.mode.value, "defer");
+      assertEquals(status.cloudMapInstances, 1);
+      assert(typeof status.mode.changedBy === "string");
+
+      l = await startListener({
+        ...AWS_ENV,
+        AWS_ENDPOINT_URL: moto.url,
+        SINKHOLE_MODE: "",
+        SINKHOLE_MODE_FILE: "",
+        SINKHOLE_CACHE_TTL: "1",
+      });
+      shipper = shipLogs(l, moto.url, "/ecs/cabal-sinkhole");
+      const set = await ctl(moto.url, file, "mode", "set", "accept", "--wait", "--env", "development");
+      assertEquals(set.code, 0, set.stdout + set.stderr);
+      assertMatch(set.stdout, /the listener logged mode accept after \d+ s/);
+      const get = await ctl(moto.url, file, "mode", "get", "--env", "development");
+      assertMatch(get.stdout, /accept \(version 2, changed .* by /);
+
+      await shipper.stop();
+      shipper = undefined;
+      const summary = await Deno.makeTempFile();
+      const unseen = await run(
+        Deno.execPath(),
+        ["run", "--allow-all", `${ROOT}/ctl/ctl.ts`, "mode", "set", "bounce", "--wait", "--env", "development"],
+        {
+          env: {
+            ...AWS_ENV,
+            AWS_ENDPOINT_URL: moto.url,
+            SINKHOLE_ENVIRONMENTS: file,
+            SINKHOLE_CTL_POLL_MS: "500",
+            GITHUB_STEP_SUMMARY: summary,
+          },
+        },
+      );
+      assertEquals(unseen.code, 1, "not confirmed: said so");
+      assertMatch(unseen.stdout, /not seen in \/ecs\/cabal-sinkhole within 11 s/);
+      assertMatch(await Deno.readTextFile(summary), /^### ⚠️ sinkhole mode: development\n\n- mode set to bounce/);
+      await Deno.remove(summary);
+    } finally {
+      await shipper?.stop();
+      await l?.stop();
+      await moto.close();
+      await Deno.remove(file);
+    }
+  },
+});
+
+/** A local HTTP double of GitHub's issues API that records requests. */
+function githubDouble() {
+  const issues: { number: number; title: string; body: string; state: string; labels: { name: string }[] }[] = [];
+  const requests: string[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+    const url = new URL(req.url);
+    requests.push(`${req.method} ${url.pathname}`);
+    const body = req.body ? await req.json().catch(() => ({})) : {};
+    const m = /^\/repos\/cabal\/mail\/issues(?:\/(\d+)(\/comments)?)?$/.exec(url.pathname);
+    if (!m) return new Response("not found", { status: 404 });
+    const json = (data: unknown, status = 200) => Response.json(data, { status });
+    if (req.method === "GET" && !m[1]) {
+      const label = url.searchParams.get("labels");
+      return json(
+        issues.filter((i) => i.state === url.searchParams.get("state") && i.labels.some((l) => l.name === label)),
+      );
+    }
+    if (req.method === "POST" && !m[1]) {
+      const issue = {
+        number: issues.length + 1,
+        title: body.title,
+        body: body.body,
+        state: "open",
+        labels: (body.labels ?? []).map((name: string) => ({ name })),
+      };
+      issues.push(issue);
+      return json(issue, 201);
+    }
+    const issue = issues.find((i) => i.number === Number(m[1]));
+    if (!issue) return new Response("not found", { status: 404 });
+    if (req.method === "POST" && m[2]) return json({ id: 1, body: body.body }, 201);
+    if (req.method === "PATCH") {
+      Object.assign(issue, body);
+      return json(issue);
+    }
+    return new Response("unexpected", { status: 400 });
+  });
+  return { url: `http://127.0.0.1:${server.addr.port}`, issues, requests, close: () => server.shutdown() };
+}
+
+Deno.test({
+  name: "ctl: probe, cleanup and check with real sendmail behind the exec interface and a GitHub double",
+  ignore: tools.ignore || sendmailTools.ignore || (Deno.uid() !== 0 && !Deno.env.get("CI")),
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    assertTools([...tools.missing, ...sendmailTools.missing]);
+    assert(Deno.uid() === 0, "the sendmail part needs root (CI runs as root)");
+    const moto = await startMoto();
+    const gh = githubDouble();
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-ctl-" });
+    let l: Listener | undefined;
+    let shipper: { stop: () => Promise<void> } | undefined;
+    const mta = await makeSendmail(dir, freePort(), `sinkhole.test smtp:[${SINKHOLE_IP}]\n`);
+    try {
+      await seed(moto.url);
+      await mta.start();
+      Deno.env.set("AWS_ENDPOINT_URL", moto.url);
+      for (const [k, val] of Object.entries(AWS_ENV)) Deno.env.set(k, val);
+      l = await startListener(
+        {
+          ...AWS_ENV,
+          AWS_ENDPOINT_URL: moto.url,
+          SINKHOLE_MODE: "",
+          SINKHOLE_MODE_FILE: "",
+          SINKHOLE_CACHE_TTL: "0.3",
+        },
+        { host: SINKHOLE_IP, port: 25 },
+      );
+      shipper = shipLogs(l, moto.url, "/ecs/cabal-sinkhole");
+      const env = { ...parseEnvironments(JSON.stringify(ENVIRONMENTS)).get("development")!, mtaQueueDir: mta.queueDir };
+      /** Stands in for ECS Exec: every MTA task is the local test sendmail. */
+      const exec: Exec = {
+        run: async (_task, command) => {
+          const res = await run("sh", ["-c", command], {
+            env: { PATH: `${mta.bin}:${Deno.env.get("PATH")}` },
+          });
+          return { code: res.code, output: res.stdout + res.stderr };
+        },
+      };
+      const deps: commands.Deps = {
+        env,
+        ...commands.clients(env),
+        exec,
+        issue: github({ token: "test-token", repository: "cabal/mail", baseUrl: gh.url }).reconcile,
+        now: Date.now,
+        sleep: (ms) => new Promise((ok) => setTimeout(ok, ms)),
+        pollMs: 300,
+      };
+      const setMode = async (mode: string) => {
+        await commands.modeSet(deps, mode, false);
+        await eventually(() => l!.logs.findLast((x) => x.event === "mode")?.mode === mode);
+      };
+
+      await t.step("probe --expect queued in defer", async () => {
+        const r = await commands.probe(deps, "queued", 20_000);
+        assert(r.ok, r.lines.join("\n"));
+        const results = r.data.results as { outcome: string; sinkholeCodes: number[] }[];
+        assertEquals(results.length, 2, "one probe through each running MTA task");
+        assert(results.every((x) => x.sinkholeCodes.includes(421)), JSON.stringify(results));
+      });
+
+      await t.step("probe --expect delivered in accept, bounced in bounce", async () => {
+        await setMode("accept");
+        const delivered = await commands.probe(deps, "delivered", 20_000);
+        assert(delivered.ok, delivered.lines.join("\n"));
+        await setMode("bounce");
+        const bounced = await commands.probe(deps, "bounced", 20_000);
+        assert(bounced.ok, bounced.lines.join("\n"));
+        const wrong = await commands.probe(deps, "delivered", 1_000);
+        assert(!wrong.ok, "an unmet expectation is reported");
+        assertMatch(wrong.lines.at(-1)!, /expected delivered on every task: not met/);
+      });
+
+      await t.step("check: findings open one issue, a second run updates it", async () => {
+        await setMode("defer");
+        await mta.sendmailWith("Subject: stale\n\nold\n", "-oi", "-f", "t@sinkhole.test", "stale@sinkhole.test");
+        await eventually(async () => (await mta.mailq()).includes("stale@sinkhole.test"), 10_000, 200);
+        await run("sh", ["-c", `touch -d '3 hours ago' '${mta.queueDir}'/qf*`]);
+        await commands.modeSet(deps, "accept", false);
+        const first = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 60 * 60_000 });
+        assert(!first.ok);
+        const findings = first.data.findings as string[];
+        assert(findings.some((f) => /mode is `accept`/.test(f)), findings.join("\n"));
+        assert(
+          findings.some((f) => /sinkhole\.test message\(s\) queued for more than 60 min/.test(f)),
+          findings.join("\n"),
+        );
+        assertEquals((first.data.issue as { action: string }).action, "opened");
+        const second = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 60 * 60_000 });
+        assertEquals((second.data.issue as { action: string }).action, "updated");
+        assertEquals(gh.issues.length, 1, "updated, not duplicated");
+        assertEquals(gh.issues[0].labels.map((x) => x.name), ["sinkhole-check"]);
+        assertMatch(gh.issues[0].body, /queued for more than 60 min/);
+        const flagOff = await commands.check({ ...deps, env: { ...env, sinkhole: false }, issue: undefined }, {
+          modeAgeMs: 0,
+          queueAgeMs: 60 * 60_000,
+        });
+        assert(
+          (flagOff.data.findings as string[]).some((f) => /runs \(desired 1.*although the flag is off/.test(f)),
+          flagOff.lines.join("\n"),
+        );
+      });
+
+      await t.step("cleanup --purge-queue --scale-to-zero, then check closes the issue", async () => {
+        const r = await commands.cleanup(deps, { scaleToZero: true, purgeQueue: true });
+        assert(r.ok);
+        assert(r.lines.some((x) => /removed [1-9]\d* queued sinkhole\.test message/.test(x)), r.lines.join("\n"));
+        assert(!(await mta.mailq()).includes("sinkhole.test"), "the queue holds no sinkhole.test mail");
+        assertEquals(((await commands.modeGet(deps)).data.mode as { value: string }).value, "defer");
+        assertEquals(((await commands.status(deps)).data.tier as { desired: number }).desired, 0);
+        const clean = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 0 });
+        assert(clean.ok, clean.lines.join("\n"));
+        assertEquals((clean.data.issue as { action: string }).action, "closed");
+        assertEquals(gh.issues[0].state, "closed");
+        assertEquals(gh.requests.filter((x) => x === "POST /repos/cabal/mail/issues").length, 1, "opened once");
+      });
+    } finally {
+      for (const k of ["AWS_ENDPOINT_URL", ...Object.keys(AWS_ENV)]) Deno.env.delete(k);
+      await shipper?.stop();
+      await l?.stop();
+      await mta.kill().catch(() => {});
+      await gh.close();
+      await moto.close();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
