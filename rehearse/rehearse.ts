@@ -1,0 +1,296 @@
+/**
+ * `deno task rehearse`: the runbook's queue-persistence procedure on one machine, with real
+ * sendmail (routed by the integration snippet) and the listener. Each step carries the
+ * runbook's heading, prints PASS or FAIL, and everything is cleaned up afterwards.
+ *
+ *   deno task rehearse [--mode defer|greylist|bounce] [--offline]
+ *
+ * Needs root (the listener binds 127.0.0.2:25 as in production, without a port in the
+ * mailertable; sendmail runs in its own namespaces) and Debian's sendmail.
+ */
+import { parseArgs } from "node:util";
+import { eventually, freePort, type Listener, ROOT, run, startListener, transaction } from "../tests/helpers.ts";
+import { makeSendmail, ORIGIN_IP, SINKHOLE_IP } from "../tests/sendmail.ts";
+
+export interface Step {
+  name: string;
+  run: () => Promise<string>;
+}
+
+export type Variant = "defer" | "greylist" | "bounce";
+
+export const REQUIRED: readonly (readonly [string, string])[] = [
+  ["/usr/sbin/sendmail", "sendmail-bin"],
+  ["/usr/sbin/makemap", "sendmail-bin"],
+  ["/usr/share/sendmail/cf/m4/cf.m4", "sendmail-cf"],
+  ["/usr/bin/m4", "m4"],
+  ["/usr/bin/unshare", "util-linux"],
+];
+
+/** Says what is missing and how to install it, or undefined when all is there. */
+export function preflight(required = REQUIRED, uid = Deno.uid()): string | undefined {
+  const missing = required.filter(([path]) => {
+    try {
+      return !Deno.statSync(path).isFile;
+    } catch {
+      return true;
+    }
+  });
+  if (missing.length > 0) {
+    const pkgs = [...new Set(missing.map(([, pkg]) => pkg))].join(" ");
+    return `The rehearsal needs Debian's sendmail, which is not installed here (missing ${
+      missing.map(([p]) => p).join(", ")
+    }).\nInstall it with:  sudo apt-get install ${pkgs}\n(It does not start a daemon of its own that the rehearsal needs; the rehearsal runs a private one.)`;
+  }
+  if (uid !== 0) {
+    return "The rehearsal binds 127.0.0.2:25 and runs sendmail in its own namespaces: run it as root " +
+      "(sudo deno task rehearse).";
+  }
+  return undefined;
+}
+
+/** The procedure for one variant, as steps named like the runbook's headings. */
+export function procedure(
+  variant: Variant,
+  offline: boolean,
+  work: { dir: string; modeFile: string },
+): { steps: Step[]; cleanup: () => Promise<void> } {
+  const rcpt = "anything@sinkhole.test";
+  let sink: Listener | undefined;
+  let origin: Listener | undefined;
+  let mta: Awaited<ReturnType<typeof makeSendmail>> | undefined;
+  let queueId = "";
+
+  const startSink = async () => {
+    sink = await startListener(
+      { SINKHOLE_MODE_FILE: work.modeFile, SINKHOLE_CACHE_TTL: "0.2" },
+      { host: SINKHOLE_IP, port: 25 },
+    );
+  };
+  const setMode = async (mode: string) => {
+    await Deno.writeTextFile(work.modeFile, `${mode}\n`);
+    await eventually(() => sink!.logs.findLast((x) => x.event === "mode")?.mode === mode, 10_000);
+    return `mode ${mode}: the listener logged it`;
+  };
+  const queued = async () => {
+    const q = await mta!.mailq();
+    return { q, count: Number(/Total requests: (\d+)/.exec(q)?.[1] ?? "0") };
+  };
+  const expectQueued = async (reason: RegExp) => {
+    let q = "";
+    await eventually(async () => reason.test(q = (await queued()).q) && q.includes(rcpt), 20_000, 200);
+    queueId = /^(\w{14})\S*\s/m.exec(q.split("\n").find((l) => /^\w{14}/.test(l)) ?? "")?.[1] ?? "";
+    return `${rcpt} queued as ${queueId}: ${reason.exec(q)?.[0]}`;
+  };
+
+  const enable: Step = {
+    name: "Enable the tier",
+    run: async () => {
+      await startSink();
+      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
+      mta = await makeSendmail(work.dir, freePort(), `origin.test smtp:[${ORIGIN_IP}]\n`);
+      const snippet = await run("sh", ["-c", `. "${ROOT}/integration/sinkhole-mailertable.sh"`], {
+        env: { MAILERTABLE: `${work.dir}/mailertable`, SINKHOLE_ENABLED: "true", SINKHOLE_HOST: SINKHOLE_IP },
+      });
+      if (snippet.code !== 0) throw new Error(`integration snippet failed: ${snippet.stderr}`);
+      await mta.makemap();
+      await mta.start();
+      const line = (await Deno.readTextFile(`${work.dir}/mailertable`)).split("\n").find((l) =>
+        l.startsWith("sinkhole.test")
+      );
+      return `listener on ${SINKHOLE_IP}:25; sendmail on 127.0.0.1:${mta.port}; mailertable: ${line}`;
+    },
+  };
+  const send: Step = {
+    name: "Send a test message",
+    run: async () => {
+      const codes = await transaction(mta!.port, {
+        from: "tester@origin.test",
+        to: [rcpt],
+        body: "Subject: queue-persistence rehearsal\r\n\r\nrehearsal",
+      });
+      if (codes.at(-2) !== 250) throw new Error(`sendmail did not take the message: ${codes.join(" ")}`);
+      return "sendmail accepted it for delivery";
+    },
+  };
+  const seeQueued = (reason: RegExp): Step => ({
+    name: "See it queued on every MTA task",
+    run: () => expectQueued(reason),
+  });
+  const replace: Step = {
+    name: "Replace an MTA task",
+    run: async () => {
+      const old = await mta!.kill();
+      const fresh = await mta!.start();
+      return `sendmail ${old} killed (SIGKILL); ${fresh} started on the same spool`;
+    },
+  };
+  const handedOver: Step = {
+    name: "See the queue handed over",
+    run: async () => {
+      const { q, count } = await queued();
+      if (count !== 1 || !q.includes(queueId)) throw new Error(`expected ${queueId} in the new MTA's queue:\n${q}`);
+      return `${queueId} is in the new MTA's queue`;
+    },
+  };
+  const delivered: Step = {
+    name: "See it delivered and the queue empty",
+    run: async () => {
+      // "Wait for the next queue run": trigger runs until it is gone (the new MTA's own
+      // start-up queue run may hold the message's lock, or have delivered it already).
+      const deliveredLogged = () =>
+        sink!.logs.some((x) =>
+          x.event === "session" &&
+          (x.transactions as { rcpts: { to: string; code: number }[]; result?: number }[]).some((t) =>
+            t.result === 250 && t.rcpts.some((r) => r.to === rcpt && r.code === 250)
+          )
+        );
+      let runs = 0;
+      await eventually(
+        async () => {
+          if ((await queued()).count === 0 && deliveredLogged()) return true;
+          runs++;
+          await mta!.queueRun();
+          return false;
+        },
+        20_000,
+        200,
+      );
+      return `delivered (250) after ${runs} queue run(s); mailq is empty`;
+    },
+  };
+  const putBack: Step = { name: "Put the mode back", run: () => setMode("defer") };
+
+  const offlineSteps: Step[] = offline
+    ? [
+      {
+        name: "Take the sinkhole offline",
+        run: async () => {
+          await sink!.stop();
+          const out = await mta!.queueRun();
+          const { q, count } = await queued();
+          if (count !== 1) throw new Error(`expected the message to stay queued:\n${q}`);
+          const why = /Deferred: [^\n)]*/.exec(q)?.[0] ?? out.split("\n").find((l) => /refused|Deferred/i.test(l));
+          return `listener stopped; a queue run leaves it queued (${why})`;
+        },
+      },
+      {
+        name: "Bring the sinkhole back",
+        run: async () => {
+          await startSink();
+          return "listener started again";
+        },
+      },
+    ]
+    : [];
+
+  let steps: Step[];
+  if (variant === "defer") {
+    steps = [
+      enable,
+      { name: "Set the mode to defer", run: () => setMode("defer") },
+      send,
+      seeQueued(/Deferred: 421 4\.3\.2 Service temporarily unavailable/),
+      replace,
+      handedOver,
+      ...offlineSteps,
+      { name: "Set the mode to accept", run: () => setMode("accept") },
+      delivered,
+      putBack,
+    ];
+  } else if (variant === "greylist") {
+    steps = [
+      enable,
+      { name: "Set the mode to greylist", run: () => setMode("greylist") },
+      send,
+      seeQueued(/Deferred: 451 4\.7\.1 Greylisted[^\n)]*/),
+      replace,
+      handedOver,
+      ...offlineSteps,
+      delivered,
+      putBack,
+    ];
+  } else {
+    steps = [
+      enable,
+      { name: "Set the mode to bounce", run: () => setMode("bounce") },
+      send,
+      {
+        name: "See it bounced, not queued",
+        run: async () => {
+          const dsn = await origin!.waitForLog((x) => x.event === "message", 20_000);
+          await eventually(async () => (await queued()).count === 0, 10_000, 200);
+          const subject = (dsn.headers as string[]).find((h) => h.startsWith("Subject:"));
+          return `the sender got a DSN (${subject}); nothing is queued`;
+        },
+      },
+      putBack,
+    ];
+  }
+  return {
+    steps,
+    cleanup: async () => {
+      await mta?.kill().catch(() => {});
+      await sink?.stop().catch(() => {});
+      await origin?.stop().catch(() => {});
+    },
+  };
+}
+
+/** Runs the steps in order; after a failure the rest are skipped. Returns [passed, failed]. */
+export async function runSteps(steps: Step[], print: (line: string) => void): Promise<[number, number]> {
+  let passed = 0;
+  let failed = 0;
+  for (const [i, step] of steps.entries()) {
+    const label = `Step ${i + 1}: ${step.name}`;
+    if (failed > 0) {
+      print(`[SKIP] ${label}`);
+      continue;
+    }
+    const t0 = Date.now();
+    try {
+      const detail = await step.run();
+      passed++;
+      print(`[PASS] ${label} (${Date.now() - t0} ms): ${detail}`);
+    } catch (err) {
+      failed++;
+      print(`[FAIL] ${label}: ${(err as Error).message}`);
+    }
+  }
+  return [passed, failed];
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: { mode: { type: "string", default: "defer" }, offline: { type: "boolean", default: false } },
+  });
+  const variant = values.mode as Variant;
+  if (!["defer", "greylist", "bounce"].includes(variant)) {
+    console.error("rehearse: --mode must be defer, greylist or bounce");
+    return 2;
+  }
+  const problem = preflight();
+  if (problem) {
+    console.error(`rehearse: ${problem}`);
+    return 2;
+  }
+  const dir = await Deno.makeTempDir({ prefix: "sinkhole-rehearsal-" });
+  const modeFile = `${dir}/mode`;
+  await Deno.writeTextFile(modeFile, "defer\n");
+  console.log(
+    `Rehearsing docs/runbook.md (${variant}${values.offline ? ", sinkhole offline mid-test" : ""}) in ${dir}`,
+  );
+  const { steps, cleanup } = procedure(variant, values.offline, { dir, modeFile });
+  try {
+    const [passed, failed] = await runSteps(steps, console.log);
+    console.log(`rehearsal: ${passed} passed, ${failed} failed`);
+    return failed === 0 ? 0 : 1;
+  } finally {
+    await cleanup();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+    console.log("cleaned up: sendmail stopped, listeners stopped, work directory removed");
+  }
+}
+
+if (import.meta.main) Deno.exit(await main());
