@@ -4,7 +4,7 @@
  * (hang, delay, 5xx, throttling, access denied, connection refused).
  */
 import { assertEquals } from "./assert.ts";
-import { eventually, freePort, run } from "./helpers.ts";
+import { assertTools, eventually, freePort, type Listener, needs, run, startListener } from "./helpers.ts";
 
 export const PARAM = "/cabal/sinkhole_mode";
 
@@ -136,4 +136,49 @@ export function ssmEnv(endpoint: string, ttl = "1", name = PARAM): Record<string
     SINKHOLE_MODE_PARAM: name,
     SINKHOLE_CACHE_TTL: ttl,
   };
+}
+
+/** moto, the fault proxy in front of it, and the listeners a test started: all torn down after. */
+export interface World {
+  moto: { url: string };
+  proxy: ReturnType<typeof faultProxy>;
+  /** Starts a listener that is stopped when the test ends. */
+  listen(env: Record<string, string>, opts?: Parameters<typeof startListener>[1]): Promise<Listener>;
+}
+
+const awsTools = needs("moto_server", "aws");
+
+/** A test that needs moto and the aws CLI (skipped locally without them, failing under CI). */
+export function awsTest(
+  name: string,
+  fn: (w: World, t: Deno.TestContext) => Promise<void>,
+  opts: { ignore?: boolean; sanitize?: boolean } = {},
+): void {
+  Deno.test({
+    name,
+    ignore: awsTools.ignore || (opts.ignore ?? false),
+    sanitizeOps: opts.sanitize ?? true,
+    sanitizeResources: opts.sanitize ?? true,
+    fn: async (t) => {
+      assertTools(awsTools.missing);
+      const moto = await startMoto();
+      const proxy = faultProxy(moto.url);
+      const listeners: Listener[] = [];
+      try {
+        await fn({
+          moto,
+          proxy,
+          listen: async (env, o) => {
+            const l = await startListener(env, o);
+            listeners.push(l);
+            return l;
+          },
+        }, t);
+      } finally {
+        for (const l of listeners) await l.stop();
+        await proxy.down().catch(() => {});
+        await moto.close();
+      }
+    },
+  });
 }

@@ -6,15 +6,14 @@
  * through a small shipper standing in for the awslogs driver.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, freePort, type Listener, needs, ROOT, run, startListener } from "./helpers.ts";
-import { AWS_ENV, faultProxy, startMoto } from "./aws.ts";
+import { assertTools, eventually, freePort, type Listener, needs, ROOT, run } from "./helpers.ts";
+import { AWS_ENV, awsTest } from "./aws.ts";
 import { makeSendmail, SINKHOLE_IP } from "./sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
 import type { Exec } from "../ctl/exec.ts";
 import { github } from "../ctl/github.ts";
 
-const tools = needs("moto_server", "aws");
 const sendmailTools = needs("/usr/sbin/sendmail", "makemap", "m4", "unshare", "/usr/share/sendmail/cf/m4/cf.m4");
 const CLUSTER = "cabal-test";
 const ENVIRONMENTS = {
@@ -195,110 +194,92 @@ function shipLogs(l: Listener, endpoint: string, group: string) {
   return { stop: async () => (running = false, await done) };
 }
 
-Deno.test({
-  name: "ctl: production is refused by every command before any request (zero requests at moto)",
-  ignore: tools.ignore,
-  fn: async () => {
-    assertTools(tools.missing);
-    const moto = await startMoto();
-    const proxy = faultProxy(moto.url);
-    const file = await envFile();
-    const prodFile = await Deno.makeTempFile({ suffix: ".json" });
-    await Deno.writeTextFile(prodFile, JSON.stringify({ ...ENVIRONMENTS, production: ENVIRONMENTS.development }));
-    try {
-      const commandsToTry = [
-        ["status"],
-        ["mode", "get"],
-        ["mode", "set", "accept", "--wait"],
-        ["probe", "--expect", "queued"],
-        ["cleanup", "--scale-to-zero", "--purge-queue"],
-        ["check"],
-      ];
-      for (const c of commandsToTry) {
-        for (const name of ["prod", "production", "Production", " PROD "]) {
-          const res = await ctl(proxy.url, file, ...c, "--env", name);
-          assertEquals(res.code, 2, `${c.join(" ")} --env ${name}: ${res.stderr}`);
-          assertMatch(res.stderr, /refused: .* is production/);
-        }
-        const viaFile = await ctl(proxy.url, prodFile, ...c, "--env", "development");
-        assertEquals(viaFile.code, 2, "an environments file that lists production is refused whole");
-        assertMatch(viaFile.stderr, /"production" is production; it may not be listed at all/);
+awsTest("ctl: production is refused by every command before any request (zero requests at moto)", async ({ proxy }) => {
+  const file = await envFile();
+  const prodFile = await Deno.makeTempFile({ suffix: ".json" });
+  await Deno.writeTextFile(prodFile, JSON.stringify({ ...ENVIRONMENTS, production: ENVIRONMENTS.development }));
+  try {
+    const commandsToTry = [
+      ["status"],
+      ["mode", "get"],
+      ["mode", "set", "accept", "--wait"],
+      ["probe", "--expect", "queued"],
+      ["cleanup", "--scale-to-zero", "--purge-queue"],
+      ["check"],
+    ];
+    for (const c of commandsToTry) {
+      for (const name of ["prod", "production", "Production", " PROD "]) {
+        const res = await ctl(proxy.url, file, ...c, "--env", name);
+        assertEquals(res.code, 2, `${c.join(" ")} --env ${name}: ${res.stderr}`);
+        assertMatch(res.stderr, /refused: .* is production/);
       }
-      assertEquals(proxy.total, 0, "no request reached AWS");
-      const invalid = await ctl(proxy.url, file, "mode", "set", "accept;drop", "--env", "development");
-      assertEquals(invalid.code, 2);
-      assertMatch(invalid.stderr, /not a mode the listener accepts/);
-      assertEquals(proxy.total, 0, "an invalid mode is refused before SSM too");
-    } finally {
-      await proxy.down();
-      await moto.close();
-      await Deno.remove(file);
-      await Deno.remove(prodFile);
+      const viaFile = await ctl(proxy.url, prodFile, ...c, "--env", "development");
+      assertEquals(viaFile.code, 2, "an environments file that lists production is refused whole");
+      assertMatch(viaFile.stderr, /"production" is production; it may not be listed at all/);
     }
-  },
+    assertEquals(proxy.total, 0, "no request reached AWS");
+    const invalid = await ctl(proxy.url, file, "mode", "set", "accept;drop", "--env", "development");
+    assertEquals(invalid.code, 2);
+    assertMatch(invalid.stderr, /not a mode the listener accepts/);
+    assertEquals(proxy.total, 0, "an invalid mode is refused before SSM too");
+  } finally {
+    await Deno.remove(file);
+    await Deno.remove(prodFile);
+  }
 });
 
-Deno.test({
-  name: "ctl: status and mode set --wait against moto and a running listener",
-  ignore: tools.ignore,
-  fn: async () => {
-    assertTools(tools.missing);
-    const moto = await startMoto();
-    const file = await envFile();
-    let l: Listener | undefined;
-    let shipper: { stop: () => Promise<void> } | undefined;
-    try {
-      await seed(moto.url);
-      const st = await ctl(moto.url, file, "status", "--env", "development", "--json");
-      assertEquals(st.code, 0, st.stderr);
-      const status = JSON.parse(st.stdout);
-      assertEquals(status.tier.exists, true);
-      assertEquals(status.tier.desired, 1);
-      assertEquals(status.mode.value, "defer");
-      assertEquals(status.cloudMapInstances, 1);
-      assert(typeof status.mode.changedBy === "string");
+awsTest("ctl: status and mode set --wait against moto and a running listener", async ({ moto, listen }) => {
+  const file = await envFile();
+  let shipper: { stop: () => Promise<void> } | undefined;
+  try {
+    await seed(moto.url);
+    const st = await ctl(moto.url, file, "status", "--env", "development", "--json");
+    assertEquals(st.code, 0, st.stderr);
+    const status = JSON.parse(st.stdout);
+    assertEquals(status.tier.exists, true);
+    assertEquals(status.tier.desired, 1);
+    assertEquals(status.mode.value, "defer");
+    assertEquals(status.cloudMapInstances, 1);
+    assert(typeof status.mode.changedBy === "string");
 
-      l = await startListener({
-        ...AWS_ENV,
-        AWS_ENDPOINT_URL: moto.url,
-        SINKHOLE_MODE: "",
-        SINKHOLE_MODE_FILE: "",
-        SINKHOLE_CACHE_TTL: "1",
-      });
-      shipper = shipLogs(l, moto.url, "/ecs/cabal-sinkhole");
-      const set = await ctl(moto.url, file, "mode", "set", "accept", "--wait", "--env", "development");
-      assertEquals(set.code, 0, set.stdout + set.stderr);
-      assertMatch(set.stdout, /the listener logged mode accept after \d+ s/);
-      const get = await ctl(moto.url, file, "mode", "get", "--env", "development");
-      assertMatch(get.stdout, /accept \(version 2, changed .* by /);
+    const l = await listen({
+      ...AWS_ENV,
+      AWS_ENDPOINT_URL: moto.url,
+      SINKHOLE_MODE: "",
+      SINKHOLE_MODE_FILE: "",
+      SINKHOLE_CACHE_TTL: "1",
+    });
+    shipper = shipLogs(l, moto.url, "/ecs/cabal-sinkhole");
+    const set = await ctl(moto.url, file, "mode", "set", "accept", "--wait", "--env", "development");
+    assertEquals(set.code, 0, set.stdout + set.stderr);
+    assertMatch(set.stdout, /the listener logged mode accept after \d+ s/);
+    const get = await ctl(moto.url, file, "mode", "get", "--env", "development");
+    assertMatch(get.stdout, /accept \(version 2, changed .* by /);
 
-      await shipper.stop();
-      shipper = undefined;
-      const summary = await Deno.makeTempFile();
-      const unseen = await run(
-        Deno.execPath(),
-        ["run", "--allow-all", `${ROOT}/ctl/ctl.ts`, "mode", "set", "bounce", "--wait", "--env", "development"],
-        {
-          env: {
-            ...AWS_ENV,
-            AWS_ENDPOINT_URL: moto.url,
-            SINKHOLE_ENVIRONMENTS: file,
-            SINKHOLE_CTL_POLL_MS: "500",
-            GITHUB_STEP_SUMMARY: summary,
-          },
+    await shipper.stop();
+    shipper = undefined;
+    const summary = await Deno.makeTempFile();
+    const unseen = await run(
+      Deno.execPath(),
+      ["run", "--allow-all", `${ROOT}/ctl/ctl.ts`, "mode", "set", "bounce", "--wait", "--env", "development"],
+      {
+        env: {
+          ...AWS_ENV,
+          AWS_ENDPOINT_URL: moto.url,
+          SINKHOLE_ENVIRONMENTS: file,
+          SINKHOLE_CTL_POLL_MS: "500",
+          GITHUB_STEP_SUMMARY: summary,
         },
-      );
-      assertEquals(unseen.code, 1, "not confirmed: said so");
-      assertMatch(unseen.stdout, /not seen in \/ecs\/cabal-sinkhole within 11 s/);
-      assertMatch(await Deno.readTextFile(summary), /^### ⚠️ sinkhole mode: development\n\n- mode set to bounce/);
-      await Deno.remove(summary);
-    } finally {
-      await shipper?.stop();
-      await l?.stop();
-      await moto.close();
-      await Deno.remove(file);
-    }
-  },
+      },
+    );
+    assertEquals(unseen.code, 1, "not confirmed: said so");
+    assertMatch(unseen.stdout, /not seen in \/ecs\/cabal-sinkhole within 11 s/);
+    assertMatch(await Deno.readTextFile(summary), /^### ⚠️ sinkhole mode: development\n\n- mode set to bounce/);
+    await Deno.remove(summary);
+  } finally {
+    await shipper?.stop();
+    await Deno.remove(file);
+  }
 });
 
 /** A local HTTP double of GitHub's issues API that records requests. */
@@ -341,18 +322,13 @@ function githubDouble() {
   return { url: `http://127.0.0.1:${server.addr.port}`, issues, requests, close: () => server.shutdown() };
 }
 
-Deno.test({
-  name: "ctl: probe, cleanup and check with real sendmail behind the exec interface and a GitHub double",
-  ignore: tools.ignore || sendmailTools.ignore || (Deno.uid() !== 0 && !Deno.env.get("CI")),
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: async (t) => {
-    assertTools([...tools.missing, ...sendmailTools.missing]);
+awsTest(
+  "ctl: probe, cleanup and check with real sendmail behind the exec interface and a GitHub double",
+  async ({ moto, listen }, t) => {
+    assertTools(sendmailTools.missing);
     assert(Deno.uid() === 0, "the sendmail part needs root (CI runs as root)");
-    const moto = await startMoto();
     const gh = githubDouble();
     const dir = await Deno.makeTempDir({ prefix: "sinkhole-ctl-" });
-    let l: Listener | undefined;
     let shipper: { stop: () => Promise<void> } | undefined;
     const mta = await makeSendmail(dir, freePort(), `sinkhole.test smtp:[${SINKHOLE_IP}]\n`);
     try {
@@ -360,7 +336,7 @@ Deno.test({
       await mta.start();
       Deno.env.set("AWS_ENDPOINT_URL", moto.url);
       for (const [k, val] of Object.entries(AWS_ENV)) Deno.env.set(k, val);
-      l = await startListener(
+      const l = await listen(
         {
           ...AWS_ENV,
           AWS_ENDPOINT_URL: moto.url,
@@ -371,7 +347,10 @@ Deno.test({
         { host: SINKHOLE_IP, port: 25 },
       );
       shipper = shipLogs(l, moto.url, "/ecs/cabal-sinkhole");
-      const env = { ...parseEnvironments(JSON.stringify(ENVIRONMENTS)).get("development")!, mtaQueueDir: mta.queueDir };
+      const env = {
+        ...parseEnvironments(JSON.stringify(ENVIRONMENTS)).get("development")!,
+        mtaQueueDir: mta.queueDir,
+      };
       /** Stands in for ECS Exec: every MTA task is the local test sendmail. */
       const exec: Exec = {
         run: async (_task, command) => {
@@ -392,7 +371,7 @@ Deno.test({
       };
       const setMode = async (mode: string) => {
         await commands.modeSet(deps, mode, false);
-        await eventually(() => l!.logs.findLast((x) => x.event === "mode")?.mode === mode);
+        await eventually(() => l.logs.findLast((x) => x.event === "mode")?.mode === mode);
       };
 
       await t.step("probe --expect queued in defer", async () => {
@@ -461,11 +440,10 @@ Deno.test({
     } finally {
       for (const k of ["AWS_ENDPOINT_URL", ...Object.keys(AWS_ENV)]) Deno.env.delete(k);
       await shipper?.stop();
-      await l?.stop();
       await mta.kill().catch(() => {});
       await gh.close();
-      await moto.close();
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     }
   },
-});
+  { ignore: sendmailTools.ignore || (Deno.uid() !== 0 && !Deno.env.get("CI")), sanitize: false },
+);

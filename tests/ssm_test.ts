@@ -4,98 +4,69 @@
  * and to make the endpoint unreachable on demand.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, type Listener, needs, startListener, transaction } from "./helpers.ts";
-import { aws, faultProxy, PARAM, putMode as put, ssmEnv, startMoto } from "./aws.ts";
+import { eventually, type Listener, transaction } from "./helpers.ts";
+import { aws, awsTest, PARAM, putMode as put, ssmEnv } from "./aws.ts";
 import { MODE_FETCH_TIMEOUT_MS } from "../listener.ts";
-
-const ssmListener = (endpoint: string, ttl = "1"): Promise<Listener> => startListener(ssmEnv(endpoint, ttl));
 
 const lastMode = (l: Listener) => l.logs.findLast((x) => x.event === "mode")?.mode;
 
-const tools = needs("moto_server", "aws");
+awsTest(
+  "ssm: aws ssm put-parameter flips a running listener within the TTL; bad states keep the last good mode",
+  async ({ moto, proxy, listen }) => {
+    await put(moto.url, "defer");
+    const l = await listen(ssmEnv(proxy.url, "1"));
+    assertEquals(l.logs.find((x) => x.event === "start")?.mode, "defer");
+    assertEquals(await transaction(l.port), [220, 250, 250, 421]);
 
-Deno.test({
-  name: "ssm: aws ssm put-parameter flips a running listener within the TTL; bad states keep the last good mode",
-  ignore: tools.ignore,
-  fn: async () => {
-    assertTools(tools.missing);
-    const moto = await startMoto();
-    const proxy = faultProxy(moto.url);
-    let l: Listener | undefined;
-    try {
-      await put(moto.url, "defer");
-      l = await ssmListener(proxy.url);
-      assertEquals(l.logs.find((x) => x.event === "start")?.mode, "defer");
-      assertEquals(await transaction(l.port), [220, 250, 250, 421]);
+    await put(moto.url, "accept");
+    const t0 = Date.now();
+    await eventually(() => lastMode(l) === "accept", 1000 + MODE_FETCH_TIMEOUT_MS);
+    const seenAfter = Date.now() - t0;
+    assert(seenAfter <= 1000 + MODE_FETCH_TIMEOUT_MS, `seen after ${seenAfter} ms`);
+    assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
 
-      await put(moto.url, "accept");
-      const t0 = Date.now();
-      await eventually(() => lastMode(l!) === "accept", 1000 + MODE_FETCH_TIMEOUT_MS);
-      const seenAfter = Date.now() - t0;
-      assert(seenAfter <= 1000 + MODE_FETCH_TIMEOUT_MS, `seen after ${seenAfter} ms`);
-      assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
+    await put(moto.url, "accept;rm -rf");
+    const invalid = await l.waitForLog((x) => x.event === "mode_invalid");
+    assertEquals(invalid.keeping, "accept");
+    assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
 
-      await put(moto.url, "accept;rm -rf");
-      const invalid = await l.waitForLog((x) => x.event === "mode_invalid");
-      assertEquals(invalid.keeping, "accept");
-      assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
+    await aws(moto.url, "delete-parameter", "--name", PARAM);
+    const missing = await l.waitForLog((x) => x.event === "mode_error");
+    assertMatch(String(missing.reason), /ParameterNotFound/);
+    assertEquals(missing.keeping, "accept");
+    await new Promise((ok) => setTimeout(ok, 2500));
+    assertEquals(l.logs.filter((x) => x.event === "mode_error").length, 1, "logged once, not once per fetch");
+    assertEquals(l.logs.filter((x) => x.event === "mode_invalid").length, 1);
+    assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
 
-      await aws(moto.url, "delete-parameter", "--name", PARAM);
-      const missing = await l.waitForLog((x) => x.event === "mode_error");
-      assertMatch(String(missing.reason), /ParameterNotFound/);
-      assertEquals(missing.keeping, "accept");
-      await new Promise((ok) => setTimeout(ok, 2500));
-      assertEquals(l.logs.filter((x) => x.event === "mode_error").length, 1, "logged once, not once per fetch");
-      assertEquals(l.logs.filter((x) => x.event === "mode_invalid").length, 1);
-      assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
-
-      await put(moto.url, "bounce");
-      await eventually(() => lastMode(l!) === "bounce", 1000 + MODE_FETCH_TIMEOUT_MS);
-      await proxy.down();
-      const unreachable = await l.waitForLog((x) =>
-        x.event === "mode_error" && !/ParameterNotFound/.test(String(x.reason))
-      );
-      assertEquals(unreachable.keeping, "bounce");
-      const t1 = Date.now();
-      assertEquals(await transaction(l.port), [220, 250, 250, 550, 554, 221], "sessions keep the last good mode");
-      assert(Date.now() - t1 < MODE_FETCH_TIMEOUT_MS, "an unreachable SSM does not stall sessions");
-    } finally {
-      await l?.stop();
-      await proxy.down().catch(() => {});
-      await moto.close();
-    }
+    await put(moto.url, "bounce");
+    await eventually(() => lastMode(l) === "bounce", 1000 + MODE_FETCH_TIMEOUT_MS);
+    await proxy.down();
+    const unreachable = await l.waitForLog((x) =>
+      x.event === "mode_error" && !/ParameterNotFound/.test(String(x.reason))
+    );
+    assertEquals(unreachable.keeping, "bounce");
+    const t1 = Date.now();
+    assertEquals(await transaction(l.port), [220, 250, 250, 550, 554, 221], "sessions keep the last good mode");
+    assert(Date.now() - t1 < MODE_FETCH_TIMEOUT_MS, "an unreachable SSM does not stall sessions");
   },
-});
+);
 
-Deno.test({
-  name: "ssm: 500 concurrent connections cost at most one GetParameter per TTL",
-  ignore: tools.ignore,
-  fn: async () => {
-    assertTools(tools.missing);
-    const moto = await startMoto();
-    const proxy = faultProxy(moto.url);
-    let l: Listener | undefined;
-    try {
-      await put(moto.url, "accept");
-      l = await ssmListener(proxy.url, "1");
-      const before = proxy.count;
-      const t0 = Date.now();
-      const results: number[][] = [];
-      // Waves of 500 concurrent sessions for at least 3.5 TTLs (bounded to 40 waves).
-      for (let w = 0; w < 40 && Date.now() - t0 < 3500; w++) {
-        results.push(...await Promise.all(Array.from({ length: 500 }, () => transaction(l!.port))));
-      }
-      const elapsed = Date.now() - t0;
-      const calls = proxy.count - before;
-      const allowed = Math.ceil(elapsed / 1000) + 1;
-      console.log(`ssm: ${results.length} sessions in ${elapsed} ms made ${calls} GetParameter calls (TTL 1 s)`);
-      assert(results.every((c) => c.at(-2) === 250), "every session was accepted");
-      assert(calls <= allowed, `${calls} calls in ${elapsed} ms, at most ${allowed} allowed`);
-      assert(calls >= 1, "the mode was refreshed from SSM during the run");
-    } finally {
-      await l?.stop();
-      await proxy.down().catch(() => {});
-      await moto.close();
-    }
-  },
+awsTest("ssm: 500 concurrent connections cost at most one GetParameter per TTL", async ({ moto, proxy, listen }) => {
+  await put(moto.url, "accept");
+  const l = await listen(ssmEnv(proxy.url, "1"));
+  const before = proxy.count;
+  const t0 = Date.now();
+  const results: number[][] = [];
+  // Waves of 500 concurrent sessions for at least 3.5 TTLs (bounded to 40 waves).
+  for (let w = 0; w < 40 && Date.now() - t0 < 3500; w++) {
+    results.push(...await Promise.all(Array.from({ length: 500 }, () => transaction(l.port))));
+  }
+  const elapsed = Date.now() - t0;
+  const calls = proxy.count - before;
+  const allowed = Math.ceil(elapsed / 1000) + 1;
+  console.log(`ssm: ${results.length} sessions in ${elapsed} ms made ${calls} GetParameter calls (TTL 1 s)`);
+  assert(results.every((c) => c.at(-2) === 250), "every session was accepted");
+  assert(calls <= allowed, `${calls} calls in ${elapsed} ms, at most ${allowed} allowed`);
+  assert(calls >= 1, "the mode was refreshed from SSM during the run");
 });
