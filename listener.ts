@@ -767,7 +767,7 @@ class Session {
       }
     } else if (tx.rcpts.length > before.rcpts.length) {
       const logged = this.transactions.at(-1);
-      if (logged && this.transactions.length === Math.min(this.transactionCount, MAX_LOGGED_TRANSACTIONS)) {
+      if (logged && this.transactionCount <= MAX_LOGGED_TRANSACTIONS) {
         logged.rcpts.push({ to: tx.rcpts.at(-1)!, code: out.reply.code });
       }
     }
@@ -827,7 +827,7 @@ class Session {
     const tx = this.state.tx!;
     const out = endOfData(this.state, { size: this.#size, longLine: this.#longLine });
     const logged = this.transactions.at(-1);
-    if (logged && this.transactions.length === Math.min(this.transactionCount, MAX_LOGGED_TRANSACTIONS)) {
+    if (logged && this.transactionCount <= MAX_LOGGED_TRANSACTIONS) {
       logged.size = this.#size;
       logged.result = out.reply.code;
     }

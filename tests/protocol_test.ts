@@ -1,6 +1,7 @@
 /** Each mode end to end over TCP with real clients: nodemailer, swaks, and raw SMTP. */
 import nodemailer from "nodemailer";
 import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { MAX_LOGGED_TRANSACTIONS } from "../listener.ts";
 import {
   assertTools,
   eventually,
@@ -348,6 +349,32 @@ Deno.test("timeouts: idle and total session bounds close with 421 4.4.2", async 
     }
     assertEquals(last, 421, "the total session timeout ends a session that keeps talking");
     chatty.close();
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("session log: bounded to MAX_LOGGED_TRANSACTIONS, later transactions only counted", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  try {
+    const c = await RawClient.connect(l.port);
+    await c.reply();
+    await c.cmd("EHLO many.test");
+    const n = MAX_LOGGED_TRANSACTIONS + 5;
+    for (let i = 0; i < n; i++) {
+      assertEquals((await c.cmd("MAIL FROM:<a@origin.test>")).code, 250);
+      assertEquals((await c.cmd(`RCPT TO:<r${i}@sinkhole.test>`)).code, 250);
+      assertEquals((await c.cmd("DATA")).code, 354);
+      assertEquals((await c.cmd(`Subject: ${i}\r\n\r\nx\r\n.`)).code, 250);
+    }
+    await c.cmd("QUIT");
+    c.close();
+    const s = await l.waitForLog((x) => x.event === "session");
+    const txs = s.transactions as { rcpts: { to: string }[]; result: number }[];
+    assertEquals(s.transactionCount, n);
+    assertEquals(txs.length, MAX_LOGGED_TRANSACTIONS);
+    assertEquals(txs.at(-1)!.rcpts.map((r) => r.to), [`r${MAX_LOGGED_TRANSACTIONS - 1}@sinkhole.test`]);
+    assert(txs.every((t) => t.rcpts.length === 1 && t.result === 250));
   } finally {
     await l.stop();
   }
