@@ -52,6 +52,8 @@ export const MODE_FETCH_TIMEOUT_MS = 5_000;
 export const MODE_INITIAL_WAIT_MS = 2_000;
 /** On SIGTERM, sessions inside DATA get this long to finish. */
 export const SHUTDOWN_GRACE_MS = 10_000;
+/** After a failed accept (out of file descriptors, say), wait this long before the next. */
+export const ACCEPT_ERROR_BACKOFF_MS = 100;
 /** A last reply (421 on timeout or shutdown) gets this long to be written. */
 export const GOODBYE_WRITE_MS = 1_000;
 /** The health check gives up after this long. */
@@ -938,6 +940,7 @@ export class Server {
       } catch (err) {
         if (this.#shuttingDown) return;
         log("error", { where: "accept", reason: describeError(err) });
+        await new Promise((ok) => setTimeout(ok, ACCEPT_ERROR_BACKOFF_MS)); // e.g. out of descriptors
         continue;
       }
       if (this.sessions.size >= this.deps.config.maxSessions) {
