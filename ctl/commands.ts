@@ -91,6 +91,18 @@ async function service(d: Deps, name: string) {
     : { exists: false, desired: 0, running: 0, pending: 0, deployments: 0 };
 }
 
+/** Health of the sinkhole's own tasks (the container health check: /sinkhole --healthcheck). */
+async function sinkholeHealth(d: Deps): Promise<string[]> {
+  const list = await d.ecs.send(
+    new ListTasksCommand({ cluster: d.env.cluster, serviceName: d.env.sinkholeService, desiredStatus: "RUNNING" }),
+  );
+  if (!list.taskArns?.length) return [];
+  const desc = await d.ecs.send(new DescribeTasksCommand({ cluster: d.env.cluster, tasks: list.taskArns }));
+  return (desc.tasks ?? []).map((t) =>
+    `${t.taskArn?.split("/").pop()}: ${t.lastStatus ?? "?"}, ${t.healthStatus ?? "UNKNOWN"}`
+  );
+}
+
 async function mtaTasks(d: Deps): Promise<Task[]> {
   const list = await d.ecs.send(
     new ListTasksCommand({ cluster: d.env.cluster, serviceName: d.env.mtaService, desiredStatus: "RUNNING" }),
@@ -102,8 +114,9 @@ async function mtaTasks(d: Deps): Promise<Task[]> {
 }
 
 export async function status(d: Deps): Promise<Report> {
-  const [tier, mode, instances] = await Promise.all([
+  const [tier, health, mode, instances] = await Promise.all([
     service(d, d.env.sinkholeService),
+    sinkholeHealth(d),
     currentMode(d),
     cloudMapInstances(d),
   ]);
@@ -114,6 +127,7 @@ export async function status(d: Deps): Promise<Report> {
           `pending ${tier.pending}, deployments ${tier.deployments}`
         : "not found"
     }`,
+    `tasks: ${health.length ? health.join("; ") : "none running"}`,
     `Cloud Map sinkhole.${d.env.namespace}: ${instances ?? "no service"} instance(s)`,
     `mode ${mode.value} (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})`,
     `flag for ${d.env.name}: sinkhole ${d.env.sinkhole ? "on" : "off"}`,
@@ -122,7 +136,7 @@ export async function status(d: Deps): Promise<Report> {
     title: `sinkhole status: ${d.env.name}`,
     ok: true,
     lines,
-    data: { tier, mode, cloudMapInstances: instances },
+    data: { tier, health, mode, cloudMapInstances: instances },
   };
 }
 

@@ -240,6 +240,7 @@ awsTest("ctl: status and mode set --wait against moto and a running listener", a
     assertEquals(status.tier.desired, 1);
     assertEquals(status.mode.value, "defer");
     assertEquals(status.cloudMapInstances, 1);
+    assert(Array.isArray(status.health), "task health is reported");
     assert(typeof status.mode.changedBy === "string");
 
     const l = await listen({
