@@ -134,6 +134,27 @@ async function smtpSink(tools: Awaited<ReturnType<typeof postfixTools>>): Promis
   };
 }
 
+/** bench/floor.ts: the least SMTP responder on Deno's own I/O, for scale. */
+async function denoFloor(): Promise<Proc> {
+  const port = freePort();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--v8-flags=--max-semi-space-size=1", "--allow-net", `${ROOT}/bench/floor.ts`, String(port)],
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await firstGreeting(port, performance.now());
+  return {
+    pid: child.pid,
+    port,
+    child,
+    logFile: "",
+    stop: async () => {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
+
 /** One smtp-source run; returns messages per second and the peak RSS sampled meanwhile. */
 async function source(
   tools: Awaited<ReturnType<typeof postfixTools>>,
@@ -231,7 +252,8 @@ async function main() {
     const accept = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept"));
     const acceptLog = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept-log"));
     const sink = await smtpSink(tools);
-    procs.push(accept, acceptLog, sink);
+    const floor = await denoFloor();
+    procs.push(accept, acceptLog, sink, floor);
     await sleep(1000);
     row("RSS idle, SSM client loaded (MiB)", fmt(memoryMiB(accept.pid).rss, 1));
 
@@ -244,9 +266,10 @@ async function main() {
     const tThroughput = performance.now();
     const rssDuring: number[] = [];
     for (const [label, shape] of shapes) {
-      const rates: Record<string, number[]> = { sink: [], accept: [], "accept-log": [] };
+      const rates: Record<string, number[]> = { sink: [], floor: [], accept: [], "accept-log": [] };
       for (let i = 0; i < REPS; i++) {
         rates.sink.push((await source(tools, sink.port, shape)).rate);
+        rates.floor.push((await source(tools, floor.port, shape)).rate);
         const a = await source(tools, accept.port, shape, accept.pid);
         rates.accept.push(a.rate);
         rssDuring.push(...a.rss);
@@ -256,6 +279,11 @@ async function main() {
       }
       const ref = median(rates.sink);
       row(`${label}: smtp-sink (msgs/s, median of ${REPS})`, fmt(ref));
+      const floorRate = median(rates.floor);
+      row(
+        `${label}: Deno floor, bench/floor.ts (msgs/s; ratio)`,
+        `${fmt(floorRate)}  (${(floorRate / ref).toFixed(2)})`,
+      );
       for (const mode of ["accept", "accept-log"]) {
         const m = median(rates[mode]);
         row(`${label}: sinkhole ${mode} (msgs/s; ratio to smtp-sink)`, `${fmt(m)}  (${(m / ref).toFixed(2)})`);
@@ -362,7 +390,7 @@ Written by \`deno task bench\` on ${new Date().toISOString()}.
 
 - Machine: ${navigator.hardwareConcurrency} cores, ${cpu}, ${mem ? Math.round(Number(mem) / 1048576) : "?"} GiB
 - Deno ${Deno.version.deno} (V8 ${Deno.version.v8}); reference: ${postfix} \`smtp-sink\`, load from its \`smtp-source\`
-- Repetitions: ${REPS}, alternating smtp-sink / sinkhole accept / sinkhole accept-log; ${MESSAGES} messages a run
+- Repetitions: ${REPS}, alternating smtp-sink / Deno floor / sinkhole accept / sinkhole accept-log; ${MESSAGES} messages a run
 - sinkhole runs as \`deno task start\` with its mode from SSM (moto_server on loopback, TTL 30 s), stdout to a file
 
 | measure | value |
@@ -373,6 +401,7 @@ Commands (what the bench runs):
 
 \`\`\`sh
 smtp-sink -u nobody 127.0.0.1:PORT 1000                                  # reference
+deno run --allow-net bench/floor.ts PORT                                 # Deno's I/O floor
 smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test 127.0.0.1:PORT
 smtp-source -d -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test 127.0.0.1:PORT
 \`\`\`

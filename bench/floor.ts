@@ -1,0 +1,57 @@
+/**
+ * The floor for the benchmark: the least SMTP responder Deno can run (no policy, no limits,
+ * no logs), on the same Deno.listen I/O as the listener. It shows how much of the gap to
+ * smtp-sink is Deno's own I/O and how much is sinkhole's work. Not a product: bench only.
+ *
+ *   deno run --allow-net bench/floor.ts PORT
+ */
+const REPLIES: Record<string, string> = {
+  EHLO: "250-floor\r\n250 PIPELINING\r\n",
+  HELO: "250 floor\r\n",
+  MAIL: "250 ok\r\n",
+  RCPT: "250 ok\r\n",
+  DATA: "354 go\r\n",
+  RSET: "250 ok\r\n",
+  NOOP: "250 ok\r\n",
+  QUIT: "221 bye\r\n",
+};
+const encoder = new TextEncoder();
+const decoder = new TextDecoder("latin1");
+
+async function session(conn: Deno.Conn): Promise<void> {
+  const buf = new Uint8Array(4096);
+  let pending = "";
+  let inData = false;
+  try {
+    await conn.write(encoder.encode("220 floor\r\n"));
+    for (let quit = false; !quit;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      pending += decoder.decode(buf.subarray(0, n));
+      let out = "";
+      for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
+        const line = pending.slice(0, nl).replace(/\r$/, "");
+        pending = pending.slice(nl + 1);
+        if (inData) {
+          if (line === ".") (inData = false, out += "250 ok\r\n");
+          continue;
+        }
+        const verb = line.slice(0, 4).toUpperCase();
+        inData = verb === "DATA";
+        quit = verb === "QUIT";
+        out += REPLIES[verb] ?? "500 unrecognized\r\n";
+      }
+      if (out) await conn.write(encoder.encode(out));
+    }
+  } catch {
+    /* client gone */
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed */ }
+  }
+}
+
+if (import.meta.main) {
+  for await (const conn of Deno.listen({ hostname: "127.0.0.1", port: Number(Deno.args[0]) })) session(conn);
+}
