@@ -59,6 +59,15 @@ export const GOODBYE_WRITE_MS = 1_000;
 /** The health check gives up after this long. */
 export const HEALTHCHECK_TIMEOUT_MS = 3_000;
 
+/** The longest mode value (scenario) accepted. */
+export const MAX_SCENARIO_LENGTH = 512;
+/** The longest delay a scenario may ask for (also bounded by SINKHOLE_SESSION_TIMEOUT). */
+export const MAX_DELAY_MS = 10 * 60_000;
+/** The longest greylist window or minimum retry delay a scenario may ask for. */
+export const MAX_GREYLIST_MS = 7 * 24 * 3_600_000;
+/** The longest text of a custom reply. */
+export const MAX_REPLY_TEXT = 200;
+
 export const MODES = [
   "defer",
   "bounce",
@@ -108,9 +117,8 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
   };
   const modeFile = env("SINKHOLE_MODE_FILE") ?? "";
   const staticMode = env("SINKHOLE_MODE") ?? "";
-  if (staticMode !== "" && parseMode(staticMode) === undefined) {
-    throw new Error(`SINKHOLE_MODE must be one of ${MODES.join(", ")}, got ${JSON.stringify(staticMode)}`);
-  }
+  const invalid = staticMode === "" ? undefined : parseScenario(staticMode);
+  if (typeof invalid === "string") throw new Error(`SINKHOLE_MODE ${JSON.stringify(staticMode)}: ${invalid}`);
   return {
     bindHost: env("SINKHOLE_BIND_HOST") || "0.0.0.0",
     bindPort: integer("SINKHOLE_BIND_PORT", 25, 65535, 0), // 0: any free port
@@ -131,10 +139,149 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
 // 2. Policy: pure reply logic
 // ---------------------------------------------------------------------------
 
-/** Parses a mode value as stored in SSM or the mode file. */
-export function parseMode(raw: string): Mode | undefined {
-  const v = raw.trim().toLowerCase();
-  return (MODES as readonly string[]).includes(v) ? v as Mode : undefined;
+/** The SMTP stages a scenario can act at. */
+export const STAGES = ["connect", "helo", "mail", "rcpt", "data", "eod"] as const;
+export type Stage = typeof STAGES[number];
+/** The bases of a scenario: the five modes, and dropping the connection without a reply. */
+export const BASES = [...MODES, "drop"] as const;
+export type Base = typeof BASES[number];
+
+/**
+ * A parsed mode value. Plain `defer`, `bounce`, `accept`, `accept-log`, `greylist` are
+ * scenarios with their defaults; options refine them (see README, "The mode language").
+ */
+export interface Scenario {
+  base: Base;
+  /** defer/bounce/drop: where the failure happens; all bases: where `delay` applies. */
+  at: Stage;
+  /** defer (4xx) or bounce (5xx): the reply instead of the default one. */
+  reply?: Reply;
+  delayMs: number;
+  greylist: { key: "ip" | "triplet"; minMs: number; windowMs?: number };
+  /** The value as written, whitespace folded: what the logs show. */
+  text: string;
+}
+
+const FAILING: readonly Base[] = ["defer", "bounce", "drop"];
+
+/** `30s`, `1500ms`, `2m`, `1h`, `3d` → milliseconds. */
+export function parseDuration(raw: string): number | undefined {
+  const m = /^(\d{1,9})(ms|s|m|h|d)$/.exec(raw);
+  if (!m) return undefined;
+  return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] as "ms"];
+}
+
+/** Splits `base key=value key="quoted value"` into tokens. */
+function tokenize(raw: string): string[] | string {
+  const tokens: string[] = [];
+  const re = /\s*([^\s"=]+)(?:=(?:"([^"]*)"|([^\s"]*)))?/y;
+  let pos = 0;
+  const text = raw.trim();
+  while (pos < text.length) {
+    re.lastIndex = pos;
+    const m = re.exec(text);
+    if (!m || m.index !== pos) return `cannot read the value at ${JSON.stringify(text.slice(pos, pos + 20))}`;
+    tokens.push(m[2] !== undefined ? `${m[1]}=${m[2]}` : m[3] !== undefined ? `${m[1]}=${m[3]}` : m[1]);
+    pos = re.lastIndex;
+    while (pos < text.length && /\s/.test(text[pos])) pos++;
+  }
+  return tokens;
+}
+
+/** Parses `CODE X.Y.Z text` into a reply; the classes of code and status must agree. */
+export function parseReply(raw: string): Reply | string {
+  const m = /^([245])(\d\d) ([245])\.(\d{1,3})\.(\d{1,3}) ([\x20-\x7e]+)$/.exec(raw.trim());
+  if (!m) return `reply must be "CODE X.Y.Z text" (e.g. "451 4.7.1 Try again later"), got ${JSON.stringify(raw)}`;
+  if (m[1] !== m[3]) return `reply code ${m[1]}${m[2]} and status ${m[3]}.${m[4]}.${m[5]} disagree on the class`;
+  if (m[6].length > MAX_REPLY_TEXT) return `reply text is over ${MAX_REPLY_TEXT} characters`;
+  return r(Number(m[1] + m[2]), `${m[3]}.${m[4]}.${m[5]} ${m[6]}`);
+}
+
+/** Parses and validates a mode value; a string is the reason it was refused. */
+export function parseScenario(raw: string): Scenario | string {
+  if (raw.length > MAX_SCENARIO_LENGTH) return `the value is over ${MAX_SCENARIO_LENGTH} characters`;
+  const tokens = tokenize(raw);
+  if (typeof tokens === "string") return tokens;
+  const [first, ...rest] = tokens;
+  const base = (first ?? "").toLowerCase() as Base;
+  if (!(BASES as readonly string[]).includes(base)) {
+    return `unknown mode ${JSON.stringify(first ?? "")}: one of ${BASES.join(", ")}`;
+  }
+  const sc: Scenario = {
+    base,
+    at: FAILING.includes(base) ? "rcpt" : "eod",
+    delayMs: 0,
+    greylist: { key: "ip", minMs: 0 },
+    text: [base, ...rest].join(" "),
+  };
+  const seen = new Set<string>();
+  for (const token of rest) {
+    const eq = token.indexOf("=");
+    if (eq < 0) return `expected key=value, got ${JSON.stringify(token)}`;
+    const key = token.slice(0, eq).toLowerCase();
+    const value = token.slice(eq + 1);
+    if (seen.has(key)) return `${key} is given twice`;
+    seen.add(key);
+    const greylistOnly = () => base === "greylist" ? undefined : `${key}= applies to greylist only`;
+    const duration = (max: number) => {
+      const ms = parseDuration(value);
+      if (ms === undefined) return `${key} must be a duration like 30s, 500ms, 5m, 1h, got ${JSON.stringify(value)}`;
+      if (ms > max) return `${key} is over the maximum of ${max / 1000} s`;
+      return ms;
+    };
+    let problem: string | undefined;
+    switch (key) {
+      case "at":
+        if (!(STAGES as readonly string[]).includes(value)) problem = `at must be one of ${STAGES.join(", ")}`;
+        else sc.at = value as Stage;
+        break;
+      case "reply": {
+        if (base !== "defer" && base !== "bounce") {
+          problem = "reply= applies to defer (4xx) and bounce (5xx) only";
+          break;
+        }
+        const reply = parseReply(value);
+        if (typeof reply === "string") problem = reply;
+        else if (base === "defer" && (reply.code < 400 || reply.code >= 500)) problem = "defer takes a 4xx reply";
+        else if (base === "bounce" && reply.code < 500) problem = "bounce takes a 5xx reply";
+        else sc.reply = reply;
+        break;
+      }
+      case "delay": {
+        const ms = duration(MAX_DELAY_MS);
+        if (typeof ms === "string") problem = ms;
+        else sc.delayMs = ms;
+        break;
+      }
+      case "key":
+        problem = greylistOnly() ??
+          (value === "ip" || value === "triplet" ? undefined : "key must be ip or triplet");
+        if (!problem) sc.greylist.key = value as "ip" | "triplet";
+        break;
+      case "min":
+      case "window": {
+        problem = greylistOnly();
+        if (problem) break;
+        const ms = duration(MAX_GREYLIST_MS);
+        if (typeof ms === "string") problem = ms;
+        else if (key === "min") sc.greylist.minMs = ms;
+        else sc.greylist.windowMs = ms;
+        break;
+      }
+      default:
+        problem = `unknown option ${JSON.stringify(key)}: at, reply, delay, key, min, window`;
+    }
+    if (problem) return problem;
+  }
+  if (base === "drop" && sc.at === "connect" && sc.delayMs > 0) return "drop at=connect cannot delay: nothing is sent";
+  return sc;
+}
+
+/** The scenario of a plain mode name (for tests and defaults). */
+export function scenario(value: string): Scenario {
+  const sc = parseScenario(value);
+  if (typeof sc === "string") throw new Error(sc);
+  return sc;
 }
 
 export interface Reply {
@@ -163,6 +310,9 @@ export const REPLIES = {
   vrfy: r(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"),
   help: r(214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"),
   defer: r(421, "4.3.2 Service temporarily unavailable"),
+  deferRcpt: r(451, "4.3.2 Service temporarily unavailable"),
+  bounceStage: r(554, "5.3.2 Transaction failed"),
+  refused: r(503, "5.5.1 No SMTP service here"),
   bounce: r(550, "5.1.1 User unknown"),
   greylisted: r(451, "4.7.1 Greylisted, please try again later"),
   tooManyRcpts: r(452, "4.5.3 Too many recipients"),
@@ -194,13 +344,13 @@ export const REPLIES = {
 export type GreylistVerdict = "pass" | "defer";
 
 export interface Transaction {
-  /** The mode read when the transaction began (MAIL): it holds to the end. */
-  mode: Mode;
+  /** The scenario read when the transaction began (MAIL): it holds to the end. */
+  scenario: Scenario;
   from: string;
   rcpts: string[];
   /** Recipients answered 250. */
   accepted: number;
-  /** Greylist answer for this transaction, asked once at its first RCPT. */
+  /** Greylist answer for this transaction when keyed by IP, asked once at its first RCPT. */
   greylist?: GreylistVerdict;
 }
 
@@ -209,16 +359,22 @@ export interface SessionState {
   esmtp: boolean;
   tx?: Transaction;
   errors: number;
+  /** Refused at connect with 554: every command but QUIT gets 503 (RFC 5321 §3.1). */
+  refused?: boolean;
 }
 
 export const initialState = (): SessionState => ({ esmtp: false, errors: 0 });
 
+/** The greylist table, asked by key (the engine's table; tests pass a stub). */
+export type GreylistOracle = (key: string, minMs: number, windowMs: number | undefined) => GreylistVerdict;
+
 export interface Inputs {
-  /** The current mode (read by MAIL to start a transaction). */
-  mode: Mode;
-  /** The greylist table's answer, given when the engine was asked for it. */
-  greylist?: GreylistVerdict;
+  /** The current scenario (read by MAIL to start a transaction; used before MAIL too). */
+  scenario: Scenario;
   serverName: string;
+  /** The client's address, for greylist keys. */
+  client?: string;
+  greylist?: GreylistOracle;
 }
 
 export interface Outcome {
@@ -226,31 +382,107 @@ export interface Outcome {
   state: SessionState;
   /** Close the connection after the reply. */
   close?: boolean;
+  /** Close the connection without sending the reply. */
+  drop?: boolean;
+  /** Wait this long before the reply. */
+  delayMs?: number;
   /** Switch to reading the message body. */
   data?: boolean;
   /** The error limit was reached: a 421 follows the reply, then the close. */
   tooManyErrors?: boolean;
 }
 
-/** True when a RCPT in this state needs a greylist answer from the engine. */
-export function needsGreylist(state: SessionState, verb: string): boolean {
-  return verb === "RCPT" && state.tx?.mode === "greylist" && state.tx.greylist === undefined &&
-    state.tx.rcpts.length < MAX_RECIPIENTS;
+/** What a scenario does at a stage: a failure (reply or drop), and the delay before the reply. */
+export function atStage(sc: Scenario, stage: Stage): { fail?: Reply; drop?: boolean; delayMs: number } {
+  if (sc.at !== stage) return { delayMs: 0 };
+  const delayMs = sc.delayMs;
+  switch (sc.base) {
+    case "drop":
+      return { drop: true, delayMs };
+    case "defer":
+      return { fail: sc.reply ?? REPLIES.defer, delayMs };
+    case "bounce":
+      return { fail: sc.reply ?? (stage === "rcpt" ? REPLIES.bounce : REPLIES.bounceStage), delayMs };
+    default:
+      return { delayMs };
+  }
 }
 
-/** The reply to a RCPT in a transaction of the given mode: the mode table. */
-export function rcptReply(mode: Mode, greylist: GreylistVerdict | undefined): { reply: Reply; close?: boolean } {
-  switch (mode) {
-    case "defer":
-      return { reply: REPLIES.defer, close: true };
-    case "bounce":
-      return { reply: REPLIES.bounce };
-    case "greylist":
-      return { reply: greylist === "pass" ? REPLIES.rcptOk : REPLIES.greylisted };
-    case "accept":
-    case "accept-log":
-      return { reply: REPLIES.rcptOk };
+/** Turns a stage's verdict into an outcome: the failure if any, else `ok`; a 421 always closes. */
+function staged(verdict: ReturnType<typeof atStage>, ok: Outcome): Outcome {
+  if (verdict.drop) return { ...ok, reply: ok.reply, drop: true, delayMs: verdict.delayMs, data: false };
+  const out = verdict.fail ? { reply: verdict.fail, state: ok.state } : ok;
+  return { ...out, delayMs: verdict.delayMs || undefined, close: out.close || out.reply.code === 421 || undefined };
+}
+
+/** The greeting: 220, or the scenario's failure at connect (554 then 503s, or 421 and close). */
+export function greeting(sc: Scenario, serverName: string): Outcome {
+  const v = atStage(sc, "connect");
+  const ok: Outcome = { reply: greetingReply(serverName), state: initialState() };
+  const out = staged(v, ok);
+  if (out.reply.code >= 500) return { ...out, state: { ...out.state, refused: true } };
+  return out;
+}
+
+/** A recipient address that asks for its own outcome: `bounce+x@…`, `defer+x@…`, `451-4.7.1+x@…`. */
+export type RecipientOutcome =
+  | { kind: "accept" | "bounce" | "defer" | "greylist" | "drop" }
+  | { kind: "reply"; reply: Reply };
+
+const RCPT_KINDS = ["accept", "bounce", "defer", "greylist", "drop"] as const;
+
+export function recipientOutcome(address: string): RecipientOutcome | undefined {
+  const local = address.slice(0, address.lastIndexOf("@"));
+  const plus = local.indexOf("+");
+  if (plus <= 0) return undefined;
+  const tag = local.slice(0, plus).toLowerCase();
+  if ((RCPT_KINDS as readonly string[]).includes(tag)) return { kind: tag as typeof RCPT_KINDS[number] };
+  const m = /^([245]\d\d)(?:-([245]\.\d{1,3}\.\d{1,3}))?$/.exec(tag);
+  if (!m || (m[2] && m[2][0] !== m[1][0])) return undefined;
+  const status = m[2] ?? `${m[1][0]}.0.0`;
+  return { kind: "reply", reply: r(Number(m[1]), `${status} Per-recipient reply ${m[1]} from sinkhole`) };
+}
+
+/** The reply to a RCPT: the recipient's own outcome if it asks for one, else the transaction's scenario. */
+export function rcptReply(
+  tx: Transaction,
+  rcpt: string,
+  inputs: Inputs,
+): { reply: Reply; close?: boolean; drop?: boolean; delayMs?: number; greylist?: GreylistVerdict } {
+  const own = recipientOutcome(rcpt);
+  const ask = (key: string) =>
+    inputs.greylist?.(key, tx.scenario.greylist.minMs, tx.scenario.greylist.windowMs) ?? "defer";
+  if (own) {
+    switch (own.kind) {
+      case "accept":
+        return { reply: REPLIES.rcptOk };
+      case "bounce":
+        return { reply: REPLIES.bounce };
+      case "defer":
+        return { reply: REPLIES.deferRcpt };
+      case "drop":
+        return { reply: REPLIES.deferRcpt, drop: true };
+      case "greylist":
+        return { reply: ask(`${inputs.client}|${rcpt}`) === "pass" ? REPLIES.rcptOk : REPLIES.greylisted };
+      case "reply":
+        return { reply: own.reply, close: own.reply.code === 421 };
+    }
   }
+  const sc = tx.scenario;
+  const v = atStage(sc, "rcpt");
+  if (v.drop) return { reply: REPLIES.deferRcpt, drop: true, delayMs: v.delayMs };
+  if (v.fail) return { reply: v.fail, close: v.fail.code === 421, delayMs: v.delayMs };
+  if (sc.base === "greylist") {
+    const verdict = sc.greylist.key === "triplet"
+      ? ask(`${inputs.client}|${tx.from}|${rcpt}`)
+      : tx.greylist ?? ask(`${inputs.client}`);
+    return {
+      reply: verdict === "pass" ? REPLIES.rcptOk : REPLIES.greylisted,
+      delayMs: v.delayMs,
+      greylist: sc.greylist.key === "ip" ? verdict : undefined,
+    };
+  }
+  return { reply: REPLIES.rcptOk, delayMs: v.delayMs };
 }
 
 const DOMAIN = String
@@ -336,13 +568,15 @@ const noArgs = (arg: string): boolean => arg === "";
 
 /** The per-command action table, as in Postfix's smtp-sink. */
 const COMMANDS: Record<string, Handler> = {
-  HELO: (state, arg) => {
+  HELO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return { reply: REPLIES.heloSyntax, state: error(state) };
-    return { reply: r(250, "2.0.0 Hello " + arg), state: { ...state, helo: arg, esmtp: false, tx: undefined } };
+    const next = { ...state, helo: arg, esmtp: false, tx: undefined };
+    return staged(atStage(inputs.scenario, "helo"), { reply: r(250, "2.0.0 Hello " + arg), state: next });
   },
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return { reply: REPLIES.ehloSyntax, state: error(state) };
-    return { reply: ehloReply(inputs.serverName, arg), state: { ...state, helo: arg, esmtp: true, tx: undefined } };
+    const next = { ...state, helo: arg, esmtp: true, tx: undefined };
+    return staged(atStage(inputs.scenario, "helo"), { reply: ehloReply(inputs.serverName, arg), state: next });
   },
   MAIL: (state, arg, inputs) => {
     if (state.helo === undefined) return { reply: REPLIES.needHelo, state: error(state) };
@@ -355,7 +589,10 @@ const COMMANDS: Record<string, Handler> = {
     const bad = mailParamsReply(parsed.params);
     if (bad) return { reply: bad, state: error(state) };
     const from = parsed.path === "" ? "" : parseMailbox(parsed.path)!;
-    return { reply: REPLIES.senderOk, state: { ...state, tx: { mode: inputs.mode, from, rcpts: [], accepted: 0 } } };
+    const v = atStage(inputs.scenario, "mail");
+    if (v.fail || v.drop) return staged(v, { reply: REPLIES.senderOk, state });
+    const tx: Transaction = { scenario: inputs.scenario, from, rcpts: [], accepted: 0 };
+    return staged(v, { reply: REPLIES.senderOk, state: { ...state, tx } });
   },
   RCPT: (state, arg, inputs) => {
     const tx = state.tx;
@@ -366,17 +603,19 @@ const COMMANDS: Record<string, Handler> = {
     if (box === undefined) return { reply: REPLIES.badRcpt, state: error(state) };
     if (parsed.params.size > 0) return { reply: REPLIES.badParam, state: error(state) };
     if (tx.rcpts.length >= MAX_RECIPIENTS) return { reply: REPLIES.tooManyRcpts, state };
-    const greylist = tx.mode === "greylist" ? tx.greylist ?? inputs.greylist : undefined;
-    const { reply, close } = rcptReply(tx.mode, greylist);
+    const { reply, close, drop, delayMs, greylist } = rcptReply(tx, box, inputs);
     const accepted = tx.accepted + (reply.code === 250 ? 1 : 0);
-    return { reply, close, state: { ...state, tx: { ...tx, rcpts: [...tx.rcpts, box], accepted, greylist } } };
+    const next = { ...state, tx: { ...tx, rcpts: [...tx.rcpts, box], accepted, greylist: greylist ?? tx.greylist } };
+    return { reply, close, drop, delayMs: delayMs || undefined, state: next };
   },
   DATA: (state, arg) => {
     if (!noArgs(arg)) return { reply: REPLIES.noArgs, state: error(state) };
     if (!state.tx) return { reply: REPLIES.needMail, state: error(state) };
     if (state.tx.rcpts.length === 0) return { reply: REPLIES.needRcpt, state: error(state) };
     if (state.tx.accepted === 0) return { reply: REPLIES.noValidRcpts, state };
-    return { reply: REPLIES.dataGo, state, data: true };
+    const v = atStage(state.tx.scenario, "data");
+    if (v.fail || v.drop) return staged(v, { reply: REPLIES.dataGo, state: { ...state, tx: undefined } });
+    return staged(v, { reply: REPLIES.dataGo, state, data: true });
   },
   RSET: (state, arg) =>
     noArgs(arg)
@@ -401,7 +640,8 @@ export function respond(state: SessionState, line: string, inputs: Inputs): Outc
   const { verb, arg } = splitCommand(line);
   const handler = COMMANDS[verb];
   let out: Outcome;
-  if (handler) out = handler(state, arg, inputs);
+  if (state.refused && verb !== "QUIT") out = { reply: REPLIES.refused, state: error(state) };
+  else if (handler) out = handler(state, arg, inputs);
   else if (NOT_IMPLEMENTED.has(verb)) out = { reply: REPLIES.notImplemented, state: error(state) };
   else out = { reply: REPLIES.unknown, state: error(state) };
   return limitErrors(out);
@@ -429,7 +669,8 @@ export function endOfData(state: SessionState, data: DataSummary): Outcome {
   const next = { ...state, tx: undefined };
   if (data.size > MAX_MESSAGE_BYTES) return { reply: REPLIES.sizeExceeded, state: next };
   if (data.longLine) return { reply: REPLIES.dataLineTooLong, state: next };
-  return { reply: REPLIES.queued, state: next };
+  const v = state.tx ? atStage(state.tx.scenario, "eod") : { delayMs: 0 };
+  return staged(v, { reply: REPLIES.queued, state: next });
 }
 
 // ---------------------------------------------------------------------------
@@ -446,29 +687,33 @@ const logEncoder = new TextEncoder();
 
 /** Remembers first attempts per key, for `window` ms, in bounded memory. */
 export class GreylistTable {
-  #first = new Map<string, number>();
+  #first = new Map<string, { at: number; windowMs: number }>();
   constructor(readonly windowMs: number, readonly maxEntries = MAX_GREYLIST_ENTRIES) {}
 
   get size(): number {
     return this.#first.size;
   }
 
-  /** "defer" on a first attempt (remembered), "pass" on a retry within the window. */
-  check(key: string, now: number): GreylistVerdict {
+  /**
+   * "defer" on a first attempt (remembered) and on a retry sooner than `minMs`; "pass" on a
+   * retry after `minMs` within the window (the scenario's, else the table's).
+   */
+  check(key: string, now: number, minMs = 0, windowMs = this.windowMs): GreylistVerdict {
     this.#sweep(now);
     const first = this.#first.get(key);
-    if (first !== undefined) return "pass";
+    if (first !== undefined && now - first.at <= first.windowMs) return now - first.at >= minMs ? "pass" : "defer";
+    this.#first.delete(key);
     while (this.#first.size >= this.maxEntries) {
       this.#first.delete(this.#first.keys().next().value!);
     }
-    this.#first.set(key, now);
+    this.#first.set(key, { at: now, windowMs });
     return "defer";
   }
 
-  /** Forgets expired entries; insertion order is time order, so stop at the first live one. */
+  /** Forgets expired entries, oldest first, up to the first live one (the cap bounds the rest). */
   #sweep(now: number): void {
     for (const [key, first] of this.#first) {
-      if (now - first <= this.windowMs) break;
+      if (now - first.at <= first.windowMs) break;
       this.#first.delete(key);
     }
   }
@@ -528,7 +773,7 @@ export function describeError(err: unknown): string {
  * failures keep the last good mode, and each change of state is logged once.
  */
 export class ModeCache {
-  current: Mode = DEFAULT_MODE;
+  current: Scenario = scenario(DEFAULT_MODE);
   /** Last logged state (mode or error); a new line is logged only on change. */
   #state = "";
   #timer: Timer | undefined;
@@ -550,16 +795,13 @@ export class ModeCache {
         this.source.fetch(ctrl.signal),
         new Promise<never>((_, reject) => ctrl.signal.addEventListener("abort", () => reject(ctrl.signal.reason))),
       ]);
-      const mode = parseMode(raw);
-      if (mode === undefined) {
-        this.#report(`invalid:${raw}`, "mode_invalid", {
-          value: raw.slice(0, 100),
-          reason: `not one of ${MODES.join(", ")}`,
-        });
+      const parsed = parseScenario(raw);
+      if (typeof parsed === "string") {
+        this.#report(`invalid:${raw}`, "mode_invalid", { value: raw.slice(0, 100), reason: parsed });
       } else {
-        const previous = this.current;
-        this.current = mode;
-        this.#report(`ok:${mode}`, "mode", { mode, previous });
+        const previous = this.current.text;
+        this.current = parsed;
+        this.#report(`ok:${parsed.text}`, "mode", { mode: parsed.text, previous });
       }
     } catch (err) {
       const reason = describeError(err);
@@ -574,7 +816,7 @@ export class ModeCache {
     this.#state = state;
     this.logger(event, {
       source: this.source.describe,
-      keeping: event === "mode" ? undefined : this.current,
+      keeping: event === "mode" ? undefined : this.current.text,
       ...fields,
     });
   }
@@ -618,7 +860,8 @@ const CR = 13;
 const DOT = 46;
 
 interface TransactionLog {
-  mode: Mode;
+  /** The scenario's text (the mode name for a plain mode). */
+  mode: string;
   from: string;
   rcpts: { to: string; code: number }[];
   /** Message size and the end-of-data reply, when DATA was reached. */
@@ -628,7 +871,7 @@ interface TransactionLog {
 
 export interface ServerDeps {
   config: Config;
-  modes: { readonly current: Mode };
+  modes: { readonly current: Scenario };
   greylist: GreylistTable;
 }
 
@@ -674,6 +917,11 @@ class Session {
   commands = 0;
   /** The client's first command was QUIT and it said nothing else: a health check. */
   quitOnly = false;
+  /** The scenario dropped the connection without a reply. */
+  dropped = false;
+  /** Set when an outcome waits or drops: the queued replies from `from` on wait for it. */
+  #hold: { from: number; delayMs: number; drop: boolean } | undefined;
+  #greylist: GreylistOracle = (key, minMs, windowMs) => this.deps.greylist.check(key, Date.now(), minMs, windowMs);
 
   constructor(readonly conn: Deno.Conn, readonly deps: ServerDeps, readonly client: string) {}
 
@@ -702,11 +950,14 @@ class Session {
     } catch { /* already closed */ }
   }
 
-  /** Feeds bytes from the socket; returns false once the session must end. */
-  feed(chunk: Uint8Array): boolean {
-    this.bytesIn += chunk.length;
+  /**
+   * Feeds bytes from the socket. Stops early when an outcome must wait or drop, and returns
+   * the bytes not yet read, to feed again after `release()`.
+   */
+  feed(chunk: Uint8Array, counted = false): Uint8Array | undefined {
+    if (!counted) this.bytesIn += chunk.length;
     let pos = 0;
-    while (pos < chunk.length && !this.#closing) {
+    while (pos < chunk.length && !this.#closing && !this.#hold) {
       const nl = chunk.indexOf(LF, pos);
       const end = nl < 0 ? chunk.length : nl + 1;
       const piece = chunk.subarray(pos, end);
@@ -727,7 +978,37 @@ class Session {
         else if (this.inData) this.#line(undefined, total);
       }
     }
-    return !this.#closing;
+    return this.#hold && !this.#closing && pos < chunk.length ? chunk.subarray(pos) : undefined;
+  }
+
+  /** Writes the queued replies; a held reply is written after its delay, or the session dropped. */
+  async release(): Promise<void> {
+    const hold = this.#hold;
+    if (!hold) return await this.flush();
+    this.#hold = undefined;
+    const later = this.#out.splice(hold.from);
+    await this.flush();
+    if (hold.delayMs > 0) {
+      this.lastRead = Date.now() + hold.delayMs; // our own wait is not the client's idleness
+      await new Promise((ok) => setTimeout(ok, hold.delayMs));
+      this.lastRead = Date.now();
+    }
+    if (hold.drop) {
+      this.dropped = true;
+      this.#closing = true;
+      return this.close();
+    }
+    this.#out.push(...later);
+    await this.flush();
+  }
+
+  get closing(): boolean {
+    return this.#closing;
+  }
+
+  /** Applies the greeting outcome (220, or the scenario's failure at connect). */
+  greet(out: Outcome): void {
+    this.#apply(out);
   }
 
   /** A complete line; `undefined` when it was longer than the limit. */
@@ -749,8 +1030,12 @@ class Session {
     this.commands++;
     const { verb } = splitCommand(text);
     this.quitOnly = this.commands === 1 && verb === "QUIT";
-    const inputs: Inputs = { mode: this.deps.modes.current, serverName: this.deps.config.serverName };
-    if (needsGreylist(this.state, verb)) inputs.greylist = this.deps.greylist.check(this.client, Date.now());
+    const inputs: Inputs = {
+      scenario: this.deps.modes.current,
+      serverName: this.deps.config.serverName,
+      client: this.client,
+      greylist: this.#greylist,
+    };
     const before = this.state.tx;
     const out = respond(this.state, text, inputs);
     this.#record(before, out);
@@ -765,7 +1050,7 @@ class Session {
     if (!before) {
       this.transactionCount++;
       if (this.transactions.length < MAX_LOGGED_TRANSACTIONS) {
-        this.transactions.push({ mode: tx.mode, from: tx.from, rcpts: [] });
+        this.transactions.push({ mode: tx.scenario.text, from: tx.from, rcpts: [] });
       }
     } else if (tx.rcpts.length > before.rcpts.length) {
       const logged = this.transactions.at(-1);
@@ -777,8 +1062,11 @@ class Session {
 
   #apply(out: Outcome): void {
     this.state = out.state;
-    this.reply(out.reply);
-    if (out.tooManyErrors) this.reply(REPLIES.tooManyErrors);
+    if (out.drop || out.delayMs) this.#hold = { from: this.#out.length, delayMs: out.delayMs ?? 0, drop: !!out.drop };
+    if (!out.drop) {
+      this.reply(out.reply);
+      if (out.tooManyErrors) this.reply(REPLIES.tooManyErrors);
+    }
     if (out.close) this.#closing = true;
   }
 
@@ -812,7 +1100,7 @@ class Session {
       this.#inHeaders = false;
       return;
     }
-    if (this.state.tx?.mode !== "accept-log") return;
+    if (this.state.tx?.scenario.base !== "accept-log") return;
     if (this.#headerBytes + len > MAX_LOGGED_HEADER_BYTES) {
       this.#headersTruncated = true;
       return;
@@ -833,7 +1121,7 @@ class Session {
       logged.size = this.#size;
       logged.result = out.reply.code;
     }
-    if (tx.mode === "accept-log" && out.reply.code === 250) {
+    if (tx.scenario.base === "accept-log" && out.reply.code === 250) {
       log("message", {
         client: this.client,
         helo: this.state.helo,
@@ -873,6 +1161,7 @@ class Session {
       transactions: this.transactions,
       transactionCount: this.transactionCount,
       replies: this.replies,
+      ...(this.dropped ? { dropped: true } : {}),
       replyCount: this.replyCount,
       commands: this.commands,
       bytesIn: this.bytesIn,
@@ -968,16 +1257,20 @@ export class Server {
     this.sessions.add(session);
     let failure: string | undefined;
     try {
-      session.reply(greetingReply(this.deps.config.serverName));
-      await session.flush();
+      session.greet(greeting(this.deps.modes.current, this.deps.config.serverName));
+      await session.release();
       const buf = new Uint8Array(READ_BUFFER_BYTES);
-      while (!session.closed) {
+      while (!session.closed && !session.closing) {
         const n = await conn.read(buf);
         if (n === null) break;
         session.lastRead = Date.now();
-        const more = session.feed(buf.subarray(0, n));
-        await session.flush();
-        if (!more) break;
+        let rest = session.feed(buf.subarray(0, n));
+        await session.release();
+        while (rest && !session.closing) {
+          rest = session.feed(rest, true);
+          await session.release();
+        }
+        if (session.closing) break;
         if (this.#shuttingDown && session.idle) {
           await session.goodbye(REPLIES.shutdown);
           break;
@@ -1077,7 +1370,7 @@ async function main(): Promise<void> {
     bind: `${server.addr.hostname}:${server.addr.port}`,
     serverName: config.serverName,
     source: modes.source.describe,
-    mode: modes.current,
+    mode: modes.current.text,
     cacheTtlMs: config.cacheTtlMs,
     greylistWindowMs: config.greylistWindowMs,
     maxSessions: config.maxSessions,

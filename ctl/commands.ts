@@ -12,7 +12,7 @@ import {
 } from "@aws-sdk/client-ecs";
 import { CloudWatchLogsClient, FilterLogEventsCommand } from "@aws-sdk/client-cloudwatch-logs";
 import { ListInstancesCommand, ListServicesCommand, ServiceDiscoveryClient } from "@aws-sdk/client-servicediscovery";
-import { DEFAULT_MODE, parseMode } from "../listener.ts";
+import { DEFAULT_MODE, parseScenario } from "../listener.ts";
 import type { Environment } from "./environments.ts";
 import { type Exec, mtaCommands, type Task } from "./exec.ts";
 import type { IssueResult } from "./github.ts";
@@ -55,14 +55,11 @@ export class InvalidModeError extends Error {
   override name = "InvalidModeError";
 }
 
+/** The value as the listener will read it, or a refusal with the listener's own reason. */
 export function validateMode(value: string): string {
-  const mode = parseMode(value);
-  if (!mode) {
-    throw new InvalidModeError(
-      `"${value}" is not a mode the listener accepts: defer, bounce, accept, accept-log, greylist`,
-    );
-  }
-  return mode;
+  const sc = parseScenario(value);
+  if (typeof sc === "string") throw new InvalidModeError(`"${value}" is not a mode the listener accepts: ${sc}`);
+  return sc.text;
 }
 
 async function currentMode(d: Deps) {

@@ -10,41 +10,41 @@ import {
   MAX_ERRORS_PER_SESSION,
   MAX_MESSAGE_BYTES,
   MAX_RECIPIENTS,
-  type Mode,
   ModeCache,
   MODES,
-  needsGreylist,
   type Outcome,
   parseMailbox,
-  parseMode,
   parsePathArg,
   respond,
+  scenario,
   type SessionState,
 } from "../listener.ts";
 
 const SERVER = "sinkhole.test.internal";
 
-/** Plays command lines through `respond`; the greylist answer is given when asked for. */
-function play(mode: Mode, lines: string[], greylist: GreylistVerdict = "defer") {
+/** Plays command lines through `respond`; the greylist oracle answers `greylist` and counts the questions. */
+function play(mode: string, lines: string[], greylist: GreylistVerdict = "defer") {
   let state: SessionState = initialState();
   const outs: Outcome[] = [];
+  const asked: string[] = [];
+  const sc = scenario(mode);
   for (const line of lines) {
-    const verb = line.split(" ")[0].toUpperCase();
     const out = respond(state, line, {
-      mode,
+      scenario: sc,
       serverName: SERVER,
-      greylist: needsGreylist(state, verb) ? greylist : undefined,
+      client: "192.0.2.1",
+      greylist: (key) => (asked.push(key), greylist),
     });
     outs.push(out);
     state = out.state;
-    if (out.close) break;
+    if (out.close || out.drop) break;
   }
-  return { outs, state, codes: outs.map((o) => o.reply.code), last: outs.at(-1)! };
+  return { outs, state, codes: outs.map((o) => o.reply.code), last: outs.at(-1)!, asked };
 }
 
 /** What each mode answers to RCPT and then to DATA. */
 const MODE_TABLE: {
-  mode: Mode;
+  mode: string;
   greylist?: GreylistVerdict;
   rcpt: string;
   close?: boolean;
@@ -146,25 +146,20 @@ for (const row of MODE_TABLE) {
 }
 
 Deno.test("policy: the mode is fixed per transaction, read at MAIL", () => {
+  const inputs = (mode: string) => ({ scenario: scenario(mode), serverName: SERVER });
   let state = play("accept", STATES.mail).state;
-  const out = respond(state, "RCPT TO:<b@sinkhole.test>", { mode: "bounce", serverName: SERVER });
+  const out = respond(state, "RCPT TO:<b@sinkhole.test>", inputs("bounce"));
   assertEquals(out.reply.code, 250, "a mode change mid-transaction does not apply");
-  state = respond(out.state, "RSET", { mode: "bounce", serverName: SERVER }).state;
-  state = respond(state, "MAIL FROM:<a@origin.test>", { mode: "bounce", serverName: SERVER }).state;
-  assertEquals(respond(state, "RCPT TO:<b@sinkhole.test>", { mode: "bounce", serverName: SERVER }).reply.code, 550);
+  state = respond(out.state, "RSET", inputs("bounce")).state;
+  state = respond(state, "MAIL FROM:<a@origin.test>", inputs("bounce")).state;
+  assertEquals(respond(state, "RCPT TO:<b@sinkhole.test>", inputs("bounce")).reply.code, 550);
 });
 
-Deno.test("policy: greylist asks once per transaction and keeps the answer", () => {
-  const { state } = play("greylist", [...STATES.mail, "RCPT TO:<b@sinkhole.test>"], "defer");
-  assertEquals(state.tx?.greylist, "defer");
-  assert(!needsGreylist(state, "RCPT"), "the second RCPT does not ask again");
-  const second = respond(state, "RCPT TO:<c@sinkhole.test>", {
-    mode: "greylist",
-    serverName: SERVER,
-    greylist: "pass",
-  });
-  assertEquals(second.reply.code, 451, "same answer for every recipient of the transaction");
-  assert(!needsGreylist(play("accept", STATES.mail).state, "RCPT"), "only greylist mode asks");
+Deno.test("policy: greylist by IP asks once per transaction and keeps the answer", () => {
+  const { codes, asked } = play("greylist", [...STATES.mail, "RCPT TO:<b@sinkhole.test>", "RCPT TO:<c@sinkhole.test>"]);
+  assertEquals(codes.slice(-2), [451, 451], "same answer for every recipient of the transaction");
+  assertEquals(asked, ["192.0.2.1"]);
+  assertEquals(play("accept", [...STATES.mail, "RCPT TO:<b@sinkhole.test>"]).asked, [], "only greylist mode asks");
 });
 
 Deno.test("policy: EHLO advertises only what is implemented", () => {
@@ -262,12 +257,12 @@ Deno.test("policy: end of data", () => {
   }
 });
 
-Deno.test("policy: parseMode accepts the five modes, trimmed and case-insensitive", () => {
+Deno.test("policy: the five plain modes parse, trimmed and case-insensitive", () => {
   for (const m of MODES) {
-    assertEquals(parseMode(m), m);
-    assertEquals(parseMode(`  ${m.toUpperCase()}\n`), m);
+    assertEquals(scenario(m).base, m);
+    assertEquals(scenario(m).text, m);
+    assertEquals(scenario(`  ${m.toUpperCase()}\n`).text, m);
   }
-  for (const bad of ["", "deny", "accept log", "defer;", "acceptlog"]) assertEquals(parseMode(bad), undefined, bad);
 });
 
 Deno.test("policy: mailbox and path parsing", () => {
@@ -322,7 +317,11 @@ Deno.test("config: bad values are refused with the variable's name", () => {
     ["SINKHOLE_BIND_PORT", "25x", /SINKHOLE_BIND_PORT/],
     ["SINKHOLE_CACHE_TTL", "-1", /SINKHOLE_CACHE_TTL must be a positive number of seconds/],
     ["SINKHOLE_GREYLIST_WINDOW", "soon", /SINKHOLE_GREYLIST_WINDOW/],
-    ["SINKHOLE_MODE", "deny", /SINKHOLE_MODE must be one of defer, bounce, accept, accept-log, greylist/],
+    [
+      "SINKHOLE_MODE",
+      "deny",
+      /SINKHOLE_MODE "deny": unknown mode "deny": one of defer, bounce, accept, accept-log, greylist, drop/,
+    ],
     ["SINKHOLE_MAX_SESSIONS", "0", /SINKHOLE_MAX_SESSIONS/],
   ];
   for (const [name, value, message] of bad) {
@@ -362,11 +361,11 @@ Deno.test("mode cache: keeps the last good mode and logs each change of state on
     1000,
     (event, fields) => lines.push({ event, ...fields }),
   );
-  assertEquals(cache.current, "defer", "defer before any answer");
-  const seen: Mode[] = [];
+  assertEquals(cache.current.text, "defer", "defer before any answer");
+  const seen: string[] = [];
   for (let i = 0; i < 7; i++) {
     await cache.refresh();
-    seen.push(cache.current);
+    seen.push(cache.current.text);
   }
   assertEquals(seen, ["accept", "accept", "accept", "accept", "accept", "accept", "bounce"]);
   assertEquals(lines.map((l) => l.event), ["mode", "mode_invalid", "mode_error", "mode"]);

