@@ -173,6 +173,8 @@ export function parseDuration(raw: string): number | undefined {
 
 /** Splits `base key=value key="quoted value"` into tokens. */
 function tokenize(raw: string): string[] | string {
+  const open = /(?:^|\s)([^\s"=]+)="[^"]*$/.exec(raw);
+  if (open) return `unterminated quote in ${open[1]}=`;
   const tokens: string[] = [];
   const re = /\s*([^\s"=]+)(?:=(?:"([^"]*)"|([^\s"]*)))?/y;
   let pos = 0;
@@ -409,9 +411,9 @@ export function atStage(sc: Scenario, stage: Stage): { fail?: Reply; drop?: bool
 }
 
 /** Turns a stage's verdict into an outcome: the failure if any, else `ok`; a 421 always closes. */
-function staged(verdict: ReturnType<typeof atStage>, ok: Outcome): Outcome {
-  if (verdict.drop) return { ...ok, reply: ok.reply, drop: true, delayMs: verdict.delayMs, data: false };
-  const out = verdict.fail ? { reply: verdict.fail, state: ok.state } : ok;
+function staged(verdict: ReturnType<typeof atStage>, ok: Outcome, failed: SessionState = ok.state): Outcome {
+  if (verdict.drop) return { reply: ok.reply, state: failed, drop: true, delayMs: verdict.delayMs };
+  const out = verdict.fail ? { reply: verdict.fail, state: failed } : ok;
   return { ...out, delayMs: verdict.delayMs || undefined, close: out.close || out.reply.code === 421 || undefined };
 }
 
@@ -571,12 +573,12 @@ const COMMANDS: Record<string, Handler> = {
   HELO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return { reply: REPLIES.heloSyntax, state: error(state) };
     const next = { ...state, helo: arg, esmtp: false, tx: undefined };
-    return staged(atStage(inputs.scenario, "helo"), { reply: r(250, "2.0.0 Hello " + arg), state: next });
+    return staged(atStage(inputs.scenario, "helo"), { reply: r(250, "2.0.0 Hello " + arg), state: next }, state);
   },
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return { reply: REPLIES.ehloSyntax, state: error(state) };
     const next = { ...state, helo: arg, esmtp: true, tx: undefined };
-    return staged(atStage(inputs.scenario, "helo"), { reply: ehloReply(inputs.serverName, arg), state: next });
+    return staged(atStage(inputs.scenario, "helo"), { reply: ehloReply(inputs.serverName, arg), state: next }, state);
   },
   MAIL: (state, arg, inputs) => {
     if (state.helo === undefined) return { reply: REPLIES.needHelo, state: error(state) };
