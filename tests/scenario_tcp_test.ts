@@ -1,0 +1,146 @@
+/** Each feature of the mode language end to end over TCP, with nodemailer and raw SMTP. */
+import nodemailer from "nodemailer";
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { type Listener, RawClient, startListener, transaction } from "./helpers.ts";
+
+interface SendError extends Error {
+  responseCode?: number;
+  code?: string;
+  rejected?: string[];
+}
+
+const mailer = (port: number, socketTimeout = 5000) =>
+  nodemailer.createTransport({
+    host: "127.0.0.1",
+    port,
+    secure: false,
+    ignoreTLS: true,
+    connectionTimeout: 5000,
+    greetingTimeout: 5000,
+    socketTimeout,
+  });
+
+const MESSAGE = { from: "a@origin.test", subject: "scenario", text: "body\n" };
+
+async function failure(p: Promise<unknown>): Promise<SendError> {
+  try {
+    await p;
+  } catch (e) {
+    return e as SendError;
+  }
+  throw new Error("expected a failure");
+}
+
+async function withMode(mode: string, fn: (l: Listener) => Promise<void>): Promise<void> {
+  const l = await startListener({ SINKHOLE_MODE: mode });
+  try {
+    await fn(l);
+  } finally {
+    await l.stop();
+  }
+}
+
+Deno.test("scenario: a custom 451 at end of data, after the whole body was received", () =>
+  withMode('defer at=eod reply="451 4.3.0 Queue full, try later"', async (l) => {
+    const err = await failure(mailer(l.port).sendMail({ ...MESSAGE, to: "x@sinkhole.test" }));
+    assertEquals(err.responseCode, 451);
+    assertMatch(err.message, /4\.3\.0 Queue full, try later/);
+    const session = await l.waitForLog((x) => x.event === "session");
+    const [tx] = session.transactions as { rcpts: { code: number }[]; size: number; result: number }[];
+    assertEquals(tx.rcpts[0].code, 250, "recipients were accepted");
+    assertEquals(tx.result, 451);
+    assert(tx.size > 0, "the body was received before the failure");
+    assertEquals(session.modes, ["defer at=eod reply=451 4.3.0 Queue full, try later"]);
+  }));
+
+Deno.test("scenario: drop at RCPT closes without a reply", () =>
+  withMode("drop at=rcpt", async (l) => {
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).code, 220);
+    await c.cmd("EHLO c.test");
+    await c.cmd("MAIL FROM:<a@origin.test>");
+    await c.send("RCPT TO:<b@sinkhole.test>\r\n");
+    assert(await c.closedByServer(), "closed, and nothing was said");
+    c.close();
+    const session = await l.waitForLog((x) => x.event === "session");
+    assertEquals(session.dropped, true);
+    assertEquals(session.replies, [220, 250, 250]);
+    const err = await failure(mailer(l.port).sendMail({ ...MESSAGE, to: "x@sinkhole.test" }));
+    assert(err.code === "ECONNECTION" || /closed/i.test(err.message), `${err.code}: ${err.message}`);
+  }));
+
+Deno.test("scenario: a delay at end of data trips the client's timeout; other sessions go on", () =>
+  withMode("accept delay=3s", async (l) => {
+    const t0 = Date.now();
+    const err = await failure(mailer(l.port, 1000).sendMail({ ...MESSAGE, to: "x@sinkhole.test" }));
+    assertEquals(err.code, "ETIMEDOUT");
+    assert(Date.now() - t0 < 3000, "the client gave up first");
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).code, 220, "the listener is not blocked by a delayed session");
+    c.close();
+    const codes = await transaction(l.port);
+    assertEquals(codes.slice(0, 5), [220, 250, 250, 250, 354]);
+  }));
+
+Deno.test("scenario: a delay shorter than the client's timeout is waited out", () =>
+  withMode("accept at=rcpt delay=700ms", async (l) => {
+    const t0 = Date.now();
+    const info = await mailer(l.port).sendMail({ ...MESSAGE, to: "x@sinkhole.test" });
+    assertEquals(info.accepted, ["x@sinkhole.test"]);
+    assert(Date.now() - t0 >= 650, `took ${Date.now() - t0} ms`);
+  }));
+
+Deno.test("scenario: failures at connect, HELO and MAIL", async () => {
+  await withMode("defer at=connect", async (l) => {
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).lines, ["421 4.3.2 Service temporarily unavailable"]);
+    assert(await c.closedByServer());
+    c.close();
+  });
+  await withMode("bounce at=connect", async (l) => {
+    const c = await RawClient.connect(l.port);
+    assertEquals((await c.reply()).lines, ["554 5.3.2 Transaction failed"]);
+    assertEquals((await c.cmd("EHLO c.test")).lines, ["503 5.5.1 No SMTP service here"]);
+    assertEquals((await c.cmd("QUIT")).code, 221);
+    c.close();
+  });
+  await withMode("drop at=connect", async (l) => {
+    const c = await RawClient.connect(l.port);
+    assert(await c.closedByServer(), "no greeting at all");
+    c.close();
+  });
+  await withMode('defer at=helo reply="421 4.7.0 Too busy"', async (l) => {
+    const c = await RawClient.connect(l.port);
+    await c.reply();
+    assertEquals((await c.cmd("EHLO c.test")).lines, ["421 4.7.0 Too busy"]);
+    assert(await c.closedByServer());
+    c.close();
+  });
+  await withMode('bounce at=mail reply="553 5.7.1 Sender rejected"', async (l) => {
+    const err = await failure(mailer(l.port).sendMail({ ...MESSAGE, to: "x@sinkhole.test" }));
+    assertEquals(err.responseCode, 553);
+  });
+});
+
+Deno.test("scenario: per-recipient outcomes in one message, the global mode for the rest", () =>
+  withMode("accept", async (l) => {
+    const info = await mailer(l.port).sendMail({
+      ...MESSAGE,
+      to: [
+        "accept+1@sinkhole.test",
+        "bounce+2@sinkhole.test",
+        "defer+3@sinkhole.test",
+        "452-4.2.2+4@sinkhole.test",
+        "plain@sinkhole.test",
+      ],
+    });
+    assertEquals(info.accepted.sort(), ["accept+1@sinkhole.test", "plain@sinkhole.test"]);
+    assertEquals(info.rejected.sort(), [
+      "452-4.2.2+4@sinkhole.test",
+      "bounce+2@sinkhole.test",
+      "defer+3@sinkhole.test",
+    ]);
+    const session = await l.waitForLog((x) => x.event === "session");
+    const [tx] = session.transactions as { rcpts: { to: string; code: number }[] }[];
+    assertEquals(tx.rcpts.map((r) => r.code), [250, 550, 451, 452, 250]);
+  }));
