@@ -110,3 +110,86 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "sendmail: per-recipient outcomes in one message; a 451 at end of data keeps the message queued",
+  ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    assertTools(tools.missing);
+    assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-mix-" });
+    const modeFile = await tempModeFile("accept");
+    const mta = await makeSendmail(dir, freePort());
+    let sink: Listener | undefined;
+    let origin: Listener | undefined;
+    try {
+      sink = await startListener(
+        { SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" },
+        { host: SINKHOLE_IP, port: 25 },
+      );
+      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
+      await mta.start();
+
+      await t.step("delivered, bounced and queued recipients from one message", async () => {
+        const to = ["accept+1@sinkhole.test", "bounce+2@sinkhole.test", "defer+3@sinkhole.test"];
+        const codes = await transaction(mta.port, { from: "tester@origin.test", to, body: "Subject: mix\r\n\r\nmix" });
+        assertEquals(codes.at(-2), 250, "sendmail took it");
+        let mailq = "";
+        await eventually(
+          async () => {
+            mailq = await mta.mailq();
+            return /defer\+3@sinkhole\.test/.test(mailq) && !/accept\+1|bounce\+2/.test(mailq);
+          },
+          20_000,
+          200,
+        );
+        assertEquals(queued(mailq), 1, "one queue entry, for the deferred recipient only");
+        assert(!/accept\+1|bounce\+2/.test(mailq), mailq);
+        // mailq shows the envelope's last status (here the bounced recipient's "User unknown"); the
+        // sinkhole's log says what the deferred recipient got.
+        const rcptCodes = sink!.logs.filter((x) => x.event === "session").flatMap((s) =>
+          (s.transactions as { rcpts: { to: string; code: number }[] }[]).flatMap((tx) => tx.rcpts)
+        );
+        assert(rcptCodes.some((r) => r.to === "defer+3@sinkhole.test" && r.code === 451), JSON.stringify(rcptCodes));
+        const dsn = await origin!.waitForLog((x) => x.event === "message", 20_000);
+        assertEquals(dsn.rcpts, ["tester@origin.test"], "the bounced recipient produced a DSN");
+        const delivered = sink!.logs.filter((x) => x.event === "session").flatMap((s) =>
+          s.transactions as { rcpts: { to: string; code: number }[]; result?: number }[]
+        );
+        assert(
+          delivered.some((tx) =>
+            tx.result === 250 && tx.rcpts.some((r) => r.to === "accept+1@sinkhole.test" && r.code === 250)
+          ),
+          "accept+1 was delivered",
+        );
+      });
+
+      await t.step("a 451 at end of data, after the body, keeps the message queued", async () => {
+        await Deno.writeTextFile(modeFile, 'defer at=eod reply="451 4.3.0 Queue full"\n');
+        await eventually(() =>
+          sink!.logs.findLast((x) => x.event === "mode")?.mode === "defer at=eod reply=451 4.3.0 Queue full"
+        );
+        const before = queued(await mta.mailq());
+        await transaction(mta.port, {
+          from: "tester@origin.test",
+          to: ["eod@sinkhole.test"],
+          body: "Subject: eod\r\n\r\nbody",
+        });
+        let mailq = "";
+        await eventually(async () => /Deferred: 451 4\.3\.0 Queue full/.test(mailq = await mta.mailq()), 20_000, 200);
+        assertEquals(queued(mailq), before + 1);
+        const s = sink!.logs.findLast((x) => x.event === "session")!;
+        const [tx] = s.transactions as { size: number; result: number }[];
+        assert(tx.size > 0 && tx.result === 451, "the whole body was sent before the 451");
+      });
+    } finally {
+      await mta.kill().catch(() => {});
+      await sink?.stop();
+      await origin?.stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+      await Deno.remove(modeFile).catch(() => {});
+    }
+  },
+});
