@@ -93,6 +93,10 @@ export interface Config {
   maxSessions: number;
   idleTimeoutMs: number;
   sessionTimeoutMs: number;
+  /** Offer STARTTLS (SINKHOLE_STARTTLS=on) with this certificate and key (PEM files), or a generated one. */
+  startTls: boolean;
+  tlsCertFile: string;
+  tlsKeyFile: string;
 }
 
 /** Reads the configuration from environment variables; throws on bad values. */
@@ -115,10 +119,20 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
     }
     return n;
   };
+  const onOff = (name: string): boolean => {
+    const raw = (env(name) ?? "off").toLowerCase();
+    if (raw !== "on" && raw !== "off" && raw !== "") {
+      throw new Error(`${name} must be on or off, got ${JSON.stringify(raw)}`);
+    }
+    return raw === "on";
+  };
   const modeFile = env("SINKHOLE_MODE_FILE") ?? "";
   const staticMode = env("SINKHOLE_MODE") ?? "";
   const invalid = staticMode === "" ? undefined : parseScenario(staticMode);
   if (typeof invalid === "string") throw new Error(`SINKHOLE_MODE ${JSON.stringify(staticMode)}: ${invalid}`);
+  if ((env("SINKHOLE_TLS_CERT") ?? "") === "" !== ((env("SINKHOLE_TLS_KEY") ?? "") === "")) {
+    throw new Error("SINKHOLE_TLS_CERT and SINKHOLE_TLS_KEY go together (PEM files), or neither for a generated one");
+  }
   return {
     bindHost: env("SINKHOLE_BIND_HOST") || "0.0.0.0",
     bindPort: integer("SINKHOLE_BIND_PORT", 25, 65535, 0), // 0: any free port
@@ -132,6 +146,9 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
     maxSessions: integer("SINKHOLE_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, 100_000),
     idleTimeoutMs: seconds("SINKHOLE_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
     sessionTimeoutMs: seconds("SINKHOLE_SESSION_TIMEOUT", DEFAULT_SESSION_TIMEOUT_S),
+    startTls: onOff("SINKHOLE_STARTTLS"),
+    tlsCertFile: env("SINKHOLE_TLS_CERT") ?? "",
+    tlsKeyFile: env("SINKHOLE_TLS_KEY") ?? "",
   };
 }
 
@@ -158,6 +175,11 @@ export interface Scenario {
   reply?: Reply;
   delayMs: number;
   greylist: { key: "ip" | "triplet"; minMs: number; windowMs?: number };
+  /**
+   * STARTTLS: `default` offers it when the listener has TLS (SINKHOLE_STARTTLS=on); `off` never;
+   * `refuse` offers it and answers 454; `break` offers it, says 220, and closes before any handshake.
+   */
+  starttls: "default" | "off" | "refuse" | "break";
   /** The value as written, whitespace folded: what the logs show. */
   text: string;
 }
@@ -214,6 +236,7 @@ export function parseScenario(raw: string): Scenario | string {
     at: FAILING.includes(base) ? "rcpt" : "eod",
     delayMs: 0,
     greylist: { key: "ip", minMs: 0 },
+    starttls: "default",
     text: [base, ...rest].join(" "),
   };
   const seen = new Set<string>();
@@ -270,8 +293,12 @@ export function parseScenario(raw: string): Scenario | string {
         else sc.greylist.windowMs = ms;
         break;
       }
+      case "starttls":
+        if (value === "off" || value === "refuse" || value === "break") sc.starttls = value;
+        else problem = "starttls must be off, refuse or break";
+        break;
       default:
-        problem = `unknown option ${JSON.stringify(key)}: at, reply, delay, key, min, window`;
+        problem = `unknown option ${JSON.stringify(key)}: at, reply, delay, key, min, window, starttls`;
     }
     if (problem) return problem;
   }
@@ -310,11 +337,15 @@ export const REPLIES = {
   dataGo: r(354, "End data with <CR><LF>.<CR><LF>"),
   bye: r(221, "2.0.0 Bye"),
   vrfy: r(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"),
-  help: r(214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"),
+  help: r(214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"),
   defer: r(421, "4.3.2 Service temporarily unavailable"),
   deferRcpt: r(451, "4.3.2 Service temporarily unavailable"),
   bounceStage: r(554, "5.3.2 Transaction failed"),
   refused: r(503, "5.5.1 No SMTP service here"),
+  tlsReady: r(220, "2.0.0 Ready to start TLS"),
+  tlsRefused: r(454, "4.7.0 TLS not available due to temporary reason"),
+  alreadyTls: r(503, "5.5.1 TLS already active"),
+  needEhlo: r(503, "5.5.1 Send EHLO first"),
   bounce: r(550, "5.1.1 User unknown"),
   greylisted: r(451, "4.7.1 Greylisted, please try again later"),
   tooManyRcpts: r(452, "4.5.3 Too many recipients"),
@@ -363,6 +394,8 @@ export interface SessionState {
   errors: number;
   /** Refused at connect with 554: every command but QUIT gets 503 (RFC 5321 §3.1). */
   refused?: boolean;
+  /** The session runs over TLS (after STARTTLS). */
+  tls?: boolean;
 }
 
 export const initialState = (): SessionState => ({ esmtp: false, errors: 0 });
@@ -377,6 +410,8 @@ export interface Inputs {
   /** The client's address, for greylist keys. */
   client?: string;
   greylist?: GreylistOracle;
+  /** The listener can upgrade sessions to TLS (SINKHOLE_STARTTLS=on, a certificate loaded). */
+  tlsAvailable?: boolean;
 }
 
 export interface Outcome {
@@ -392,6 +427,15 @@ export interface Outcome {
   data?: boolean;
   /** The error limit was reached: a 421 follows the reply, then the close. */
   tooManyErrors?: boolean;
+  /** After the reply, upgrade the connection to TLS (RFC 3207). */
+  startTls?: boolean;
+}
+
+/** Whether EHLO offers STARTTLS in this state. */
+export function offersStartTls(state: SessionState, inputs: Inputs): boolean {
+  if (state.tls) return false;
+  const mode = inputs.scenario.starttls;
+  return mode === "refuse" || mode === "break" || (mode === "default" && !!inputs.tlsAvailable);
 }
 
 /** What a scenario does at a stage: a failure (reply or drop), and the delay before the reply. */
@@ -539,7 +583,7 @@ function mailParamsReply(params: Map<string, string>): Reply | undefined {
 }
 
 /** EHLO keywords: only what this file implements. */
-export function ehloReply(serverName: string, clientName: string): Reply {
+export function ehloReply(serverName: string, clientName: string, startTls = false): Reply {
   return r(
     250,
     `${serverName} greets ${clientName}`,
@@ -547,6 +591,7 @@ export function ehloReply(serverName: string, clientName: string): Reply {
     `SIZE ${MAX_MESSAGE_BYTES}`,
     "8BITMIME",
     "ENHANCEDSTATUSCODES",
+    ...(startTls ? ["STARTTLS"] : []),
   );
 }
 
@@ -562,7 +607,7 @@ export function splitCommand(line: string): { verb: string; arg: string } {
 }
 
 /** Recognised commands that this fixture deliberately does not implement. */
-const NOT_IMPLEMENTED = new Set(["EXPN", "TURN", "ETRN", "ATRN", "AUTH", "STARTTLS", "BDAT", "SEND", "SOML", "SAML"]);
+const NOT_IMPLEMENTED = new Set(["EXPN", "TURN", "ETRN", "ATRN", "AUTH", "BDAT", "SEND", "SOML", "SAML"]);
 
 type Handler = (state: SessionState, arg: string, inputs: Inputs) => Outcome;
 
@@ -578,7 +623,8 @@ const COMMANDS: Record<string, Handler> = {
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return { reply: REPLIES.ehloSyntax, state: error(state) };
     const next = { ...state, helo: arg, esmtp: true, tx: undefined };
-    return staged(atStage(inputs.scenario, "helo"), { reply: ehloReply(inputs.serverName, arg), state: next }, state);
+    const reply = ehloReply(inputs.serverName, arg, offersStartTls(state, inputs));
+    return staged(atStage(inputs.scenario, "helo"), { reply, state: next }, state);
   },
   MAIL: (state, arg, inputs) => {
     if (state.helo === undefined) return { reply: REPLIES.needHelo, state: error(state) };
@@ -623,6 +669,26 @@ const COMMANDS: Record<string, Handler> = {
     noArgs(arg)
       ? { reply: REPLIES.reset, state: { ...state, tx: undefined } }
       : { reply: REPLIES.noArgs, state: error(state) },
+  STARTTLS: (state, arg, inputs) => {
+    if (!offersStartTls(state, inputs)) {
+      return { reply: state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented, state: error(state) };
+    }
+    if (!noArgs(arg)) return { reply: REPLIES.noArgs, state: error(state) };
+    if (!state.esmtp) return { reply: REPLIES.needEhlo, state: error(state) };
+    if (state.tx) return { reply: REPLIES.nestedMail, state: error(state) };
+    switch (inputs.scenario.starttls) {
+      case "refuse":
+        return { reply: REPLIES.tlsRefused, state };
+      case "break":
+        return { reply: REPLIES.tlsReady, state, close: true };
+      default: // RFC 3207 §4.2: after the handshake the session starts over
+        return {
+          reply: REPLIES.tlsReady,
+          state: { ...initialState(), errors: state.errors, tls: true },
+          startTls: true,
+        };
+    }
+  },
   NOOP: (state) => ({ reply: REPLIES.ok, state }),
   QUIT: (state) => ({ reply: REPLIES.bye, state, close: true }),
   VRFY: (state, arg) =>
@@ -861,6 +927,147 @@ const LF = 10;
 const CR = 13;
 const DOT = 46;
 
+/** What a session reads and writes: a Deno TCP connection, or a node socket that can turn to TLS. */
+export interface Transport {
+  read(buf: Uint8Array): Promise<number | null>;
+  write(bytes: Uint8Array): Promise<number>;
+  close(): void;
+  /** Upgrades to TLS as the server (RFC 3207); only the STARTTLS-capable transport has it. */
+  startTls?(): Promise<void>;
+}
+
+/** Input held per session before the socket is paused (node sockets push; Deno's are pulled). */
+const NODE_READ_HIGH_WATER = 4 * READ_BUFFER_BYTES;
+/** A TLS handshake must finish within this long. */
+export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
+
+type NodeSocket = import("node:net").Socket;
+type NodeTls = typeof import("node:tls");
+
+/**
+ * A node:net socket as a pull-style Transport, upgradable in place with node:tls (Deno's own
+ * TCP connections cannot be upgraded server-side; node:tls can, see README "STARTTLS").
+ */
+class NodeTransport implements Transport {
+  #sock!: NodeSocket;
+  #queue: Uint8Array[] = [];
+  #queued = 0;
+  #ended = false;
+  #error: Error | undefined;
+  #wake: (() => void) | undefined;
+
+  constructor(sock: NodeSocket, readonly tls: NodeTls, readonly context: import("node:tls").SecureContext) {
+    this.#attach(sock);
+  }
+
+  #onData = (d: Uint8Array) => {
+    this.#queue.push(d);
+    this.#queued += d.length;
+    if (this.#queued > NODE_READ_HIGH_WATER) this.#sock.pause();
+    this.#wake?.();
+  };
+  #onEnd = () => {
+    this.#ended = true;
+    this.#wake?.();
+  };
+  #onError = (e: Error) => {
+    this.#error = e;
+    this.#wake?.();
+  };
+
+  #attach(sock: NodeSocket): void {
+    this.#sock = sock;
+    sock.on("data", this.#onData);
+    sock.on("end", this.#onEnd);
+    sock.on("close", this.#onEnd);
+    sock.on("error", this.#onError);
+  }
+
+  #detach(): void {
+    this.#sock.off("data", this.#onData);
+    this.#sock.off("end", this.#onEnd);
+    this.#sock.off("close", this.#onEnd);
+    this.#sock.off("error", this.#onError);
+  }
+
+  async read(buf: Uint8Array): Promise<number | null> {
+    while (this.#queue.length === 0) {
+      if (this.#error) throw this.#error;
+      if (this.#ended) return null;
+      await new Promise<void>((ok) => this.#wake = ok);
+      this.#wake = undefined;
+    }
+    const head = this.#queue[0];
+    const n = Math.min(head.length, buf.length);
+    buf.set(head.subarray(0, n));
+    if (n === head.length) this.#queue.shift();
+    else this.#queue[0] = head.subarray(n);
+    this.#queued -= n;
+    if (this.#queued <= NODE_READ_HIGH_WATER / 2 && this.#sock.isPaused()) this.#sock.resume();
+    return n;
+  }
+
+  write(bytes: Uint8Array): Promise<number> {
+    return new Promise((ok, fail) => this.#sock.write(bytes, (e) => e ? fail(e) : ok(bytes.length)));
+  }
+
+  close(): void {
+    this.#sock.destroy();
+    this.#ended = true;
+    this.#wake?.();
+  }
+
+  async startTls(): Promise<void> {
+    const plain = this.#sock;
+    this.#detach();
+    this.#queue = []; // RFC 3207 §4.2: nothing sent before the handshake counts
+    this.#queued = 0;
+    const secure = new this.tls.TLSSocket(plain, { isServer: true, secureContext: this.context });
+    await withTimeout(
+      new Promise<void>((ok, fail) => {
+        secure.once("secure", () => ok());
+        secure.once("error", fail);
+        secure.once("close", () => fail(new Error("closed during the TLS handshake")));
+      }),
+      TLS_HANDSHAKE_TIMEOUT_MS,
+    );
+    secure.removeAllListeners("error");
+    secure.removeAllListeners("close");
+    this.#attach(secure);
+    if (plain.isPaused()) plain.resume();
+  }
+}
+
+/** The certificate and key: from PEM files, or a self-signed one made at start (RSA 2048, 1 year). */
+export async function tlsMaterial(config: Config): Promise<{ cert: string; key: string; generated: boolean }> {
+  if (config.tlsCertFile) {
+    return {
+      cert: await Deno.readTextFile(config.tlsCertFile),
+      key: await Deno.readTextFile(config.tlsKeyFile),
+      generated: false,
+    };
+  }
+  const { generateKeyPairSync } = await import("node:crypto");
+  const forge = (await import("node-forge")).default;
+  const { privateKey, publicKey } = generateKeyPairSync("rsa", {
+    modulusLength: 2048,
+    publicKeyEncoding: { type: "spki", format: "pem" },
+    privateKeyEncoding: { type: "pkcs8", format: "pem" },
+  });
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = forge.pki.publicKeyFromPem(publicKey);
+  cert.serialNumber = "01" +
+    Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+  cert.validity.notBefore = new Date(Date.now() - 60_000);
+  cert.validity.notAfter = new Date(Date.now() + 365 * 86_400_000);
+  const subject = [{ name: "commonName", value: config.serverName }];
+  cert.setSubject(subject);
+  cert.setIssuer(subject);
+  cert.setExtensions([{ name: "subjectAltName", altNames: [{ type: 2, value: config.serverName }] }]);
+  cert.sign(forge.pki.privateKeyFromPem(privateKey), forge.md.sha256.create());
+  return { cert: forge.pki.certificateToPem(cert), key: privateKey, generated: true };
+}
+
 interface TransactionLog {
   /** The scenario's text (the mode name for a plain mode). */
   mode: string;
@@ -921,11 +1128,13 @@ class Session {
   quitOnly = false;
   /** The scenario dropped the connection without a reply. */
   dropped = false;
+  /** The session was upgraded with STARTTLS. */
+  tls = false;
   /** Set when an outcome waits or drops: the queued replies from `from` on wait for it. */
-  #hold: { from: number; delayMs: number; drop: boolean } | undefined;
+  #hold: { from: number; delayMs: number; drop: boolean; tls: boolean } | undefined;
   #greylist: GreylistOracle = (key, minMs, windowMs) => this.deps.greylist.check(key, Date.now(), minMs, windowMs);
 
-  constructor(readonly conn: Deno.Conn, readonly deps: ServerDeps, readonly client: string) {}
+  constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {}
 
   reply(reply: Reply): void {
     this.#out.push(formatReply(reply));
@@ -984,12 +1193,21 @@ class Session {
   }
 
   /** Writes the queued replies; a held reply is written after its delay, or the session dropped. */
-  async release(): Promise<void> {
+  async release(): Promise<boolean> {
     const hold = this.#hold;
-    if (!hold) return await this.flush();
+    if (!hold) {
+      await this.flush();
+      return false;
+    }
     this.#hold = undefined;
     const later = this.#out.splice(hold.from);
     await this.flush();
+    if (hold.tls) {
+      if (!this.conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
+      await this.conn.startTls();
+      this.tls = true;
+      return true;
+    }
     if (hold.delayMs > 0) {
       this.lastRead = Date.now() + hold.delayMs; // our own wait is not the client's idleness
       await new Promise((ok) => setTimeout(ok, hold.delayMs));
@@ -998,10 +1216,12 @@ class Session {
     if (hold.drop) {
       this.dropped = true;
       this.#closing = true;
-      return this.close();
+      this.close();
+      return false;
     }
     this.#out.push(...later);
     await this.flush();
+    return false;
   }
 
   get closing(): boolean {
@@ -1037,6 +1257,7 @@ class Session {
       serverName: this.deps.config.serverName,
       client: this.client,
       greylist: this.#greylist,
+      tlsAvailable: this.deps.config.startTls,
     };
     const before = this.state.tx;
     const out = respond(this.state, text, inputs);
@@ -1064,11 +1285,14 @@ class Session {
 
   #apply(out: Outcome): void {
     this.state = out.state;
-    if (out.drop || out.delayMs) this.#hold = { from: this.#out.length, delayMs: out.delayMs ?? 0, drop: !!out.drop };
+    if (out.drop || out.delayMs) {
+      this.#hold = { from: this.#out.length, delayMs: out.delayMs ?? 0, drop: !!out.drop, tls: false };
+    }
     if (!out.drop) {
       this.reply(out.reply);
       if (out.tooManyErrors) this.reply(REPLIES.tooManyErrors);
     }
+    if (out.startTls) this.#hold = { from: this.#out.length, delayMs: 0, drop: false, tls: true };
     if (out.close) this.#closing = true;
   }
 
@@ -1164,6 +1388,7 @@ class Session {
       transactionCount: this.transactionCount,
       replies: this.replies,
       ...(this.dropped ? { dropped: true } : {}),
+      ...(this.tls ? { tls: true } : {}),
       replyCount: this.replyCount,
       commands: this.commands,
       bytesIn: this.bytesIn,
@@ -1173,7 +1398,7 @@ class Session {
   }
 }
 
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+async function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
   let off = 0;
   while (off < bytes.length) off += await conn.write(bytes.subarray(off));
 }
@@ -1197,6 +1422,8 @@ const isLoopback = (ip: string): boolean => ip.startsWith("127.") || ip === "::1
 export class Server {
   readonly sessions = new Set<Session>();
   #listener: Deno.TcpListener | undefined;
+  #nodeServer: import("node:net").Server | undefined;
+  #address: Deno.NetAddr | undefined;
   #done: Promise<void> | undefined;
   #shuttingDown = false;
   #sweeper: Timer | undefined;
@@ -1204,13 +1431,40 @@ export class Server {
   constructor(readonly deps: ServerDeps) {}
 
   get addr(): Deno.NetAddr {
-    return this.#listener!.addr;
+    return this.#address!;
   }
 
-  listen(): void {
+  /**
+   * Listens: Deno.listen by default (the fastest path here); node:net when STARTTLS is on,
+   * since only node:tls can upgrade a server-side connection in place.
+   */
+  async listen(tls?: { cert: string; key: string }): Promise<void> {
     const { bindHost, bindPort, idleTimeoutMs, sessionTimeoutMs } = this.deps.config;
-    this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
-    this.#done = this.#acceptLoop();
+    if (tls) {
+      const net = await import("node:net");
+      const nodeTls = await import("node:tls");
+      const context = nodeTls.createSecureContext({ cert: tls.cert, key: tls.key });
+      const server = net.createServer((sock) => {
+        const transport = new NodeTransport(sock, nodeTls, context);
+        const client = (sock.remoteAddress ?? "unknown").replace(/^::ffff:/, "");
+        if (this.#shuttingDown) return transport.close();
+        if (this.sessions.size >= this.deps.config.maxSessions) return this.#refuse(transport, client);
+        this.#run(transport, client);
+      });
+      await new Promise<void>((ok, fail) => {
+        server.once("error", fail);
+        server.listen(bindPort, bindHost, () => ok());
+      });
+      server.on("error", (err) => log("error", { where: "accept", reason: describeError(err) }));
+      const a = server.address() as import("node:net").AddressInfo;
+      this.#address = { transport: "tcp", hostname: a.address, port: a.port };
+      this.#nodeServer = server;
+      this.#done = Promise.resolve();
+    } else {
+      this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
+      this.#address = this.#listener.addr;
+      this.#done = this.#acceptLoop();
+    }
     const every = Math.max(50, Math.min(TIMEOUT_SWEEP_MAX_MS, Math.min(idleTimeoutMs, sessionTimeoutMs) / 4));
     this.#sweeper = setInterval(() => this.#sweep(Date.now()), every);
   }
@@ -1235,26 +1489,25 @@ export class Server {
         continue;
       }
       if (this.sessions.size >= this.deps.config.maxSessions) {
-        this.#refuse(conn);
+        this.#refuse(conn, clientAddress(conn));
         continue;
       }
-      this.#run(conn);
+      this.#run(conn, clientAddress(conn));
     }
   }
 
   /** Past the session cap: a 421 without waiting for the client, then close. */
-  #refuse(conn: Deno.Conn): void {
+  #refuse(conn: Transport, client: string): void {
     const bytes = encoder.encode(formatReply(REPLIES.tooManySessions));
     withTimeout(writeAll(conn, bytes), GOODBYE_WRITE_MS).catch(() => {}).finally(() => {
       try {
         conn.close();
       } catch { /* gone */ }
     });
-    log("refused", { client: clientAddress(conn), reason: "too many sessions", limit: this.deps.config.maxSessions });
+    log("refused", { client, reason: "too many sessions", limit: this.deps.config.maxSessions });
   }
 
-  async #run(conn: Deno.TcpConn): Promise<void> {
-    const client = clientAddress(conn);
+  async #run(conn: Transport, client: string): Promise<void> {
     const session = new Session(conn, this.deps, client);
     this.sessions.add(session);
     let failure: string | undefined;
@@ -1267,10 +1520,11 @@ export class Server {
         if (n === null) break;
         session.lastRead = Date.now();
         let rest = session.feed(buf.subarray(0, n));
-        await session.release();
-        while (rest && !session.closing) {
+        for (;;) {
+          const upgraded = await session.release();
+          if (upgraded) rest = undefined; // RFC 3207: bytes pipelined after STARTTLS are discarded
+          if (!rest || session.closing) break;
           rest = session.feed(rest, true);
-          await session.release();
         }
         if (session.closing) break;
         if (this.#shuttingDown && session.idle) {
@@ -1295,6 +1549,7 @@ export class Server {
     try {
       this.#listener?.close();
     } catch { /* already closed */ }
+    this.#nodeServer?.close();
     await this.#done;
     for (const s of this.sessions) if (s.idle) s.goodbye(REPLIES.shutdown);
     const deadline = Date.now() + graceMs;
@@ -1362,8 +1617,10 @@ async function main(): Promise<void> {
   const modes = new ModeCache(sourceFor(config, env), config.cacheTtlMs);
   const server = new Server({ config, modes, greylist: new GreylistTable(config.greylistWindowMs) });
   await modes.start();
+  let tls: Awaited<ReturnType<typeof tlsMaterial>> | undefined;
   try {
-    server.listen();
+    if (config.startTls) tls = await tlsMaterial(config);
+    await server.listen(tls);
   } catch (err) {
     log("error", { where: "listen", reason: describeError(err) });
     Deno.exit(1);
@@ -1376,6 +1633,7 @@ async function main(): Promise<void> {
     cacheTtlMs: config.cacheTtlMs,
     greylistWindowMs: config.greylistWindowMs,
     maxSessions: config.maxSessions,
+    starttls: tls ? (tls.generated ? "on, generated certificate" : "on, certificate from files") : "off",
     pid: Deno.pid,
   });
   let stopping = false;
