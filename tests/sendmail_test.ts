@@ -193,3 +193,75 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "sendmail and STARTTLS: refused (454) falls back to plain text; broken (220, close) stays queued; on delivers over TLS",
+  ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    assertTools(tools.missing);
+    assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-tls-" });
+    const modeFile = await tempModeFile("accept starttls=refuse");
+    const mta = await makeSendmail(dir, freePort());
+    let sink: Listener | undefined;
+    const start = (env: Record<string, string> = {}) =>
+      startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2", ...env }, {
+        host: SINKHOLE_IP,
+        port: 25,
+      });
+    const send = (to: string) =>
+      transaction(mta.port, { from: "tester@origin.test", to: [to], body: "Subject: tls\r\n\r\ntls" });
+    const sessionFor = (to: string) =>
+      sink!.logs.findLast((x) =>
+        x.event === "session" &&
+        (x.transactions as { rcpts: { to: string }[] }[]).some((tx) => tx.rcpts.some((r) => r.to === to))
+      );
+    try {
+      sink = await start();
+      await mta.start();
+
+      await t.step("refused with 454: sendmail goes on in plain text and delivers", async () => {
+        await send("refused@sinkhole.test");
+        await eventually(() => sessionFor("refused@sinkhole.test") !== undefined, 20_000);
+        const s = sessionFor("refused@sinkhole.test")!;
+        assertEquals((s.replies as number[]).includes(454), true, JSON.stringify(s.replies));
+        assertEquals((s.transactions as { result: number }[])[0].result, 250);
+        assertEquals(s.tls, undefined, "plain text");
+        await eventually(async () => queued(await mta.mailq()) === 0, 10_000, 200);
+      });
+
+      await t.step(
+        "broken after 220: sendmail defers (454 4.7.0 TLS handshake failed) and keeps it queued",
+        async () => {
+          await Deno.writeTextFile(modeFile, "accept starttls=break\n");
+          await eventually(() => sink!.logs.findLast((x) => x.event === "mode")?.mode === "accept starttls=break");
+          await send("broken@sinkhole.test");
+          let mailq = "";
+          await eventually(async () => /TLS handshake failed/.test(mailq = await mta.mailq()), 20_000, 200);
+          assertEquals(queued(mailq), 1);
+          const out = await mta.queueRun();
+          assertMatch(out, /Deferred: 454 4\.7\.0 TLS handshake failed/, "and again at the next queue run");
+        },
+      );
+
+      await t.step("on: sendmail upgrades with STARTTLS and delivers", async () => {
+        await Deno.writeTextFile(modeFile, "accept\n");
+        await sink!.stop();
+        sink = await start({ SINKHOLE_STARTTLS: "on" });
+        const out = await mta.queueRun();
+        assertMatch(out, />>> STARTTLS\n220 2\.0\.0 Ready to start TLS/);
+        assertMatch(out, /<broken@sinkhole\.test>\.\.\. Sent/);
+        assertEquals(queued(await mta.mailq()), 0);
+        assertEquals(sessionFor("broken@sinkhole.test")?.tls, true, "the delivery ran over TLS");
+      });
+    } finally {
+      await mta.kill().catch(() => {});
+      await sink?.stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+      await Deno.remove(modeFile).catch(() => {});
+    }
+  },
+});
