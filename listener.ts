@@ -237,7 +237,8 @@ export function parseScenario(raw: string): Scenario | string {
     delayMs: 0,
     greylist: { key: "ip", minMs: 0 },
     starttls: "default",
-    text: [base, ...rest].join(" "),
+    // Canonical text: what the logs show, and parseable again (values with spaces quoted).
+    text: [base, ...rest.map((t) => t.includes(" ") ? t.replace("=", '="') + '"' : t)].join(" "),
   };
   const seen = new Set<string>();
   for (const token of rest) {

@@ -50,7 +50,7 @@ Deno.test("scenario: a custom 451 at end of data, after the whole body was recei
     assertEquals(tx.rcpts[0].code, 250, "recipients were accepted");
     assertEquals(tx.result, 451);
     assert(tx.size > 0, "the body was received before the failure");
-    assertEquals(session.modes, ["defer at=eod reply=451 4.3.0 Queue full, try later"]);
+    assertEquals(session.modes, ['defer at=eod reply="451 4.3.0 Queue full, try later"']);
   }));
 
 Deno.test("scenario: drop at RCPT closes without a reply", () =>

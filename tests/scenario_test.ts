@@ -209,3 +209,27 @@ Deno.test("language: greylist triplet asks per recipient; min defers early retri
   assertEquals(t.check("w", 0, 0, 1000), "defer");
   assertEquals(t.check("w", 2000, 0, 1000), "defer", "the scenario's own window passed");
 });
+
+Deno.test("language: the canonical text parses back to the same scenario", () => {
+  for (const [value] of FORMS) {
+    const sc = scenario(value);
+    assertEquals(scenario(sc.text), sc, `${value} → ${sc.text}`);
+  }
+  assertEquals(scenario('defer reply="451 4.7.1 Try again"').text, 'defer reply="451 4.7.1 Try again"');
+});
+
+Deno.test("language: the control CLI validates with the listener's parser and writes the canonical text", async () => {
+  const { validateMode, InvalidModeError } = await import("../ctl/commands.ts");
+  assertEquals(validateMode('defer  at=eod reply="451 4.3.0 Queue full"'), 'defer at=eod reply="451 4.3.0 Queue full"');
+  let refused: unknown;
+  try {
+    validateMode("defer at=later");
+  } catch (e) {
+    refused = e;
+  }
+  assert(refused instanceof InvalidModeError);
+  assertEquals(
+    (refused as Error).message,
+    '"defer at=later" is not a mode the listener accepts: at must be one of connect, helo, mail, rcpt, data, eod',
+  );
+});

@@ -169,7 +169,7 @@ Deno.test({
       await t.step("a 451 at end of data, after the body, keeps the message queued", async () => {
         await Deno.writeTextFile(modeFile, 'defer at=eod reply="451 4.3.0 Queue full"\n');
         await eventually(() =>
-          sink!.logs.findLast((x) => x.event === "mode")?.mode === "defer at=eod reply=451 4.3.0 Queue full"
+          sink!.logs.findLast((x) => x.event === "mode")?.mode === 'defer at=eod reply="451 4.3.0 Queue full"'
         );
         const before = queued(await mta.mailq());
         await transaction(mta.port, {
