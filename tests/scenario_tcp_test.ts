@@ -144,3 +144,13 @@ Deno.test("scenario: per-recipient outcomes in one message, the global mode for 
     const [tx] = session.transactions as { rcpts: { to: string; code: number }[] }[];
     assertEquals(tx.rcpts.map((r) => r.code), [250, 550, 451, 452, 250]);
   }));
+
+Deno.test("scenario: greylist key=triplet min=1s: early retries deferred, later ones pass, per recipient", () =>
+  withMode("greylist key=triplet min=1s window=1h", async (l) => {
+    const send = (to: string) => mailer(l.port).sendMail({ ...MESSAGE, to });
+    assertEquals((await failure(send("x@sinkhole.test"))).responseCode, 451, "first attempt");
+    assertEquals((await failure(send("x@sinkhole.test"))).responseCode, 451, "a retry sooner than min");
+    await new Promise((ok) => setTimeout(ok, 1100));
+    assertEquals((await send("x@sinkhole.test")).accepted, ["x@sinkhole.test"], "a retry after min passes");
+    assertEquals((await failure(send("y@sinkhole.test"))).responseCode, 451, "another recipient is another triplet");
+  }));
