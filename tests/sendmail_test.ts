@@ -11,6 +11,7 @@ import {
   eventually,
   freePort,
   type Listener,
+  type LogLine,
   needs,
   startListener,
   tempModeFile,
@@ -23,245 +24,217 @@ const queued = (mailq: string) => Number(/Total requests: (\d+)/.exec(mailq)?.[1
 const tools = needs("/usr/sbin/sendmail", "makemap", "m4", "unshare", "/usr/share/sendmail/cf/m4/cf.m4");
 const isRoot = Deno.uid() === 0;
 
-Deno.test({
-  name: "sendmail: defer queues, survives the MTA's replacement, accept delivers; bounce bounces; greylist retries",
-  ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: async (t) => {
-    assertTools(tools.missing);
-    assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
-    const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-" });
-    const modeFile = await tempModeFile("defer");
-    const mta = await makeSendmail(dir, freePort());
-    let sink: Listener | undefined;
-    let origin: Listener | undefined;
-    const submit = (to: string, subject: string) =>
-      transaction(mta.port, { from: "tester@origin.test", to: [to], body: `Subject: ${subject}\r\n\r\nqueue test` });
-    const sinkSessions = () => sink!.logs.filter((x) => x.event === "session");
-    try {
-      sink = await startListener(
-        { SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" },
-        { host: SINKHOLE_IP, port: 25 },
-      );
-      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
-      const firstPid = await mta.start();
+type Tx = { rcpts: { to: string; code: number }[]; result?: number; size?: number };
 
-      await t.step("defer: the message is queued with the 421", async () => {
-        assertEquals((await submit("anything@sinkhole.test", "defer phase")).at(-2), 250, "sendmail took it");
-        await eventually(() => sinkSessions().length >= 1, 20_000);
-        const [tx] = sinkSessions()[0].transactions as { rcpts: { to: string; code: number }[] }[];
-        assertEquals(tx.rcpts, [{ to: "anything@sinkhole.test", code: 421 }]);
-        let mailq = "";
-        await eventually(async () => /Deferred: 421 4\.3\.2/.test(mailq = await mta.mailq()), 20_000, 200);
-        assertEquals(queued(mailq), 1);
-        assertMatch(mailq, /anything@sinkhole\.test/);
-      });
+/** The MTA, the sinkhole (mode from a file) and the sender's domain (accept-log), for one test. */
+interface Rig {
+  mta: Awaited<ReturnType<typeof makeSendmail>>;
+  sink: Listener;
+  origin: Listener;
+  /** Writes the mode file and waits until the sinkhole logged it. */
+  setMode(mode: string): Promise<void>;
+  /** Restarts the sinkhole with more environment (e.g. STARTTLS on). */
+  restartSink(env: Record<string, string>): Promise<void>;
+  /** Submits a message to the MTA over SMTP, as an application would. */
+  submit(to: string[], subject: string): Promise<number[]>;
+  sessions(): LogLine[];
+  /** The sinkhole session that saw a recipient, the latest. */
+  sessionFor(rcpt: string): LogLine | undefined;
+}
 
-      await t.step("replace the MTA: kill it, start a new one on the same spool", async () => {
-        const killed = await mta.kill();
-        assertEquals(killed, firstPid);
-        assert(!mta.alive(firstPid));
-        const secondPid = await mta.start();
-        assert(secondPid !== firstPid, "a new process");
-        assertEquals(queued(await mta.mailq()), 1, "the queue was handed over");
-      });
-
-      await t.step("accept: a queue run delivers it and the queue is empty", async () => {
-        await Deno.writeTextFile(modeFile, "accept\n");
-        await sink!.waitForLog((x) => x.event === "mode" && x.mode === "accept");
-        const out = await mta.queueRun();
-        assertMatch(out, /<anything@sinkhole\.test>\.\.\. Sent \(Message accepted and discarded\)/);
-        assertEquals(queued(await mta.mailq()), 0);
-        const delivered = sinkSessions().at(-1)!.transactions as { rcpts: { code: number }[]; result: number }[];
-        assertEquals(delivered[0].result, 250);
-      });
-
-      await t.step("bounce: a bounce to the sender, not a queued message", async () => {
-        await Deno.writeTextFile(modeFile, "bounce\n");
-        await sink!.waitForLog((x) => x.event === "mode" && x.mode === "bounce");
-        assertEquals((await submit("nobody@sinkhole.test", "bounce phase")).at(-2), 250);
-        const dsn = await origin!.waitForLog((x) => x.event === "message", 20_000);
-        assertEquals(dsn.from, "", "a DSN has the null sender");
-        assertEquals(dsn.rcpts, ["tester@origin.test"]);
-        assert((dsn.headers as string[]).some((h) => /^Subject: Returned mail/.test(h)), JSON.stringify(dsn.headers));
-        await eventually(async () => queued(await mta.mailq()) === 0, 10_000, 200);
-      });
-
-      await t.step("greylist: queued at the first attempt, delivered at the next queue run", async () => {
-        await Deno.writeTextFile(modeFile, "greylist\n");
-        await sink!.waitForLog((x) => x.event === "mode" && x.mode === "greylist");
-        const before = sinkSessions().length;
-        assertEquals((await submit("grey@sinkhole.test", "greylist phase")).at(-2), 250);
-        let mailq = "";
-        await eventually(async () => /Deferred: 451 4\.7\.1 Greylisted/.test(mailq = await mta.mailq()), 20_000, 200);
-        assertEquals(queued(mailq), 1);
-        assert(sinkSessions().length > before);
-        const out = await mta.queueRun();
-        assertMatch(out, /<grey@sinkhole\.test>\.\.\. Sent/);
-        assertEquals(queued(await mta.mailq()), 0);
-      });
-    } finally {
-      await mta.kill().catch(() => {});
-      await sink?.stop();
-      await origin?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-      await Deno.remove(modeFile).catch(() => {});
-    }
-  },
-});
-
-Deno.test({
-  name: "sendmail: per-recipient outcomes in one message; a 451 at end of data keeps the message queued",
-  ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: async (t) => {
-    assertTools(tools.missing);
-    assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
-    const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-mix-" });
-    const modeFile = await tempModeFile("accept");
-    const mta = await makeSendmail(dir, freePort());
-    let sink: Listener | undefined;
-    let origin: Listener | undefined;
-    try {
-      sink = await startListener(
-        { SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" },
-        { host: SINKHOLE_IP, port: 25 },
-      );
-      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
-      await mta.start();
-
-      await t.step("delivered, bounced and queued recipients from one message", async () => {
-        const to = ["accept+1@sinkhole.test", "bounce+2@sinkhole.test", "defer+3@sinkhole.test"];
-        const codes = await transaction(mta.port, { from: "tester@origin.test", to, body: "Subject: mix\r\n\r\nmix" });
-        assertEquals(codes.at(-2), 250, "sendmail took it");
-        let mailq = "";
-        await eventually(
-          async () => {
-            mailq = await mta.mailq();
-            return /defer\+3@sinkhole\.test/.test(mailq) && !/accept\+1|bounce\+2/.test(mailq);
-          },
-          20_000,
-          200,
-        );
-        assertEquals(queued(mailq), 1, "one queue entry, for the deferred recipient only");
-        assert(!/accept\+1|bounce\+2/.test(mailq), mailq);
-        // mailq shows the envelope's last status (here the bounced recipient's "User unknown"); the
-        // sinkhole's log says what the deferred recipient got.
-        const rcptCodes = sink!.logs.filter((x) => x.event === "session").flatMap((s) =>
-          (s.transactions as { rcpts: { to: string; code: number }[] }[]).flatMap((tx) => tx.rcpts)
-        );
-        assert(rcptCodes.some((r) => r.to === "defer+3@sinkhole.test" && r.code === 451), JSON.stringify(rcptCodes));
-        const dsn = await origin!.waitForLog((x) => x.event === "message", 20_000);
-        assertEquals(dsn.rcpts, ["tester@origin.test"], "the bounced recipient produced a DSN");
-        const delivered = sink!.logs.filter((x) => x.event === "session").flatMap((s) =>
-          s.transactions as { rcpts: { to: string; code: number }[]; result?: number }[]
-        );
-        assert(
-          delivered.some((tx) =>
-            tx.result === 250 && tx.rcpts.some((r) => r.to === "accept+1@sinkhole.test" && r.code === 250)
-          ),
-          "accept+1 was delivered",
-        );
-      });
-
-      await t.step("a 451 at end of data, after the body, keeps the message queued", async () => {
-        await Deno.writeTextFile(modeFile, 'defer at=eod reply="451 4.3.0 Queue full"\n');
-        await eventually(() =>
-          sink!.logs.findLast((x) => x.event === "mode")?.mode === 'defer at=eod reply="451 4.3.0 Queue full"'
-        );
-        const before = queued(await mta.mailq());
-        await transaction(mta.port, {
-          from: "tester@origin.test",
-          to: ["eod@sinkhole.test"],
-          body: "Subject: eod\r\n\r\nbody",
+function mtaTest(name: string, initialMode: string, fn: (rig: Rig, t: Deno.TestContext) => Promise<void>): void {
+  Deno.test({
+    name,
+    ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async (t) => {
+      assertTools(tools.missing);
+      assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
+      const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-" });
+      const modeFile = await tempModeFile(initialMode);
+      const mta = await makeSendmail(dir, freePort());
+      const startSink = (env: Record<string, string> = {}) =>
+        startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2", ...env }, {
+          host: SINKHOLE_IP,
+          port: 25,
         });
-        let mailq = "";
-        await eventually(async () => /Deferred: 451 4\.3\.0 Queue full/.test(mailq = await mta.mailq()), 20_000, 200);
-        assertEquals(queued(mailq), before + 1);
-        const s = sink!.logs.findLast((x) => x.event === "session")!;
-        const [tx] = s.transactions as { size: number; result: number }[];
-        assert(tx.size > 0 && tx.result === 451, "the whole body was sent before the 451");
-      });
-    } finally {
-      await mta.kill().catch(() => {});
-      await sink?.stop();
-      await origin?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-      await Deno.remove(modeFile).catch(() => {});
-    }
+      let sink: Listener | undefined;
+      let origin: Listener | undefined;
+      try {
+        sink = await startSink();
+        origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
+        const sessions = () => sink!.logs.filter((x) => x.event === "session");
+        const rig: Rig = {
+          mta,
+          get sink() {
+            return sink!;
+          },
+          origin,
+          setMode: async (mode) => {
+            await Deno.writeTextFile(modeFile, `${mode}\n`);
+            await eventually(() => sink!.logs.findLast((x) => x.event === "mode")?.mode === mode);
+          },
+          restartSink: async (env) => {
+            await sink!.stop();
+            sink = await startSink(env);
+          },
+          submit: (to, subject) =>
+            transaction(mta.port, { from: "tester@origin.test", to, body: `Subject: ${subject}\r\n\r\ntest` }),
+          sessions,
+          sessionFor: (rcpt) =>
+            sessions().findLast((s) => (s.transactions as Tx[]).some((tx) => tx.rcpts.some((r) => r.to === rcpt))),
+        };
+        await fn(rig, t);
+      } finally {
+        await mta.kill().catch(() => {});
+        await sink?.stop();
+        await origin?.stop();
+        await Deno.remove(dir, { recursive: true }).catch(() => {});
+        await Deno.remove(modeFile).catch(() => {});
+      }
+    },
+  });
+}
+
+mtaTest(
+  "sendmail: defer queues, survives the MTA's replacement, accept delivers; bounce bounces; greylist retries",
+  "defer",
+  async ({ mta, origin, setMode, submit, sessions }, t) => {
+    const firstPid = await mta.start();
+
+    await t.step("defer: the message is queued with the 421", async () => {
+      assertEquals((await submit(["anything@sinkhole.test"], "defer phase")).at(-2), 250, "sendmail took it");
+      await eventually(() => sessions().length >= 1, 20_000);
+      const [tx] = sessions()[0].transactions as Tx[];
+      assertEquals(tx.rcpts, [{ to: "anything@sinkhole.test", code: 421 }]);
+      let mailq = "";
+      await eventually(async () => /Deferred: 421 4\.3\.2/.test(mailq = await mta.mailq()), 20_000, 200);
+      assertEquals(queued(mailq), 1);
+      assertMatch(mailq, /anything@sinkhole\.test/);
+    });
+
+    await t.step("replace the MTA: kill it, start a new one on the same spool", async () => {
+      const killed = await mta.kill();
+      assertEquals(killed, firstPid);
+      assert(!mta.alive(firstPid));
+      const secondPid = await mta.start();
+      assert(secondPid !== firstPid, "a new process");
+      assertEquals(queued(await mta.mailq()), 1, "the queue was handed over");
+    });
+
+    await t.step("accept: a queue run delivers it and the queue is empty", async () => {
+      await setMode("accept");
+      const out = await mta.queueRun();
+      assertMatch(out, /<anything@sinkhole\.test>\.\.\. Sent \(Message accepted and discarded\)/);
+      assertEquals(queued(await mta.mailq()), 0);
+      assertEquals((sessions().at(-1)!.transactions as Tx[])[0].result, 250);
+    });
+
+    await t.step("bounce: a bounce to the sender, not a queued message", async () => {
+      await setMode("bounce");
+      assertEquals((await submit(["nobody@sinkhole.test"], "bounce phase")).at(-2), 250);
+      const dsn = await origin.waitForLog((x) => x.event === "message", 20_000);
+      assertEquals(dsn.from, "", "a DSN has the null sender");
+      assertEquals(dsn.rcpts, ["tester@origin.test"]);
+      assert((dsn.headers as string[]).some((h) => /^Subject: Returned mail/.test(h)), JSON.stringify(dsn.headers));
+      await eventually(async () => queued(await mta.mailq()) === 0, 10_000, 200);
+    });
+
+    await t.step("greylist: queued at the first attempt, delivered at the next queue run", async () => {
+      await setMode("greylist");
+      const before = sessions().length;
+      assertEquals((await submit(["grey@sinkhole.test"], "greylist phase")).at(-2), 250);
+      let mailq = "";
+      await eventually(async () => /Deferred: 451 4\.7\.1 Greylisted/.test(mailq = await mta.mailq()), 20_000, 200);
+      assertEquals(queued(mailq), 1);
+      assert(sessions().length > before);
+      const out = await mta.queueRun();
+      assertMatch(out, /<grey@sinkhole\.test>\.\.\. Sent/);
+      assertEquals(queued(await mta.mailq()), 0);
+    });
   },
-});
+);
 
-Deno.test({
-  name:
-    "sendmail and STARTTLS: refused (454) falls back to plain text; broken (220, close) stays queued; on delivers over TLS",
-  ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: async (t) => {
-    assertTools(tools.missing);
-    assert(isRoot, "the sendmail suite binds 127.0.0.2:25 and uses namespaces: run it as root (CI does)");
-    const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-tls-" });
-    const modeFile = await tempModeFile("accept starttls=refuse");
-    const mta = await makeSendmail(dir, freePort());
-    let sink: Listener | undefined;
-    const start = (env: Record<string, string> = {}) =>
-      startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2", ...env }, {
-        host: SINKHOLE_IP,
-        port: 25,
-      });
-    const send = (to: string) =>
-      transaction(mta.port, { from: "tester@origin.test", to: [to], body: "Subject: tls\r\n\r\ntls" });
-    const sessionFor = (to: string) =>
-      sink!.logs.findLast((x) =>
-        x.event === "session" &&
-        (x.transactions as { rcpts: { to: string }[] }[]).some((tx) => tx.rcpts.some((r) => r.to === to))
-      );
-    try {
-      sink = await start();
-      await mta.start();
+mtaTest(
+  "sendmail: per-recipient outcomes in one message; a 451 at end of data keeps the message queued",
+  "accept",
+  async ({ mta, origin, setMode, submit, sessions, sessionFor }, t) => {
+    await mta.start();
 
-      await t.step("refused with 454: sendmail goes on in plain text and delivers", async () => {
-        await send("refused@sinkhole.test");
-        await eventually(() => sessionFor("refused@sinkhole.test") !== undefined, 20_000);
-        const s = sessionFor("refused@sinkhole.test")!;
-        assertEquals((s.replies as number[]).includes(454), true, JSON.stringify(s.replies));
-        assertEquals((s.transactions as { result: number }[])[0].result, 250);
-        assertEquals(s.tls, undefined, "plain text");
-        await eventually(async () => queued(await mta.mailq()) === 0, 10_000, 200);
-      });
-
-      await t.step(
-        "broken after 220: sendmail defers (454 4.7.0 TLS handshake failed) and keeps it queued",
+    await t.step("delivered, bounced and queued recipients from one message", async () => {
+      const to = ["accept+1@sinkhole.test", "bounce+2@sinkhole.test", "defer+3@sinkhole.test"];
+      assertEquals((await submit(to, "mix")).at(-2), 250, "sendmail took it");
+      let mailq = "";
+      await eventually(
         async () => {
-          await Deno.writeTextFile(modeFile, "accept starttls=break\n");
-          await eventually(() => sink!.logs.findLast((x) => x.event === "mode")?.mode === "accept starttls=break");
-          await send("broken@sinkhole.test");
-          let mailq = "";
-          await eventually(async () => /TLS handshake failed/.test(mailq = await mta.mailq()), 20_000, 200);
-          assertEquals(queued(mailq), 1);
-          const out = await mta.queueRun();
-          assertMatch(out, /Deferred: 454 4\.7\.0 TLS handshake failed/, "and again at the next queue run");
+          mailq = await mta.mailq();
+          return /defer\+3@sinkhole\.test/.test(mailq) && !/accept\+1|bounce\+2/.test(mailq);
         },
+        20_000,
+        200,
       );
+      assertEquals(queued(mailq), 1, "one queue entry, for the deferred recipient only");
+      // mailq shows the envelope's last status (here the bounced recipient's "User unknown"); the
+      // sinkhole's log says what the deferred recipient got.
+      const rcpts = sessions().flatMap((s) => (s.transactions as Tx[]).flatMap((tx) => tx.rcpts));
+      assert(rcpts.some((r) => r.to === "defer+3@sinkhole.test" && r.code === 451), JSON.stringify(rcpts));
+      const dsn = await origin.waitForLog((x) => x.event === "message", 20_000);
+      assertEquals(dsn.rcpts, ["tester@origin.test"], "the bounced recipient produced a DSN");
+      const delivered = (sessionFor("accept+1@sinkhole.test")!.transactions as Tx[]).some((tx) =>
+        tx.result === 250 && tx.rcpts.some((r) => r.to === "accept+1@sinkhole.test" && r.code === 250)
+      );
+      assert(delivered, "accept+1 was delivered");
+    });
 
-      await t.step("on: sendmail upgrades with STARTTLS and delivers", async () => {
-        await Deno.writeTextFile(modeFile, "accept\n");
-        await sink!.stop();
-        sink = await start({ SINKHOLE_STARTTLS: "on" });
-        const out = await mta.queueRun();
-        assertMatch(out, />>> STARTTLS\n220 2\.0\.0 Ready to start TLS/);
-        assertMatch(out, /<broken@sinkhole\.test>\.\.\. Sent/);
-        assertEquals(queued(await mta.mailq()), 0);
-        assertEquals(sessionFor("broken@sinkhole.test")?.tls, true, "the delivery ran over TLS");
-      });
-    } finally {
-      await mta.kill().catch(() => {});
-      await sink?.stop();
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-      await Deno.remove(modeFile).catch(() => {});
-    }
+    await t.step("a 451 at end of data, after the body, keeps the message queued", async () => {
+      await setMode('defer at=eod reply="451 4.3.0 Queue full"');
+      const before = queued(await mta.mailq());
+      await submit(["eod@sinkhole.test"], "eod");
+      let mailq = "";
+      await eventually(async () => /Deferred: 451 4\.3\.0 Queue full/.test(mailq = await mta.mailq()), 20_000, 200);
+      assertEquals(queued(mailq), before + 1);
+      const [tx] = sessionFor("eod@sinkhole.test")!.transactions as Tx[];
+      assert(tx.size! > 0 && tx.result === 451, "the whole body was sent before the 451");
+    });
   },
-});
+);
+
+mtaTest(
+  "sendmail and STARTTLS: refused (454) falls back to plain text; broken (220, close) stays queued; on delivers over TLS",
+  "accept starttls=refuse",
+  async (rig, t) => {
+    const { mta, setMode, submit, sessionFor } = rig;
+    await mta.start();
+
+    await t.step("refused with 454: sendmail goes on in plain text and delivers", async () => {
+      await submit(["refused@sinkhole.test"], "tls");
+      await eventually(() => sessionFor("refused@sinkhole.test") !== undefined, 20_000);
+      const s = sessionFor("refused@sinkhole.test")!;
+      assert((s.replies as number[]).includes(454), JSON.stringify(s.replies));
+      assertEquals((s.transactions as Tx[])[0].result, 250);
+      assertEquals(s.tls, undefined, "plain text");
+      await eventually(async () => queued(await mta.mailq()) === 0, 10_000, 200);
+    });
+
+    await t.step("broken after 220: sendmail defers (454 4.7.0 TLS handshake failed) and keeps it queued", async () => {
+      await setMode("accept starttls=break");
+      await submit(["broken@sinkhole.test"], "tls");
+      let mailq = "";
+      await eventually(async () => /TLS handshake failed/.test(mailq = await mta.mailq()), 20_000, 200);
+      assertEquals(queued(mailq), 1);
+      const out = await mta.queueRun();
+      assertMatch(out, /Deferred: 454 4\.7\.0 TLS handshake failed/, "and again at the next queue run");
+    });
+
+    await t.step("on: sendmail upgrades with STARTTLS and delivers", async () => {
+      await setMode("accept");
+      await rig.restartSink({ SINKHOLE_STARTTLS: "on" });
+      const out = await mta.queueRun();
+      assertMatch(out, />>> STARTTLS\n220 2\.0\.0 Ready to start TLS/);
+      assertMatch(out, /<broken@sinkhole\.test>\.\.\. Sent/);
+      assertEquals(queued(await mta.mailq()), 0);
+      assertEquals(sessionFor("broken@sinkhole.test")?.tls, true, "the delivery ran over TLS");
+    });
+  },
+);
