@@ -112,15 +112,10 @@ async function sinkhole(
   };
 }
 
-async function smtpSink(tools: Awaited<ReturnType<typeof postfixTools>>): Promise<Proc> {
+/** A reference server on a free port, its output discarded; ready once it greets. */
+async function reference(cmd: string, args: (port: number) => string[], env?: Record<string, string>): Promise<Proc> {
   const port = freePort();
-  const asRoot = Deno.uid() === 0 ? ["-u", "nobody"] : [];
-  const child = new Deno.Command(tools.sink, {
-    args: [...asRoot, `127.0.0.1:${port}`, "1000"],
-    env: tools.env,
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
+  const child = new Deno.Command(cmd, { args: args(port), env, stdout: "null", stderr: "null" }).spawn();
   await firstGreeting(port, performance.now());
   return {
     pid: child.pid,
@@ -134,25 +129,18 @@ async function smtpSink(tools: Awaited<ReturnType<typeof postfixTools>>): Promis
   };
 }
 
+/** Postfix's smtp-sink, the reference. */
+function smtpSink(tools: Awaited<ReturnType<typeof postfixTools>>): Promise<Proc> {
+  const asRoot = Deno.uid() === 0 ? ["-u", "nobody"] : [];
+  return reference(tools.sink, (port) => [...asRoot, `127.0.0.1:${port}`, "1000"], tools.env);
+}
+
 /** bench/floor.ts: the least SMTP responder on Deno's own I/O, for scale. */
-async function denoFloor(): Promise<Proc> {
-  const port = freePort();
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--v8-flags=--max-semi-space-size=1", "--allow-net", `${ROOT}/bench/floor.ts`, String(port)],
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
-  await firstGreeting(port, performance.now());
-  return {
-    pid: child.pid,
-    port,
-    child,
-    logFile: "",
-    stop: async () => {
-      child.kill("SIGTERM");
-      await child.status;
-    },
-  };
+function denoFloor(): Promise<Proc> {
+  return reference(
+    Deno.execPath(),
+    (port) => ["run", "--v8-flags=--max-semi-space-size=1", "--allow-net", `${ROOT}/bench/floor.ts`, String(port)],
+  );
 }
 
 /** One smtp-source run; returns messages per second and the peak RSS sampled meanwhile. */
