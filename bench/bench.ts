@@ -8,7 +8,7 @@
  *
  * Environment: BENCH_REPS (default 5), BENCH_MESSAGES (default 20000).
  */
-import { freePort, memoryMiB, RawClient, ROOT, startCommand, transaction } from "../tests/helpers.ts";
+import { memoryMiB, privateAddress, RawClient, ROOT, startCommand, transaction } from "../tests/helpers.ts";
 import { faultProxy, putMode, ssmEnv, startMoto } from "../tests/aws.ts";
 
 const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
@@ -59,26 +59,31 @@ async function postfixTools(): Promise<{ source: string; sink: string; env: Reco
   };
 }
 
-interface Proc {
-  pid: number;
+/** Where a server listens: a loopback address of this run's own (tests/helpers.ts `privateAddress`). */
+interface Addr {
+  host: string;
   port: number;
+}
+
+interface Proc extends Addr {
+  pid: number;
   child: Deno.ChildProcess;
   logFile: string;
   stop(): Promise<void>;
 }
 
 /** Waits for the 220 greeting; returns ms since `t0`. */
-async function firstGreeting(port: number, t0: number, limitMs = 30_000): Promise<number> {
+async function firstGreeting(at: Addr, t0: number, limitMs = 30_000): Promise<number> {
   while (performance.now() - t0 < limitMs) {
     try {
-      const c = await RawClient.connect(port);
+      const c = await RawClient.connect(at.port, at.host);
       const r = await c.reply(2000);
       c.close();
       if (r.code === 220) return performance.now() - t0;
     } catch { /* not yet */ }
     await sleep(5);
   }
-  throw new Error(`no greeting on ${port} in ${limitMs} ms`);
+  throw new Error(`no greeting on ${at.host}:${at.port} in ${limitMs} ms`);
 }
 
 /** The listener exactly as `deno task start` runs it, stdout to a file (as awslogs would take it). */
@@ -86,7 +91,7 @@ async function sinkhole(
   env: Record<string, string>,
   opts: { v8Defaults?: boolean } = {},
 ): Promise<Proc & { startMs: number }> {
-  const port = freePort();
+  const at = privateAddress();
   const logFile = await Deno.makeTempFile({ prefix: "sinkhole-bench-", suffix: ".log" });
   let cmd = startCommand();
   if (opts.v8Defaults) cmd = cmd.filter((a) => !a.startsWith("--v8-flags="));
@@ -94,13 +99,13 @@ async function sinkhole(
   const child = new Deno.Command("sh", {
     args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, ...cmd],
     cwd: ROOT,
-    env: { SINKHOLE_BIND_HOST: "127.0.0.1", SINKHOLE_BIND_PORT: String(port), NO_COLOR: "1", ...env },
+    env: { SINKHOLE_BIND_HOST: at.host, SINKHOLE_BIND_PORT: String(at.port), NO_COLOR: "1", ...env },
     stdin: "null",
   }).spawn();
-  const startMs = await firstGreeting(port, t0);
+  const startMs = await firstGreeting(at, t0);
   return {
     pid: child.pid,
-    port,
+    ...at,
     child,
     logFile,
     startMs,
@@ -112,14 +117,14 @@ async function sinkhole(
   };
 }
 
-/** A reference server on a free port, its output discarded; ready once it greets. */
-async function reference(cmd: string, args: (port: number) => string[], env?: Record<string, string>): Promise<Proc> {
-  const port = freePort();
-  const child = new Deno.Command(cmd, { args: args(port), env, stdout: "null", stderr: "null" }).spawn();
-  await firstGreeting(port, performance.now());
+/** A reference server on an address of its own, its output discarded; ready once it greets. */
+async function reference(cmd: string, args: (at: Addr) => string[], env?: Record<string, string>): Promise<Proc> {
+  const at = privateAddress();
+  const child = new Deno.Command(cmd, { args: args(at), env, stdout: "null", stderr: "null" }).spawn();
+  await firstGreeting(at, performance.now());
   return {
     pid: child.pid,
-    port,
+    ...at,
     child,
     logFile: "",
     stop: async () => {
@@ -132,21 +137,30 @@ async function reference(cmd: string, args: (port: number) => string[], env?: Re
 /** Postfix's smtp-sink, the reference. */
 function smtpSink(tools: Awaited<ReturnType<typeof postfixTools>>): Promise<Proc> {
   const asRoot = Deno.uid() === 0 ? ["-u", "nobody"] : [];
-  return reference(tools.sink, (port) => [...asRoot, `127.0.0.1:${port}`, "1000"], tools.env);
+  return reference(tools.sink, (at) => [...asRoot, `${at.host}:${at.port}`, "1000"], tools.env);
 }
 
 /** bench/floor.ts: the least SMTP responder on Deno's own I/O, for scale. */
 function denoFloor(): Promise<Proc> {
   return reference(
     Deno.execPath(),
-    (port) => ["run", "--v8-flags=--max-semi-space-size=1", "--allow-net", `${ROOT}/bench/floor.ts`, String(port)],
+    (
+      at,
+    ) => [
+      "run",
+      "--v8-flags=--max-semi-space-size=1",
+      "--allow-net",
+      `${ROOT}/bench/floor.ts`,
+      at.host,
+      String(at.port),
+    ],
   );
 }
 
 /** One smtp-source run; returns messages per second and the peak RSS sampled meanwhile. */
 async function source(
   tools: Awaited<ReturnType<typeof postfixTools>>,
-  port: number,
+  at: Addr,
   shape: string[],
   samplePid?: number,
 ): Promise<{ rate: number; rss: number[] }> {
@@ -161,7 +175,7 @@ async function source(
     "bench@origin.test",
     "-t",
     "bench@sinkhole.test",
-    `127.0.0.1:${port}`,
+    `${at.host}:${at.port}`,
   ], tools.env);
   const ms = performance.now() - t0;
   clearInterval(timer);
@@ -170,12 +184,12 @@ async function source(
 }
 
 /** Opens `n` sessions and leaves each in the middle of a transaction. */
-async function openSessions(port: number, n: number): Promise<RawClient[]> {
+async function openSessions(at: Addr, n: number): Promise<RawClient[]> {
   const clients: RawClient[] = [];
   for (let i = 0; i < n; i += 100) {
     clients.push(
       ...await Promise.all(Array.from({ length: Math.min(100, n - i) }, async () => {
-        const c = await RawClient.connect(port);
+        const c = await RawClient.connect(at.port, at.host);
         await c.reply();
         await c.cmd("EHLO open.test");
         await c.cmd("MAIL FROM:<a@origin.test>");
@@ -188,22 +202,22 @@ async function openSessions(port: number, n: number): Promise<RawClient[]> {
 }
 
 /** Latency of `count` sequential sessions, in ms. */
-async function latencies(port: number, count: number): Promise<number[]> {
+async function latencies(at: Addr, count: number): Promise<number[]> {
   const out: number[] = [];
   for (let i = 0; i < count; i++) {
     const t0 = performance.now();
-    await transaction(port);
+    await transaction(at.port, { host: at.host });
     out.push(performance.now() - t0);
   }
   return out;
 }
 
 /** Time from `change()` returning to the first session whose RCPT reply is `code`. */
-async function switchLatency(port: number, change: () => Promise<unknown>, code: number, limitMs: number) {
+async function switchLatency(at: Addr, change: () => Promise<unknown>, code: number, limitMs: number) {
   await change();
   const t0 = performance.now();
   while (performance.now() - t0 < limitMs) {
-    const codes = await transaction(port);
+    const codes = await transaction(at.port, { host: at.host });
     if (codes[3] === code) return performance.now() - t0;
     await sleep(20);
   }
@@ -256,12 +270,12 @@ async function main() {
     for (const [label, shape] of shapes) {
       const rates: Record<string, number[]> = { sink: [], floor: [], accept: [], "accept-log": [] };
       for (let i = 0; i < REPS; i++) {
-        rates.sink.push((await source(tools, sink.port, shape)).rate);
-        rates.floor.push((await source(tools, floor.port, shape)).rate);
-        const a = await source(tools, accept.port, shape, accept.pid);
+        rates.sink.push((await source(tools, sink, shape)).rate);
+        rates.floor.push((await source(tools, floor, shape)).rate);
+        const a = await source(tools, accept, shape, accept.pid);
         rates.accept.push(a.rate);
         rssDuring.push(...a.rss);
-        const al = await source(tools, acceptLog.port, shape, acceptLog.pid);
+        const al = await source(tools, acceptLog, shape, acceptLog.pid);
         rates["accept-log"].push(al.rate);
         rssDuring.push(...al.rss);
       }
@@ -293,7 +307,7 @@ async function main() {
     );
 
     // --- 1000 open sessions --------------------------------------------------------
-    const open = await openSessions(accept.port, OPEN_SESSIONS);
+    const open = await openSessions(accept, OPEN_SESSIONS);
     await sleep(500);
     const mOpen = memoryMiB(accept.pid);
     row(`RSS with ${OPEN_SESSIONS} open sessions, now / VmHWM (MiB)`, `${fmt(mOpen.rss, 1)} / ${fmt(mOpen.peak, 1)}`);
@@ -304,7 +318,7 @@ async function main() {
     procs.push(plain);
     await sleep(1000);
     const plainIdle = memoryMiB(plain.pid).rss;
-    const plainRate = (await source(tools, plain.port, shapes[0][1])).rate;
+    const plainRate = (await source(tools, plain, shapes[0][1])).rate;
     row(
       "without the V8 flags: RSS idle / VmHWM after one -s 20 run (MiB); msgs/s",
       `${fmt(plainIdle, 1)} / ${fmt(memoryMiB(plain.pid).peak, 1)}; ${fmt(plainRate)}`,
@@ -315,10 +329,10 @@ async function main() {
     // --- Slow SSM: latency a session sees -----------------------------------------
     const slow = await sinkhole(ssmEnv(proxy.url, "1", "/bench/accept"));
     procs.push(slow);
-    const fast = await latencies(slow.port, 200);
+    const fast = await latencies(slow, 200);
     proxy.state.delayMs = SLOW_SSM_MS;
     await sleep(1500);
-    const slowed = await latencies(slow.port, 200);
+    const slowed = await latencies(slow, 200);
     proxy.state.delayMs = 0;
     row(
       `session latency, SSM normal vs answering in ${SLOW_SSM_MS} ms (p50 / max ms)`,
@@ -335,8 +349,8 @@ async function main() {
     procs.push(sw);
     const ssmSwitch: number[] = [];
     for (let i = 0; i < 3; i++) {
-      ssmSwitch.push(await switchLatency(sw.port, () => putMode(moto.url, "bounce", "/bench/switch"), 550, 20_000));
-      ssmSwitch.push(await switchLatency(sw.port, () => putMode(moto.url, "accept", "/bench/switch"), 250, 20_000));
+      ssmSwitch.push(await switchLatency(sw, () => putMode(moto.url, "bounce", "/bench/switch"), 550, 20_000));
+      ssmSwitch.push(await switchLatency(sw, () => putMode(moto.url, "accept", "/bench/switch"), 250, 20_000));
     }
     row(
       `mode switch, aws ssm put-parameter -> first session (TTL ${SWITCH_TTL_S} s; median / max ms)`,
@@ -350,8 +364,8 @@ async function main() {
     procs.push(local);
     const fileSwitch: number[] = [];
     for (let i = 0; i < 3; i++) {
-      fileSwitch.push(await switchLatency(local.port, () => Deno.writeTextFile(modeFile, "bounce"), 550, 5000));
-      fileSwitch.push(await switchLatency(local.port, () => Deno.writeTextFile(modeFile, "accept"), 250, 5000));
+      fileSwitch.push(await switchLatency(local, () => Deno.writeTextFile(modeFile, "bounce"), 550, 5000));
+      fileSwitch.push(await switchLatency(local, () => Deno.writeTextFile(modeFile, "accept"), 250, 5000));
     }
     row(
       "mode switch, local mode file (TTL 1 s; median / max ms)",
@@ -388,10 +402,10 @@ ${rows.map(([a, b]) => `| ${a} | ${b} |`).join("\n")}
 Commands (what the bench runs):
 
 \`\`\`sh
-smtp-sink -u nobody 127.0.0.1:PORT 1000                                  # reference
-deno run --allow-net bench/floor.ts PORT                                 # Deno's I/O floor
-smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test 127.0.0.1:PORT
-smtp-source -d -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test 127.0.0.1:PORT
+smtp-sink -u nobody HOST:PORT 1000                                       # reference
+deno run --allow-net bench/floor.ts HOST PORT                            # Deno's I/O floor
+smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test HOST:PORT
+smtp-source -d -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test HOST:PORT
 \`\`\`
 `;
   await Deno.writeTextFile(`${ROOT}/bench/results.md`, md);

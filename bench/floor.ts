@@ -3,7 +3,7 @@
  * no logs), on the same Deno.listen I/O as the listener. It shows how much of the gap to
  * smtp-sink is Deno's own I/O and how much is sinkhole's work. Not a product: bench only.
  *
- *   deno run --allow-net bench/floor.ts PORT
+ *   deno run --allow-net bench/floor.ts HOST PORT
  */
 const REPLIES: Record<string, string> = {
   EHLO: "250-floor\r\n250 PIPELINING\r\n",
@@ -53,5 +53,5 @@ async function session(conn: Deno.Conn): Promise<void> {
 }
 
 if (import.meta.main) {
-  for await (const conn of Deno.listen({ hostname: "127.0.0.1", port: Number(Deno.args[0]) })) session(conn);
+  for await (const conn of Deno.listen({ hostname: Deno.args[0], port: Number(Deno.args[1]) })) session(conn);
 }

@@ -5,12 +5,13 @@
  *
  *   deno task rehearse [--mode defer|greylist|bounce] [--offline]
  *
- * Needs root (the listener binds 127.0.0.2:25 as in production, without a port in the
- * mailertable; sendmail runs in its own namespaces) and Debian's sendmail.
+ * Needs root (the listener binds port 25 as in production, without a port in the
+ * mailertable, on a loopback address of this run's own; sendmail runs in its own
+ * namespaces) and Debian's sendmail.
  */
 import { parseArgs } from "node:util";
-import { eventually, freePort, type Listener, ROOT, run, startListener, transaction } from "../tests/helpers.ts";
-import { makeSendmail, ORIGIN_IP, SINKHOLE_IP } from "../tests/sendmail.ts";
+import { eventually, type Listener, ROOT, run, startListener, transaction } from "../tests/helpers.ts";
+import { makeSendmail, rigAddresses, SMTP_PORT } from "../tests/sendmail.ts";
 
 export interface Step {
   name: string;
@@ -18,6 +19,18 @@ export interface Step {
 }
 
 export type Variant = "defer" | "greylist" | "bounce";
+
+/**
+ * The greylist variant's minimum retry delay. The new MTA task retries at once when it
+ * starts (sendmail runs its queue at start-up), so the hand-over steps must end before a
+ * retry can pass: an operator sets `min` longer than the replacement takes (minutes in
+ * ECS: the runbook says 15m); here the hand-over takes a second or two, so 30 s is a wide
+ * margin, and the delivery step waits it out.
+ */
+export const REHEARSAL_GREYLIST_MIN_S = 30;
+export const REHEARSAL_GREYLIST_MODE = `greylist min=${REHEARSAL_GREYLIST_MIN_S}s`;
+/** Bounds on waiting for what each step expects: hang guards, generous on a busy machine. */
+const STEP_WAIT_MS = 60_000;
 
 export const REQUIRED: readonly (readonly [string, string])[] = [
   ["/usr/sbin/sendmail", "sendmail-bin"],
@@ -43,7 +56,7 @@ export function preflight(required = REQUIRED, uid = Deno.uid()): string | undef
     }).\nInstall it with:  sudo apt-get install ${pkgs}\n(It does not start a daemon of its own that the rehearsal needs; the rehearsal runs a private one.)`;
   }
   if (uid !== 0) {
-    return "The rehearsal binds 127.0.0.2:25 and runs sendmail in its own namespaces: run it as root " +
+    return "The rehearsal binds port 25 on a loopback address and runs sendmail in its own namespaces: run it as root " +
       "(sudo deno task rehearse).";
   }
   return undefined;
@@ -60,17 +73,26 @@ export function procedure(
   let origin: Listener | undefined;
   let mta: Awaited<ReturnType<typeof makeSendmail>> | undefined;
   let queueId = "";
+  let at: ReturnType<typeof rigAddresses> | undefined;
 
   const startSink = async () => {
     sink = await startListener(
       { SINKHOLE_MODE_FILE: work.modeFile, SINKHOLE_CACHE_TTL: "0.2" },
-      { host: SINKHOLE_IP, port: 25 },
+      { host: at!.sink, port: SMTP_PORT },
     );
   };
   const setMode = async (mode: string) => {
     await Deno.writeTextFile(work.modeFile, `${mode}\n`);
-    await eventually(() => sink!.logs.findLast((x) => x.event === "mode")?.mode === mode, 10_000);
+    await eventually(() => sink!.logs.findLast((x) => x.event === "mode")?.mode === mode, STEP_WAIT_MS);
     return `mode ${mode}: the listener logged it`;
+  };
+  /** When the sinkhole first saw the test recipient (its first session's start). */
+  const firstAttemptAt = () => {
+    const s = sink!.logs.find((x) =>
+      x.event === "session" &&
+      (x.transactions as { rcpts: { to: string }[] }[]).some((t) => t.rcpts.some((r) => r.to === rcpt))
+    );
+    return s ? Date.parse(String(s.ts)) - Number(s.durationMs) : undefined;
   };
   const queued = async () => {
     const q = await mta!.mailq();
@@ -78,7 +100,7 @@ export function procedure(
   };
   const expectQueued = async (reason: RegExp) => {
     let q = "";
-    await eventually(async () => reason.test(q = (await queued()).q) && q.includes(rcpt), 20_000, 200);
+    await eventually(async () => reason.test(q = (await queued()).q) && q.includes(rcpt), STEP_WAIT_MS, 200);
     queueId = /^(\w{14})\S*\s/m.exec(q.split("\n").find((l) => /^\w{14}/.test(l)) ?? "")?.[1] ?? "";
     return `${rcpt} queued as ${queueId}: ${reason.exec(q)?.[0]}`;
   };
@@ -86,11 +108,12 @@ export function procedure(
   const enable: Step = {
     name: "Enable the tier",
     run: async () => {
+      at = rigAddresses();
       await startSink();
-      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: ORIGIN_IP, port: 25 });
-      mta = await makeSendmail(work.dir, freePort(), `origin.test smtp:[${ORIGIN_IP}]\n`);
+      origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: at.origin, port: SMTP_PORT });
+      mta = await makeSendmail(work.dir, at.mta, `origin.test smtp:[${at.origin}]\n`);
       const snippet = await run("sh", ["-c", `. "${ROOT}/integration/sinkhole-mailertable.sh"`], {
-        env: { MAILERTABLE: `${work.dir}/mailertable`, SINKHOLE_ENABLED: "true", SINKHOLE_HOST: SINKHOLE_IP },
+        env: { MAILERTABLE: `${work.dir}/mailertable`, SINKHOLE_ENABLED: "true", SINKHOLE_HOST: at.sink },
       });
       if (snippet.code !== 0) throw new Error(`integration snippet failed: ${snippet.stderr}`);
       await mta.makemap();
@@ -98,13 +121,14 @@ export function procedure(
       const line = (await Deno.readTextFile(`${work.dir}/mailertable`)).split("\n").find((l) =>
         l.startsWith("sinkhole.test")
       );
-      return `listener on ${SINKHOLE_IP}:25; sendmail on 127.0.0.1:${mta.port}; mailertable: ${line}`;
+      return `listener on ${at.sink}:${SMTP_PORT}; sendmail on ${mta.host}:${mta.port}; mailertable: ${line}`;
     },
   };
   const send: Step = {
     name: "Send a test message",
     run: async () => {
       const codes = await transaction(mta!.port, {
+        host: mta!.host,
         from: "tester@origin.test",
         to: [rcpt],
         body: "Subject: queue-persistence rehearsal\r\n\r\nrehearsal",
@@ -129,15 +153,30 @@ export function procedure(
     name: "See the queue handed over",
     run: async () => {
       const { q, count } = await queued();
-      if (count !== 1 || !q.includes(queueId)) throw new Error(`expected ${queueId} in the new MTA's queue:\n${q}`);
+      if (count !== 1 || !q.includes(queueId)) {
+        const first = firstAttemptAt();
+        const since = first === undefined
+          ? ""
+          : ` (${Math.round((Date.now() - first) / 1000)} s after the first attempt)`;
+        throw new Error(`expected ${queueId} in the new MTA's queue${since}:\n${q}`);
+      }
       return `${queueId} is in the new MTA's queue`;
     },
   };
   const delivered: Step = {
     name: "See it delivered and the queue empty",
     run: async () => {
-      // "Wait for the next queue run": trigger runs until it is gone (the new MTA's own
-      // start-up queue run may hold the message's lock, or have delivered it already).
+      // A greylisting destination lets the retry through only after its minimum delay:
+      // "wait for the next queue run" after it, as an operator would.
+      let waited = "";
+      if (variant === "greylist") {
+        const passAt = (firstAttemptAt() ?? Date.now()) + REHEARSAL_GREYLIST_MIN_S * 1000;
+        const wait = Math.max(0, passAt - Date.now());
+        await new Promise((ok) => setTimeout(ok, wait));
+        waited = `waited ${Math.round(wait / 1000)} s for the greylist minimum; `;
+      }
+      // Then trigger runs until it is gone (the new MTA's own queue run may hold the
+      // message's lock, or have delivered it already).
       const deliveredLogged = () =>
         sink!.logs.some((x) =>
           x.event === "session" &&
@@ -153,10 +192,10 @@ export function procedure(
           await mta!.queueRun();
           return false;
         },
-        20_000,
+        STEP_WAIT_MS,
         200,
       );
-      return `delivered (250) after ${runs} queue run(s); mailq is empty`;
+      return `${waited}delivered (250) after ${runs} queue run(s); mailq is empty`;
     },
   };
   const putBack: Step = { name: "Put the mode back", run: () => setMode("defer") };
@@ -167,7 +206,8 @@ export function procedure(
         name: "Take the sinkhole offline",
         run: async () => {
           await sink!.stop();
-          const out = await mta!.queueRun();
+          // A forced run may find the message locked by the MTA's own run: force until one tried it.
+          const { output: out } = await mta!.queueRunsUntil((o) => /Connection refused/.test(o), STEP_WAIT_MS);
           const { q, count } = await queued();
           if (count !== 1) throw new Error(`expected the message to stay queued:\n${q}`);
           const why = /Deferred: [^\n)]*/.exec(q)?.[0] ?? out.split("\n").find((l) => /refused|Deferred/i.test(l));
@@ -201,7 +241,7 @@ export function procedure(
   } else if (variant === "greylist") {
     steps = [
       enable,
-      { name: "Set the mode to greylist", run: () => setMode("greylist") },
+      { name: "Set the mode to greylist", run: () => setMode(REHEARSAL_GREYLIST_MODE) },
       send,
       seeQueued(/Deferred: 451 4\.7\.1 Greylisted[^\n)]*/),
       replace,
@@ -218,8 +258,8 @@ export function procedure(
       {
         name: "See it bounced, not queued",
         run: async () => {
-          const dsn = await origin!.waitForLog((x) => x.event === "message", 20_000);
-          await eventually(async () => (await queued()).count === 0, 10_000, 200);
+          const dsn = await origin!.waitForLog((x) => x.event === "message", STEP_WAIT_MS);
+          await eventually(async () => (await queued()).count === 0, STEP_WAIT_MS, 200);
           const subject = (dsn.headers as string[]).find((h) => h.startsWith("Subject:"));
           return `the sender got a DSN (${subject}); nothing is queued`;
         },

@@ -4,7 +4,7 @@
  * (hang, delay, 5xx, throttling, access denied, connection refused).
  */
 import { assertEquals } from "./assert.ts";
-import { assertTools, eventually, freePort, type Listener, needs, run, startListener } from "./helpers.ts";
+import { assertTools, eventually, type Listener, needs, privateAddress, run, startListener } from "./helpers.ts";
 
 export const PARAM = "/cabal/sinkhole_mode";
 
@@ -17,17 +17,31 @@ export const AWS_ENV = {
   AWS_EC2_METADATA_DISABLED: "true",
 };
 
-/** moto_server on a free loopback port, stopped by `close`. */
+/** moto's port, on a loopback address of this run's own (moto cannot report a port it chose). */
+const MOTO_PORT = 5000;
+/** moto's start-up (a Python import of every service): a hang guard, generous on a busy machine. */
+const MOTO_START_WITHIN_MS = 120_000;
+
+/** moto_server on a loopback address of its own, stopped by `close`. */
 export async function startMoto(): Promise<{ url: string; close: () => Promise<void> }> {
-  const port = freePort();
+  const { host, port } = privateAddress(MOTO_PORT);
   const child = new Deno.Command("moto_server", {
-    args: ["-H", "127.0.0.1", "-p", String(port)],
+    args: ["-H", host, "-p", String(port)],
     stdout: "null",
-    stderr: "null",
+    stderr: "piped",
   }).spawn();
-  const url = `http://127.0.0.1:${port}`;
+  let exited: Deno.CommandStatus | undefined;
+  const status = child.status.then((s) => exited = s);
+  let stderr = "";
+  const errPump = (async () => {
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
+      if (stderr.length < 64 * 1024) stderr += chunk;
+    }
+  })();
+  const url = `http://${host}:${port}`;
   await eventually(
     async () => {
+      if (exited) throw new Error(`moto_server exited with ${exited.code} before it answered: ${stderr}`);
       try {
         const res = await fetch(`${url}/moto-api/data.json`);
         await res.body?.cancel();
@@ -36,14 +50,15 @@ export async function startMoto(): Promise<{ url: string; close: () => Promise<v
         return false;
       }
     },
-    30_000,
+    MOTO_START_WITHIN_MS,
     100,
   );
   return {
     url,
     close: async () => {
-      child.kill("SIGTERM");
-      await child.status;
+      if (!exited) child.kill("SIGTERM");
+      await status;
+      await errPump.catch(() => {});
     },
   };
 }
@@ -77,6 +92,9 @@ export function faultProxy(target: string) {
   let total = 0;
   const state = { fault: "none" as Fault, delayMs: 0 };
   const hung = new Set<() => void>();
+  /** While set, requests wait here (then are forwarded as usual): an SSM that is slow on demand. */
+  let gate: PromiseWithResolvers<void> | undefined;
+  let waiting = 0;
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
     total++;
     if (req.headers.get("x-amz-target") === "AmazonSSM.GetParameter") getParameter++;
@@ -86,6 +104,10 @@ export function faultProxy(target: string) {
       return new Response(null, { status: 503 });
     }
     if (state.delayMs > 0) await new Promise((ok) => setTimeout(ok, state.delayMs));
+    if (gate) {
+      waiting++;
+      await gate.promise.finally(() => waiting--);
+    }
     if (state.fault !== "none") {
       await req.body?.cancel();
       return FAULT_RESPONSES[state.fault]();
@@ -108,8 +130,21 @@ export function faultProxy(target: string) {
       return total;
     },
     state,
+    /** Holds every request from now on until `release` (a slow SSM, for as long as a test needs). */
+    hold() {
+      gate ??= Promise.withResolvers<void>();
+    },
+    release() {
+      gate?.resolve();
+      gate = undefined;
+    },
+    /** Requests waiting at the gate now. */
+    get held() {
+      return waiting;
+    },
     /** Stops answering at all: connections are refused from now on. */
     down: async () => {
+      gate?.resolve();
       for (const release of hung) release();
       hung.clear();
       await server.shutdown();

@@ -3,6 +3,15 @@ import { assert, assertEquals } from "./assert.ts";
 import { type Listener, RawClient, startListener, transaction } from "./helpers.ts";
 import { MAX_COMMAND_LINE, MAX_ERRORS_PER_SESSION, MAX_RECIPIENTS, MAX_TEXT_LINE } from "../listener.ts";
 
+/**
+ * An idle timeout short enough to end the bad sessions below quickly, and long enough that
+ * the healthy sessions beside them, which answer in milliseconds, never meet it on a busy
+ * machine (a margin of about a thousand).
+ */
+const IDLE_TIMEOUT_S = 5;
+/** Waiting for the reply that the idle timeout brings: a hang guard. */
+const TIMEOUT_REPLY_WAIT_MS = 60_000;
+
 /** Runs `fn` against one accept-log listener, then proves it is still healthy. */
 async function withListener(fn: (l: Listener) => Promise<void>, env: Record<string, string> = {}): Promise<void> {
   const l = await startListener({ SINKHOLE_MODE: "accept-log", ...env });
@@ -97,6 +106,7 @@ Deno.test("bad input: commands pipelined in one packet get their replies in orde
     for (let i = 0; i < 13; i++) codes.push((await c.reply()).code);
     assertEquals(codes, [220, 250, 250, 250, 501, 250, 354, 250, 250, 250, 354, 250, 221]);
     c.close();
+    await l.waitForLog((x) => x.event === "session" && x.helo === "pipe.test"); // written after its messages
     const msgs = l.logs.filter((x) => x.event === "message");
     assertEquals(msgs.length, 2);
     assertEquals(msgs[0].rcpts, ["b@sinkhole.test", "c@sinkhole.test"]);
@@ -129,11 +139,11 @@ Deno.test("bad input: DATA never terminated ends at the idle timeout; others are
     await c.cmd("DATA");
     await c.send("Subject: never ends\r\n\r\nand on\r\n");
     assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
-    assertEquals((await c.reply(5000)).lines, ["421 4.4.2 Timeout, closing connection"]);
+    assertEquals((await c.reply(TIMEOUT_REPLY_WAIT_MS)).lines, ["421 4.4.2 Timeout, closing connection"]);
     assert(await c.closedByServer());
     c.close();
     assert(!l.logs.some((x) => x.event === "message" && (x.headers as string[]).includes("Subject: never ends")));
-  }, { SINKHOLE_IDLE_TIMEOUT: "1" }));
+  }, { SINKHOLE_IDLE_TIMEOUT: String(IDLE_TIMEOUT_S) }));
 
 Deno.test("bad input: a client that never reads is dropped at the timeout; others are served", () =>
   withListener(async (l) => {
@@ -157,7 +167,7 @@ Deno.test("bad input: a client that never reads is dropped at the timeout; other
     c.close();
     const session = await l.waitForLog((x) => x.event === "session" && (x.commands as number) > 1000);
     assert((session.replyCount as number) < 256 * 174_763, "the session ended before the flood did");
-  }, { SINKHOLE_IDLE_TIMEOUT: "1" }));
+  }, { SINKHOLE_IDLE_TIMEOUT: String(IDLE_TIMEOUT_S) }));
 
 Deno.test("bad input: binary garbage hits the error limit: 421 4.7.0 and close", () =>
   withListener(async (l) => {

@@ -6,9 +6,9 @@
  * through a small shipper standing in for the awslogs driver.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, freePort, type Listener, needs, ROOT, run } from "./helpers.ts";
+import { assertTools, eventually, type Listener, needs, ROOT, run } from "./helpers.ts";
 import { AWS_ENV, awsTest } from "./aws.ts";
-import { makeSendmail, SINKHOLE_IP } from "./sendmail.ts";
+import { makeSendmail, rigAddresses, SMTP_PORT } from "./sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
 import type { Exec } from "../ctl/exec.ts";
@@ -142,11 +142,22 @@ async function seed(endpoint: string) {
   );
 }
 
-async function envFile(): Promise<string> {
+/**
+ * An environments file; `cacheTtlSeconds` sets how long `mode set --wait` waits (TTL + 10 s).
+ * The listener under test polls every second whatever the file says, so a wait that must
+ * succeed gets a long TTL (a wide margin on a busy machine: logs reach moto through the
+ * aws CLI), and the wait that must time out keeps a short one.
+ */
+async function envFile(cacheTtlSeconds = ENVIRONMENTS.development.cacheTtlSeconds): Promise<string> {
   const path = await Deno.makeTempFile({ prefix: "sinkhole-envs-", suffix: ".json" });
-  await Deno.writeTextFile(path, JSON.stringify(ENVIRONMENTS));
+  await Deno.writeTextFile(
+    path,
+    JSON.stringify({ development: { ...ENVIRONMENTS.development, cacheTtlSeconds } }),
+  );
   return path;
 }
+/** The TTL the file claims when a `--wait` must succeed. */
+const PATIENT_TTL_S = 110;
 
 /** Runs `deno task ctl …` as a subprocess, as a workflow does. */
 async function ctl(endpoint: string, file: string, ...args: string[]) {
@@ -229,7 +240,8 @@ awsTest("ctl: production is refused by every command before any request (zero re
 });
 
 awsTest("ctl: status and mode set --wait against moto and a running listener", async ({ moto, listen }) => {
-  const file = await envFile();
+  const file = await envFile(PATIENT_TTL_S);
+  const impatient = await envFile();
   let shipper: { stop: () => Promise<void> } | undefined;
   try {
     await seed(moto.url);
@@ -267,7 +279,7 @@ awsTest("ctl: status and mode set --wait against moto and a running listener", a
         env: {
           ...AWS_ENV,
           AWS_ENDPOINT_URL: moto.url,
-          SINKHOLE_ENVIRONMENTS: file,
+          SINKHOLE_ENVIRONMENTS: impatient,
           SINKHOLE_CTL_POLL_MS: "500",
           GITHUB_STEP_SUMMARY: summary,
         },
@@ -280,6 +292,7 @@ awsTest("ctl: status and mode set --wait against moto and a running listener", a
   } finally {
     await shipper?.stop();
     await Deno.remove(file);
+    await Deno.remove(impatient);
   }
 });
 
@@ -323,6 +336,12 @@ function githubDouble() {
   return { url: `http://127.0.0.1:${server.addr.port}`, issues, requests, close: () => server.shutdown() };
 }
 
+/**
+ * How long a probe may wait for its expected state: logs reach CloudWatch (moto) through
+ * the aws CLI, slow on a busy machine. A met expectation returns at once.
+ */
+const PROBE_WAIT_MS = 120_000;
+
 awsTest(
   "ctl: probe, cleanup and check with real sendmail behind the exec interface and a GitHub double",
   async ({ moto, listen }, t) => {
@@ -331,7 +350,8 @@ awsTest(
     const gh = githubDouble();
     const dir = await Deno.makeTempDir({ prefix: "sinkhole-ctl-" });
     let shipper: { stop: () => Promise<void> } | undefined;
-    const mta = await makeSendmail(dir, freePort(), `sinkhole.test smtp:[${SINKHOLE_IP}]\n`);
+    const at = rigAddresses();
+    const mta = await makeSendmail(dir, at.mta, `sinkhole.test smtp:[${at.sink}]\n`);
     try {
       await seed(moto.url);
       await mta.start();
@@ -345,7 +365,7 @@ awsTest(
           SINKHOLE_MODE_FILE: "",
           SINKHOLE_CACHE_TTL: "0.3",
         },
-        { host: SINKHOLE_IP, port: 25 },
+        { host: at.sink, port: SMTP_PORT },
       );
       shipper = shipLogs(l, moto.url, "/ecs/cabal-sinkhole");
       const env = {
@@ -376,7 +396,7 @@ awsTest(
       };
 
       await t.step("probe --expect queued in defer", async () => {
-        const r = await commands.probe(deps, "queued", 20_000);
+        const r = await commands.probe(deps, "queued", PROBE_WAIT_MS);
         assert(r.ok, r.lines.join("\n"));
         const results = r.data.results as { outcome: string; sinkholeCodes: number[] }[];
         assertEquals(results.length, 2, "one probe through each running MTA task");
@@ -385,10 +405,10 @@ awsTest(
 
       await t.step("probe --expect delivered in accept, bounced in bounce", async () => {
         await setMode("accept");
-        const delivered = await commands.probe(deps, "delivered", 20_000);
+        const delivered = await commands.probe(deps, "delivered", PROBE_WAIT_MS);
         assert(delivered.ok, delivered.lines.join("\n"));
         await setMode("bounce");
-        const bounced = await commands.probe(deps, "bounced", 20_000);
+        const bounced = await commands.probe(deps, "bounced", PROBE_WAIT_MS);
         assert(bounced.ok, bounced.lines.join("\n"));
         const wrong = await commands.probe(deps, "delivered", 1_000);
         assert(!wrong.ok, "an unmet expectation is reported");
@@ -398,7 +418,7 @@ awsTest(
       await t.step("check: findings open one issue, a second run updates it", async () => {
         await setMode("defer");
         await mta.sendmailWith("Subject: stale\n\nold\n", "-oi", "-f", "t@sinkhole.test", "stale@sinkhole.test");
-        await eventually(async () => (await mta.mailq()).includes("stale@sinkhole.test"), 10_000, 200);
+        await eventually(async () => (await mta.mailq()).includes("stale@sinkhole.test"), 60_000, 200);
         await run("sh", ["-c", `touch -d '3 hours ago' '${mta.queueDir}'/qf*`]);
         await commands.modeSet(deps, "accept", false);
         const first = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 60 * 60_000 });

@@ -2,13 +2,19 @@
  * Fault injection on the SSM mode source (real SDK, moto behind a fault-injecting proxy):
  * the listener keeps serving with the last good mode and logs each change of state once.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assertEquals, assertMatch } from "./assert.ts";
 import { eventually, type Listener, type LogLine, transaction } from "./helpers.ts";
 import { aws, awsTest, type Fault, PARAM, putMode, ssmEnv } from "./aws.ts";
 import { MODE_FETCH_TIMEOUT_MS } from "../listener.ts";
 
 const ACCEPTED = [220, 250, 250, 250, 354, 250, 221];
 const TTL_MS = 300;
+
+/**
+ * How long a fault may take to show in the log: a hang guard. A fault that follows a hang
+ * first waits out the hung fetch (MODE_FETCH_TIMEOUT_MS), then the SDK's own retries.
+ */
+const FAULT_SEEN_WITHIN_MS = 60_000;
 
 const errors = (l: Listener) => l.logs.filter((x) => x.event === "mode_error");
 const sleep = (ms: number) => new Promise((ok) => setTimeout(ok, ms));
@@ -28,21 +34,20 @@ awsTest(
         waitMs,
       );
       assertEquals(line.keeping, "accept");
-      // Sessions are served at once, in the last good mode, while the fault lasts.
-      const t0 = Date.now();
+      // Sessions are served in the last good mode while the fault lasts (that they never
+      // wait for a fetch is the "slow SSM" step's proof).
       assertEquals(await transaction(l.port), ACCEPTED);
-      assert(Date.now() - t0 < 1000, "the fault does not stall sessions");
       await sleep(TTL_MS * 4);
       assertEquals(errors(l).length, before + 1, `${fault}: one line for the change of state, not one per fetch`);
     };
 
     await t.step(
       "an endpoint that never answers is abandoned after the fetch timeout",
-      () => inject("hang", new RegExp(`no answer in ${MODE_FETCH_TIMEOUT_MS} ms`), MODE_FETCH_TIMEOUT_MS * 3),
+      () => inject("hang", new RegExp(`no answer in ${MODE_FETCH_TIMEOUT_MS} ms`), FAULT_SEEN_WITHIN_MS),
     );
-    await t.step("5xx", () => inject("5xx", /InternalServerError/, 10_000));
-    await t.step("throttling", () => inject("throttle", /ThrottlingException/, 10_000));
-    await t.step("access denied", () => inject("deny", /AccessDeniedException/, 10_000));
+    await t.step("5xx", () => inject("5xx", /InternalServerError/, FAULT_SEEN_WITHIN_MS));
+    await t.step("throttling", () => inject("throttle", /ThrottlingException/, FAULT_SEEN_WITHIN_MS));
+    await t.step("access denied", () => inject("deny", /AccessDeniedException/, FAULT_SEEN_WITHIN_MS));
 
     await t.step("recovery is logged once, as a mode line", async () => {
       proxy.state.fault = "none";
@@ -59,13 +64,19 @@ awsTest(
     });
 
     await t.step("slow SSM: sessions never wait for it", async () => {
-      await putMode(moto.url, "bounce");
-      proxy.state.delayMs = 2000;
-      const t0 = Date.now();
-      for (let i = 0; i < 10; i++) await transaction(l.port);
-      assert(Date.now() - t0 < 2000, "ten sessions finished while one fetch was still waiting");
-      await l.waitForLog((x) => x.event === "mode" && x.mode === "bounce", 10_000);
-      proxy.state.delayMs = 0;
+      // A fetch is held at the proxy, unanswered, for as long as the sessions take: they
+      // are served in the last good mode, and only then is the new mode let through.
+      const timeouts = () => errors(l).filter((x) => /no answer in/.test(String(x.reason))).length;
+      const timedOutBefore = timeouts();
+      proxy.hold();
+      await eventually(() => proxy.held > 0);
+      await putMode(moto.url, "bounce"); // straight to moto: the held fetch will read it when let through
+      for (let i = 0; i < 10; i++) assertEquals(await transaction(l.port), ACCEPTED, "the last good mode");
+      // The held fetch was still outstanding: the listener had not given up on it (it gives
+      // up after MODE_FETCH_TIMEOUT_MS, a hundred times what ten sessions take).
+      assertEquals(timeouts(), timedOutBefore, "the sessions did not wait out the fetch");
+      proxy.release();
+      await l.waitForLog((x) => x.event === "mode" && x.mode === "bounce");
     });
   },
 );

@@ -25,6 +25,9 @@ export interface Listener {
   pid: number;
 }
 
+/** How long `stop` waits for a clean exit before SIGKILL: the shutdown grace and a wide margin. */
+const STOP_WAIT_MS = 60_000;
+
 /** Starts `listener.ts` with the given environment on `host` (port 0: any free port). */
 export async function startListener(
   env: Record<string, string>,
@@ -74,7 +77,7 @@ export async function startListener(
   let exited = false;
   status.then(() => exited = true);
 
-  const waitForLog = (pred: (l: LogLine) => boolean, ms = 10_000): Promise<LogLine> => {
+  const waitForLog = (pred: (l: LogLine) => boolean, ms = REPLY_WAIT_MS): Promise<LogLine> => {
     const found = logs.find(pred);
     if (found) return Promise.resolve(found);
     return new Promise((ok, fail) => {
@@ -107,7 +110,7 @@ export async function startListener(
       try {
         child.kill("SIGKILL");
       } catch { /* gone */ }
-    }, 15_000);
+    }, STOP_WAIT_MS);
     const s = await status;
     clearTimeout(killer);
     await pump.catch(() => {});
@@ -136,6 +139,13 @@ export interface SmtpReply {
   lines: string[];
   text: string;
 }
+
+/**
+ * How long a test client waits for a reply or for the server to close, unless told: a
+ * hang guard, never a measure. Generous, so a busy machine cannot trip it; a test that
+ * is about a timeout sets the listener's own timeout short and asserts a lower bound.
+ */
+export const REPLY_WAIT_MS = 60_000;
 
 /** A raw SMTP client over Deno.connect, for exact bytes and exact replies. */
 export class RawClient {
@@ -168,7 +178,7 @@ export class RawClient {
   }
 
   /** Reads one (possibly multi-line) reply. */
-  async reply(ms = 10_000): Promise<SmtpReply> {
+  async reply(ms = REPLY_WAIT_MS): Promise<SmtpReply> {
     const deadline = Date.now() + ms;
     const lines: string[] = [];
     for (;;) {
@@ -200,7 +210,7 @@ export class RawClient {
   }
 
   /** True once the server has closed the connection (within `ms`). */
-  async closedByServer(ms = 5_000): Promise<boolean> {
+  async closedByServer(ms = REPLY_WAIT_MS): Promise<boolean> {
     const deadline = Date.now() + ms;
     while (!this.#eof) {
       try {
@@ -247,12 +257,38 @@ export async function transaction(
   }
 }
 
-/** A free loopback port (bound, read, released). */
-export function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
+/**
+ * A loopback address of this run's own, for a server that must listen on a fixed port
+ * (sendmail's mailertable takes no port, so a sinkhole under test listens on :25).
+ * Drawn at random from 127.16.0.0–127.254.255.255 (about 15 million addresses, none of
+ * them 127.0.0.1) and checked by binding every port in `ports` on it, so two concurrent
+ * runs (two CI clones, a rehearsal beside the tests) do not share one. An address found
+ * taken is skipped; the draw is bounded.
+ */
+export function uniqueLoopback(ports: number[], rand: () => number = Math.random): string {
+  for (let attempt = 0; attempt < UNIQUE_LOOPBACK_DRAWS; attempt++) {
+    const octet = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
+    const host = `127.${octet(16, 254)}.${octet(0, 255)}.${octet(1, 254)}`;
+    const held: Deno.Listener[] = [];
+    try {
+      for (const port of ports) held.push(Deno.listen({ hostname: host, port }));
+      return host;
+    } catch (e) {
+      if (!(e instanceof Deno.errors.AddrInUse)) throw e;
+    } finally {
+      for (const l of held) l.close();
+    }
+  }
+  throw new Error(`no free loopback address for ports ${ports.join(", ")} in ${UNIQUE_LOOPBACK_DRAWS} draws`);
+}
+const UNIQUE_LOOPBACK_DRAWS = 100;
+
+/**
+ * A port for a child process that cannot take port 0 and tell us which it got: on an
+ * address of this run's own (see `uniqueLoopback`), so no other run is listening there.
+ */
+export function privateAddress(port = 2525): { host: string; port: number } {
+  return { host: uniqueLoopback([port]), port };
 }
 
 /** Where a command lives on PATH (or an absolute path), or undefined. */
@@ -289,7 +325,11 @@ export function assertTools(missing: string[]): void {
 }
 
 /** Polls `cond` every `stepMs` until true or `ms` passed; bounded. */
-export async function eventually(cond: () => boolean | Promise<boolean>, ms = 10_000, stepMs = 50): Promise<void> {
+export async function eventually(
+  cond: () => boolean | Promise<boolean>,
+  ms = REPLY_WAIT_MS,
+  stepMs = 50,
+): Promise<void> {
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
     if (await cond()) return;

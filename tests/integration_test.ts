@@ -1,7 +1,7 @@
 /** The smtp-out integration snippet with real sendmail: routing, idempotence, removal. */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, freePort, needs, ROOT, run } from "./helpers.ts";
-import { makeSendmail } from "./sendmail.ts";
+import { assertTools, needs, ROOT, run } from "./helpers.ts";
+import { makeSendmail, rigAddresses } from "./sendmail.ts";
 
 const SNIPPET = `${ROOT}/integration/sinkhole-mailertable.sh`;
 const OTHER = "example.test smtp:[relay.example.test]\n";
@@ -51,7 +51,7 @@ Deno.test({
     assert(Deno.uid() === 0, "sendmail runs in its own namespaces: run as root (CI does)");
     const dir = await Deno.makeTempDir({ prefix: "sinkhole-route-" });
     try {
-      const mta = await makeSendmail(dir, freePort(), OTHER);
+      const mta = await makeSendmail(dir, rigAddresses().mta, OTHER);
       /** Sendmail's own address test: ruleset 3 then 0 resolves the mailer and host. */
       const bt = async (address: string) => {
         const res = await mta.sendmailWith(`3,0 ${address}\n`, "-bt");

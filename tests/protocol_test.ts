@@ -19,6 +19,11 @@ interface SendError extends Error {
   response?: string;
 }
 
+/** How long the client waits for a reply: a hang guard, generous on a busy machine. */
+const CLIENT_WAIT_MS = 60_000;
+/** A timeout under test: short, and only ever asserted as a lower bound. */
+const SHORT_TIMEOUT_S = 0.5;
+
 function mailer(port: number) {
   return nodemailer.createTransport({
     host: "127.0.0.1",
@@ -26,9 +31,9 @@ function mailer(port: number) {
     secure: false,
     ignoreTLS: true,
     name: "nodemailer.client.test",
-    connectionTimeout: 5000,
-    greetingTimeout: 5000,
-    socketTimeout: 5000,
+    connectionTimeout: CLIENT_WAIT_MS,
+    greetingTimeout: CLIENT_WAIT_MS,
+    socketTimeout: CLIENT_WAIT_MS,
   });
 }
 
@@ -162,11 +167,12 @@ Deno.test("defer: 421 4.3.2 on RCPT, then the server closes; one log line per se
     c.close();
     const err = await sendError(l.port);
     assertEquals(err.responseCode, 421);
-    await eventually(() => l.logs.filter((x) => x.event === "session").length === 2);
+    const sessions = () => l.logs.filter((x) => x.event === "session").length;
+    await eventually(() => sessions() === 2);
     const before = l.logs.length;
     await transaction(l.port);
-    await eventually(() => l.logs.length > before);
-    await new Promise((ok) => setTimeout(ok, 100));
+    // A session's lines are all written before its closing session line.
+    await eventually(() => sessions() === 3);
     assertEquals(l.logs.length - before, 1, "a defer session costs exactly one log line");
   } finally {
     await l.stop();
@@ -174,16 +180,25 @@ Deno.test("defer: 421 4.3.2 on RCPT, then the server closes; one log line per se
 });
 
 Deno.test("greylist: first attempt 451, retry accepted, forgotten after the window", async () => {
-  const l = await startListener({ SINKHOLE_MODE: "greylist", SINKHOLE_GREYLIST_WINDOW: "1" });
+  // The retry within the window, with the default window (30 min: no machine is that slow).
+  const l = await startListener({ SINKHOLE_MODE: "greylist" });
   try {
     const first = await sendError(l.port);
     assertEquals(first.responseCode, 451);
     const info = await mailer(l.port).sendMail(MESSAGE);
     assertEquals(info.accepted, ["someone@sinkhole.test"]);
-    await new Promise((ok) => setTimeout(ok, 1200));
-    assertEquals((await sendError(l.port)).responseCode, 451, "after the window it is a first attempt again");
   } finally {
     await l.stop();
+  }
+  // The expiry, with a 1 s window: a retry at least that much later is a first attempt again
+  // (only a lower bound on time is relied on; a slower machine waits longer, same answer).
+  const short = await startListener({ SINKHOLE_MODE: "greylist", SINKHOLE_GREYLIST_WINDOW: "1" });
+  try {
+    assertEquals((await sendError(short.port)).responseCode, 451);
+    await new Promise((ok) => setTimeout(ok, 1200));
+    assertEquals((await sendError(short.port)).responseCode, 451, "after the window it is a first attempt again");
+  } finally {
+    await short.stop();
   }
 });
 
@@ -212,7 +227,11 @@ Deno.test("mode file: a developer switches modes live; each transaction keeps it
     await Deno.remove(modeFile);
     const missing = await l.waitForLog((x) => x.event === "mode_error");
     assertMatch(String(missing.reason), /NotFound/);
+    // Three TTLs of the file missing (more fetches that fail), then it comes back: the
+    // recovery line proves the listener kept fetching, and the error was logged once.
     await new Promise((ok) => setTimeout(ok, 600));
+    await Deno.writeTextFile(modeFile, "accept\n");
+    await l.waitForLog((x) => x.event === "mode" && x.mode === "accept", CLIENT_WAIT_MS);
     assertEquals(l.logs.filter((x) => x.event === "mode_error").length, 1, "logged once per change of state");
   } finally {
     await l.stop();
@@ -315,7 +334,7 @@ Deno.test("concurrency cap: past SINKHOLE_MAX_SESSIONS a clear 421, then room ag
     await a.cmd("QUIT");
     a.close();
     await eventually(async () => (await transaction(l.port)).at(-1) === 221);
-    assert(l.logs.some((x) => x.event === "refused"));
+    await l.waitForLog((x) => x.event === "refused");
   } finally {
     a.close();
     b.close();
@@ -324,33 +343,42 @@ Deno.test("concurrency cap: past SINKHOLE_MAX_SESSIONS a clear 421, then room ag
 });
 
 Deno.test("timeouts: idle and total session bounds close with 421 4.4.2", async () => {
-  const l = await startListener({
-    SINKHOLE_MODE: "accept",
-    SINKHOLE_IDLE_TIMEOUT: "0.5",
-    SINKHOLE_SESSION_TIMEOUT: "1.5",
-  });
+  // Each bound on a listener of its own, the other one out of reach, so a slow machine can
+  // only make a session wait longer, never end it by the bound not under test.
+  const idleOnly = await startListener({ SINKHOLE_MODE: "accept", SINKHOLE_IDLE_TIMEOUT: String(SHORT_TIMEOUT_S) });
   try {
-    const idle = await RawClient.connect(l.port);
+    const idle = await RawClient.connect(idleOnly.port);
     await idle.reply();
     const t0 = Date.now();
-    assertEquals((await idle.reply(5000)).lines, ["421 4.4.2 Timeout, closing connection"]);
-    assert(Date.now() - t0 >= 400);
-    assert(await idle.closedByServer());
+    assertEquals((await idle.reply(CLIENT_WAIT_MS)).lines, ["421 4.4.2 Timeout, closing connection"]);
+    assert(Date.now() - t0 >= SHORT_TIMEOUT_S * 1000 - 100, `closed after ${Date.now() - t0} ms`);
+    assert(await idle.closedByServer(CLIENT_WAIT_MS));
     idle.close();
+  } finally {
+    await idleOnly.stop();
+  }
 
-    const chatty = await RawClient.connect(l.port);
+  const totalOnly = await startListener({
+    SINKHOLE_MODE: "accept",
+    SINKHOLE_SESSION_TIMEOUT: String(SHORT_TIMEOUT_S * 3),
+  });
+  try {
+    const chatty = await RawClient.connect(totalOnly.port);
+    const t0 = Date.now();
     await chatty.reply();
     let last = 0;
-    for (let i = 0; i < 40; i++) {
+    // A NOOP every 100 ms keeps it from ever being idle; bounded to a minute of talking.
+    while (Date.now() - t0 < CLIENT_WAIT_MS) {
       await chatty.send("NOOP\r\n");
-      last = (await chatty.reply(5000)).code;
+      last = (await chatty.reply(CLIENT_WAIT_MS)).code;
       if (last === 421) break;
       await new Promise((ok) => setTimeout(ok, 100));
     }
     assertEquals(last, 421, "the total session timeout ends a session that keeps talking");
+    assert(Date.now() - t0 >= SHORT_TIMEOUT_S * 3000 - 100, `closed after ${Date.now() - t0} ms`);
     chatty.close();
   } finally {
-    await l.stop();
+    await totalOnly.stop();
   }
 });
 

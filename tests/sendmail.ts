@@ -5,22 +5,43 @@
  * machine's name nor sends a DNS query off the machine.
  */
 import { assertEquals } from "./assert.ts";
-import { eventually, run } from "./helpers.ts";
+import { eventually, run, uniqueLoopback } from "./helpers.ts";
 
-export const SINKHOLE_IP = "127.0.0.2";
-export const ORIGIN_IP = "127.0.0.3";
 export const MTA_NAME = "mta.sinkhole-test.test";
+/** The port every server of a rig listens on: a mailertable entry takes no port, as in production. */
+export const SMTP_PORT = 25;
+/** How long forced queue runs may take to get a message through: a hang guard, not a measure. */
+export const QUEUE_RUNS_WITHIN_MS = 120_000;
+
+/**
+ * Where one rig's servers listen, each on a loopback address of this run's own (two runs
+ * at once never share one): the sinkhole (`sinkhole.test`), the sender's domain
+ * (`origin.test`, where bounces go) and the MTA.
+ */
+export interface RigAddresses {
+  sink: string;
+  origin: string;
+  mta: { host: string; port: number };
+}
+
+export function rigAddresses(): RigAddresses {
+  return {
+    sink: uniqueLoopback([SMTP_PORT]),
+    origin: uniqueLoopback([SMTP_PORT]),
+    mta: { host: uniqueLoopback([SMTP_PORT]), port: SMTP_PORT },
+  };
+}
+
+/** The mailertable of a rig: both test domains routed by address, without a port. */
+export const rigMailertable = (a: RigAddresses) => `sinkhole.test smtp:[${a.sink}]\norigin.test smtp:[${a.origin}]\n`;
 
 /** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
-export async function makeSendmail(
-  dir: string,
-  port: number,
-  mailertable = `sinkhole.test smtp:[${SINKHOLE_IP}]\norigin.test smtp:[${ORIGIN_IP}]\n`,
-) {
+export async function makeSendmail(dir: string, listen: { host: string; port: number }, mailertable: string) {
+  const { host, port } = listen;
   await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
   await Deno.writeTextFile(`${dir}/mailertable`, mailertable);
   await Deno.writeTextFile(`${dir}/service.switch`, "hosts files\naliases files\n");
-  await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 localhost\n127.0.0.1 ${MTA_NAME} mta\n`);
+  await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 localhost\n${host} ${MTA_NAME} mta\n`);
   await Deno.writeTextFile(`${dir}/resolv.conf`, "nameserver 127.0.0.1\n");
   const mc = `divert(-1)dnl
 divert(0)dnl
@@ -41,7 +62,7 @@ define(\`confTO_QUEUEWARN', \`0')dnl
 FEATURE(\`nocanonify')dnl
 FEATURE(\`accept_unresolvable_domains')dnl
 FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
-DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=127.0.0.1')dnl
+DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=${host}')dnl
 MAILER_DEFINITIONS
 MAILER(\`local')dnl
 MAILER(\`smtp')dnl
@@ -84,6 +105,7 @@ MAILER(\`smtp')dnl
     }
   };
   return {
+    host,
     port,
     /** Directory holding `sendmail` and `mailq` for this MTA (put it first on PATH). */
     bin: `${dir}/bin`,
@@ -105,7 +127,7 @@ MAILER(\`smtp')dnl
       });
       await eventually(async () => {
         try {
-          (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+          (await Deno.connect({ hostname: host, port })).close();
           return true;
         } catch {
           return false;
@@ -113,11 +135,18 @@ MAILER(\`smtp')dnl
       });
       return await daemonPid();
     },
-    /** Kills the daemon the way a task replacement does (SIGKILL, no clean-up). */
+    /**
+     * Kills the daemon the way a task replacement does (SIGKILL, no clean-up), with every
+     * process it forked (a queue run in progress): the daemon leads its own process group.
+     */
     async kill() {
       const pid = await daemonPid().catch(() => 0);
       if (pid > 0 && alive(pid)) {
-        Deno.kill(pid, "SIGKILL");
+        try {
+          Deno.kill(-pid, "SIGKILL");
+        } catch {
+          Deno.kill(pid, "SIGKILL");
+        }
         await eventually(() => !alive(pid));
       }
       return pid;
@@ -129,6 +158,27 @@ MAILER(\`smtp')dnl
     async queueRun(): Promise<string> {
       const r = await sendmail("-q", "-v");
       return r.stdout + r.stderr;
+    },
+    /**
+     * Forces queue runs until `done(output of every run so far)` holds; returns that output.
+     * One run may legitimately pass a message over: the daemon's own queue run (at start,
+     * or the delivery attempt right after submission) can still hold its lock. Bounded by
+     * `ms`, which is generous: it guards against a hang, it is not what is tested.
+     */
+    async queueRunsUntil(done: (output: string) => boolean | Promise<boolean>, ms = QUEUE_RUNS_WITHIN_MS) {
+      let output = "";
+      let runs = 0;
+      await eventually(
+        async () => {
+          const r = await sendmail("-q", "-v");
+          output += r.stdout + r.stderr;
+          runs++;
+          return await done(output);
+        },
+        ms,
+        200,
+      );
+      return { output, runs };
     },
     alive,
   };
