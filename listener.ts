@@ -1,20 +1,29 @@
 /**
  * sinkhole — an SMTP failure-injection fixture.
  *
- * One file, one job: answer every SMTP transaction the way the operator's
- * current mode says. The file has three layers, top to bottom:
+ * One file, one job: answer every SMTP transaction the way the operator's current mode
+ * says. Typed configuration at the top, pure policy in the middle, thin I/O below, `main`
+ * at the bottom. The image holds this file compiled (`deno compile`, scripts/compile.ts).
  *
- *   1. Configuration and named limits (every bound the listener enforces).
- *   2. Policy: pure functions that map (session state, command, mode) to a
- *      reply. No I/O, no clock; `respond` and `endOfData` are table-tested.
- *   3. I/O: the mode source (SSM, file, static), the greylist table, the
- *      TCP session loop, logging, signals, the health check, and `main`.
+ * Contents
+ *   1. Limits and configuration   every bound the listener enforces, and the environment
+ *   2. The mode language          parseScenario: what an operator can ask for
+ *   3. Replies                    every fixed reply text, in one table
+ *   4. Policy: the decision table decide(): what the scenario does at each point (pure)
+ *   5. Protocol                   one handler a command: syntax and sequence, then decide()
+ *   6. Framing                    LineFramer and MessageReader: lines, dots, sizes (pure)
+ *   7. Transcript and log events  the typed JSON lines that ctl, the tests and the runbook read
+ *   8. The greylist table         first attempts, bounded
+ *   9. Mode sources and the cache SSM, a file or a fixed value, refreshed every TTL
+ *  10. Transports and TLS         Deno TCP, or node:net upgradable with STARTTLS
+ *  11. Session and server         the I/O: carries out what the policy decided
+ *  12. Health check and main
  *
- * No local imports: the image holds this file plus its npm dependencies.
+ * "How the listener is built" in docs/design.md walks through these layers.
  */
 
 // ---------------------------------------------------------------------------
-// 1. Configuration and limits
+// 1. Limits and configuration
 // ---------------------------------------------------------------------------
 
 /** RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF. */
@@ -153,7 +162,7 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
 }
 
 // ---------------------------------------------------------------------------
-// 2. Policy: pure reply logic
+// 2. The mode language
 // ---------------------------------------------------------------------------
 
 /** The SMTP stages a scenario can act at. */
@@ -187,7 +196,7 @@ export interface Scenario {
 const FAILING: readonly Base[] = ["defer", "bounce", "drop"];
 
 /** `30s`, `1500ms`, `2m`, `1h`, `3d` → milliseconds. */
-export function parseDuration(raw: string): number | undefined {
+function parseDuration(raw: string): number | undefined {
   const m = /^(\d{1,9})(ms|s|m|h|d)$/.exec(raw);
   if (!m) return undefined;
   return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] as "ms"];
@@ -213,7 +222,7 @@ function tokenize(raw: string): string[] | string {
 }
 
 /** Parses `CODE X.Y.Z text` into a reply; the classes of code and status must agree. */
-export function parseReply(raw: string): Reply | string {
+function parseReply(raw: string): Reply | string {
   const m = /^([245])(\d\d) ([245])\.(\d{1,3})\.(\d{1,3}) ([\x20-\x7e]+)$/.exec(raw.trim());
   if (!m) return `reply must be "CODE X.Y.Z text" (e.g. "451 4.7.1 Try again later"), got ${JSON.stringify(raw)}`;
   if (m[1] !== m[3]) return `reply code ${m[1]}${m[2]} and status ${m[3]}.${m[4]}.${m[5]} disagree on the class`;
@@ -314,6 +323,10 @@ export function scenario(value: string): Scenario {
   return sc;
 }
 
+// ---------------------------------------------------------------------------
+// 3. Replies
+// ---------------------------------------------------------------------------
+
 export interface Reply {
   code: number;
   /** Lines of text after the code; the enhanced status code is part of them. */
@@ -374,8 +387,35 @@ export const REPLIES = {
   timeout: r(421, "4.4.2 Timeout, closing connection"),
   shutdown: r(421, "4.3.2 Service shutting down"),
 } as const;
+// ---------------------------------------------------------------------------
+// 4. Policy: the decision table
+// ---------------------------------------------------------------------------
 
 export type GreylistVerdict = "pass" | "defer";
+
+/** What the greylist table remembers of a key: its first attempt, and the window that opened. */
+export interface GreylistEntry {
+  at: number;
+  windowMs: number;
+}
+
+/** The greylist table as the policy sees it: a live entry for a key, or none. Read, never written. */
+export type GreylistLookup = (key: string) => GreylistEntry | undefined;
+
+/**
+ * A first attempt to remember: the policy says so, the I/O layer writes it into the table.
+ * Without `windowMs` the table's own window (SINKHOLE_GREYLIST_WINDOW) applies.
+ */
+export interface GreylistRecord {
+  key: string;
+  at: number;
+  windowMs?: number;
+}
+
+/** The greylist answer for a key's entry at `now`: a retry at least `minMs` after a live first attempt passes. */
+export function greylistVerdict(entry: GreylistEntry | undefined, now: number, minMs: number): GreylistVerdict {
+  return entry !== undefined && now - entry.at <= entry.windowMs && now - entry.at >= minMs ? "pass" : "defer";
+}
 
 export interface Transaction {
   /** The scenario read when the transaction began (MAIL): it holds to the end. */
@@ -401,75 +441,72 @@ export interface SessionState {
 
 export const initialState = (): SessionState => ({ esmtp: false, errors: 0 });
 
-/** The greylist table, asked by key (the engine's table; tests pass a stub). */
-export type GreylistOracle = (key: string, minMs: number, windowMs: number | undefined) => GreylistVerdict;
-
+/** Everything the policy knows besides the session state: handed in, never read from the world. */
 export interface Inputs {
   /** The current scenario (read by MAIL to start a transaction; used before MAIL too). */
   scenario: Scenario;
   serverName: string;
   /** The client's address, for greylist keys. */
   client?: string;
-  greylist?: GreylistOracle;
+  /** The time, in ms since the epoch: the policy reads no clock. */
+  now?: number;
+  /** The greylist table's live entries; without it every attempt is a first one. */
+  greylist?: GreylistLookup;
   /** The listener can upgrade sessions to TLS (SINKHOLE_STARTTLS=on, a certificate loaded). */
   tlsAvailable?: boolean;
 }
 
+/**
+ * What happens after a reply: the session goes on; it closes; it closes without sending the
+ * reply; it reads a message; it upgrades to TLS (RFC 3207).
+ */
+export type After = "continue" | "close" | "drop" | "data" | "starttls";
+
+/** The policy's whole answer to one event: what to say, what to do next, and what to remember. */
 export interface Outcome {
+  /** The reply (not sent when `after` is "drop"). */
   reply: Reply;
   state: SessionState;
-  /** Close the connection after the reply. */
-  close?: boolean;
-  /** Close the connection without sending the reply. */
-  drop?: boolean;
+  after: After;
   /** Wait this long before the reply. */
-  delayMs?: number;
-  /** Switch to reading the message body. */
-  data?: boolean;
-  /** The error limit was reached: a 421 follows the reply, then the close. */
-  tooManyErrors?: boolean;
-  /** After the reply, upgrade the connection to TLS (RFC 3207). */
-  startTls?: boolean;
+  delayMs: number;
+  /** A last reply after `reply`, before the close: the 421 when the error limit is reached. */
+  farewell?: Reply;
+  /** Greylist first attempts for the table. */
+  remember?: GreylistRecord[];
+  /** At DATA: keep the message's header section for the log (accept-log). */
+  captureHeaders?: boolean;
+  /** At end of data: log the accepted message (accept-log). */
+  logMessage?: boolean;
 }
 
-/** Whether EHLO offers STARTTLS in this state. */
-export function offersStartTls(state: SessionState, inputs: Inputs): boolean {
-  if (state.tls) return false;
-  const mode = inputs.scenario.starttls;
-  return mode === "refuse" || mode === "break" || (mode === "default" && !!inputs.tlsAvailable);
+/** The points where the policy decides: the scenario's stages, and STARTTLS. */
+export type Point = Stage | "starttls";
+
+/** What the policy is deciding about: a point, its scenario and transaction, the recipient at RCPT. */
+export interface Moment {
+  point: Point;
+  scenario: Scenario;
+  inputs: Inputs;
+  tx?: Transaction;
+  rcpt?: string;
 }
 
-/** What a scenario does at a stage: a failure (reply or drop), and the delay before the reply. */
-export function atStage(sc: Scenario, stage: Stage): { fail?: Reply; drop?: boolean; delayMs: number } {
-  if (sc.at !== stage) return { delayMs: 0 };
-  const delayMs = sc.delayMs;
-  switch (sc.base) {
-    case "drop":
-      return { drop: true, delayMs };
-    case "defer":
-      return { fail: sc.reply ?? REPLIES.defer, delayMs };
-    case "bounce":
-      return { fail: sc.reply ?? (stage === "rcpt" ? REPLIES.bounce : REPLIES.bounceStage), delayMs };
-    default:
-      return { delayMs };
-  }
+/**
+ * A decision at one point: the reply instead of the point's own (`fail`), or a drop, a delay,
+ * what comes after, and what the greylist table must remember.
+ */
+export interface Decision {
+  fail?: Reply;
+  drop?: boolean;
+  delayMs: number;
+  after?: After;
+  /** The transaction's greylist answer when keyed by IP (asked once per transaction). */
+  greylist?: GreylistVerdict;
+  remember?: GreylistRecord[];
 }
 
-/** Turns a stage's verdict into an outcome: the failure if any, else `ok`; a 421 always closes. */
-function staged(verdict: ReturnType<typeof atStage>, ok: Outcome, failed: SessionState = ok.state): Outcome {
-  if (verdict.drop) return { reply: ok.reply, state: failed, drop: true, delayMs: verdict.delayMs };
-  const out = verdict.fail ? { reply: verdict.fail, state: failed } : ok;
-  return { ...out, delayMs: verdict.delayMs || undefined, close: out.close || out.reply.code === 421 || undefined };
-}
-
-/** The greeting: 220, or the scenario's failure at connect (554 then 503s, or 421 and close). */
-export function greeting(sc: Scenario, serverName: string): Outcome {
-  const v = atStage(sc, "connect");
-  const ok: Outcome = { reply: greetingReply(serverName), state: initialState() };
-  const out = staged(v, ok);
-  if (out.reply.code >= 500) return { ...out, state: { ...out.state, refused: true } };
-  return out;
-}
+const PASS: Decision = { delayMs: 0 };
 
 /** A recipient address that asks for its own outcome: `bounce+x@…`, `defer+x@…`, `451-4.7.1+x@…`. */
 export type RecipientOutcome =
@@ -490,47 +527,138 @@ export function recipientOutcome(address: string): RecipientOutcome | undefined 
   return { kind: "reply", reply: r(Number(m[1]), `${status} Per-recipient reply ${m[1]} from sinkhole`) };
 }
 
-/** The reply to a RCPT: the recipient's own outcome if it asks for one, else the transaction's scenario. */
-export function rcptReply(
-  tx: Transaction,
-  rcpt: string,
-  inputs: Inputs,
-): { reply: Reply; close?: boolean; drop?: boolean; delayMs?: number; greylist?: GreylistVerdict } {
-  const own = recipientOutcome(rcpt);
-  const ask = (key: string) =>
-    inputs.greylist?.(key, tx.scenario.greylist.minMs, tx.scenario.greylist.windowMs) ?? "defer";
-  if (own) {
-    switch (own.kind) {
-      case "accept":
-        return { reply: REPLIES.rcptOk };
-      case "bounce":
-        return { reply: REPLIES.bounce };
-      case "defer":
-        return { reply: REPLIES.deferRcpt };
-      case "drop":
-        return { reply: REPLIES.deferRcpt, drop: true };
-      case "greylist":
-        return { reply: ask(`${inputs.client}|${rcpt}`) === "pass" ? REPLIES.rcptOk : REPLIES.greylisted };
-      case "reply":
-        return { reply: own.reply, close: own.reply.code === 421 };
-    }
-  }
-  const sc = tx.scenario;
-  const v = atStage(sc, "rcpt");
-  if (v.drop) return { reply: REPLIES.deferRcpt, drop: true, delayMs: v.delayMs };
-  if (v.fail) return { reply: v.fail, close: v.fail.code === 421, delayMs: v.delayMs };
-  if (sc.base === "greylist") {
-    const verdict = sc.greylist.key === "triplet"
-      ? ask(`${inputs.client}|${tx.from}|${rcpt}`)
-      : tx.greylist ?? ask(`${inputs.client}`);
-    return {
-      reply: verdict === "pass" ? REPLIES.rcptOk : REPLIES.greylisted,
-      delayMs: v.delayMs,
-      greylist: sc.greylist.key === "ip" ? verdict : undefined,
-    };
-  }
-  return { reply: REPLIES.rcptOk, delayMs: v.delayMs };
+/** Asks the greylist about a key: the verdict, and the first attempt to remember when there is none. */
+function greylisted(m: Moment, key: string): { verdict: GreylistVerdict; remember?: GreylistRecord[] } {
+  const now = m.inputs.now ?? 0;
+  const { minMs, windowMs } = m.scenario.greylist;
+  const entry = m.inputs.greylist?.(key);
+  const verdict = greylistVerdict(entry, now, minMs);
+  const live = entry !== undefined && now - entry.at <= entry.windowMs;
+  return live ? { verdict } : { verdict, remember: [{ key, at: now, windowMs }] };
 }
+
+/** The scenario's failure at its stage (`at=`), with its delay; elsewhere nothing. */
+function scenarioAt(sc: Scenario, point: Point): Decision {
+  if (sc.at !== point) return PASS;
+  const delayMs = sc.delayMs;
+  switch (sc.base) {
+    case "drop":
+      return { drop: true, delayMs };
+    case "defer":
+      return { fail: sc.reply ?? REPLIES.defer, delayMs };
+    case "bounce":
+      return { fail: sc.reply ?? (point === "rcpt" ? REPLIES.bounce : REPLIES.bounceStage), delayMs };
+    default:
+      return { delayMs };
+  }
+}
+
+/** A recipient's own outcome (`bounce+x@…`): it wins over the scenario, without its delay. */
+function recipientDecision(m: Moment, own: RecipientOutcome): Decision {
+  switch (own.kind) {
+    case "accept":
+      return PASS;
+    case "bounce":
+      return { fail: REPLIES.bounce, delayMs: 0 };
+    case "defer":
+      return { fail: REPLIES.deferRcpt, delayMs: 0 };
+    case "drop":
+      return { drop: true, delayMs: 0 };
+    case "greylist": {
+      const g = greylisted(m, `${m.inputs.client}|${m.rcpt}`);
+      return { fail: g.verdict === "pass" ? undefined : REPLIES.greylisted, delayMs: 0, remember: g.remember };
+    }
+    case "reply":
+      return { fail: own.reply, delayMs: 0 };
+  }
+}
+
+/**
+ * THE decision table: what the scenario does at each point of a session. Protocol checks
+ * (syntax, sequence) are done before this is asked; a new scenario is a new case here.
+ */
+export function decide(m: Moment): Decision {
+  const sc = m.scenario;
+  switch (m.point) {
+    case "starttls":
+      if (sc.starttls === "refuse") return { fail: REPLIES.tlsRefused, delayMs: 0 };
+      if (sc.starttls === "break") return { fail: REPLIES.tlsReady, delayMs: 0, after: "close" };
+      return { delayMs: 0, after: "starttls" };
+    case "rcpt": {
+      const own = recipientOutcome(m.rcpt!);
+      if (own) return recipientDecision(m, own);
+      const at = scenarioAt(sc, "rcpt");
+      if (at.fail || at.drop || sc.base !== "greylist") return at;
+      if (sc.greylist.key === "triplet") {
+        const g = greylisted(m, `${m.inputs.client}|${m.tx!.from}|${m.rcpt}`);
+        return { ...at, fail: g.verdict === "pass" ? undefined : REPLIES.greylisted, remember: g.remember };
+      }
+      const g = m.tx!.greylist !== undefined ? { verdict: m.tx!.greylist } : greylisted(m, `${m.inputs.client}`);
+      return {
+        ...at,
+        fail: g.verdict === "pass" ? undefined : REPLIES.greylisted,
+        greylist: g.verdict,
+        remember: "remember" in g ? g.remember : undefined,
+      };
+    }
+    default:
+      return scenarioAt(sc, m.point);
+  }
+}
+
+/**
+ * Turns a decision into an outcome: its failure reply in `failed` state, or the point's own
+ * reply in `ok`'s state; a drop sends nothing; a 421 always closes (RFC 5321 §3.8).
+ */
+export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: SessionState = ok.state): Outcome {
+  const base: Outcome = d.fail
+    ? { reply: d.fail, state: failed, after: d.after ?? "continue", delayMs: d.delayMs }
+    : { ...ok, after: d.after ?? ok.after, delayMs: d.delayMs };
+  if (d.remember) base.remember = d.remember;
+  if (d.drop) return { ...base, state: failed, after: "drop" };
+  if (base.reply.code === 421) return { ...base, after: "close" };
+  return base;
+}
+
+/** Whether EHLO offers STARTTLS in this state. */
+function offersStartTls(state: SessionState, inputs: Inputs): boolean {
+  if (state.tls) return false;
+  const mode = inputs.scenario.starttls;
+  return mode === "refuse" || mode === "break" || (mode === "default" && !!inputs.tlsAvailable);
+}
+
+/** The greeting: 220, or the scenario's failure at connect (554 then 503s, or 421 and close). */
+export function greeting(sc: Scenario, serverName: string): Outcome {
+  const d = decide({ point: "connect", scenario: sc, inputs: { scenario: sc, serverName } });
+  const out = outcome(d, { reply: greetingReply(serverName), state: initialState(), after: "continue" });
+  if (out.reply.code >= 500) return { ...out, state: { ...out.state, refused: true } };
+  return out;
+}
+
+/** The reply at end of data; the transaction ends either way. */
+export function endOfData(state: SessionState, data: DataSummary, inputs?: Inputs): Outcome {
+  const next = { ...state, tx: undefined };
+  const done = (reply: Reply): Outcome => ({ reply, state: next, after: "continue", delayMs: 0 });
+  if (data.size > MAX_MESSAGE_BYTES) return done(REPLIES.sizeExceeded);
+  if (data.longLine) return done(REPLIES.dataLineTooLong);
+  const sc = state.tx?.scenario;
+  if (!sc) return done(REPLIES.queued);
+  const d = decide({ point: "eod", scenario: sc, tx: state.tx, inputs: inputs ?? { scenario: sc, serverName: "" } });
+  const out = outcome(d, { ...done(REPLIES.queued) });
+  return out.reply.code === 250 && out.after !== "drop" && sc.base === "accept-log"
+    ? { ...out, logMessage: true }
+    : out;
+}
+
+export interface DataSummary {
+  size: number;
+  /** A line of the message exceeded MAX_TEXT_LINE. */
+  longLine: boolean;
+}
+
+// ---------------------------------------------------------------------------
+// 5. Protocol: syntax and sequence, one handler a command
+// ---------------------------------------------------------------------------
 
 const DOMAIN = String
   .raw`(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[^\]\s\\]+\])`;
@@ -584,7 +712,7 @@ function mailParamsReply(params: Map<string, string>): Reply | undefined {
 }
 
 /** EHLO keywords: only what this file implements. */
-export function ehloReply(serverName: string, clientName: string, startTls = false): Reply {
+function ehloReply(serverName: string, clientName: string, startTls = false): Reply {
   return r(
     250,
     `${serverName} greets ${clientName}`,
@@ -596,12 +724,12 @@ export function ehloReply(serverName: string, clientName: string, startTls = fal
   );
 }
 
-export function greetingReply(serverName: string): Reply {
+function greetingReply(serverName: string): Reply {
   return r(220, `${serverName} ESMTP sinkhole`);
 }
 
 /** Splits a command line into its verb (upper case) and argument. */
-export function splitCommand(line: string): { verb: string; arg: string } {
+function splitCommand(line: string): { verb: string; arg: string } {
   const sp = line.indexOf(" ");
   if (sp < 0) return { verb: line.toUpperCase(), arg: "" };
   return { verb: line.slice(0, sp).toUpperCase(), arg: line.slice(sp + 1).trim() };
@@ -614,92 +742,96 @@ type Handler = (state: SessionState, arg: string, inputs: Inputs) => Outcome;
 
 const noArgs = (arg: string): boolean => arg === "";
 
-/** The per-command action table, as in Postfix's smtp-sink. */
+/** A protocol error: the reply, one more error counted, nothing else changes. */
+const refuse = (state: SessionState, reply: Reply): Outcome => ({
+  reply,
+  state: { ...state, errors: state.errors + 1 },
+  after: "continue",
+  delayMs: 0,
+});
+/** A reply that changes nothing and decides nothing. */
+const answer = (state: SessionState, reply: Reply, after: After = "continue"): Outcome => ({
+  reply,
+  state,
+  after,
+  delayMs: 0,
+});
+
+/**
+ * The per-command action table, as in Postfix's smtp-sink: each handler checks syntax and
+ * sequence, and hands what passed to `decide` at its point.
+ */
 const COMMANDS: Record<string, Handler> = {
   HELO: (state, arg, inputs) => {
-    if (!/^\S+$/.test(arg)) return { reply: REPLIES.heloSyntax, state: error(state) };
-    const next = { ...state, helo: arg, esmtp: false, tx: undefined };
-    return staged(atStage(inputs.scenario, "helo"), { reply: r(250, "2.0.0 Hello " + arg), state: next }, state);
+    if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.heloSyntax);
+    const ok = answer({ ...state, helo: arg, esmtp: false, tx: undefined }, r(250, "2.0.0 Hello " + arg));
+    return outcome(decide({ point: "helo", scenario: inputs.scenario, inputs }), ok, state);
   },
   EHLO: (state, arg, inputs) => {
-    if (!/^\S+$/.test(arg)) return { reply: REPLIES.ehloSyntax, state: error(state) };
-    const next = { ...state, helo: arg, esmtp: true, tx: undefined };
+    if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.ehloSyntax);
     const reply = ehloReply(inputs.serverName, arg, offersStartTls(state, inputs));
-    return staged(atStage(inputs.scenario, "helo"), { reply, state: next }, state);
+    const ok = answer({ ...state, helo: arg, esmtp: true, tx: undefined }, reply);
+    return outcome(decide({ point: "helo", scenario: inputs.scenario, inputs }), ok, state);
   },
   MAIL: (state, arg, inputs) => {
-    if (state.helo === undefined) return { reply: REPLIES.needHelo, state: error(state) };
-    if (state.tx) return { reply: REPLIES.nestedMail, state: error(state) };
+    if (state.helo === undefined) return refuse(state, REPLIES.needHelo);
+    if (state.tx) return refuse(state, REPLIES.nestedMail);
     const parsed = parsePathArg(arg, "FROM");
-    if (!parsed) return { reply: REPLIES.mailSyntax, state: error(state) };
-    if (parsed.path !== "" && parseMailbox(parsed.path) === undefined) {
-      return { reply: REPLIES.badSender, state: error(state) };
-    }
+    if (!parsed) return refuse(state, REPLIES.mailSyntax);
+    const from = parsed.path === "" ? "" : parseMailbox(parsed.path);
+    if (from === undefined) return refuse(state, REPLIES.badSender);
     const bad = mailParamsReply(parsed.params);
-    if (bad) return { reply: bad, state: error(state) };
-    const from = parsed.path === "" ? "" : parseMailbox(parsed.path)!;
-    const v = atStage(inputs.scenario, "mail");
-    if (v.fail || v.drop) return staged(v, { reply: REPLIES.senderOk, state });
+    if (bad) return refuse(state, bad);
     const tx: Transaction = { scenario: inputs.scenario, from, rcpts: [], accepted: 0 };
-    return staged(v, { reply: REPLIES.senderOk, state: { ...state, tx } });
+    const ok = answer({ ...state, tx }, REPLIES.senderOk);
+    return outcome(decide({ point: "mail", scenario: inputs.scenario, inputs }), ok, state);
   },
   RCPT: (state, arg, inputs) => {
     const tx = state.tx;
-    if (!tx) return { reply: REPLIES.needMail, state: error(state) };
+    if (!tx) return refuse(state, REPLIES.needMail);
     const parsed = parsePathArg(arg, "TO");
-    if (!parsed) return { reply: REPLIES.rcptSyntax, state: error(state) };
+    if (!parsed) return refuse(state, REPLIES.rcptSyntax);
     const box = /^postmaster$/i.test(parsed.path) ? parsed.path : parseMailbox(parsed.path);
-    if (box === undefined) return { reply: REPLIES.badRcpt, state: error(state) };
-    if (parsed.params.size > 0) return { reply: REPLIES.badParam, state: error(state) };
-    if (tx.rcpts.length >= MAX_RECIPIENTS) return { reply: REPLIES.tooManyRcpts, state };
-    const { reply, close, drop, delayMs, greylist } = rcptReply(tx, box, inputs);
+    if (box === undefined) return refuse(state, REPLIES.badRcpt);
+    if (parsed.params.size > 0) return refuse(state, REPLIES.badParam);
+    if (tx.rcpts.length >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
+    const d = decide({ point: "rcpt", scenario: tx.scenario, tx, rcpt: box, inputs });
+    // A dropped recipient is recorded as deferred: it is not delivered, and nothing was said.
+    const reply = d.fail ?? (d.drop ? REPLIES.deferRcpt : REPLIES.rcptOk);
     const accepted = tx.accepted + (reply.code === 250 ? 1 : 0);
-    const next = { ...state, tx: { ...tx, rcpts: [...tx.rcpts, box], accepted, greylist: greylist ?? tx.greylist } };
-    return { reply, close, drop, delayMs: delayMs || undefined, state: next };
+    const next = { ...state, tx: { ...tx, rcpts: [...tx.rcpts, box], accepted, greylist: d.greylist ?? tx.greylist } };
+    return outcome(d, answer(next, reply), next);
   },
-  DATA: (state, arg) => {
-    if (!noArgs(arg)) return { reply: REPLIES.noArgs, state: error(state) };
-    if (!state.tx) return { reply: REPLIES.needMail, state: error(state) };
-    if (state.tx.rcpts.length === 0) return { reply: REPLIES.needRcpt, state: error(state) };
-    if (state.tx.accepted === 0) return { reply: REPLIES.noValidRcpts, state };
-    const v = atStage(state.tx.scenario, "data");
-    if (v.fail || v.drop) return staged(v, { reply: REPLIES.dataGo, state: { ...state, tx: undefined } });
-    return staged(v, { reply: REPLIES.dataGo, state, data: true });
+  DATA: (state, arg, inputs) => {
+    if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
+    if (!state.tx) return refuse(state, REPLIES.needMail);
+    if (state.tx.rcpts.length === 0) return refuse(state, REPLIES.needRcpt);
+    if (state.tx.accepted === 0) return answer(state, REPLIES.noValidRcpts);
+    const sc = state.tx.scenario;
+    const d = decide({ point: "data", scenario: sc, tx: state.tx, inputs });
+    const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: sc.base === "accept-log" };
+    return outcome(d, ok, { ...state, tx: undefined });
   },
   RSET: (state, arg) =>
-    noArgs(arg)
-      ? { reply: REPLIES.reset, state: { ...state, tx: undefined } }
-      : { reply: REPLIES.noArgs, state: error(state) },
+    noArgs(arg) ? answer({ ...state, tx: undefined }, REPLIES.reset) : refuse(state, REPLIES.noArgs),
   STARTTLS: (state, arg, inputs) => {
-    if (!offersStartTls(state, inputs)) {
-      return { reply: state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented, state: error(state) };
-    }
-    if (!noArgs(arg)) return { reply: REPLIES.noArgs, state: error(state) };
-    if (!state.esmtp) return { reply: REPLIES.needEhlo, state: error(state) };
-    if (state.tx) return { reply: REPLIES.nestedMail, state: error(state) };
-    switch (inputs.scenario.starttls) {
-      case "refuse":
-        return { reply: REPLIES.tlsRefused, state };
-      case "break":
-        return { reply: REPLIES.tlsReady, state, close: true };
-      default: // RFC 3207 §4.2: after the handshake the session starts over
-        return {
-          reply: REPLIES.tlsReady,
-          state: { ...initialState(), errors: state.errors, tls: true },
-          startTls: true,
-        };
-    }
+    if (!offersStartTls(state, inputs)) return refuse(state, state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented);
+    if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
+    if (!state.esmtp) return refuse(state, REPLIES.needEhlo);
+    if (state.tx) return refuse(state, REPLIES.nestedMail);
+    // RFC 3207 §4.2: after the handshake the session starts over.
+    const fresh = { ...initialState(), errors: state.errors, tls: true };
+    return outcome(
+      decide({ point: "starttls", scenario: inputs.scenario, inputs }),
+      answer(fresh, REPLIES.tlsReady),
+      state,
+    );
   },
-  NOOP: (state) => ({ reply: REPLIES.ok, state }),
-  QUIT: (state) => ({ reply: REPLIES.bye, state, close: true }),
-  VRFY: (state, arg) =>
-    arg === "" ? { reply: r(501, "5.5.4 Syntax: VRFY address"), state: error(state) } : { reply: REPLIES.vrfy, state },
-  HELP: (state) => ({ reply: REPLIES.help, state }),
+  NOOP: (state) => answer(state, REPLIES.ok),
+  QUIT: (state) => answer(state, REPLIES.bye, "close"),
+  VRFY: (state, arg) => arg === "" ? refuse(state, r(501, "5.5.4 Syntax: VRFY address")) : answer(state, REPLIES.vrfy),
+  HELP: (state) => answer(state, REPLIES.help),
 };
-
-function error(state: SessionState): SessionState {
-  return { ...state, errors: state.errors + 1 };
-}
 
 /**
  * The reply to one command line: the whole protocol state machine, pure.
@@ -709,74 +841,422 @@ export function respond(state: SessionState, line: string, inputs: Inputs): Outc
   const { verb, arg } = splitCommand(line);
   const handler = COMMANDS[verb];
   let out: Outcome;
-  if (state.refused && verb !== "QUIT") out = { reply: REPLIES.refused, state: error(state) };
+  if (state.refused && verb !== "QUIT") out = refuse(state, REPLIES.refused);
   else if (handler) out = handler(state, arg, inputs);
-  else if (NOT_IMPLEMENTED.has(verb)) out = { reply: REPLIES.notImplemented, state: error(state) };
-  else out = { reply: REPLIES.unknown, state: error(state) };
+  else if (NOT_IMPLEMENTED.has(verb)) out = refuse(state, REPLIES.notImplemented);
+  else out = refuse(state, REPLIES.unknown);
   return limitErrors(out);
 }
 
-/** Applies the error limit to an outcome. */
-export function limitErrors(out: Outcome): Outcome {
-  if (out.state.errors >= MAX_ERRORS_PER_SESSION && !out.close) return { ...out, close: true, tooManyErrors: true };
-  return out;
+/** Applies the error limit: past it, the reply is followed by 421 4.7.0 and the close. */
+function limitErrors(out: Outcome): Outcome {
+  if (out.state.errors < MAX_ERRORS_PER_SESSION || out.after === "close" || out.after === "drop") return out;
+  return { ...out, after: "close", farewell: REPLIES.tooManyErrors };
 }
 
 /** A command line the engine could not even read: too long or not ASCII. */
-export function respondToBadLine(state: SessionState, kind: "long" | "chars"): Outcome {
-  return limitErrors({ reply: kind === "long" ? REPLIES.lineTooLong : REPLIES.badChars, state: error(state) });
+function respondToBadLine(state: SessionState, kind: "long" | "chars"): Outcome {
+  return limitErrors(refuse(state, kind === "long" ? REPLIES.lineTooLong : REPLIES.badChars));
 }
 
-export interface DataSummary {
+// ---------------------------------------------------------------------------
+// 6. Framing: lines, dot-unstuffing and sizes (pure)
+// ---------------------------------------------------------------------------
+
+const LF = 10;
+const CR = 13;
+const DOT = 46;
+
+/** Where framed lines go (the session). */
+export interface LineSink {
+  /** The limit for the line being read: MAX_COMMAND_LINE for commands, MAX_TEXT_LINE inside DATA. */
+  limit(): number;
+  /** The line being read crossed the limit: said once a line, as soon as it is seen. */
+  overflow(): void;
+  /** A complete line with its line end, or undefined when it was over the limit; `length` counts every octet. */
+  line(bytes: Uint8Array | undefined, length: number): void;
+  /** False stops the framing (a reply must wait first, or the session ends). */
+  more(): boolean;
+}
+
+/**
+ * Splits a byte stream into lines at LF. A line that spans reads is kept in one buffer of
+ * MAX_TEXT_LINE octets (allocated the first time one does); a longer line is counted, not
+ * kept. Pure: no I/O, no clock. The bytes handed to `line` are valid until the next `feed`.
+ */
+export class LineFramer {
+  #partial: Uint8Array | undefined;
+  #lineBytes = 0;
+
+  /** Octets of a line begun and not yet ended (0 between lines). */
+  get pending(): number {
+    return this.#lineBytes;
+  }
+
+  /** Frames `chunk` until it is read or `sink.more()` is false; returns where it stopped. */
+  feed(chunk: Uint8Array, sink: LineSink): number {
+    let pos = 0;
+    while (pos < chunk.length && sink.more()) {
+      const nl = chunk.indexOf(LF, pos);
+      const end = nl < 0 ? chunk.length : nl + 1;
+      const piece = chunk.subarray(pos, end);
+      pos = end;
+      const limit = sink.limit();
+      if (this.#lineBytes === 0 && nl >= 0) {
+        // The common case: a whole line inside this read, used in place.
+        if (piece.length <= limit) sink.line(piece, piece.length);
+        else {
+          sink.overflow();
+          sink.line(undefined, piece.length);
+        }
+        continue;
+      }
+      const total = this.#lineBytes + piece.length;
+      if (total <= limit) (this.#partial ??= new Uint8Array(MAX_TEXT_LINE)).set(piece, this.#lineBytes);
+      else if (this.#lineBytes <= limit) sink.overflow();
+      this.#lineBytes = total;
+      if (nl >= 0) {
+        this.#lineBytes = 0;
+        sink.line(total <= limit ? this.#partial!.subarray(0, total) : undefined, total);
+      }
+    }
+    return pos;
+  }
+}
+
+/** Octets of a line without its LF and an optional CR before it. */
+function lineEnd(line: Uint8Array): number {
+  let len = line.length;
+  if (len > 0 && line[len - 1] === LF) len--;
+  if (len > 0 && line[len - 1] === CR) len--;
+  return len;
+}
+
+/** Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. */
+function decodeCommand(bytes: Uint8Array): string | undefined {
+  let s = "";
+  for (const b of bytes) {
+    if (b > 126 || (b < 32 && b !== 9)) return undefined;
+    s += String.fromCharCode(b);
+  }
+  return s;
+}
+
+const headerDecoder = new TextDecoder();
+
+/**
+ * A message being received after DATA: the end-of-data line, dot-unstuffing (RFC 5321
+ * §4.5.2), the size, whether a line was over MAX_TEXT_LINE, and the header section (up to
+ * MAX_LOGGED_HEADER_BYTES) when the policy asked to capture it. Pure.
+ */
+export class MessageReader {
+  size = 0;
+  longLine = false;
+  headers: string[] = [];
+  /** Header lines were left out (over the cap, or a header line over MAX_TEXT_LINE). */
+  truncated = false;
+  #inHeaders = true;
+  #headerBytes = 0;
+
+  constructor(readonly captureHeaders = false) {}
+
+  /** One line with its line end, or undefined when it was over MAX_TEXT_LINE; true at end of data. */
+  line(bytes: Uint8Array | undefined, length: number): boolean {
+    if (bytes === undefined) {
+      this.size += length;
+      this.longLine = true;
+      if (this.#inHeaders) this.truncated = true;
+      return false;
+    }
+    if (bytes[0] === DOT && lineEnd(bytes) === 1) return true; // "." alone (CRLF, or bare LF from lenient clients)
+    const stuffed = bytes[0] === DOT ? 1 : 0;
+    this.size += length - stuffed;
+    if (!this.#inHeaders) return false;
+    const len = lineEnd(bytes);
+    if (len === 0) {
+      this.#inHeaders = false;
+      return false;
+    }
+    if (!this.captureHeaders) return false;
+    if (this.#headerBytes + len > MAX_LOGGED_HEADER_BYTES) {
+      this.truncated = true;
+      return false;
+    }
+    this.#headerBytes += len;
+    const text = headerDecoder.decode(bytes.subarray(stuffed, len));
+    if ((text[0] === " " || text[0] === "\t") && this.headers.length > 0) {
+      this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
+    } else this.headers.push(text);
+    return false;
+  }
+
+  get summary(): DataSummary {
+    return { size: this.size, longLine: this.longLine };
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 7. Transcript and log events: the contract that ctl, the tests and the rehearsal read
+// ---------------------------------------------------------------------------
+
+export interface TransactionLog {
+  /** The scenario's text (the mode name for a plain mode). */
+  mode: string;
+  from: string;
+  rcpts: { to: string; code: number }[];
+  /** Message size and the end-of-data reply, when DATA was reached. */
+  size?: number;
+  result?: number;
+}
+
+/** One line per session, at its end (health checks excepted). */
+export interface SessionEvent {
+  event: "session";
+  client: string;
+  helo?: string;
+  modes: string[];
+  transactions: TransactionLog[];
+  transactionCount: number;
+  replies: number[];
+  replyCount: number;
+  commands: number;
+  bytesIn: number;
+  bytesOut: number;
+  durationMs: number;
+  /** The scenario dropped the connection without a reply. */
+  dropped?: true;
+  /** The session was upgraded with STARTTLS. */
+  tls?: true;
+  /** The session ended on an I/O error. */
+  error?: string;
+}
+
+/** accept-log: one line per accepted message, with its envelope and header section. */
+export interface MessageEvent {
+  event: "message";
+  client: string;
+  helo?: string;
+  from: string;
+  rcpts: string[];
   size: number;
-  /** A line of the message exceeded MAX_TEXT_LINE. */
-  longLine: boolean;
+  headers: string[];
+  truncated: boolean;
 }
 
-/** The reply at end of data; the transaction ends either way. */
-export function endOfData(state: SessionState, data: DataSummary): Outcome {
-  const next = { ...state, tx: undefined };
-  if (data.size > MAX_MESSAGE_BYTES) return { reply: REPLIES.sizeExceeded, state: next };
-  if (data.longLine) return { reply: REPLIES.dataLineTooLong, state: next };
-  const v = state.tx ? atStage(state.tx.scenario, "eod") : { delayMs: 0 };
-  return staged(v, { reply: REPLIES.queued, state: next });
+export interface StartEvent {
+  event: "start";
+  bind: string;
+  serverName: string;
+  source: string;
+  mode: string;
+  cacheTtlMs: number;
+  greylistWindowMs: number;
+  maxSessions: number;
+  starttls: string;
+  pid: number;
 }
 
-// ---------------------------------------------------------------------------
-// 3. I/O
-// ---------------------------------------------------------------------------
-
-/** One JSON line on stdout: CloudWatch Logs via the awslogs driver. */
-export function log(event: string, fields: Record<string, unknown> = {}): void {
-  const bytes = logEncoder.encode(JSON.stringify({ ts: new Date().toISOString(), event, ...fields }) + "\n");
-  for (let off = 0; off < bytes.length;) off += Deno.stdout.writeSync(bytes.subarray(off));
+/** The mode in effect changed (also at start, from the default `defer`). */
+export interface ModeEvent {
+  event: "mode";
+  source: string;
+  mode: string;
+  previous: string;
 }
+
+/** The source holds a value the listener refuses; `keeping` stays in effect. */
+export interface ModeInvalidEvent {
+  event: "mode_invalid";
+  source: string;
+  keeping: string;
+  value: string;
+  reason: string;
+}
+
+/** The source could not be read; `keeping` stays in effect. */
+export interface ModeErrorEvent {
+  event: "mode_error";
+  source: string;
+  keeping: string;
+  reason: string;
+}
+
+export interface RefusedEvent {
+  event: "refused";
+  client: string;
+  reason: string;
+  limit: number;
+}
+
+export interface ErrorEvent {
+  event: "error";
+  where: "accept" | "listen";
+  reason: string;
+}
+
+export interface StopEvent {
+  event: "stop";
+  signal: string;
+  sessions: number;
+}
+
+export interface StoppedEvent {
+  event: "stopped";
+  signal: string;
+}
+
+/** Every event the listener logs: one JSON line each on stdout (CloudWatch Logs via awslogs). */
+export type LogEvent =
+  | SessionEvent
+  | MessageEvent
+  | StartEvent
+  | ModeEvent
+  | ModeInvalidEvent
+  | ModeErrorEvent
+  | RefusedEvent
+  | ErrorEvent
+  | StopEvent
+  | StoppedEvent;
+
+/** A log line as it is read back: the event and when it was written. */
+export type LogLine = LogEvent & { ts: string };
 
 const logEncoder = new TextEncoder();
 
-/** Remembers first attempts per key, for `window` ms, in bounded memory. */
+/** Reads one line of the listener's output back: its event, or undefined when it is not one. */
+export function parseLogLine(text: string): LogLine | undefined {
+  try {
+    const v = JSON.parse(text);
+    return typeof v === "object" && v !== null && typeof v.event === "string" && typeof v.ts === "string"
+      ? v as LogLine
+      : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Renders an event as its JSON line. */
+function logLine(e: LogEvent, now = new Date()): string {
+  return JSON.stringify({ ts: now.toISOString(), ...e }) + "\n";
+}
+
+/** Writes one event on stdout, whole. */
+export function log(e: LogEvent): void {
+  const bytes = logEncoder.encode(logLine(e));
+  for (let off = 0; off < bytes.length;) off += Deno.stdout.writeSync(bytes.subarray(off));
+}
+
+/** What a session's log line reports, bounded: MAX_LOGGED_TRANSACTIONS and MAX_LOGGED_REPLIES. */
+class Transcript {
+  transactions: TransactionLog[] = [];
+  transactionCount = 0;
+  replies: number[] = [];
+  replyCount = 0;
+  bytesIn = 0;
+  bytesOut = 0;
+  commands = 0;
+  /** The first command's verb (a health check says QUIT and nothing else). */
+  firstVerb: string | undefined;
+  dropped = false;
+  tls = false;
+
+  constructor(readonly client: string, readonly started: number) {}
+
+  command(verb: string | undefined): void {
+    if (++this.commands === 1) this.firstVerb = verb;
+  }
+
+  reply(code: number): void {
+    this.replyCount++;
+    if (this.replies.length < MAX_LOGGED_REPLIES) this.replies.push(code);
+  }
+
+  /** Keeps the logged transactions in step with the state after one outcome. */
+  record(before: Transaction | undefined, out: Outcome): void {
+    const tx = out.state.tx;
+    if (!tx) return;
+    if (!before) {
+      this.transactionCount++;
+      if (this.transactions.length < MAX_LOGGED_TRANSACTIONS) {
+        this.transactions.push({ mode: tx.scenario.text, from: tx.from, rcpts: [] });
+      }
+    } else if (tx.rcpts.length > before.rcpts.length && this.#current) {
+      this.#current.rcpts.push({ to: tx.rcpts.at(-1)!, code: out.reply.code });
+    }
+  }
+
+  /** The end-of-data size and reply of the current transaction. */
+  endOfData(size: number, code: number): void {
+    const t = this.#current;
+    if (!t) return;
+    t.size = size;
+    t.result = code;
+  }
+
+  /** The logged transaction in progress; none past MAX_LOGGED_TRANSACTIONS (those are only counted). */
+  get #current(): TransactionLog | undefined {
+    return this.transactionCount <= MAX_LOGGED_TRANSACTIONS ? this.transactions.at(-1) : undefined;
+  }
+
+  /** A health check (loopback, QUIT and nothing else) is not logged. */
+  get worthLogging(): boolean {
+    const loopback = this.client.startsWith("127.") || this.client === "::1";
+    return !(loopback && this.commands === 1 && this.firstVerb === "QUIT");
+  }
+
+  event(helo: string | undefined, now: number, error?: string): SessionEvent {
+    return {
+      event: "session",
+      client: this.client,
+      helo,
+      modes: [...new Set(this.transactions.map((t) => t.mode))],
+      transactions: this.transactions,
+      transactionCount: this.transactionCount,
+      replies: this.replies,
+      ...(this.dropped ? { dropped: true as const } : {}),
+      ...(this.tls ? { tls: true as const } : {}),
+      replyCount: this.replyCount,
+      commands: this.commands,
+      bytesIn: this.bytesIn,
+      bytesOut: this.bytesOut,
+      durationMs: now - this.started,
+      ...(error ? { error } : {}),
+    };
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 8. The greylist table
+// ---------------------------------------------------------------------------
+
+/** Remembers first attempts per key, for their window, in bounded memory. */
 export class GreylistTable {
-  #first = new Map<string, { at: number; windowMs: number }>();
+  #first = new Map<string, GreylistEntry>();
   constructor(readonly windowMs: number, readonly maxEntries = MAX_GREYLIST_ENTRIES) {}
 
   get size(): number {
     return this.#first.size;
   }
 
-  /**
-   * "defer" on a first attempt (remembered) and on a retry sooner than `minMs`; "pass" on a
-   * retry after `minMs` within the window (the scenario's, else the table's).
-   */
-  check(key: string, now: number, minMs = 0, windowMs = this.windowMs): GreylistVerdict {
-    this.#sweep(now);
-    const first = this.#first.get(key);
-    if (first !== undefined && now - first.at <= first.windowMs) return now - first.at >= minMs ? "pass" : "defer";
-    this.#first.delete(key);
-    while (this.#first.size >= this.maxEntries) {
-      this.#first.delete(this.#first.keys().next().value!);
-    }
-    this.#first.set(key, { at: now, windowMs });
-    return "defer";
+  /** The live entry for a key at `now`, or none. A read: nothing changes. */
+  lookup(key: string, now: number): GreylistEntry | undefined {
+    const e = this.#first.get(key);
+    return e !== undefined && now - e.at <= e.windowMs ? e : undefined;
+  }
+
+  /** Writes a first attempt the policy asked for; expired entries go, and past the cap the oldest. */
+  remember(rec: GreylistRecord): void {
+    this.#sweep(rec.at);
+    this.#first.delete(rec.key);
+    while (this.#first.size >= this.maxEntries) this.#first.delete(this.#first.keys().next().value!);
+    this.#first.set(rec.key, { at: rec.at, windowMs: rec.windowMs ?? this.windowMs });
+  }
+
+  /** The policy's question and the table's answer in one step: lookup, verdict, remember. */
+  check(key: string, now: number, minMs = 0, windowMs?: number): GreylistVerdict {
+    const entry = this.lookup(key, now);
+    if (entry === undefined) this.remember({ key, at: now, windowMs });
+    return greylistVerdict(entry, now, minMs);
   }
 
   /** Forgets expired entries, oldest first, up to the first live one (the cap bounds the rest). */
@@ -788,22 +1268,26 @@ export class GreylistTable {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 9. Mode sources and the mode cache
+// ---------------------------------------------------------------------------
+
 /** Where the mode comes from: returns the raw value, or throws. */
 export interface ModeSource {
   readonly describe: string;
   fetch(signal: AbortSignal): Promise<string>;
 }
 
-export function staticSource(value: string): ModeSource {
+function staticSource(value: string): ModeSource {
   return { describe: `static:${value}`, fetch: () => Promise.resolve(value) };
 }
 
-export function fileSource(path: string): ModeSource {
+function fileSource(path: string): ModeSource {
   return { describe: `file:${path}`, fetch: (signal) => Deno.readTextFile(path, { signal }) };
 }
 
 /** SSM Parameter Store through the AWS SDK, imported only when used. */
-export function ssmSource(name: string, env: (k: string) => string | undefined): ModeSource {
+function ssmSource(name: string, env: (k: string) => string | undefined): ModeSource {
   let client: Promise<{ send: (name: string, signal: AbortSignal) => Promise<string | undefined> }> | undefined;
   const connect = async () => {
     const { SSMClient, GetParameterCommand } = await import("@aws-sdk/client-ssm");
@@ -827,7 +1311,7 @@ export function ssmSource(name: string, env: (k: string) => string | undefined):
 }
 
 /** A short, stable description of why a fetch failed, for the state log. */
-export function describeError(err: unknown): string {
+function describeError(err: unknown): string {
   if (err instanceof Error) {
     const code = (err as { code?: string }).code;
     const name = err.name !== "Error" ? err.name : code ?? "Error";
@@ -847,13 +1331,11 @@ export class ModeCache {
   #state = "";
   #timer: Timer | undefined;
   #stopped = false;
-  fetches = 0;
 
-  constructor(readonly source: ModeSource, readonly ttlMs: number, readonly logger: typeof log = log) {}
+  constructor(readonly source: ModeSource, readonly ttlMs: number, readonly logger: (e: LogEvent) => void = log) {}
 
   /** One fetch, bounded by MODE_FETCH_TIMEOUT_MS. Never throws. */
   async refresh(): Promise<void> {
-    this.fetches++;
     const ctrl = new AbortController();
     const timer = setTimeout(
       () => ctrl.abort(new Error(`no answer in ${MODE_FETCH_TIMEOUT_MS} ms`)),
@@ -865,29 +1347,39 @@ export class ModeCache {
         new Promise<never>((_, reject) => ctrl.signal.addEventListener("abort", () => reject(ctrl.signal.reason))),
       ]);
       const parsed = parseScenario(raw);
+      const source = this.source.describe;
       if (typeof parsed === "string") {
-        this.#report(`invalid:${raw}`, "mode_invalid", { value: raw.slice(0, 100), reason: parsed });
+        const keeping = this.current.text;
+        this.#report(`invalid:${raw}`, {
+          event: "mode_invalid",
+          source,
+          keeping,
+          value: raw.slice(0, 100),
+          reason: parsed,
+        });
       } else {
         const previous = this.current.text;
         this.current = parsed;
-        this.#report(`ok:${parsed.text}`, "mode", { mode: parsed.text, previous });
+        this.#report(`ok:${parsed.text}`, { event: "mode", source, mode: parsed.text, previous });
       }
     } catch (err) {
       const reason = describeError(err);
-      this.#report(`error:${reason}`, "mode_error", { reason });
+      this.#report(`error:${reason}`, {
+        event: "mode_error",
+        source: this.source.describe,
+        keeping: this.current.text,
+        reason,
+      });
     } finally {
       clearTimeout(timer);
     }
   }
 
-  #report(state: string, event: string, fields: Record<string, unknown>): void {
+  /** Logs an event when the state changed since the last one. */
+  #report(state: string, e: ModeEvent | ModeInvalidEvent | ModeErrorEvent): void {
     if (state === this.#state) return;
     this.#state = state;
-    this.logger(event, {
-      source: this.source.describe,
-      keeping: event === "mode" ? undefined : this.current.text,
-      ...fields,
-    });
+    this.logger(e);
   }
 
   /** Fetches once (waiting at most `initialWaitMs`), then every TTL. */
@@ -914,19 +1406,9 @@ type Timer = ReturnType<typeof setTimeout>;
 
 const encoder = new TextEncoder();
 
-/** Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. */
-export function decodeCommand(bytes: Uint8Array): string | undefined {
-  let s = "";
-  for (const b of bytes) {
-    if (b > 126 || (b < 32 && b !== 9)) return undefined;
-    s += String.fromCharCode(b);
-  }
-  return s;
-}
-
-const LF = 10;
-const CR = 13;
-const DOT = 46;
+// ---------------------------------------------------------------------------
+// 10. Transports and TLS
+// ---------------------------------------------------------------------------
 
 /** What a session reads and writes: a Deno TCP connection, or a node socket that can turn to TLS. */
 export interface Transport {
@@ -1069,78 +1551,57 @@ export async function tlsMaterial(config: Config): Promise<{ cert: string; key: 
   return { cert: forge.pki.certificateToPem(cert), key: privateKey, generated: true };
 }
 
-interface TransactionLog {
-  /** The scenario's text (the mode name for a plain mode). */
-  mode: string;
-  from: string;
-  rcpts: { to: string; code: number }[];
-  /** Message size and the end-of-data reply, when DATA was reached. */
-  size?: number;
-  result?: number;
-}
+// ---------------------------------------------------------------------------
+// 11. Session and server
+// ---------------------------------------------------------------------------
 
-export interface ServerDeps {
+interface ServerDeps {
   config: Config;
   modes: { readonly current: Scenario };
   greylist: GreylistTable;
 }
 
-const headerDecoder = new TextDecoder();
-
-/** Strips the LF and an optional CR before it. */
-function lineEnd(line: Uint8Array): number {
-  let len = line.length;
-  if (len > 0 && line[len - 1] === LF) len--;
-  if (len > 0 && line[len - 1] === CR) len--;
-  return len;
-}
-
-/** One SMTP session: splits lines, asks `respond`, queues replies. No socket reads here. */
-class Session {
+/**
+ * One SMTP session's I/O: frames what the client sent, asks the policy, carries out its
+ * outcome (replies, holds, effects), keeps the transcript. No socket reads here.
+ */
+class Session implements LineSink {
   state = initialState();
-  inData = false;
   closed = false;
-  #closing = false;
-  #saidGoodbye = false;
-  /** The current line when it spans reads (only its first MAX_TEXT_LINE bytes are kept). */
-  #partial: Uint8Array | undefined; // allocated on the first line that spans reads
-  #lineBytes = 0;
-  #out: string[] = [];
-  #writing: Promise<void> = Promise.resolve();
-  // The message being received.
-  #size = 0;
-  #longLine = false;
-  #inHeaders = true;
-  #headers: string[] = [];
-  #headerBytes = 0;
-  #headersTruncated = false;
-  // What the session log line reports.
+  readonly transcript: Transcript;
   readonly started = Date.now();
   /** When the client last sent anything (for the idle timeout sweep). */
   lastRead = this.started;
-  transactions: TransactionLog[] = [];
-  transactionCount = 0;
-  replies: number[] = [];
-  replyCount = 0;
-  bytesIn = 0;
-  bytesOut = 0;
-  commands = 0;
-  /** The client's first command was QUIT and it said nothing else: a health check. */
-  quitOnly = false;
-  /** The scenario dropped the connection without a reply. */
-  dropped = false;
-  /** The session was upgraded with STARTTLS. */
-  tls = false;
-  /** Set when an outcome waits or drops: the queued replies from `from` on wait for it. */
-  #hold: { from: number; delayMs: number; drop: boolean; tls: boolean } | undefined;
-  #greylist: GreylistOracle = (key, minMs, windowMs) => this.deps.greylist.check(key, Date.now(), minMs, windowMs);
+  #closing = false;
+  #saidGoodbye = false;
+  #framer = new LineFramer();
+  /** The message being received, between DATA's 354 and the end-of-data line. */
+  #message: MessageReader | undefined;
+  #out: string[] = [];
+  #writing: Promise<void> = Promise.resolve();
+  /** Set when an outcome waits, drops or upgrades: the queued replies from `from` on wait for it. */
+  #hold: { from: number; delayMs: number; after: "continue" | "drop" | "starttls" } | undefined;
 
-  constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {}
+  constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {
+    this.transcript = new Transcript(client, this.started);
+  }
+
+  /** The policy's inputs now: the mode in effect, the time, the greylist table (read only). */
+  #inputs(): Inputs {
+    const now = Date.now();
+    return {
+      scenario: this.deps.modes.current,
+      serverName: this.deps.config.serverName,
+      client: this.client,
+      now,
+      greylist: (key) => this.deps.greylist.lookup(key, now),
+      tlsAvailable: this.deps.config.startTls,
+    };
+  }
 
   reply(reply: Reply): void {
     this.#out.push(formatReply(reply));
-    this.replyCount++;
-    if (this.replies.length < MAX_LOGGED_REPLIES) this.replies.push(reply.code);
+    this.transcript.reply(reply.code);
   }
 
   /** Writes the queued replies in one write; writes never overlap. */
@@ -1148,7 +1609,7 @@ class Session {
     if (this.#out.length === 0) return;
     const bytes = encoder.encode(this.#out.join(""));
     this.#out = [];
-    this.bytesOut += bytes.length;
+    this.transcript.bytesOut += bytes.length;
     const write = this.#writing.then(() => writeAll(this.conn, bytes));
     this.#writing = write.catch(() => {});
     await write;
@@ -1167,30 +1628,25 @@ class Session {
    * the bytes not yet read, to feed again after `release()`.
    */
   feed(chunk: Uint8Array, counted = false): Uint8Array | undefined {
-    if (!counted) this.bytesIn += chunk.length;
-    let pos = 0;
-    while (pos < chunk.length && !this.#closing && !this.#hold) {
-      const nl = chunk.indexOf(LF, pos);
-      const end = nl < 0 ? chunk.length : nl + 1;
-      const piece = chunk.subarray(pos, end);
-      pos = end;
-      const limit = this.inData ? MAX_TEXT_LINE : MAX_COMMAND_LINE;
-      if (this.#lineBytes === 0 && nl >= 0) {
-        // The common case: a whole line inside this read, used in place.
-        this.#line(piece.length <= limit ? piece : undefined, piece.length);
-        continue;
-      }
-      const total = this.#lineBytes + piece.length;
-      if (total <= limit) (this.#partial ??= new Uint8Array(MAX_TEXT_LINE)).set(piece, this.#lineBytes);
-      else if (!this.inData && this.#lineBytes <= limit) this.#badLine("long"); // answer now, then discard to LF
-      this.#lineBytes = total;
-      if (nl >= 0) {
-        this.#lineBytes = 0;
-        if (total <= limit) this.#line(this.#partial!.subarray(0, total), total);
-        else if (this.inData) this.#line(undefined, total);
-      }
-    }
+    if (!counted) this.transcript.bytesIn += chunk.length;
+    const pos = this.#framer.feed(chunk, this);
     return this.#hold && !this.#closing && pos < chunk.length ? chunk.subarray(pos) : undefined;
+  }
+
+  // LineSink: what the framer calls.
+  limit(): number {
+    return this.#message ? MAX_TEXT_LINE : MAX_COMMAND_LINE;
+  }
+  more(): boolean {
+    return !this.#closing && !this.#hold;
+  }
+  overflow(): void {
+    if (!this.#message) this.#badLine("long"); // a command is answered at once; the rest is discarded to LF
+  }
+  line(bytes: Uint8Array | undefined, length: number): void {
+    if (this.#message) {
+      if (this.#message.line(bytes, length)) this.#endData();
+    } else if (bytes !== undefined) this.#commandLine(bytes);
   }
 
   /** Writes the queued replies; a held reply is written after its delay, or the session dropped. */
@@ -1203,10 +1659,10 @@ class Session {
     this.#hold = undefined;
     const later = this.#out.splice(hold.from);
     await this.flush();
-    if (hold.tls) {
+    if (hold.after === "starttls") {
       if (!this.conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
       await this.conn.startTls();
-      this.tls = true;
+      this.transcript.tls = true;
       return true;
     }
     if (hold.delayMs > 0) {
@@ -1214,8 +1670,8 @@ class Session {
       await new Promise((ok) => setTimeout(ok, hold.delayMs));
       this.lastRead = Date.now();
     }
-    if (hold.drop) {
-      this.dropped = true;
+    if (hold.after === "drop") {
+      this.transcript.dropped = true;
       this.#closing = true;
       this.close();
       return false;
@@ -1230,133 +1686,65 @@ class Session {
   }
 
   /** Applies the greeting outcome (220, or the scenario's failure at connect). */
-  greet(out: Outcome): void {
-    this.#apply(out);
-  }
-
-  /** A complete line; `undefined` when it was longer than the limit. */
-  #line(line: Uint8Array | undefined, length: number): void {
-    if (this.inData) this.#dataLine(line, length);
-    else if (line === undefined) this.#badLine("long");
-    else this.#commandLine(line);
+  greet(): void {
+    this.#apply(greeting(this.deps.modes.current, this.deps.config.serverName));
   }
 
   #badLine(kind: "long" | "chars"): void {
-    this.commands++;
-    this.quitOnly = false;
+    this.transcript.command(undefined);
     this.#apply(respondToBadLine(this.state, kind));
   }
 
   #commandLine(line: Uint8Array): void {
     const text = decodeCommand(line.subarray(0, lineEnd(line)));
     if (text === undefined) return this.#badLine("chars");
-    this.commands++;
-    const { verb } = splitCommand(text);
-    this.quitOnly = this.commands === 1 && verb === "QUIT";
-    const inputs: Inputs = {
-      scenario: this.deps.modes.current,
-      serverName: this.deps.config.serverName,
-      client: this.client,
-      greylist: this.#greylist,
-      tlsAvailable: this.deps.config.startTls,
-    };
+    this.transcript.command(splitCommand(text).verb);
     const before = this.state.tx;
-    const out = respond(this.state, text, inputs);
-    this.#record(before, out);
+    const out = respond(this.state, text, this.#inputs());
+    this.transcript.record(before, out);
     this.#apply(out);
-    if (out.data) this.#startData();
   }
 
-  /** Keeps the session log's transactions in step with the state. */
-  #record(before: Transaction | undefined, out: Outcome): void {
-    const tx = out.state.tx;
-    if (!tx) return;
-    if (!before) {
-      this.transactionCount++;
-      if (this.transactions.length < MAX_LOGGED_TRANSACTIONS) {
-        this.transactions.push({ mode: tx.scenario.text, from: tx.from, rcpts: [] });
-      }
-    } else if (tx.rcpts.length > before.rcpts.length) {
-      const logged = this.transactions.at(-1);
-      if (logged && this.transactionCount <= MAX_LOGGED_TRANSACTIONS) {
-        logged.rcpts.push({ to: tx.rcpts.at(-1)!, code: out.reply.code });
-      }
-    }
-  }
-
+  /** Carries out an outcome: effects, the reply (held when it waits), what comes after. */
   #apply(out: Outcome): void {
     this.state = out.state;
-    if (out.drop || out.delayMs) {
-      this.#hold = { from: this.#out.length, delayMs: out.delayMs ?? 0, drop: !!out.drop, tls: false };
+    for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
+    if (out.after === "drop" || out.delayMs > 0) {
+      this.#hold = { from: this.#out.length, delayMs: out.delayMs, after: out.after === "drop" ? "drop" : "continue" };
     }
-    if (!out.drop) {
+    if (out.after !== "drop") {
       this.reply(out.reply);
-      if (out.tooManyErrors) this.reply(REPLIES.tooManyErrors);
+      if (out.farewell) this.reply(out.farewell);
     }
-    if (out.startTls) this.#hold = { from: this.#out.length, delayMs: 0, drop: false, tls: true };
-    if (out.close) this.#closing = true;
-  }
-
-  #startData(): void {
-    this.inData = true;
-    this.#size = 0;
-    this.#longLine = false;
-    this.#inHeaders = true;
-    this.#headers = [];
-    this.#headerBytes = 0;
-    this.#headersTruncated = false;
-  }
-
-  /** One body line; `line` is undefined when it was over MAX_TEXT_LINE. */
-  #dataLine(line: Uint8Array | undefined, length: number): void {
-    if (line === undefined) {
-      this.#size += length;
-      this.#longLine = true;
-      if (this.#inHeaders) this.#headersTruncated = true;
-      return;
+    switch (out.after) {
+      case "close":
+        this.#closing = true;
+        break;
+      case "data":
+        this.#message = new MessageReader(out.captureHeaders);
+        break;
+      case "starttls":
+        this.#hold = { from: this.#out.length, delayMs: 0, after: "starttls" };
+        break;
     }
-    if (line[0] === DOT && lineEnd(line) === 1) {
-      // "." alone: end of data (CRLF, or bare LF from lenient clients).
-      return this.#endData();
-    }
-    const stuffed = line[0] === DOT ? 1 : 0; // RFC 5321 §4.5.2 dot-unstuffing
-    this.#size += length - stuffed;
-    if (!this.#inHeaders) return;
-    const len = lineEnd(line);
-    if (len === 0) {
-      this.#inHeaders = false;
-      return;
-    }
-    if (this.state.tx?.scenario.base !== "accept-log") return;
-    if (this.#headerBytes + len > MAX_LOGGED_HEADER_BYTES) {
-      this.#headersTruncated = true;
-      return;
-    }
-    this.#headerBytes += len;
-    const text = headerDecoder.decode(line.subarray(stuffed, len));
-    if ((text[0] === " " || text[0] === "\t") && this.#headers.length > 0) {
-      this.#headers[this.#headers.length - 1] += " " + text.trim(); // unfold
-    } else this.#headers.push(text);
   }
 
   #endData(): void {
-    this.inData = false;
+    const message = this.#message!;
+    this.#message = undefined;
     const tx = this.state.tx!;
-    const out = endOfData(this.state, { size: this.#size, longLine: this.#longLine });
-    const logged = this.transactions.at(-1);
-    if (logged && this.transactionCount <= MAX_LOGGED_TRANSACTIONS) {
-      logged.size = this.#size;
-      logged.result = out.reply.code;
-    }
-    if (tx.scenario.base === "accept-log" && out.reply.code === 250) {
-      log("message", {
+    const out = endOfData(this.state, message.summary, this.#inputs());
+    this.transcript.endOfData(message.size, out.reply.code);
+    if (out.logMessage) {
+      log({
+        event: "message",
         client: this.client,
         helo: this.state.helo,
         from: tx.from,
         rcpts: tx.rcpts,
-        size: this.#size,
-        headers: this.#headers,
-        truncated: this.#headersTruncated,
+        size: message.size,
+        headers: message.headers,
+        truncated: message.truncated,
       });
     }
     this.#apply(out);
@@ -1364,7 +1752,7 @@ class Session {
 
   /** Waiting for a command, not inside DATA: may be told 421 on shutdown. */
   get idle(): boolean {
-    return !this.inData && this.#lineBytes === 0;
+    return !this.#message && this.#framer.pending === 0;
   }
 
   /** Sends a final reply and closes, after any write in progress (bounded). */
@@ -1380,22 +1768,8 @@ class Session {
     this.close();
   }
 
-  summary(): Record<string, unknown> {
-    return {
-      client: this.client,
-      helo: this.state.helo,
-      modes: [...new Set(this.transactions.map((t) => t.mode))],
-      transactions: this.transactions,
-      transactionCount: this.transactionCount,
-      replies: this.replies,
-      ...(this.dropped ? { dropped: true } : {}),
-      ...(this.tls ? { tls: true } : {}),
-      replyCount: this.replyCount,
-      commands: this.commands,
-      bytesIn: this.bytesIn,
-      bytesOut: this.bytesOut,
-      durationMs: Date.now() - this.started,
-    };
+  event(error?: string): SessionEvent {
+    return this.transcript.event(this.state.helo, Date.now(), error);
   }
 }
 
@@ -1417,10 +1791,8 @@ function clientAddress(conn: Deno.Conn): string {
   return (addr.hostname ?? "unknown").replace(/^::ffff:/, "");
 }
 
-const isLoopback = (ip: string): boolean => ip.startsWith("127.") || ip === "::1";
-
 /** The TCP server: accepts, caps concurrency, runs sessions, shuts down gracefully. */
-export class Server {
+class Server {
   readonly sessions = new Set<Session>();
   #listener: Deno.TcpListener | undefined;
   #nodeServer: import("node:net").Server | undefined;
@@ -1456,7 +1828,7 @@ export class Server {
         server.once("error", fail);
         server.listen(bindPort, bindHost, () => ok());
       });
-      server.on("error", (err) => log("error", { where: "accept", reason: describeError(err) }));
+      server.on("error", (err) => log({ event: "error", where: "accept", reason: describeError(err) }));
       const a = server.address() as import("node:net").AddressInfo;
       this.#address = { transport: "tcp", hostname: a.address, port: a.port };
       this.#nodeServer = server;
@@ -1485,7 +1857,7 @@ export class Server {
         conn = await this.#listener!.accept();
       } catch (err) {
         if (this.#shuttingDown) return;
-        log("error", { where: "accept", reason: describeError(err) });
+        log({ event: "error", where: "accept", reason: describeError(err) });
         await new Promise((ok) => setTimeout(ok, ACCEPT_ERROR_BACKOFF_MS)); // e.g. out of descriptors
         continue;
       }
@@ -1505,7 +1877,7 @@ export class Server {
         conn.close();
       } catch { /* gone */ }
     });
-    log("refused", { client, reason: "too many sessions", limit: this.deps.config.maxSessions });
+    log({ event: "refused", client, reason: "too many sessions", limit: this.deps.config.maxSessions });
   }
 
   async #run(conn: Transport, client: string): Promise<void> {
@@ -1513,7 +1885,7 @@ export class Server {
     this.sessions.add(session);
     let failure: string | undefined;
     try {
-      session.greet(greeting(this.deps.modes.current, this.deps.config.serverName));
+      session.greet();
       await session.release();
       const buf = new Uint8Array(READ_BUFFER_BYTES);
       while (!session.closed && !session.closing) {
@@ -1538,9 +1910,7 @@ export class Server {
     } finally {
       session.close();
       this.sessions.delete(session);
-      if (!(session.quitOnly && isLoopback(client))) {
-        log("session", { ...session.summary(), ...(failure ? { error: failure } : {}) });
-      }
+      if (session.transcript.worthLogging) log(session.event(failure));
     }
   }
 
@@ -1564,7 +1934,7 @@ export class Server {
 }
 
 /** Builds the mode source the configuration names. */
-export function sourceFor(config: Config, env: (k: string) => string | undefined): ModeSource {
+function sourceFor(config: Config, env: (k: string) => string | undefined): ModeSource {
   switch (config.modeSource) {
     case "file":
       return fileSource(config.modeFile);
@@ -1574,6 +1944,10 @@ export function sourceFor(config: Config, env: (k: string) => string | undefined
       return ssmSource(config.modeParam, env);
   }
 }
+
+// ---------------------------------------------------------------------------
+// 12. Health check and main
+// ---------------------------------------------------------------------------
 
 /** `--healthcheck`: expects a 220 greeting on the local port, says QUIT; exit 0 or 1. */
 export async function healthcheck(config: Config): Promise<number> {
@@ -1623,10 +1997,11 @@ async function main(): Promise<void> {
     if (config.startTls) tls = await tlsMaterial(config);
     await server.listen(tls);
   } catch (err) {
-    log("error", { where: "listen", reason: describeError(err) });
+    log({ event: "error", where: "listen", reason: describeError(err) });
     Deno.exit(1);
   }
-  log("start", {
+  log({
+    event: "start",
     bind: `${server.addr.hostname}:${server.addr.port}`,
     serverName: config.serverName,
     source: modes.source.describe,
@@ -1641,10 +2016,10 @@ async function main(): Promise<void> {
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
-    log("stop", { signal, sessions: server.sessions.size });
+    log({ event: "stop", signal, sessions: server.sessions.size });
     modes.stop();
     await server.shutdown();
-    log("stopped", { signal });
+    log({ event: "stopped", signal });
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));

@@ -1,46 +1,26 @@
 /** The pure reply logic, table-tested: every mode × every command × every state. */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { play, SERVER } from "./policy.ts";
 import {
   configFromEnv,
+  decide,
   endOfData,
   formatReply,
   GreylistTable,
   type GreylistVerdict,
-  initialState,
+  greylistVerdict,
   MAX_ERRORS_PER_SESSION,
   MAX_MESSAGE_BYTES,
   MAX_RECIPIENTS,
   ModeCache,
   MODES,
-  type Outcome,
   parseMailbox,
   parsePathArg,
+  type Point,
+  REPLIES,
   respond,
   scenario,
-  type SessionState,
 } from "../listener.ts";
-
-const SERVER = "sinkhole.test.internal";
-
-/** Plays command lines through `respond`; the greylist oracle answers `greylist` and counts the questions. */
-function play(mode: string, lines: string[], greylist: GreylistVerdict = "defer") {
-  let state: SessionState = initialState();
-  const outs: Outcome[] = [];
-  const asked: string[] = [];
-  const sc = scenario(mode);
-  for (const line of lines) {
-    const out = respond(state, line, {
-      scenario: sc,
-      serverName: SERVER,
-      client: "192.0.2.1",
-      greylist: (key) => (asked.push(key), greylist),
-    });
-    outs.push(out);
-    state = out.state;
-    if (out.close || out.drop) break;
-  }
-  return { outs, state, codes: outs.map((o) => o.reply.code), last: outs.at(-1)!, asked };
-}
 
 /** What each mode answers to RCPT and then to DATA. */
 const MODE_TABLE: {
@@ -120,7 +100,7 @@ for (const row of MODE_TABLE) {
   Deno.test(`policy: ${label}: RCPT gets "${row.rcpt}"`, () => {
     const { last } = play(row.mode, [...STATES.mail, "RCPT TO:<b@sinkhole.test>"], row.greylist);
     assertEquals(formatReply(last.reply), row.rcpt + "\r\n");
-    assertEquals(last.close ?? false, row.close ?? false);
+    assertEquals(last.after === "close", row.close ?? false);
   });
 
   Deno.test(`policy: ${label}: every command in every state`, () => {
@@ -135,11 +115,11 @@ for (const row of MODE_TABLE) {
         );
         const verb = command.split(" ")[0];
         assertEquals(
-          last.close ?? false,
+          last.after === "close",
           verb === "QUIT" || (verb === "RCPT" && (state === "mail" || state === "rcpt") && !!row.close),
           `${label} in ${state}: ${command} closes?`,
         );
-        assertEquals(last.data ?? false, verb === "DATA" && last.reply.code === 354);
+        assertEquals(last.after === "data", verb === "DATA" && last.reply.code === 354);
       }
     }
   });
@@ -239,8 +219,9 @@ Deno.test("policy: recipients past the cap get 452 4.5.3 and the transaction goe
 Deno.test("policy: too many errors closes the session with 421 4.7.0", () => {
   const { outs } = play("accept", Array(MAX_ERRORS_PER_SESSION + 5).fill("BOGUS"));
   assertEquals(outs.length, MAX_ERRORS_PER_SESSION);
-  assert(outs.at(-1)!.close && outs.at(-1)!.tooManyErrors);
-  assert(outs.slice(0, -1).every((o) => !o.close));
+  assertEquals(outs.at(-1)!.after, "close");
+  assertEquals(outs.at(-1)!.farewell, REPLIES.tooManyErrors);
+  assert(outs.slice(0, -1).every((o) => o.after !== "close"));
 });
 
 Deno.test("policy: end of data", () => {
@@ -359,7 +340,7 @@ Deno.test("mode cache: keeps the last good mode and logs each change of state on
       },
     },
     1000,
-    (event, fields) => lines.push({ event, ...fields }),
+    (e) => lines.push({ ...e }),
   );
   assertEquals(cache.current.text, "defer", "defer before any answer");
   const seen: string[] = [];
@@ -371,4 +352,65 @@ Deno.test("mode cache: keeps the last good mode and logs each change of state on
   assertEquals(lines.map((l) => l.event), ["mode", "mode_invalid", "mode_error", "mode"]);
   assertEquals(lines[1].keeping, "accept");
   assertEquals(lines[2].reason, "Error: boom");
+});
+
+/** The decision table, asked directly: (scenario, point) → failure reply, drop, delay, what follows. */
+const DECISIONS: [string, Point, { fail?: number; drop?: boolean; delayMs?: number; after?: string }][] = [
+  ["defer", "rcpt", { fail: 421 }],
+  ["defer", "mail", {}],
+  ["defer at=mail", "mail", { fail: 421 }],
+  ["bounce", "rcpt", { fail: 550 }],
+  ["bounce at=data", "data", { fail: 554 }],
+  ['bounce at=connect reply="550 5.7.1 Go away"', "connect", { fail: 550 }],
+  ["drop at=eod delay=2s", "eod", { drop: true, delayMs: 2000 }],
+  ["accept delay=1s", "eod", { delayMs: 1000 }],
+  ["accept delay=1s", "rcpt", {}],
+  ["accept", "rcpt", {}],
+  ["accept starttls=refuse", "starttls", { fail: 454 }],
+  ["accept starttls=break", "starttls", { fail: 220, after: "close" }],
+  ["accept", "starttls", { after: "starttls" }],
+];
+
+Deno.test("policy: decide() is the one table of what a scenario does where", () => {
+  const tx = { scenario: scenario("accept"), from: "a@origin.test", rcpts: [], accepted: 0 };
+  for (const [mode, point, want] of DECISIONS) {
+    const sc = scenario(mode);
+    const d = decide({
+      point,
+      scenario: sc,
+      inputs: { scenario: sc, serverName: SERVER },
+      tx,
+      rcpt: "b@sinkhole.test",
+    });
+    assertEquals(
+      { fail: d.fail?.code, drop: d.drop, delayMs: d.delayMs || undefined, after: d.after },
+      { fail: want.fail, drop: want.drop, delayMs: want.delayMs, after: want.after },
+      `${mode} at ${point}`,
+    );
+  }
+});
+
+Deno.test("policy: greylisting takes the time and the table's entry as inputs, and says what to remember", () => {
+  const sc = scenario("greylist min=5m");
+  const now = 1_000_000_000;
+  const tx = { scenario: sc, from: "a@origin.test", rcpts: [], accepted: 0 };
+  const ask = (entry?: { at: number; windowMs: number }) =>
+    decide({
+      point: "rcpt",
+      scenario: sc,
+      tx,
+      rcpt: "b@sinkhole.test",
+      inputs: { scenario: sc, serverName: SERVER, client: "192.0.2.7", now, greylist: () => entry },
+    });
+  const first = ask();
+  assertEquals([first.fail?.code, first.greylist], [451, "defer"]);
+  assertEquals(first.remember, [{ key: "192.0.2.7", at: now, windowMs: undefined }], "a first attempt is remembered");
+  const early = ask({ at: now - 10_000, windowMs: 3_600_000 });
+  assertEquals([early.fail?.code, early.remember], [451, undefined], "too early: deferred, nothing new to remember");
+  const later = ask({ at: now - 360_000, windowMs: 3_600_000 });
+  assertEquals([later.fail, later.greylist, later.remember], [undefined, "pass", undefined], "after min: passes");
+  const expired = ask({ at: now - 7_200_000, windowMs: 3_600_000 });
+  assertEquals([expired.fail?.code, expired.remember?.length], [451, 1], "past the window: a first attempt again");
+  assertEquals(greylistVerdict({ at: 0, windowMs: 10 }, 5, 5), "pass");
+  assertEquals(greylistVerdict({ at: 0, windowMs: 10 }, 11, 5), "defer");
 });

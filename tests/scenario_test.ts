@@ -1,20 +1,15 @@
 /** The mode language: every documented form, malformed values with their messages, and the pure policy. */
 import { assert, assertEquals } from "./assert.ts";
+import { play, SERVER } from "./policy.ts";
 import {
   greeting,
-  type GreylistVerdict,
-  initialState,
   MAX_DELAY_MS,
-  type Outcome,
   parseScenario,
   recipientOutcome,
   respond,
   type Scenario,
   scenario,
-  type SessionState,
 } from "../listener.ts";
-
-const SERVER = "sinkhole.test.internal";
 
 /** Every documented form (README, "The mode language") and what it parses to. */
 const FORMS: [string, Partial<Scenario> & { reply?: { code: number; lines: string[] } }][] = [
@@ -87,23 +82,6 @@ Deno.test("language: malformed values are refused with a precise reason", () => 
   for (const [value, reason] of MALFORMED) assertEquals(parseScenario(value), reason, JSON.stringify(value));
 });
 
-function play(mode: string, lines: string[], greylist: GreylistVerdict = "defer") {
-  let state: SessionState = initialState();
-  const outs: Outcome[] = [];
-  for (const line of lines) {
-    const out = respond(state, line, {
-      scenario: scenario(mode),
-      serverName: SERVER,
-      client: "192.0.2.1",
-      greylist: () => greylist,
-    });
-    outs.push(out);
-    state = out.state;
-    if (out.close || out.drop) break;
-  }
-  return { outs, last: outs.at(-1)!, codes: outs.map((o) => o.reply.code) };
-}
-
 const TX = ["EHLO c.test", "MAIL FROM:<a@origin.test>", "RCPT TO:<b@sinkhole.test>", "DATA"];
 
 Deno.test("language: each stage fails where the scenario says, 421 closes, other stages answer normally", () => {
@@ -125,8 +103,8 @@ Deno.test("language: each stage fails where the scenario says, 421 closes, other
   for (const [mode, lines, codes, how] of cases) {
     const { last, codes: got } = play(mode, lines);
     assertEquals(got, codes, mode);
-    assertEquals(!!last.close, !!how.close, `${mode} closes`);
-    assertEquals(!!last.drop, !!how.drop, `${mode} drops`);
+    assertEquals(last.after === "close", !!how.close, `${mode} closes`);
+    assertEquals(last.after === "drop", !!how.drop, `${mode} drops`);
   }
 });
 
@@ -139,13 +117,13 @@ Deno.test("language: end of data fails after the body; delay rides on the stage'
   const delayed = play("accept delay=30s", TX).outs.at(-1)!.state;
   assertEquals(endOfData(delayed, { size: 1, longLine: false }).delayMs, 30_000);
   assertEquals(play("accept at=rcpt delay=2s", TX).outs[2].delayMs, 2000);
-  assertEquals(endOfData(play("drop at=eod", TX).outs.at(-1)!.state, { size: 1, longLine: false }).drop, true);
+  assertEquals(endOfData(play("drop at=eod", TX).outs.at(-1)!.state, { size: 1, longLine: false }).after, "drop");
 });
 
 Deno.test("language: greeting at connect: 421 closes, 554 then 503 to all but QUIT, drop sends nothing", () => {
   assertEquals(greeting(scenario("accept"), SERVER).reply.code, 220);
   const deferred = greeting(scenario("defer at=connect"), SERVER);
-  assertEquals([deferred.reply.code, !!deferred.close], [421, true]);
+  assertEquals([deferred.reply.code, deferred.after === "close"], [421, true]);
   const refused = greeting(scenario("bounce at=connect"), SERVER);
   assertEquals(refused.reply.code, 554);
   let state = refused.state;
@@ -153,7 +131,7 @@ Deno.test("language: greeting at connect: 421 closes, 554 then 503 to all but QU
   assertEquals(ehlo.reply.lines, ["5.5.1 No SMTP service here"]);
   state = ehlo.state;
   assertEquals(respond(state, "QUIT", { scenario: scenario("accept"), serverName: SERVER }).reply.code, 221);
-  assertEquals(greeting(scenario("drop at=connect"), SERVER).drop, true);
+  assertEquals(greeting(scenario("drop at=connect"), SERVER).after, "drop");
 });
 
 Deno.test("language: per-recipient outcomes by address, whatever the global mode", () => {
@@ -176,7 +154,7 @@ Deno.test("language: per-recipient outcomes by address, whatever the global mode
   ];
   const { codes, last } = play("bounce", ["EHLO c.test", "MAIL FROM:<a@origin.test>", ...rcpts, "DATA"]);
   assertEquals(codes, [250, 250, 250, 550, 451, 451, 451, 550, 354]);
-  assert(last.data, "one accepted recipient is enough for DATA");
+  assertEquals(last.after, "data", "one accepted recipient is enough for DATA");
   const pass = play(
     "defer",
     ["EHLO c.test", "MAIL FROM:<a@origin.test>", "RCPT TO:<greylist+5@sinkhole.test>"],
@@ -184,22 +162,15 @@ Deno.test("language: per-recipient outcomes by address, whatever the global mode
   );
   assertEquals(pass.codes.at(-1), 250, "greylist+ passes on a retry");
   const drop = play("accept", ["EHLO c.test", "MAIL FROM:<a@origin.test>", "RCPT TO:<drop+x@sinkhole.test>"]);
-  assert(drop.last.drop);
+  assertEquals(drop.last.after, "drop");
   const closing = play("accept", ["EHLO c.test", "MAIL FROM:<a@origin.test>", "RCPT TO:<421+x@sinkhole.test>"]);
-  assert(closing.last.close, "a per-recipient 421 closes too");
+  assertEquals(closing.last.after, "close", "a per-recipient 421 closes too");
 });
 
 Deno.test("language: greylist triplet asks per recipient; min defers early retries", async () => {
-  const asked: string[] = [];
-  let state: SessionState = initialState();
-  for (const line of [...TX.slice(0, 3), "RCPT TO:<c@sinkhole.test>"]) {
-    state = respond(state, line, {
-      scenario: scenario("greylist key=triplet"),
-      serverName: SERVER,
-      client: "192.0.2.9",
-      greylist: (key) => (asked.push(key), "defer"),
-    }).state;
-  }
+  const { asked } = play("greylist key=triplet", [...TX.slice(0, 3), "RCPT TO:<c@sinkhole.test>"], "defer", {
+    client: "192.0.2.9",
+  });
   assertEquals(asked, ["192.0.2.9|a@origin.test|b@sinkhole.test", "192.0.2.9|a@origin.test|c@sinkhole.test"]);
   const { GreylistTable } = await import("../listener.ts");
   const t = new GreylistTable(60_000);

@@ -1,0 +1,117 @@
+/** The framer and the message reader, without TCP: lines, limits, dot-unstuffing, sizes, headers. */
+import { assertEquals } from "./assert.ts";
+import {
+  LineFramer,
+  type LineSink,
+  MAX_COMMAND_LINE,
+  MAX_LOGGED_HEADER_BYTES,
+  MAX_TEXT_LINE,
+  MessageReader,
+} from "../listener.ts";
+
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+
+/** Feeds chunks through one framer with a fixed limit; returns what the sink was told, in order. */
+function frame(chunks: string[], limit: number, stopAfter = Infinity): { events: string[]; rest: number[] } {
+  const framer = new LineFramer();
+  const events: string[] = [];
+  let lines = 0;
+  const sink: LineSink = {
+    limit: () => limit,
+    more: () => lines < stopAfter,
+    overflow: () => events.push("overflow"),
+    line: (bytes, length) => {
+      lines++;
+      events.push(bytes === undefined ? `long(${length})` : JSON.stringify(dec.decode(bytes)));
+    },
+  };
+  const rest = chunks.map((c) => {
+    const bytes = enc.encode(c);
+    return bytes.length - framer.feed(bytes, sink);
+  });
+  return { events, rest };
+}
+
+const L = MAX_COMMAND_LINE;
+const FRAMES: [string, string[], string[]][] = [
+  ["whole lines in one read", ["EHLO a\r\nNOOP\r\n"], ['"EHLO a\\r\\n"', '"NOOP\\r\\n"']],
+  ["a line split across reads, CR and LF apart", ["NO", "OP\r", "\n"], ['"NOOP\\r\\n"']],
+  ["a bare LF ends a line too (reported with its line end)", ["NOOP\nQUIT\r\n"], ['"NOOP\\n"', '"QUIT\\r\\n"']],
+  ["no line end yet: nothing", ["NOOP"], []],
+  ["exactly at the limit", ["x".repeat(L - 2) + "\r\n"], [JSON.stringify("x".repeat(L - 2) + "\r\n")]],
+  ["one over, in one read: overflow, then the long line", ["x".repeat(L - 1) + "\r\n"], ["overflow", `long(${L + 1})`]],
+  [
+    "over the limit across reads: overflow once, when crossed",
+    ["x".repeat(300), "x".repeat(300), "x".repeat(300) + "\r\nNOOP\r\n"],
+    ["overflow", "long(902)", '"NOOP\\r\\n"'],
+  ],
+];
+
+Deno.test("framer: lines, line ends and the limit, in one read or many", () => {
+  for (const [what, chunks, events] of FRAMES) assertEquals(frame(chunks, L).events, events, what);
+});
+
+Deno.test("framer: stops when the sink says so and returns the rest, unread", () => {
+  const { events, rest } = frame(["A\r\nB\r\nC\r\n"], L, 1);
+  assertEquals(events, ['"A\\r\\n"']);
+  assertEquals(rest, [6], "B and C are handed back");
+});
+
+Deno.test("framer: the limit is asked per line (commands, then a data line after DATA)", () => {
+  const framer = new LineFramer();
+  const seen: string[] = [];
+  let limit = L;
+  const sink: LineSink = {
+    limit: () => limit,
+    more: () => true,
+    overflow: () => seen.push("overflow"),
+    line: (bytes, length) => {
+      seen.push(bytes ? dec.decode(bytes).trimEnd() : `long(${length})`);
+      if (bytes && dec.decode(bytes).startsWith("DATA")) limit = MAX_TEXT_LINE;
+    },
+  };
+  const body = "y".repeat(800);
+  framer.feed(enc.encode(`${"x".repeat(800)}\r\nDATA\r\n${body}\r\n`), sink);
+  assertEquals(seen, ["overflow", "long(802)", "DATA", body]);
+  assertEquals(framer.pending, 0);
+  framer.feed(enc.encode("part"), sink);
+  assertEquals(framer.pending, 4, "a line begun and not ended");
+});
+
+/** Reads message lines (each with CRLF unless it ends in LF already); returns the reader and where it ended. */
+function read(lines: string[], capture = true): { m: MessageReader; endedAt: number } {
+  const m = new MessageReader(capture);
+  for (const [i, line] of lines.entries()) {
+    const text = /\n$/.test(line) ? line : line + "\r\n";
+    const bytes = enc.encode(text);
+    if (m.line(bytes.length > MAX_TEXT_LINE ? undefined : bytes, bytes.length)) return { m, endedAt: i };
+  }
+  return { m, endedAt: -1 };
+}
+
+Deno.test("message reader: end of data, dot-unstuffing and size", () => {
+  const { m, endedAt } = read(["Subject: s", "", "..dot", "body", ".", "after"]);
+  assertEquals(endedAt, 4, "the lone dot ends the message");
+  // "Subject: s\r\n" 12 + "\r\n" 2 + ".dot\r\n" 6 + "body\r\n" 6
+  assertEquals(m.summary, { size: 26, longLine: false });
+  assertEquals(m.headers, ["Subject: s"]);
+  assertEquals(m.truncated, false);
+});
+
+Deno.test("message reader: headers unfolded, capped and flagged; not kept unless asked", () => {
+  assertEquals(read(["Subject: a", "  folded", "X: y", "", "Not: a header"]).m.headers, ["Subject: a folded", "X: y"]);
+  const many = Array.from({ length: 400 }, (_, i) => `X-Filler-${i}: ${"y".repeat(60)}`);
+  const capped = read([...many, "", "body"]).m;
+  assertEquals(capped.truncated, true);
+  assertEquals(capped.headers.join("").length <= MAX_LOGGED_HEADER_BYTES, true);
+  const off = read(["Subject: a", "", "b"], false).m;
+  assertEquals([off.headers, off.truncated], [[], false]);
+});
+
+Deno.test("message reader: a line over 1000 octets is counted and flagged, not kept", () => {
+  const { m } = read(["Subject: x", "", "L".repeat(MAX_TEXT_LINE * 2), "."]);
+  assertEquals(m.longLine, true);
+  assertEquals(m.size, 12 + 2 + MAX_TEXT_LINE * 2 + 2);
+  assertEquals(read(["X-Long: " + "h".repeat(MAX_TEXT_LINE), ""]).m.truncated, true, "a long header line truncates");
+});
