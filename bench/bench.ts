@@ -8,7 +8,7 @@
  *
  * Environment: BENCH_REPS (default 5), BENCH_MESSAGES (default 20000).
  */
-import { memoryMiB, privateAddress, RawClient, ROOT, startCommand, transaction } from "../tests/helpers.ts";
+import { memoryMiB, privateAddress, RawClient, ROOT, run, startCommand, transaction } from "../tests/helpers.ts";
 import { faultProxy, putMode, ssmEnv, startMoto } from "../tests/aws.ts";
 
 const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
@@ -27,12 +27,6 @@ const median = (xs: number[]) => {
 };
 const fmt = (n: number, digits = 0) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
 
-async function sh(cmd: string, args: string[], env?: Record<string, string>) {
-  const out = await new Deno.Command(cmd, { args, env, stdout: "piped", stderr: "piped" }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
 /** smtp-source and smtp-sink from Debian's postfix package, unpacked, not installed. */
 async function postfixTools(): Promise<{ source: string; sink: string; env: Record<string, string>; version: string }> {
   const source = `${POSTFIX}/usr/sbin/smtp-source`;
@@ -40,17 +34,17 @@ async function postfixTools(): Promise<{ source: string; sink: string; env: Reco
     Deno.statSync(source);
   } catch {
     await Deno.mkdir(CACHE, { recursive: true });
-    const get = () => sh("sh", ["-c", `cd '${CACHE}' && rm -f postfix_*.deb && apt-get download postfix`]);
+    const get = () => run("sh", ["-c", `cd '${CACHE}' && rm -f postfix_*.deb && apt-get download postfix`]);
     let res = await get();
     if (res.code !== 0) {
-      await sh("apt-get", ["update", "-qq"]);
+      await run("apt-get", ["update", "-qq"]);
       res = await get();
     }
     if (res.code !== 0) throw new Error(`apt-get download postfix failed: ${res.stderr}`);
-    const x = await sh("sh", ["-c", `cd '${CACHE}' && dpkg -x postfix_*.deb postfix`]);
+    const x = await run("sh", ["-c", `cd '${CACHE}' && dpkg -x postfix_*.deb postfix`]);
     if (x.code !== 0) throw new Error(`dpkg -x failed: ${x.stderr}`);
   }
-  const deb = (await sh("sh", ["-c", `ls '${CACHE}'/postfix_*.deb`])).stdout.trim().split("/").pop() ?? "postfix";
+  const deb = (await run("sh", ["-c", `ls '${CACHE}'/postfix_*.deb`])).stdout.trim().split("/").pop() ?? "postfix";
   return {
     source,
     sink: `${POSTFIX}/usr/sbin/smtp-sink`,
@@ -167,7 +161,7 @@ async function source(
   const rss: number[] = [];
   const timer = samplePid ? setInterval(() => rss.push(memoryMiB(samplePid).rss), 50) : undefined;
   const t0 = performance.now();
-  const out = await sh(tools.source, [
+  const out = await run(tools.source, [
     ...shape,
     "-m",
     String(MESSAGES),

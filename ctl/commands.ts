@@ -12,7 +12,7 @@ import {
 } from "@aws-sdk/client-ecs";
 import { CloudWatchLogsClient, FilterLogEventsCommand } from "@aws-sdk/client-cloudwatch-logs";
 import { ListInstancesCommand, ListServicesCommand, ServiceDiscoveryClient } from "@aws-sdk/client-servicediscovery";
-import { DEFAULT_MODE, parseScenario } from "../listener.ts";
+import { DEFAULT_MODE, type LogLine, parseLogLine, parseScenario, type SessionEvent } from "../listener.ts";
 import type { Environment } from "./environments.ts";
 import { type Exec, mtaCommands, type Task } from "./exec.ts";
 import type { IssueResult } from "./github.ts";
@@ -55,11 +55,14 @@ export class InvalidModeError extends Error {
   override name = "InvalidModeError";
 }
 
-/** The value as the listener will read it, or a refusal with the listener's own reason. */
-export function validateMode(value: string): string {
+/** A mode value the listener accepts, in its canonical text: only `validateMode` makes one. */
+export type ValidMode = string & { readonly validated: unique symbol };
+
+/** The value as the listener will read it, or a refusal with the listener's own reason (parsed once, here). */
+export function validateMode(value: string): ValidMode {
   const sc = parseScenario(value);
   if (typeof sc === "string") throw new InvalidModeError(`"${value}" is not a mode the listener accepts: ${sc}`);
-  return sc.text;
+  return sc.text as ValidMode;
 }
 
 async function currentMode(d: Deps) {
@@ -155,9 +158,9 @@ export async function modeGet(d: Deps): Promise<Report> {
   };
 }
 
-/** Listener log lines (JSON) in the sinkhole log group since `since`, matching a term. */
-async function listenerLines(d: Deps, since: number, term: string): Promise<Record<string, unknown>[]> {
-  const out: Record<string, unknown>[] = [];
+/** The listener's log events (its typed JSON lines) in the sinkhole log group since `since`, matching a term. */
+async function listenerLines(d: Deps, since: number, term: string): Promise<LogLine[]> {
+  const out: LogLine[] = [];
   let nextToken: string | undefined;
   for (let page = 0; page < 20; page++) {
     const res = await d.logs.send(
@@ -169,9 +172,8 @@ async function listenerLines(d: Deps, since: number, term: string): Promise<Reco
       }),
     );
     for (const e of res.events ?? []) {
-      try {
-        out.push(JSON.parse(e.message ?? ""));
-      } catch { /* not a listener line */ }
+      const line = parseLogLine(e.message ?? "");
+      if (line) out.push(line);
     }
     nextToken = res.nextToken;
     if (!nextToken) break;
@@ -179,8 +181,7 @@ async function listenerLines(d: Deps, since: number, term: string): Promise<Reco
   return out;
 }
 
-export async function modeSet(d: Deps, value: string, wait: boolean): Promise<Report> {
-  const mode = validateMode(value);
+export async function modeSet(d: Deps, mode: ValidMode, wait: boolean): Promise<Report> {
   const since = d.now() - 1000;
   const put = await d.ssm.send(
     new PutParameterCommand({ Name: d.env.parameter, Value: mode, Type: "String", Overwrite: true }),
@@ -210,12 +211,11 @@ export async function modeSet(d: Deps, value: string, wait: boolean): Promise<Re
 export type Outcome = "queued" | "delivered" | "bounced" | "unknown";
 
 /** What the sinkhole's session logs say about a recipient. */
-function sinkholeVerdict(lines: Record<string, unknown>[], rcpt: string): { codes: number[]; delivered: boolean } {
+function sinkholeVerdict(lines: LogLine[], rcpt: string): { codes: number[]; delivered: boolean } {
   const codes: number[] = [];
   let delivered = false;
-  for (const l of lines) {
-    if (l.event !== "session") continue;
-    for (const tx of (l.transactions ?? []) as { rcpts: { to: string; code: number }[]; result?: number }[]) {
+  for (const l of lines.filter((x): x is SessionEvent & { ts: string } => x.event === "session")) {
+    for (const tx of l.transactions) {
       const r = tx.rcpts.find((x) => x.to.toLowerCase() === rcpt.toLowerCase());
       if (!r) continue;
       codes.push(r.code);

@@ -15,7 +15,7 @@
 import { parseArgs } from "node:util";
 import * as commands from "./commands.ts";
 import { DEFAULT_ENVIRONMENTS_FILE, parseEnvironments, RefusedError, resolveEnvironment } from "./environments.ts";
-import { ecsExec, type Exec } from "./exec.ts";
+import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
 
 const USAGE =
@@ -24,17 +24,6 @@ const USAGE =
        --env NAME [--json] [--environments FILE]`;
 
 const OUTCOMES = ["queued", "delivered", "bounced"] as const;
-
-/** A local shell in place of ECS Exec, for the tests (moto has no ExecuteCommand). */
-function localExec(): Exec {
-  return {
-    async run(_task, command) {
-      const out = await new Deno.Command("sh", { args: ["-c", command], stdout: "piped", stderr: "piped" }).output();
-      const dec = new TextDecoder();
-      return { code: out.code, output: dec.decode(out.stdout) + dec.decode(out.stderr) };
-    },
-  };
-}
 
 export function render(report: commands.Report, json: boolean): string {
   if (json) return JSON.stringify({ title: report.title, ok: report.ok, ...report.data }, null, 2);
@@ -88,8 +77,8 @@ export async function main(argv: string[]): Promise<number> {
     if (command === "status") run = commands.status;
     else if (command === "mode" && sub === "get") run = commands.modeGet;
     else if (command === "mode" && sub === "set" && arg) {
-      commands.validateMode(arg);
-      run = (d) => commands.modeSet(d, arg, o.wait);
+      const mode = commands.validateMode(arg);
+      run = (d) => commands.modeSet(d, mode, o.wait);
     } else if (command === "probe") {
       const expect = o.expect as commands.Outcome | undefined;
       if (expect && !(OUTCOMES as readonly string[]).includes(expect)) {
@@ -115,9 +104,7 @@ export async function main(argv: string[]): Promise<number> {
     const deps: commands.Deps = {
       env,
       ...commands.clients(env),
-      exec: Deno.env.get("SINKHOLE_CTL_EXEC") === "local"
-        ? localExec()
-        : ecsExec({ region: env.region, cluster: env.cluster, container: env.mtaContainer }),
+      exec: ecsExec({ region: env.region, cluster: env.cluster, container: env.mtaContainer }),
       issue: gh?.reconcile,
       now: Date.now,
       sleep: (ms) => new Promise((ok) => setTimeout(ok, ms)),

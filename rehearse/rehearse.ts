@@ -88,11 +88,8 @@ export function procedure(
   };
   /** When the sinkhole first saw the test recipient (its first session's start). */
   const firstAttemptAt = () => {
-    const s = sink!.logs.find((x) =>
-      x.event === "session" &&
-      (x.transactions as { rcpts: { to: string }[] }[]).some((t) => t.rcpts.some((r) => r.to === rcpt))
-    );
-    return s ? Date.parse(String(s.ts)) - Number(s.durationMs) : undefined;
+    const s = sink!.events("session").find((x) => x.transactions.some((t) => t.rcpts.some((r) => r.to === rcpt)));
+    return s ? Date.parse(s.ts) - s.durationMs : undefined;
   };
   const queued = async () => {
     const q = await mta!.mailq();

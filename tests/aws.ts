@@ -152,11 +152,15 @@ export function faultProxy(target: string) {
   };
 }
 
-export async function aws(endpoint: string, ...args: string[]): Promise<string> {
-  const res = await run("aws", ["--endpoint-url", endpoint, "ssm", ...args], { env: AWS_ENV });
-  assertEquals(res.code, 0, res.stderr);
-  return res.stdout;
+/** The real aws CLI against `endpoint` (moto), JSON out; fails the test on a non-zero exit. */
+export async function awsCli(endpoint: string, ...args: string[]): Promise<Record<string, unknown>> {
+  const res = await run("aws", ["--endpoint-url", endpoint, "--output", "json", ...args], { env: AWS_ENV });
+  assertEquals(res.code, 0, `aws ${args.join(" ")}: ${res.stderr}`);
+  return res.stdout.trim() ? JSON.parse(res.stdout) : {};
 }
+
+/** `aws ssm …` against `endpoint`. */
+export const aws = (endpoint: string, ...args: string[]) => awsCli(endpoint, "ssm", ...args);
 
 export const putMode = (endpoint: string, value: string, name = PARAM) =>
   aws(endpoint, "put-parameter", "--name", name, "--value", value, "--type", "String", "--overwrite");

@@ -1,6 +1,6 @@
 /** Bad input against a running listener: precise replies, no crash, other sessions keep working. */
 import { assert, assertEquals } from "./assert.ts";
-import { type Listener, RawClient, startListener, transaction } from "./helpers.ts";
+import { type Listener, RawClient, transaction, withListener as withRunning } from "./helpers.ts";
 import { MAX_COMMAND_LINE, MAX_ERRORS_PER_SESSION, MAX_RECIPIENTS, MAX_TEXT_LINE } from "../listener.ts";
 
 /**
@@ -12,17 +12,13 @@ const IDLE_TIMEOUT_S = 5;
 /** Waiting for the reply that the idle timeout brings: a hang guard. */
 const TIMEOUT_REPLY_WAIT_MS = 60_000;
 
-/** Runs `fn` against one accept-log listener, then proves it is still healthy. */
-async function withListener(fn: (l: Listener) => Promise<void>, env: Record<string, string> = {}): Promise<void> {
-  const l = await startListener({ SINKHOLE_MODE: "accept-log", ...env });
-  try {
+/** Runs `fn` against one accept-log listener, then proves it is still healthy (and exits cleanly). */
+function withListener(fn: (l: Listener) => Promise<void>, env: Record<string, string> = {}): Promise<void> {
+  return withRunning({ SINKHOLE_MODE: "accept-log", ...env }, async (l) => {
     await fn(l);
     assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221], "a healthy session still succeeds");
     assert(!l.logs.some((x) => x.event === "error"), "no error was logged");
-  } finally {
-    const status = await l.stop();
-    assertEquals(status.code, 0, `clean exit; stderr: ${l.stderr()}`);
-  }
+  });
 }
 
 async function greeted(port: number): Promise<RawClient> {
@@ -165,8 +161,8 @@ Deno.test("bad input: a client that never reads is dropped at the timeout; other
     assertEquals(await transaction(l.port), [220, 250, 250, 250, 354, 250, 221]);
     assertEquals(await writing, "closed", "the server closed the connection");
     c.close();
-    const session = await l.waitForLog((x) => x.event === "session" && (x.commands as number) > 1000);
-    assert((session.replyCount as number) < 256 * 174_763, "the session ended before the flood did");
+    const session = await l.waitFor("session", (x) => x.commands > 1000);
+    assert(session.replyCount < 256 * 174_763, "the session ended before the flood did");
   }, { SINKHOLE_IDLE_TIMEOUT: String(IDLE_TIMEOUT_S) }));
 
 Deno.test("bad input: binary garbage hits the error limit: 421 4.7.0 and close", () =>

@@ -6,8 +6,8 @@
  * through a small shipper standing in for the awslogs driver.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, type Listener, needs, ROOT, run } from "./helpers.ts";
-import { AWS_ENV, awsTest } from "./aws.ts";
+import { assertTools, eventually, type Listener, needs, ROOT, run, taskCommand } from "./helpers.ts";
+import { AWS_ENV, awsCli, awsTest } from "./aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "./sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
@@ -34,11 +34,6 @@ const ENVIRONMENTS = {
 };
 
 /** The aws CLI against moto, for seeding the world the CLI reads. */
-async function awsCli(endpoint: string, ...args: string[]): Promise<Record<string, unknown>> {
-  const res = await run("aws", ["--endpoint-url", endpoint, "--output", "json", ...args], { env: AWS_ENV });
-  assertEquals(res.code, 0, `aws ${args.join(" ")}: ${res.stderr}`);
-  return res.stdout.trim() ? JSON.parse(res.stdout) : {};
-}
 
 /** A cluster with the sinkhole and smtp-out services, two MTA tasks, the parameter, log groups, Cloud Map. */
 async function seed(endpoint: string) {
@@ -161,9 +156,8 @@ const PATIENT_TTL_S = 110;
 
 /** Runs `deno task ctl …` as a subprocess, as a workflow does. */
 async function ctl(endpoint: string, file: string, ...args: string[]) {
-  const [cmd, ...rest] = (JSON.parse(await Deno.readTextFile(`${ROOT}/deno.json`)).tasks.ctl as string).split(/\s+/);
-  assertEquals(cmd, "deno");
-  return await run(Deno.execPath(), [...rest.map((a) => a === "ctl/ctl.ts" ? `${ROOT}/ctl/ctl.ts` : a), ...args], {
+  const [cmd, ...rest] = taskCommand("ctl");
+  return await run(cmd, [...rest, ...args], {
     env: {
       ...AWS_ENV,
       AWS_ENDPOINT_URL: endpoint,
@@ -391,7 +385,7 @@ awsTest(
         pollMs: 300,
       };
       const setMode = async (mode: string) => {
-        await commands.modeSet(deps, mode, false);
+        await commands.modeSet(deps, commands.validateMode(mode), false);
         await eventually(() => l.logs.findLast((x) => x.event === "mode")?.mode === mode);
       };
 
@@ -420,7 +414,7 @@ awsTest(
         await mta.sendmailWith("Subject: stale\n\nold\n", "-oi", "-f", "t@sinkhole.test", "stale@sinkhole.test");
         await eventually(async () => (await mta.mailq()).includes("stale@sinkhole.test"), 60_000, 200);
         await run("sh", ["-c", `touch -d '3 hours ago' '${mta.queueDir}'/qf*`]);
-        await commands.modeSet(deps, "accept", false);
+        await commands.modeSet(deps, commands.validateMode("accept"), false);
         const first = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 60 * 60_000 });
         assert(!first.ok);
         const findings = first.data.findings as string[];

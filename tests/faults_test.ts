@@ -3,7 +3,7 @@
  * the listener keeps serving with the last good mode and logs each change of state once.
  */
 import { assertEquals, assertMatch } from "./assert.ts";
-import { eventually, type Listener, type LogLine, transaction } from "./helpers.ts";
+import { eventually, type Listener, transaction } from "./helpers.ts";
 import { aws, awsTest, type Fault, PARAM, putMode, ssmEnv } from "./aws.ts";
 import { MODE_FETCH_TIMEOUT_MS } from "../listener.ts";
 
@@ -29,10 +29,7 @@ awsTest(
     const inject = async (fault: Fault, reason: RegExp, waitMs: number) => {
       const before = errors(l).length;
       proxy.state.fault = fault;
-      const line: LogLine = await l.waitForLog(
-        (x) => x.event === "mode_error" && reason.test(String(x.reason)),
-        waitMs,
-      );
+      const line = await l.waitFor("mode_error", (x) => reason.test(x.reason), waitMs);
       assertEquals(line.keeping, "accept");
       // Sessions are served in the last good mode while the fault lasts (that they never
       // wait for a fetch is the "slow SSM" step's proof).
@@ -58,7 +55,7 @@ awsTest(
 
     await t.step("parameter deleted while running", async () => {
       await aws(moto.url, "delete-parameter", "--name", PARAM);
-      const line = await l.waitForLog((x) => x.event === "mode_error" && /ParameterNotFound/.test(String(x.reason)));
+      const line = await l.waitFor("mode_error", (x) => /ParameterNotFound/.test(x.reason));
       assertEquals(line.keeping, "accept");
       assertEquals(await transaction(l.port), ACCEPTED);
     });

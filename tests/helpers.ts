@@ -1,24 +1,51 @@
-/** Test helpers: run the real listener as a subprocess, talk raw SMTP to it, find tools. */
+/**
+ * The one test rig, shared by tests/, bench/ and rehearse/: run the real listener as a
+ * subprocess, talk raw SMTP (or nodemailer) to it, run commands and tasks, find tools.
+ */
+import nodemailer from "nodemailer";
+import { type LogLine as ListenerLogLine, parseLogLine } from "../listener.ts";
 
 export const ROOT = new URL("..", import.meta.url).pathname;
 export const IN_CI = Deno.env.get("CI") === "true";
 
-/** The listener command exactly as `deno task start` runs it (one source of truth). */
-export function startCommand(): string[] {
-  const config = JSON.parse(Deno.readTextFileSync(`${ROOT}/deno.json`));
-  const words = (config.tasks.start as string).split(/\s+/);
-  if (words[0] !== "deno") throw new Error(`tasks.start must begin with deno: ${config.tasks.start}`);
-  return [Deno.execPath(), ...words.slice(1)];
+/** A task of deno.json as written (`deno run … file.ts`). */
+export function taskText(name: string): string {
+  const task = JSON.parse(Deno.readTextFileSync(`${ROOT}/deno.json`)).tasks[name];
+  if (typeof task !== "string") throw new Error(`deno.json has no task ${name}`);
+  return task;
 }
 
-export type LogLine = Record<string, unknown> & { event?: string };
+/**
+ * A `deno …` task as an argv to spawn from anywhere: this Deno, and the task's own files
+ * made absolute (one source of truth for what the tests, the bench and the image run).
+ */
+export function taskCommand(name: string): string[] {
+  const words = taskText(name).split(/\s+/);
+  if (words[0] !== "deno") throw new Error(`tasks.${name} must begin with deno: ${taskText(name)}`);
+  return [Deno.execPath(), ...words.slice(1).map((w) => /^[\w-]+\/[\w./-]+\.ts$/.test(w) ? `${ROOT}/${w}` : w)];
+}
+
+/** The listener command exactly as `deno task start` runs it. */
+export function startCommand(): string[] {
+  return taskCommand("start");
+}
+
+/** A line the listener wrote: one of its typed events, or text that was not one (kept as `raw`). */
+export type LogLine = ListenerLogLine | { event: "raw"; text: string };
+/** The log line of one kind of event. */
+export type EventOf<K extends LogLine["event"]> = Extract<LogLine, { event: K }>;
 
 export interface Listener {
   host: string;
   port: number;
   logs: LogLine[];
   /** Resolves with the first log line that matches, or throws after `ms`. */
+  waitForLog<T extends LogLine>(pred: (l: LogLine) => l is T, ms?: number): Promise<T>;
   waitForLog(pred: (l: LogLine) => boolean, ms?: number): Promise<LogLine>;
+  /** The first event of a kind that matches, typed as that kind. */
+  waitFor<K extends LogLine["event"]>(kind: K, pred?: (e: EventOf<K>) => boolean, ms?: number): Promise<EventOf<K>>;
+  /** Every event of a kind logged so far. */
+  events<K extends LogLine["event"]>(kind: K): EventOf<K>[];
   stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
   child: Deno.ChildProcess;
   stderr(): string;
@@ -54,12 +81,7 @@ export async function startListener(
       while ((nl = rest.indexOf("\n")) >= 0) {
         const text = rest.slice(0, nl);
         rest = rest.slice(nl + 1);
-        let line: LogLine;
-        try {
-          line = JSON.parse(text);
-        } catch {
-          line = { event: "raw", text };
-        }
+        const line: LogLine = parseLogLine(text) ?? { event: "raw", text };
         logs.push(line);
         for (const w of [...waiters]) {
           if (w.pred(line)) {
@@ -130,8 +152,21 @@ export async function startListener(
     await stop("SIGKILL");
     throw e;
   }
-  const port = Number(String(start.bind).split(":").pop());
-  return { host, port, logs, waitForLog, stop, child, stderr: () => err, pid: child.pid };
+  const port = Number((start as EventOf<"start">).bind.split(":").pop());
+  const isKind = <K extends LogLine["event"]>(kind: K) => (l: LogLine): l is EventOf<K> => l.event === kind;
+  return {
+    host,
+    port,
+    logs,
+    waitForLog: waitForLog as Listener["waitForLog"],
+    waitFor: (kind, pred = () => true, ms) =>
+      waitForLog((l) => isKind(kind)(l) && pred(l), ms) as Promise<EventOf<typeof kind>>,
+    events: (kind) => logs.filter(isKind(kind)),
+    stop,
+    child,
+    stderr: () => err,
+    pid: child.pid,
+  };
 }
 
 export interface SmtpReply {
@@ -227,6 +262,54 @@ export class RawClient {
       this.conn.close();
     } catch { /* closed */ }
   }
+}
+
+/** A nodemailer transport to a listener on loopback, waiting REPLY_WAIT_MS unless told otherwise. */
+export function mailer(port: number, opts: { socketTimeout?: number; name?: string } = {}) {
+  return nodemailer.createTransport({
+    host: "127.0.0.1",
+    port,
+    secure: false,
+    ignoreTLS: true,
+    name: opts.name,
+    connectionTimeout: REPLY_WAIT_MS,
+    greetingTimeout: REPLY_WAIT_MS,
+    socketTimeout: opts.socketTimeout ?? REPLY_WAIT_MS,
+  });
+}
+
+/** What nodemailer rejects with: the server's reply code and text, or its own error code. */
+export interface SendError extends Error {
+  responseCode?: number;
+  response?: string;
+  code?: string;
+  rejected?: string[];
+}
+
+/** The error a send must fail with (throws when it succeeds). */
+export async function failure(p: Promise<unknown>): Promise<SendError> {
+  try {
+    await p;
+  } catch (e) {
+    return e as SendError;
+  }
+  throw new Error("expected a failure");
+}
+
+/**
+ * Runs `fn` against a listener started with `env`, then stops it and checks that it
+ * exited cleanly (code 0).
+ */
+export async function withListener(env: Record<string, string>, fn: (l: Listener) => Promise<void>): Promise<void> {
+  const l = await startListener(env);
+  try {
+    await fn(l);
+  } catch (err) {
+    await l.stop();
+    throw err;
+  }
+  const status = await l.stop();
+  if (status.code !== 0) throw new Error(`the listener exited with ${status.code}: ${l.stderr()}`);
 }
 
 /** Runs a full transaction and returns the reply codes (greeting included). */

@@ -4,12 +4,12 @@
  * image's entrypoint and health check are the commands the tests exercise.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { ROOT, run, startCommand } from "./helpers.ts";
+import { ROOT, run, startCommand, taskText } from "./helpers.ts";
 import { compileArgs, TARGETS } from "../scripts/compile.ts";
 import { synthModule } from "../terraform/sinkhole.ts";
 
 const dockerfile = Deno.readTextFileSync(`${ROOT}/Dockerfile`);
-const start = JSON.parse(Deno.readTextFileSync(`${ROOT}/deno.json`)).tasks.start as string;
+const start = taskText("start");
 /** The runtime stage: everything after the last FROM. */
 const runtime = dockerfile.slice(dockerfile.lastIndexOf("\nFROM "));
 

@@ -1,41 +1,28 @@
 /** Each mode end to end over TCP with real clients: nodemailer, swaks, and raw SMTP. */
-import nodemailer from "nodemailer";
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { MAX_LOGGED_TRANSACTIONS } from "../listener.ts";
 import {
   assertTools,
   eventually,
+  failure,
+  mailer as smtpClient,
   needs,
   RawClient,
+  REPLY_WAIT_MS,
   run,
+  type SendError,
   startCommand,
   startListener,
   tempModeFile,
   transaction,
 } from "./helpers.ts";
 
-interface SendError extends Error {
-  responseCode?: number;
-  response?: string;
-}
-
 /** How long the client waits for a reply: a hang guard, generous on a busy machine. */
-const CLIENT_WAIT_MS = 60_000;
+const CLIENT_WAIT_MS = REPLY_WAIT_MS;
 /** A timeout under test: short, and only ever asserted as a lower bound. */
 const SHORT_TIMEOUT_S = 0.5;
 
-function mailer(port: number) {
-  return nodemailer.createTransport({
-    host: "127.0.0.1",
-    port,
-    secure: false,
-    ignoreTLS: true,
-    name: "nodemailer.client.test",
-    connectionTimeout: CLIENT_WAIT_MS,
-    greetingTimeout: CLIENT_WAIT_MS,
-    socketTimeout: CLIENT_WAIT_MS,
-  });
-}
+const mailer = (port: number) => smtpClient(port, { name: "nodemailer.client.test" });
 
 const MESSAGE = {
   from: "sender@origin.test",
@@ -45,14 +32,7 @@ const MESSAGE = {
   text: "BODY-MUST-NOT-BE-LOGGED\n.leading dot line\n",
 };
 
-async function sendError(port: number): Promise<SendError> {
-  try {
-    await mailer(port).sendMail(MESSAGE);
-  } catch (e) {
-    return e as SendError;
-  }
-  throw new Error("expected the send to fail");
-}
+const sendError = (port: number): Promise<SendError> => failure(mailer(port).sendMail(MESSAGE));
 
 Deno.test("accept: nodemailer delivers, the body is discarded and not logged", async () => {
   const l = await startListener({ SINKHOLE_MODE: "accept" });

@@ -1,6 +1,6 @@
 /** The runbook and its rehearsal: same step names, and `deno task rehearse` passes with real sendmail. */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, ROOT, run } from "./helpers.ts";
+import { assertTools, needs, ROOT, run, taskCommand } from "./helpers.ts";
 import { preflight, procedure } from "../rehearse/rehearse.ts";
 
 const runbook = Deno.readTextFileSync(`${ROOT}/docs/runbook.md`);
@@ -32,13 +32,8 @@ for (const args of [[], ["--mode", "greylist"], ["--mode", "bounce"], ["--offlin
     ignore: tools.ignore || (Deno.uid() !== 0 && !Deno.env.get("CI")),
     fn: async () => {
       assertTools(tools.missing);
-      const task = JSON.parse(await Deno.readTextFile(`${ROOT}/deno.json`)).tasks.rehearse as string;
-      const [cmd, ...rest] = task.split(/\s+/);
-      assertEquals(cmd, "deno");
-      const res = await run(Deno.execPath(), [
-        ...rest.map((a) => a.startsWith("rehearse/") ? `${ROOT}/${a}` : a),
-        ...args,
-      ]);
+      const [cmd, ...rest] = taskCommand("rehearse");
+      const res = await run(cmd, [...rest, ...args]);
       assertEquals(res.code, 0, res.stdout + res.stderr);
       assertMatch(res.stdout, /rehearsal: \d+ passed, 0 failed/);
       assert(!/\[FAIL\]|\[SKIP\]/.test(res.stdout), res.stdout);

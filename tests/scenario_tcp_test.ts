@@ -1,47 +1,13 @@
 /** Each feature of the mode language end to end over TCP, with nodemailer and raw SMTP. */
-import nodemailer from "nodemailer";
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { type Listener, RawClient, startListener, transaction } from "./helpers.ts";
+import { failure, type Listener, mailer as smtpClient, RawClient, transaction, withListener } from "./helpers.ts";
 
-interface SendError extends Error {
-  responseCode?: number;
-  code?: string;
-  rejected?: string[];
-}
-
-/** How long the client waits for the server, unless a test is about the client giving up. */
-const CLIENT_WAIT_MS = 60_000;
-
-const mailer = (port: number, socketTimeout = CLIENT_WAIT_MS) =>
-  nodemailer.createTransport({
-    host: "127.0.0.1",
-    port,
-    secure: false,
-    ignoreTLS: true,
-    connectionTimeout: CLIENT_WAIT_MS,
-    greetingTimeout: CLIENT_WAIT_MS,
-    socketTimeout,
-  });
+/** The client's socket timeout, when a test is about the client giving up first. */
+const mailer = (port: number, socketTimeout?: number) => smtpClient(port, { socketTimeout });
 
 const MESSAGE = { from: "a@origin.test", subject: "scenario", text: "body\n" };
 
-async function failure(p: Promise<unknown>): Promise<SendError> {
-  try {
-    await p;
-  } catch (e) {
-    return e as SendError;
-  }
-  throw new Error("expected a failure");
-}
-
-async function withMode(mode: string, fn: (l: Listener) => Promise<void>): Promise<void> {
-  const l = await startListener({ SINKHOLE_MODE: mode });
-  try {
-    await fn(l);
-  } finally {
-    await l.stop();
-  }
-}
+const withMode = (mode: string, fn: (l: Listener) => Promise<void>) => withListener({ SINKHOLE_MODE: mode }, fn);
 
 Deno.test("scenario: a custom 451 at end of data, after the whole body was received", () =>
   withMode('defer at=eod reply="451 4.3.0 Queue full, try later"', async (l) => {

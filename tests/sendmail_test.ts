@@ -9,9 +9,9 @@
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import {
   assertTools,
+  type EventOf,
   eventually,
   type Listener,
-  type LogLine,
   needs,
   REPLY_WAIT_MS,
   startListener,
@@ -38,9 +38,9 @@ interface Rig {
   restartSink(env: Record<string, string>): Promise<void>;
   /** Submits a message to the MTA over SMTP, as an application would. */
   submit(to: string[], subject: string): Promise<number[]>;
-  sessions(): LogLine[];
+  sessions(): EventOf<"session">[];
   /** The sinkhole session that saw a recipient, the latest. */
-  sessionFor(rcpt: string): LogLine | undefined;
+  sessionFor(rcpt: string): EventOf<"session"> | undefined;
 }
 
 function mtaTest(name: string, initialMode: string, fn: (rig: Rig, t: Deno.TestContext) => Promise<void>): void {
@@ -66,7 +66,7 @@ function mtaTest(name: string, initialMode: string, fn: (rig: Rig, t: Deno.TestC
       try {
         sink = await startSink();
         origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: at.origin, port: SMTP_PORT });
-        const sessions = () => sink!.logs.filter((x) => x.event === "session");
+        const sessions = () => sink!.events("session");
         const rig: Rig = {
           mta,
           get sink() {

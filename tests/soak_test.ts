@@ -101,7 +101,7 @@ Deno.test("soak: mixed modes, random disconnects; logs match what clients saw; m
     const elapsed = Date.now() - t0;
 
     // Every session has been logged once it ended.
-    const sessions = () => l.logs.filter((x) => x.event === "session" && String(x.helo ?? "").startsWith("soak"));
+    const sessions = () => l.events("session").filter((x) => String(x.helo ?? "").startsWith("soak"));
     await eventually(() => l.logs.filter((x) => x.event === "session").length >= 50 + SESSIONS, 120_000);
     assertEquals(l.logs.filter((x) => x.event === "session").length, 50 + SESSIONS, "one line per session");
 

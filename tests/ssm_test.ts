@@ -39,9 +39,7 @@ awsTest(
     assertEquals(l.logs.filter((x) => x.event === "mode_error").length, 1, "logged once, not once per fetch");
     assertEquals(l.logs.filter((x) => x.event === "mode_invalid").length, 1);
     await proxy.down();
-    const unreachable = await l.waitForLog((x) =>
-      x.event === "mode_error" && !/ParameterNotFound/.test(String(x.reason))
-    );
+    const unreachable = await l.waitFor("mode_error", (x) => !/ParameterNotFound/.test(x.reason));
     assertEquals(unreachable.keeping, "bounce");
     assertEquals(await transaction(l.port), [220, 250, 250, 550, 554, 221], "sessions keep the last good mode");
   },

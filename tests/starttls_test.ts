@@ -1,6 +1,6 @@
 /** STARTTLS: off by default, a real upgrade when on, and the two ways a mode can make it fail. */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, type Listener, needs, RawClient, run, startListener, transaction } from "./helpers.ts";
+import { assertTools, needs, RawClient, run, transaction, withListener } from "./helpers.ts";
 import { configFromEnv, tlsMaterial } from "../listener.ts";
 
 const swaks = needs("swaks");
@@ -14,15 +14,6 @@ async function certFiles(): Promise<{ dir: string; cert: string; key: string; pe
   await Deno.writeTextFile(`${dir}/cert.pem`, cert);
   await Deno.writeTextFile(`${dir}/key.pem`, key);
   return { dir, cert: `${dir}/cert.pem`, key: `${dir}/key.pem`, pem: cert };
-}
-
-async function withListener(env: Record<string, string>, fn: (l: Listener) => Promise<void>): Promise<void> {
-  const l = await startListener(env);
-  try {
-    await fn(l);
-  } finally {
-    await l.stop();
-  }
 }
 
 Deno.test("starttls: off by default, not offered, the command is not implemented", () =>

@@ -5,7 +5,7 @@
  */
 import { Testing } from "cdktf";
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, run } from "./helpers.ts";
+import { assertTools, needs, ROOT, run } from "./helpers.ts";
 import {
   GUARD_MESSAGE,
   MEMORY_HARD_CAP_MB,
@@ -118,6 +118,18 @@ Deno.test("terraform: forgotten-mail alarm on the MTA's log group, and the outpu
   assert(!mod.output.mailertable_line.value.includes(":25"), "no port: sendmail would read it as a second host");
   for (const o of ["repository_url", "hostname", "parameter_name", "parameter_arn", "smtp_out_environment"]) {
     assert(mod.output[o], o);
+  }
+});
+
+Deno.test("terraform: every variable and output of the module and of the live root says what it is", () => {
+  for (const kind of ["variable", "output"] as const) {
+    for (const [name, def] of Object.entries(mod[kind] as Record<string, { description?: string }>)) {
+      assert((def.description ?? "").length > 10, `module ${kind} ${name} has a description`);
+    }
+  }
+  const live = Deno.readTextFileSync(`${ROOT}/terraform/live/main.tf`);
+  for (const block of live.matchAll(/^(variable|output) "(\w+)" \{([\s\S]*?)^\}/gm)) {
+    assert(/description\s*=\s*"[^"]{10,}"/.test(block[3]), `live ${block[1]} ${block[2]} has a description`);
   }
 });
 

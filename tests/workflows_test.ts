@@ -83,3 +83,16 @@ Deno.test("workflows: OIDC, minimal permissions, a concurrency group per environ
   }
   assertEquals(load("ci.yml").permissions, { contents: "read" });
 });
+
+Deno.test("workflows: the session-manager-plugin is installed by one composite action, after checkout", () => {
+  const action = parse(Deno.readTextFileSync(`${ROOT}/.github/actions/session-manager-plugin/action.yml`));
+  assertEquals(action.runs.using, "composite");
+  for (const name of ["sinkhole-check.yml", "sinkhole-cleanup.yml", "sinkhole-probe.yml"]) {
+    // deno-lint-ignore no-explicit-any
+    const steps: any[] = Object.values(load(name).jobs).flatMap((j: any) => j.steps);
+    const install = steps.findIndex((s) => s.uses === "./.github/actions/session-manager-plugin");
+    const checkout = steps.findIndex((s) => String(s.uses ?? "").startsWith("actions/checkout"));
+    assert(install > checkout && checkout >= 0, `${name}: the action runs after the checkout that brings it`);
+    assert(!JSON.stringify(steps).includes("session-manager-downloads"), `${name}: no second copy of the install`);
+  }
+});
