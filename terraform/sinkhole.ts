@@ -82,29 +82,49 @@ export class SinkholeStack extends TerraformStack {
       description: "Run the sinkhole tier. The ECR repository and the SSM parameter exist either way.",
       validation: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
     });
-    variable("quiesced", { type: "bool", default: false, description: "Scale the tier to zero (docs/quiesce.md)." });
+    variable("quiesced", {
+      type: "bool",
+      default: false,
+      description: "Scale the tier to zero: the Cloud Map name stays, with no address (the runbook's offline test).",
+    });
     variable("region", { type: "string", description: "AWS region of the cluster." });
     variable("cluster_arn", { type: "string", description: "ARN of the existing ECS cluster." });
     variable("capacity_provider", { type: "string", description: "EC2 capacity provider of the cluster." });
-    variable("vpc_id", { type: "string" });
+    variable("vpc_id", { type: "string", description: "VPC of the cluster, for the task's security group." });
     variable("subnet_ids", { type: "list(string)", description: "Private subnets for the task ENI." });
     variable("vpc_cidr", { type: "string", description: "Only this CIDR may reach port 25." });
     variable("namespace_id", { type: "string", description: "Cloud Map private DNS namespace id (cabal.internal)." });
-    variable("namespace_name", { type: "string", default: "cabal.internal" });
+    variable("namespace_name", {
+      type: "string",
+      default: "cabal.internal",
+      description: "DNS name of that namespace: the sinkhole answers as sinkhole.<namespace_name>.",
+    });
     variable("image", {
       type: "string",
       default: "",
       description:
         "Image URI for the first task definition; empty: <repository>:initial. Later deploys are out of band.",
     });
-    variable("mode_parameter_name", { type: "string", default: "/cabal/sinkhole_mode" });
-    variable("log_retention_days", { type: "number", default: 14 });
+    variable("mode_parameter_name", {
+      type: "string",
+      default: "/cabal/sinkhole_mode",
+      description: "SSM parameter holding the mode (the listener's SINKHOLE_MODE_PARAM).",
+    });
+    variable("log_retention_days", {
+      type: "number",
+      default: 14,
+      description: "Days the sinkhole's log group keeps its session and message lines.",
+    });
     variable("mta_log_group_name", {
       type: "string",
       default: "",
       description: "The sending MTA's log group, watched for forgotten sinkhole.test mail; empty: no alarm.",
     });
-    variable("alarm_actions", { type: "list(string)", default: [] });
+    variable("alarm_actions", {
+      type: "list(string)",
+      default: [],
+      description: "ARNs notified when the forgotten-mail alarm fires (SNS topics); empty: the alarm only shows.",
+    });
 
     // --- Always: the repository and the mode parameter ------------------------------------
     const repo = new Resource(this, "repository", "aws_ecr_repository", {
@@ -325,15 +345,30 @@ export class SinkholeStack extends TerraformStack {
 
     // --- Outputs ------------------------------------------------------------------------
     const hostname = `${CLOUD_MAP_NAME}.\${${v("namespace_name")}}`;
-    new TerraformOutput(this, "repository_url", { value: repo.ref("repository_url") });
-    new TerraformOutput(this, "hostname", { value: hostname });
-    new TerraformOutput(this, "parameter_name", { value: mode.ref("name") });
-    new TerraformOutput(this, "parameter_arn", { value: mode.ref("arn") });
+    new TerraformOutput(this, "repository_url", {
+      value: repo.ref("repository_url"),
+      description: "ECR repository the image workflow pushes to.",
+    });
+    new TerraformOutput(this, "hostname", {
+      value: hostname,
+      description: "The name smtp-out routes sinkhole.test to (Cloud Map).",
+    });
+    new TerraformOutput(this, "parameter_name", {
+      value: mode.ref("name"),
+      description: "SSM parameter holding the mode: what ctl mode set writes.",
+    });
+    new TerraformOutput(this, "parameter_arn", {
+      value: mode.ref("arn"),
+      description: "ARN of that parameter, for IAM policies.",
+    });
     new TerraformOutput(this, "smtp_out_environment", {
       value: `\${${on} ? [{ name = "SINKHOLE_ENABLED", value = "true" }] : []}`,
       description: "Add to the sending MTA's task definition environment.",
     });
-    new TerraformOutput(this, "mailertable_line", { value: `sinkhole.test smtp:[${hostname}]` });
+    new TerraformOutput(this, "mailertable_line", {
+      value: `sinkhole.test smtp:[${hostname}]`,
+      description: "The mailertable line integration/sinkhole-mailertable.sh adds to smtp-out.",
+    });
   }
 }
 

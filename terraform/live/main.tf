@@ -12,25 +12,52 @@ provider "aws" {
   region = var.region
 }
 
-variable "environment" { type = string }
+variable "environment" {
+  type        = string
+  description = "Environment name (development, stage); production is refused by the module's guard."
+}
 variable "sinkhole" {
-  type    = bool
-  default = false
+  type        = bool
+  default     = false
+  description = "Run the sinkhole tier in this environment."
 }
 variable "quiesced" {
-  type    = bool
-  default = false
+  type        = bool
+  default     = false
+  description = "Scale the tier to zero, keeping its Cloud Map name (the runbook's offline test)."
 }
-variable "region" { type = string }
-variable "cluster_arn" { type = string }
-variable "capacity_provider" { type = string }
-variable "vpc_id" { type = string }
-variable "subnet_ids" { type = list(string) }
-variable "vpc_cidr" { type = string }
-variable "namespace_id" { type = string }
+variable "region" {
+  type        = string
+  description = "AWS region of the cluster."
+}
+variable "cluster_arn" {
+  type        = string
+  description = "ARN of the existing ECS cluster."
+}
+variable "capacity_provider" {
+  type        = string
+  description = "EC2 capacity provider of the cluster."
+}
+variable "vpc_id" {
+  type        = string
+  description = "VPC of the cluster."
+}
+variable "subnet_ids" {
+  type        = list(string)
+  description = "Private subnets for the task ENI."
+}
+variable "vpc_cidr" {
+  type        = string
+  description = "Only this CIDR may reach port 25."
+}
+variable "namespace_id" {
+  type        = string
+  description = "Cloud Map private DNS namespace id (cabal.internal)."
+}
 variable "mta_log_group_name" {
-  type    = string
-  default = ""
+  type        = string
+  default     = ""
+  description = "The sending MTA's log group, watched for forgotten sinkhole.test mail; empty: no alarm."
 }
 
 module "sinkhole" {
@@ -49,5 +76,6 @@ module "sinkhole" {
 }
 
 output "sinkhole" {
-  value = module.sinkhole
+  value       = module.sinkhole
+  description = "Every output of the module (repository, hostname, parameter, smtp-out settings)."
 }
