@@ -44,13 +44,33 @@ export const DEFAULT_MAX_SESSIONS = 1000;
 export const DEFAULT_IDLE_TIMEOUT_S = 120;
 /** Seconds a whole session may last, whatever the client does. */
 export const DEFAULT_SESSION_TIMEOUT_S = 600;
-/** Header section logged in accept-log mode (the body is never logged). */
-export const MAX_LOGGED_HEADER_BYTES = 16 * 1024;
+/**
+ * Header section logged in accept-log mode (the body is never logged): octets kept, each
+ * line charged KEPT_ENTRY_COST more.
+ */
+export const MAX_LOGGED_HEADER_BYTES = 4 * 1024;
 /** Transactions and replies kept for one session's log line. */
 export const MAX_LOGGED_TRANSACTIONS = 20;
 export const MAX_LOGGED_REPLIES = 64;
+/**
+ * Octets of text one session's transcript keeps (modes, senders, recipients), each entry
+ * charged KEPT_ENTRY_COST more for its object; past it entries are counted, not kept.
+ */
+export const MAX_TRANSCRIPT_BYTES = 4 * 1024;
+/** Octets of accepted recipient addresses a transaction keeps for the message line. */
+export const MAX_KEPT_RCPT_BYTES = 2 * 1024;
+/** What a kept string or entry is charged on top of its octets (V8's object and string headers). */
+export const KEPT_ENTRY_COST = 32;
+/** Replies queued and not yet written, in octets: past it the session writes before it reads on. */
+export const MAX_PENDING_REPLY_BYTES = 8 * 1024;
+/** The longest log line written: CloudWatch Logs takes events up to 256 KiB (262,144 octets less 26). */
+export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
+/** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
+export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Distinct greylist keys remembered; the oldest is forgotten past it. */
 export const MAX_GREYLIST_ENTRIES = 100_000;
+/** What one greylist entry holds in memory at most, whatever its key (a digest, a time, a map slot). */
+export const GREYLIST_ENTRY_BYTES = 72;
 /** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
 export const READ_BUFFER_BYTES = 4 * 1024;
 /** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
@@ -246,15 +266,18 @@ export function parseScenario(raw: string): Scenario | string {
     delayMs: 0,
     greylist: { key: "ip", minMs: 0 },
     starttls: "default",
-    // Canonical text: what the logs show, and parseable again (values with spaces quoted).
-    text: [base, ...rest.map((t) => t.includes(" ") ? t.replace("=", '="') + '"' : t)].join(" "),
+    text: base, // completed below
   };
+  // Canonical text: what the logs show, and parseable again (lower case but a reply's text; spaces quoted).
+  const canonical: string[] = [base];
   const seen = new Set<string>();
   for (const token of rest) {
     const eq = token.indexOf("=");
     if (eq < 0) return `expected key=value, got ${JSON.stringify(token)}`;
     const key = token.slice(0, eq).toLowerCase();
-    const value = token.slice(eq + 1);
+    // Case is ignored everywhere but in a custom reply's text, which is sent as written.
+    const value = key === "reply" ? token.slice(eq + 1) : token.slice(eq + 1).toLowerCase();
+    canonical.push(`${key}=${value.includes(" ") ? `"${value}"` : value}`);
     if (seen.has(key)) return `${key} is given twice`;
     seen.add(key);
     const greylistOnly = () => base === "greylist" ? undefined : `${key}= applies to greylist only`;
@@ -313,6 +336,7 @@ export function parseScenario(raw: string): Scenario | string {
     if (problem) return problem;
   }
   if (base === "drop" && sc.at === "connect" && sc.delayMs > 0) return "drop at=connect cannot delay: nothing is sent";
+  sc.text = canonical.join(" ");
   return sc;
 }
 
@@ -382,6 +406,7 @@ export const REPLIES = {
   needRcpt: r(503, "5.5.1 Need RCPT before DATA"),
   noValidRcpts: r(554, "5.5.1 No valid recipients"),
   dataLineTooLong: r(554, "5.6.0 Message has a line over 1000 octets"),
+  bareLineEnd: r(550, "5.5.2 Bare <LF> or <CR> in message content, lines must end in <CRLF>"),
   tooManyErrors: r(421, "4.7.0 Too many errors, closing connection"),
   tooManySessions: r(421, "4.3.2 Too many concurrent sessions, try again later"),
   timeout: r(421, "4.4.2 Timeout, closing connection"),
@@ -421,9 +446,17 @@ export interface Transaction {
   /** The scenario read when the transaction began (MAIL): it holds to the end. */
   scenario: Scenario;
   from: string;
-  rcpts: string[];
-  /** Recipients answered 250. */
-  accepted: number;
+  /** RCPT commands answered so far (whatever the answer): at most MAX_RECIPIENTS. */
+  rcptCount: number;
+  /** The address of the latest RCPT, for the transcript. */
+  lastRcpt?: string;
+  /**
+   * Accepted recipients (any 2yz reply, RFC 5321 §4.2.1), kept for the message line while
+   * their octets stay within MAX_KEPT_RCPT_BYTES; past it they are only counted.
+   */
+  accepted: string[];
+  acceptedCount: number;
+  acceptedBytes: number;
   /** Greylist answer for this transaction when keyed by IP, asked once at its first RCPT. */
   greylist?: GreylistVerdict;
 }
@@ -757,6 +790,19 @@ const answer = (state: SessionState, reply: Reply, after: After = "continue"): O
   delayMs: 0,
 });
 
+/** The transaction after one RCPT: counted, and kept (within its byte bound) when the reply accepts it. */
+function withRecipient(tx: Transaction, box: string, reply: Reply, greylist?: GreylistVerdict): Transaction {
+  const next = { ...tx, rcptCount: tx.rcptCount + 1, lastRcpt: box, greylist: greylist ?? tx.greylist };
+  if (reply.code < 200 || reply.code >= 300) return next;
+  const keep = tx.acceptedBytes + box.length <= MAX_KEPT_RCPT_BYTES;
+  return {
+    ...next,
+    acceptedCount: tx.acceptedCount + 1,
+    accepted: keep ? [...tx.accepted, box] : tx.accepted,
+    acceptedBytes: keep ? tx.acceptedBytes + box.length : tx.acceptedBytes,
+  };
+}
+
 /**
  * The per-command action table, as in Postfix's smtp-sink: each handler checks syntax and
  * sequence, and hands what passed to `decide` at its point.
@@ -782,7 +828,14 @@ const COMMANDS: Record<string, Handler> = {
     if (from === undefined) return refuse(state, REPLIES.badSender);
     const bad = mailParamsReply(parsed.params);
     if (bad) return refuse(state, bad);
-    const tx: Transaction = { scenario: inputs.scenario, from, rcpts: [], accepted: 0 };
+    const tx: Transaction = {
+      scenario: inputs.scenario,
+      from,
+      rcptCount: 0,
+      accepted: [],
+      acceptedCount: 0,
+      acceptedBytes: 0,
+    };
     const ok = answer({ ...state, tx }, REPLIES.senderOk);
     return outcome(decide({ point: "mail", scenario: inputs.scenario, inputs }), ok, state);
   },
@@ -794,19 +847,18 @@ const COMMANDS: Record<string, Handler> = {
     const box = /^postmaster$/i.test(parsed.path) ? parsed.path : parseMailbox(parsed.path);
     if (box === undefined) return refuse(state, REPLIES.badRcpt);
     if (parsed.params.size > 0) return refuse(state, REPLIES.badParam);
-    if (tx.rcpts.length >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
+    if (tx.rcptCount >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
     const d = decide({ point: "rcpt", scenario: tx.scenario, tx, rcpt: box, inputs });
     // A dropped recipient is recorded as deferred: it is not delivered, and nothing was said.
     const reply = d.fail ?? (d.drop ? REPLIES.deferRcpt : REPLIES.rcptOk);
-    const accepted = tx.accepted + (reply.code === 250 ? 1 : 0);
-    const next = { ...state, tx: { ...tx, rcpts: [...tx.rcpts, box], accepted, greylist: d.greylist ?? tx.greylist } };
+    const next = { ...state, tx: withRecipient(tx, box, reply, d.greylist) };
     return outcome(d, answer(next, reply), next);
   },
   DATA: (state, arg, inputs) => {
     if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
     if (!state.tx) return refuse(state, REPLIES.needMail);
-    if (state.tx.rcpts.length === 0) return refuse(state, REPLIES.needRcpt);
-    if (state.tx.accepted === 0) return answer(state, REPLIES.noValidRcpts);
+    if (state.tx.rcptCount === 0) return refuse(state, REPLIES.needRcpt);
+    if (state.tx.acceptedCount === 0) return answer(state, REPLIES.noValidRcpts);
     const sc = state.tx.scenario;
     const d = decide({ point: "data", scenario: sc, tx: state.tx, inputs });
     const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: sc.base === "accept-log" };
@@ -854,6 +906,15 @@ function limitErrors(out: Outcome): Outcome {
   return { ...out, after: "close", farewell: REPLIES.tooManyErrors };
 }
 
+/**
+ * A bare LF or CR in message content (RFC 5321 §2.3.8): the message is refused and the
+ * session closed, as Postfix's smtpd_forbid_bare_newline=reject and sendmail's 'g'/'u'
+ * do, so nothing after it can be read as a command (SMTP smuggling, CVE-2023-51764/5).
+ */
+export function bareLineEnd(state: SessionState): Outcome {
+  return { reply: REPLIES.bareLineEnd, state: { ...state, tx: undefined }, after: "close", delayMs: 0 };
+}
+
 /** A command line the engine could not even read: too long or not ASCII. */
 function respondToBadLine(state: SessionState, kind: "long" | "chars"): Outcome {
   return limitErrors(refuse(state, kind === "long" ? REPLIES.lineTooLong : REPLIES.badChars));
@@ -873,8 +934,11 @@ export interface LineSink {
   limit(): number;
   /** The line being read crossed the limit: said once a line, as soon as it is seen. */
   overflow(): void;
-  /** A complete line with its line end, or undefined when it was over the limit; `length` counts every octet. */
-  line(bytes: Uint8Array | undefined, length: number): void;
+  /**
+   * A complete line with its line end, or undefined when it was over the limit; `length` counts every
+   * octet; `bare` when it ends in a bare LF or holds a bare CR (RFC 5321 §2.3.8: lines end in CRLF).
+   */
+  line(bytes: Uint8Array | undefined, length: number, bare: boolean): void;
   /** False stops the framing (a reply must wait first, or the session ends). */
   more(): boolean;
 }
@@ -887,6 +951,10 @@ export interface LineSink {
 export class LineFramer {
   #partial: Uint8Array | undefined;
   #lineBytes = 0;
+  /** The line being read has held a bare CR so far. */
+  #bare = false;
+  /** The line's last piece ended in CR (a CRLF may span two reads). */
+  #lastCR = false;
 
   /** Octets of a line begun and not yet ended (0 between lines). */
   get pending(): number {
@@ -903,24 +971,44 @@ export class LineFramer {
       pos = end;
       const limit = sink.limit();
       if (this.#lineBytes === 0 && nl >= 0) {
-        // The common case: a whole line inside this read, used in place.
-        if (piece.length <= limit) sink.line(piece, piece.length);
+        // The common case: a whole line inside this read, used in place. LF comes only last,
+        // so the line is clean exactly when its first CR is the one right before the LF.
+        const bare = piece.indexOf(CR) !== piece.length - 2;
+        if (piece.length <= limit) sink.line(piece, piece.length, bare);
         else {
           sink.overflow();
-          sink.line(undefined, piece.length);
+          sink.line(undefined, piece.length, bare);
         }
         continue;
       }
+      this.#scanBare(piece, nl >= 0);
       const total = this.#lineBytes + piece.length;
       if (total <= limit) (this.#partial ??= new Uint8Array(MAX_TEXT_LINE)).set(piece, this.#lineBytes);
       else if (this.#lineBytes <= limit) sink.overflow();
       this.#lineBytes = total;
       if (nl >= 0) {
+        const bare = this.#bare;
         this.#lineBytes = 0;
-        sink.line(total <= limit ? this.#partial!.subarray(0, total) : undefined, total);
+        this.#bare = false;
+        this.#lastCR = false;
+        sink.line(total <= limit ? this.#partial!.subarray(0, total) : undefined, total, bare);
       }
     }
     return pos;
+  }
+
+  /** Notes bare CRs in one piece of a line that spans reads, and a bare LF if the piece ends the line. */
+  #scanBare(piece: Uint8Array, final: boolean): void {
+    if (piece.length === 0) return;
+    if (this.#lastCR && piece[0] !== LF) this.#bare = true;
+    for (let i = piece.indexOf(CR); i >= 0; i = piece.indexOf(CR, i + 1)) {
+      if (i + 1 < piece.length && piece[i + 1] !== LF) this.#bare = true;
+    }
+    if (final) {
+      const crlf = piece.length >= 2 ? piece[piece.length - 2] === CR : this.#lastCR;
+      if (!crlf) this.#bare = true;
+    }
+    this.#lastCR = piece[piece.length - 1] === CR;
   }
 }
 
@@ -960,34 +1048,41 @@ export class MessageReader {
 
   constructor(readonly captureHeaders = false) {}
 
-  /** One line with its line end, or undefined when it was over MAX_TEXT_LINE; true at end of data. */
-  line(bytes: Uint8Array | undefined, length: number): boolean {
+  /**
+   * One line with its line end (undefined when it was over MAX_TEXT_LINE): "end" at the
+   * end-of-data line, "bare" when the line has a bare LF or CR, else "more". The end is
+   * only ".<CRLF>" after a line that ended in CRLF (RFC 5321 §4.1.1.4): a bare line end
+   * never ends the message, and answering it at once leaves nothing to smuggle behind it.
+   */
+  line(bytes: Uint8Array | undefined, length: number, bare = false): "more" | "end" | "bare" {
+    if (bare) return "bare";
     if (bytes === undefined) {
       this.size += length;
       this.longLine = true;
       if (this.#inHeaders) this.truncated = true;
-      return false;
+      return "more";
     }
-    if (bytes[0] === DOT && lineEnd(bytes) === 1) return true; // "." alone (CRLF, or bare LF from lenient clients)
+    if (bytes[0] === DOT && bytes.length === 3) return "end"; // ".\r\n" (not bare: CR LF)
     const stuffed = bytes[0] === DOT ? 1 : 0;
     this.size += length - stuffed;
-    if (!this.#inHeaders) return false;
+    if (!this.#inHeaders) return "more";
     const len = lineEnd(bytes);
     if (len === 0) {
       this.#inHeaders = false;
-      return false;
+      return "more";
     }
-    if (!this.captureHeaders) return false;
-    if (this.#headerBytes + len > MAX_LOGGED_HEADER_BYTES) {
+    if (!this.captureHeaders) return "more";
+    const folded = (bytes[stuffed] === 32 || bytes[stuffed] === 9) && this.headers.length > 0;
+    const cost = len + (folded ? 0 : KEPT_ENTRY_COST);
+    if (this.#headerBytes + cost > MAX_LOGGED_HEADER_BYTES) {
       this.truncated = true;
-      return false;
+      return "more";
     }
-    this.#headerBytes += len;
+    this.#headerBytes += cost;
     const text = headerDecoder.decode(bytes.subarray(stuffed, len));
-    if ((text[0] === " " || text[0] === "\t") && this.headers.length > 0) {
-      this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
-    } else this.headers.push(text);
-    return false;
+    if (folded) this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
+    else this.headers.push(text);
+    return "more";
   }
 
   get summary(): DataSummary {
@@ -1029,6 +1124,8 @@ export interface SessionEvent {
   tls?: true;
   /** The session ended on an I/O error. */
   error?: string;
+  /** Transactions or recipients were left out of the line (MAX_TRANSCRIPT_BYTES, MAX_LOGGED_TRANSACTIONS). */
+  transcriptTruncated?: true;
 }
 
 /** accept-log: one line per accepted message, with its envelope and header section. */
@@ -1037,7 +1134,11 @@ export interface MessageEvent {
   client: string;
   helo?: string;
   from: string;
+  /** The recipients that were accepted (any 2yz), up to MAX_KEPT_RCPT_BYTES of them. */
   rcpts: string[];
+  /** How many were accepted, and whether `rcpts` left some out. */
+  rcptCount: number;
+  rcptsTruncated?: true;
   size: number;
   headers: string[];
   truncated: boolean;
@@ -1090,7 +1191,7 @@ export interface RefusedEvent {
 
 export interface ErrorEvent {
   event: "error";
-  where: "accept" | "listen";
+  where: "accept" | "listen" | "log";
   reason: string;
 }
 
@@ -1135,21 +1236,54 @@ export function parseLogLine(text: string): LogLine | undefined {
   }
 }
 
-/** Renders an event as its JSON line. */
-function logLine(e: LogEvent, now = new Date()): string {
-  return JSON.stringify({ ts: now.toISOString(), ...e }) + "\n";
+/** Characters JSON leaves raw that some readers take for line ends: escaped, so an event stays one line. */
+const LINE_BREAKERS = /[\u0085\u2028\u2029]/g;
+
+/** An event's JSON line, with its line-breaking characters escaped. */
+function encodeLine(e: LogEvent, ts: string): Uint8Array {
+  const json = JSON.stringify({ ts, ...e })
+    .replace(LINE_BREAKERS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  return logEncoder.encode(json + "\n");
+}
+
+/**
+ * An event's line, at most MAX_LOG_LINE_BYTES (what CloudWatch Logs takes as one event; a
+ * longer line would be split, and its pieces would not be JSON). The bounds on what a
+ * session keeps make the fallback unreachable in practice; it drops the lists, says so.
+ */
+export function logLine(e: LogEvent, now = new Date()): Uint8Array {
+  const ts = now.toISOString();
+  const line = encodeLine(e, ts);
+  if (line.length <= MAX_LOG_LINE_BYTES) return line;
+  const smaller: LogEvent = e.event === "session"
+    ? { ...e, transactions: [], transcriptTruncated: true }
+    : e.event === "message"
+    ? { ...e, rcpts: [], rcptsTruncated: true, headers: [], truncated: true }
+    : e;
+  const again = encodeLine(smaller, ts);
+  return again.length <= MAX_LOG_LINE_BYTES ? again : encodeLine(
+    { event: "error", where: "log", reason: `a ${e.event} line was over ${MAX_LOG_LINE_BYTES} octets` },
+    ts,
+  );
 }
 
 /** Writes one event on stdout, whole. */
 export function log(e: LogEvent): void {
-  const bytes = logEncoder.encode(logLine(e));
+  const bytes = logLine(e);
   for (let off = 0; off < bytes.length;) off += Deno.stdout.writeSync(bytes.subarray(off));
 }
 
-/** What a session's log line reports, bounded: MAX_LOGGED_TRANSACTIONS and MAX_LOGGED_REPLIES. */
+/**
+ * What a session's log line reports: what was said on the wire, recorded as it is written.
+ * Bounded by MAX_LOGGED_TRANSACTIONS, MAX_LOGGED_REPLIES and MAX_TRANSCRIPT_BYTES; past a
+ * bound entries are counted, not kept, and the line says `transcriptTruncated`.
+ */
 class Transcript {
   transactions: TransactionLog[] = [];
   transactionCount = 0;
+  /** Octets charged to the kept entries (see MAX_TRANSCRIPT_BYTES). */
+  keptBytes = 0;
+  truncated = false;
   replies: number[] = [];
   replyCount = 0;
   bytesIn = 0;
@@ -1171,17 +1305,28 @@ class Transcript {
     if (this.replies.length < MAX_LOGGED_REPLIES) this.replies.push(code);
   }
 
-  /** Keeps the logged transactions in step with the state after one outcome. */
+  /** Whether `octets` more fit the byte bound; past it the transcript is marked truncated. */
+  #charge(octets: number): boolean {
+    if (this.keptBytes + octets + KEPT_ENTRY_COST > MAX_TRANSCRIPT_BYTES) {
+      this.truncated = true;
+      return false;
+    }
+    this.keptBytes += octets + KEPT_ENTRY_COST;
+    return true;
+  }
+
+  /** Keeps the logged transactions in step with one outcome whose reply was written. */
   record(before: Transaction | undefined, out: Outcome): void {
     const tx = out.state.tx;
     if (!tx) return;
     if (!before) {
       this.transactionCount++;
-      if (this.transactions.length < MAX_LOGGED_TRANSACTIONS) {
+      if (this.transactions.length >= MAX_LOGGED_TRANSACTIONS) this.truncated = true;
+      else if (this.#charge(tx.scenario.text.length + tx.from.length)) {
         this.transactions.push({ mode: tx.scenario.text, from: tx.from, rcpts: [] });
       }
-    } else if (tx.rcpts.length > before.rcpts.length && this.#current) {
-      this.#current.rcpts.push({ to: tx.rcpts.at(-1)!, code: out.reply.code });
+    } else if (tx.rcptCount > before.rcptCount && this.#current && this.#charge(tx.lastRcpt!.length)) {
+      this.#current.rcpts.push({ to: tx.lastRcpt!, code: out.reply.code });
     }
   }
 
@@ -1193,9 +1338,9 @@ class Transcript {
     t.result = code;
   }
 
-  /** The logged transaction in progress; none past MAX_LOGGED_TRANSACTIONS (those are only counted). */
+  /** The logged transaction in progress; none when the current one was only counted. */
   get #current(): TransactionLog | undefined {
-    return this.transactionCount <= MAX_LOGGED_TRANSACTIONS ? this.transactions.at(-1) : undefined;
+    return this.transactionCount === this.transactions.length ? this.transactions.at(-1) : undefined;
   }
 
   /** A health check (loopback, QUIT and nothing else) is not logged. */
@@ -1212,6 +1357,7 @@ class Transcript {
       modes: [...new Set(this.transactions.map((t) => t.mode))],
       transactions: this.transactions,
       transactionCount: this.transactionCount,
+      ...(this.truncated ? { transcriptTruncated: true as const } : {}),
       replies: this.replies,
       ...(this.dropped ? { dropped: true as const } : {}),
       ...(this.tls ? { tls: true as const } : {}),
@@ -1229,27 +1375,65 @@ class Transcript {
 // 8. The greylist table
 // ---------------------------------------------------------------------------
 
-/** Remembers first attempts per key, for their window, in bounded memory. */
+/**
+ * A 53-bit digest of a greylist key (cyrb53). The table keeps digests, not keys, so an entry
+ * costs the same whatever the key's length (a triplet key can be 560 octets). Two keys
+ * share a digest about once in 2^53 pairs: that key's retry would pass early.
+ */
+export function keyDigest(key: string): number {
+  let h1 = 0xdeadbeef;
+  let h2 = 0x41c6ce57;
+  for (let i = 0; i < key.length; i++) {
+    const c = key.charCodeAt(i);
+    h1 = Math.imul(h1 ^ c, 2654435761);
+    h2 = Math.imul(h2 ^ c, 1597334677);
+  }
+  h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+  h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+  return 4294967296 * (2097151 & h2) + (h1 >>> 0);
+}
+
+/**
+ * Remembers first attempts per key digest, for their window: at most MAX_GREYLIST_ENTRIES
+ * entries of a fixed size (GREYLIST_ENTRY_BYTES), whatever the keys.
+ */
 export class GreylistTable {
-  #first = new Map<string, GreylistEntry>();
+  /** Digest → time of the first attempt, oldest first. */
+  #first = new Map<number, number>();
+  /** Digest → window, only where a scenario's `window=` differs from the table's. */
+  #windows = new Map<number, number>();
   constructor(readonly windowMs: number, readonly maxEntries = MAX_GREYLIST_ENTRIES) {}
 
   get size(): number {
     return this.#first.size;
   }
 
+  #windowOf(digest: number): number {
+    return this.#windows.get(digest) ?? this.windowMs;
+  }
+
   /** The live entry for a key at `now`, or none. A read: nothing changes. */
   lookup(key: string, now: number): GreylistEntry | undefined {
-    const e = this.#first.get(key);
-    return e !== undefined && now - e.at <= e.windowMs ? e : undefined;
+    const digest = keyDigest(key);
+    const at = this.#first.get(digest);
+    if (at === undefined) return undefined;
+    const windowMs = this.#windowOf(digest);
+    return now - at <= windowMs ? { at, windowMs } : undefined;
   }
 
   /** Writes a first attempt the policy asked for; expired entries go, and past the cap the oldest. */
   remember(rec: GreylistRecord): void {
+    const digest = keyDigest(rec.key);
     this.#sweep(rec.at);
-    this.#first.delete(rec.key);
-    while (this.#first.size >= this.maxEntries) this.#first.delete(this.#first.keys().next().value!);
-    this.#first.set(rec.key, { at: rec.at, windowMs: rec.windowMs ?? this.windowMs });
+    this.#forget(digest);
+    while (this.#first.size >= this.maxEntries) this.#forget(this.#first.keys().next().value!);
+    this.#first.set(digest, rec.at);
+    if (rec.windowMs !== undefined && rec.windowMs !== this.windowMs) this.#windows.set(digest, rec.windowMs);
+  }
+
+  #forget(digest: number): void {
+    this.#first.delete(digest);
+    this.#windows.delete(digest);
   }
 
   /** The policy's question and the table's answer in one step: lookup, verdict, remember. */
@@ -1261,9 +1445,9 @@ export class GreylistTable {
 
   /** Forgets expired entries, oldest first, up to the first live one (the cap bounds the rest). */
   #sweep(now: number): void {
-    for (const [key, first] of this.#first) {
-      if (now - first.at <= first.windowMs) break;
-      this.#first.delete(key);
+    for (const [digest, at] of this.#first) {
+      if (now - at <= this.#windowOf(digest)) break;
+      this.#forget(digest);
     }
   }
 }
@@ -1282,8 +1466,23 @@ function staticSource(value: string): ModeSource {
   return { describe: `static:${value}`, fetch: () => Promise.resolve(value) };
 }
 
+/** A mode file, read up to MAX_MODE_FILE_BYTES: a larger file is refused, not loaded. */
 function fileSource(path: string): ModeSource {
-  return { describe: `file:${path}`, fetch: (signal) => Deno.readTextFile(path, { signal }) };
+  return {
+    describe: `file:${path}`,
+    fetch: async () => {
+      const file = await Deno.open(path);
+      try {
+        const buf = new Uint8Array(MAX_MODE_FILE_BYTES + 1);
+        let n = 0;
+        for (let got; n < buf.length && (got = await file.read(buf.subarray(n))) !== null;) n += got;
+        if (n > MAX_MODE_FILE_BYTES) throw new Error(`the mode file is over ${MAX_MODE_FILE_BYTES} octets`);
+        return new TextDecoder().decode(buf.subarray(0, n));
+      } finally {
+        file.close();
+      }
+    },
+  };
 }
 
 /** SSM Parameter Store through the AWS SDK, imported only when used. */
@@ -1420,7 +1619,7 @@ export interface Transport {
 }
 
 /** Input held per session before the socket is paused (node sockets push; Deno's are pulled). */
-const NODE_READ_HIGH_WATER = 4 * READ_BUFFER_BYTES;
+const NODE_READ_HIGH_WATER = READ_BUFFER_BYTES;
 /** A TLS handshake must finish within this long. */
 export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 
@@ -1574,10 +1773,14 @@ class Session implements LineSink {
   lastRead = this.started;
   #closing = false;
   #saidGoodbye = false;
+  /** Settles when the session is closed: a delay in progress ends there. */
+  #gone = Promise.withResolvers<void>();
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
   #message: MessageReader | undefined;
-  #out: string[] = [];
+  /** Replies queued and not yet written; `then` runs once the reply is on the wire. */
+  #out: { text: string; code: number; then?: () => void }[] = [];
+  #outBytes = 0;
   #writing: Promise<void> = Promise.resolve();
   /** Set when an outcome waits, drops or upgrades: the queued replies from `from` on wait for it. */
   #hold: { from: number; delayMs: number; after: "continue" | "drop" | "starttls" } | undefined;
@@ -1599,38 +1802,48 @@ class Session implements LineSink {
     };
   }
 
-  reply(reply: Reply): void {
-    this.#out.push(formatReply(reply));
-    this.transcript.reply(reply.code);
+  /** Queues a reply; `then` runs (and the transcript records it) only once it was written. */
+  reply(reply: Reply, then?: () => void): void {
+    const text = formatReply(reply);
+    this.#out.push({ text, code: reply.code, then });
+    this.#outBytes += text.length;
   }
 
-  /** Writes the queued replies in one write; writes never overlap. */
+  /** Writes the queued replies in one write (writes never overlap); records them once written. */
   async flush(): Promise<void> {
     if (this.#out.length === 0) return;
-    const bytes = encoder.encode(this.#out.join(""));
+    const batch = this.#out;
     this.#out = [];
-    this.transcript.bytesOut += bytes.length;
+    this.#outBytes = 0;
+    const bytes = encoder.encode(batch.map((b) => b.text).join(""));
     const write = this.#writing.then(() => writeAll(this.conn, bytes));
     this.#writing = write.catch(() => {});
-    await write;
+    await write; // a client that left was told nothing of this batch: nothing is recorded
+    this.transcript.bytesOut += bytes.length;
+    for (const b of batch) {
+      this.transcript.reply(b.code);
+      b.then?.();
+    }
   }
 
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.#gone.resolve();
     try {
       this.conn.close();
     } catch { /* already closed */ }
   }
 
   /**
-   * Feeds bytes from the socket. Stops early when an outcome must wait or drop, and returns
-   * the bytes not yet read, to feed again after `release()`.
+   * Feeds bytes from the socket. Stops early when an outcome must wait or drop, or when
+   * MAX_PENDING_REPLY_BYTES of replies wait to be written, and returns the bytes not yet
+   * read, to feed again after `release()`.
    */
   feed(chunk: Uint8Array, counted = false): Uint8Array | undefined {
     if (!counted) this.transcript.bytesIn += chunk.length;
     const pos = this.#framer.feed(chunk, this);
-    return this.#hold && !this.#closing && pos < chunk.length ? chunk.subarray(pos) : undefined;
+    return !this.#closing && pos < chunk.length ? chunk.subarray(pos) : undefined;
   }
 
   // LineSink: what the framer calls.
@@ -1638,15 +1851,20 @@ class Session implements LineSink {
     return this.#message ? MAX_TEXT_LINE : MAX_COMMAND_LINE;
   }
   more(): boolean {
-    return !this.#closing && !this.#hold;
+    return !this.#closing && !this.#hold && this.#outBytes < MAX_PENDING_REPLY_BYTES;
   }
   overflow(): void {
     if (!this.#message) this.#badLine("long"); // a command is answered at once; the rest is discarded to LF
   }
-  line(bytes: Uint8Array | undefined, length: number): void {
-    if (this.#message) {
-      if (this.#message.line(bytes, length)) this.#endData();
-    } else if (bytes !== undefined) this.#commandLine(bytes);
+  line(bytes: Uint8Array | undefined, length: number, bare: boolean): void {
+    if (!this.#message) {
+      // Commands: a bare LF ends the line too (as Postfix's "normalize"); a bare CR is an invalid character.
+      if (bytes !== undefined) this.#commandLine(bytes);
+      return;
+    }
+    const read = this.#message.line(bytes, length, bare);
+    if (read === "end") this.#endData();
+    else if (read === "bare") this.#bareInData();
   }
 
   /** Writes the queued replies; a held reply is written after its delay, or the session dropped. */
@@ -1658,6 +1876,7 @@ class Session implements LineSink {
     }
     this.#hold = undefined;
     const later = this.#out.splice(hold.from);
+    this.#outBytes = this.#out.reduce((n, b) => n + b.text.length, 0);
     await this.flush();
     if (hold.after === "starttls") {
       if (!this.conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
@@ -1667,8 +1886,11 @@ class Session implements LineSink {
     }
     if (hold.delayMs > 0) {
       this.lastRead = Date.now() + hold.delayMs; // our own wait is not the client's idleness
-      await new Promise((ok) => setTimeout(ok, hold.delayMs));
+      let timer: Timer | undefined;
+      await Promise.race([new Promise((ok) => timer = setTimeout(ok, hold.delayMs)), this.#gone.promise]);
+      clearTimeout(timer);
       this.lastRead = Date.now();
+      if (this.closed) return false; // shut down, or timed out, during the delay: nothing was said
     }
     if (hold.after === "drop") {
       this.transcript.dropped = true;
@@ -1677,6 +1899,7 @@ class Session implements LineSink {
       return false;
     }
     this.#out.push(...later);
+    this.#outBytes += later.reduce((n, b) => n + b.text.length, 0);
     await this.flush();
     return false;
   }
@@ -1701,19 +1924,18 @@ class Session implements LineSink {
     this.transcript.command(splitCommand(text).verb);
     const before = this.state.tx;
     const out = respond(this.state, text, this.#inputs());
-    this.transcript.record(before, out);
-    this.#apply(out);
+    this.#apply(out, () => this.transcript.record(before, out));
   }
 
   /** Carries out an outcome: effects, the reply (held when it waits), what comes after. */
-  #apply(out: Outcome): void {
+  #apply(out: Outcome, written?: () => void): void {
     this.state = out.state;
     for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
     if (out.after === "drop" || out.delayMs > 0) {
       this.#hold = { from: this.#out.length, delayMs: out.delayMs, after: out.after === "drop" ? "drop" : "continue" };
     }
     if (out.after !== "drop") {
-      this.reply(out.reply);
+      this.reply(out.reply, written);
       if (out.farewell) this.reply(out.farewell);
     }
     switch (out.after) {
@@ -1733,26 +1955,38 @@ class Session implements LineSink {
     const message = this.#message!;
     this.#message = undefined;
     const tx = this.state.tx!;
+    const helo = this.state.helo;
     const out = endOfData(this.state, message.summary, this.#inputs());
-    this.transcript.endOfData(message.size, out.reply.code);
-    if (out.logMessage) {
+    this.#apply(out, () => {
+      this.transcript.endOfData(message.size, out.reply.code);
+      // accept-log: the message is logged once the client was told it was accepted.
+      if (!out.logMessage) return;
       log({
         event: "message",
         client: this.client,
-        helo: this.state.helo,
+        helo,
         from: tx.from,
-        rcpts: tx.rcpts,
+        rcpts: tx.accepted,
+        rcptCount: tx.acceptedCount,
+        ...(tx.accepted.length < tx.acceptedCount ? { rcptsTruncated: true as const } : {}),
         size: message.size,
         headers: message.headers,
         truncated: message.truncated,
       });
-    }
-    this.#apply(out);
+    });
   }
 
-  /** Waiting for a command, not inside DATA: may be told 421 on shutdown. */
+  /** A bare LF or CR inside DATA: the message is refused and the session closed (no smuggling). */
+  #bareInData(): void {
+    const message = this.#message!;
+    this.#message = undefined;
+    const out = bareLineEnd(this.state);
+    this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
+  }
+
+  /** Not inside DATA: may be told 421 on shutdown (a command half sent counts as idle). */
   get idle(): boolean {
-    return !this.#message && this.#framer.pending === 0;
+    return !this.#message;
   }
 
   /** Sends a final reply and closes, after any write in progress (bounded). */

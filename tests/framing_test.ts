@@ -21,9 +21,11 @@ function frame(chunks: string[], limit: number, stopAfter = Infinity): { events:
     limit: () => limit,
     more: () => lines < stopAfter,
     overflow: () => events.push("overflow"),
-    line: (bytes, length) => {
+    line: (bytes, length, bare) => {
       lines++;
-      events.push(bytes === undefined ? `long(${length})` : JSON.stringify(dec.decode(bytes)));
+      events.push(
+        (bytes === undefined ? `long(${length})` : JSON.stringify(dec.decode(bytes))) + (bare ? " bare" : ""),
+      );
     },
   };
   const rest = chunks.map((c) => {
@@ -37,7 +39,19 @@ const L = MAX_COMMAND_LINE;
 const FRAMES: [string, string[], string[]][] = [
   ["whole lines in one read", ["EHLO a\r\nNOOP\r\n"], ['"EHLO a\\r\\n"', '"NOOP\\r\\n"']],
   ["a line split across reads, CR and LF apart", ["NO", "OP\r", "\n"], ['"NOOP\\r\\n"']],
-  ["a bare LF ends a line too (reported with its line end)", ["NOOP\nQUIT\r\n"], ['"NOOP\\n"', '"QUIT\\r\\n"']],
+  ["a bare LF ends a line too, and is reported", ["NOOP\nQUIT\r\n"], ['"NOOP\\n" bare', '"QUIT\\r\\n"']],
+  ["a bare CR inside a line is reported", ["NO\rOP\r\n"], ['"NO\\rOP\\r\\n" bare']],
+  ["a CR LF split across reads is not bare", ["NOOP\r", "\n"], ['"NOOP\\r\\n"']],
+  ["a bare LF after a CR that ended the last read", ["NOOP\r", "x\n"], ['"NOOP\\rx\\n" bare']],
+  ["a bare LF alone across reads", ["NOOP", "\n"], ['"NOOP\\n" bare']],
+  ["smuggling shapes: LF.LF, CRLF.LF, LF.CRLF", ["a\n.\nb\r\n.\nc\n.\r\n"], [
+    '"a\\n" bare',
+    '".\\n" bare',
+    '"b\\r\\n"',
+    '".\\n" bare',
+    '"c\\n" bare',
+    '".\\r\\n"',
+  ]],
   ["no line end yet: nothing", ["NOOP"], []],
   ["exactly at the limit", ["x".repeat(L - 2) + "\r\n"], [JSON.stringify("x".repeat(L - 2) + "\r\n")]],
   ["one over, in one read: overflow, then the long line", ["x".repeat(L - 1) + "\r\n"], ["overflow", `long(${L + 1})`]],
@@ -66,7 +80,7 @@ Deno.test("framer: the limit is asked per line (commands, then a data line after
     limit: () => limit,
     more: () => true,
     overflow: () => seen.push("overflow"),
-    line: (bytes, length) => {
+    line: (bytes, length, _bare) => {
       seen.push(bytes ? dec.decode(bytes).trimEnd() : `long(${length})`);
       if (bytes && dec.decode(bytes).startsWith("DATA")) limit = MAX_TEXT_LINE;
     },
@@ -85,7 +99,8 @@ function read(lines: string[], capture = true): { m: MessageReader; endedAt: num
   for (const [i, line] of lines.entries()) {
     const text = /\n$/.test(line) ? line : line + "\r\n";
     const bytes = enc.encode(text);
-    if (m.line(bytes.length > MAX_TEXT_LINE ? undefined : bytes, bytes.length)) return { m, endedAt: i };
+    const read = m.line(bytes.length > MAX_TEXT_LINE ? undefined : bytes, bytes.length, false);
+    if (read === "end") return { m, endedAt: i };
   }
   return { m, endedAt: -1 };
 }
@@ -114,4 +129,13 @@ Deno.test("message reader: a line over 1000 octets is counted and flagged, not k
   assertEquals(m.longLine, true);
   assertEquals(m.size, 12 + 2 + MAX_TEXT_LINE * 2 + 2);
   assertEquals(read(["X-Long: " + "h".repeat(MAX_TEXT_LINE), ""]).m.truncated, true, "a long header line truncates");
+});
+
+Deno.test("message reader: the end is .CRLF only; a bare line end is answered, never taken for the end", () => {
+  const m = new MessageReader();
+  const line = (t: string, bare = false) => m.line(enc.encode(t), t.length, bare);
+  assertEquals(line("body\r\n"), "more");
+  assertEquals(line(".\n", true), "bare", "LF.LF is no end of data");
+  assertEquals(new MessageReader().line(enc.encode(".\r\n"), 3, false), "end");
+  assertEquals(new MessageReader().line(undefined, 2000, true), "bare", "a long bare line too");
 });

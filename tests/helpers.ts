@@ -445,6 +445,29 @@ export async function tempModeFile(mode: string): Promise<string> {
   return path;
 }
 
+/**
+ * Octets the kernel holds for the server that it has not read yet, on the loopback TCP
+ * connection from `clientPort` to `serverPort` (Linux /proc/net/tcp: rx_queue). Zero means
+ * the server has read everything sent so far: a causal wait, not a guess at timing.
+ */
+export function unreadByServer(serverPort: number, clientPort: number): number | undefined {
+  const hex = (n: number) => n.toString(16).toUpperCase().padStart(4, "0");
+  for (const line of Deno.readTextFileSync("/proc/net/tcp").split("\n").slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 5) continue;
+    if (f[1].endsWith(`:${hex(serverPort)}`) && f[2].endsWith(`:${hex(clientPort)}`)) {
+      return parseInt(f[4].split(":")[1], 16);
+    }
+  }
+  return undefined;
+}
+
+/** Waits until the server has read every byte this client sent (see `unreadByServer`). */
+export async function readByServer(c: RawClient, serverPort: number): Promise<void> {
+  const clientPort = (c.conn.localAddr as Deno.NetAddr).port;
+  await eventually(() => unreadByServer(serverPort, clientPort) === 0);
+}
+
 /** Resident and peak resident memory of a process, in MiB (Linux /proc). */
 export function memoryMiB(pid: number): { rss: number; peak: number } {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);

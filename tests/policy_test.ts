@@ -213,7 +213,7 @@ Deno.test("policy: recipients past the cap get 452 4.5.3 and the transaction goe
   assertEquals(rcptCodes.filter((c) => c === 250).length, MAX_RECIPIENTS);
   assertEquals(rcptCodes.slice(MAX_RECIPIENTS), [452, 452, 452, 452, 452]);
   assertEquals(codes.at(-1), 354);
-  assertEquals(state.tx?.rcpts.length, MAX_RECIPIENTS);
+  assertEquals(state.tx?.rcptCount, MAX_RECIPIENTS);
 });
 
 Deno.test("policy: too many errors closes the session with 421 4.7.0", () => {
@@ -372,7 +372,14 @@ const DECISIONS: [string, Point, { fail?: number; drop?: boolean; delayMs?: numb
 ];
 
 Deno.test("policy: decide() is the one table of what a scenario does where", () => {
-  const tx = { scenario: scenario("accept"), from: "a@origin.test", rcpts: [], accepted: 0 };
+  const tx = {
+    scenario: scenario("accept"),
+    from: "a@origin.test",
+    rcptCount: 0,
+    accepted: [],
+    acceptedCount: 0,
+    acceptedBytes: 0,
+  };
   for (const [mode, point, want] of DECISIONS) {
     const sc = scenario(mode);
     const d = decide({
@@ -393,7 +400,7 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
 Deno.test("policy: greylisting takes the time and the table's entry as inputs, and says what to remember", () => {
   const sc = scenario("greylist min=5m");
   const now = 1_000_000_000;
-  const tx = { scenario: sc, from: "a@origin.test", rcpts: [], accepted: 0 };
+  const tx = { scenario: sc, from: "a@origin.test", rcptCount: 0, accepted: [], acceptedCount: 0, acceptedBytes: 0 };
   const ask = (entry?: { at: number; windowMs: number }) =>
     decide({
       point: "rcpt",

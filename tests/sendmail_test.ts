@@ -165,7 +165,7 @@ mtaTest(
         200,
       );
       assertEquals(queued(mailq), 1);
-      assert(sessions().length > before);
+      await eventually(() => sessions().length > before); // the first attempt's session line is read
       const { output } = await mta.queueRunsUntil(async () => queued(await mta.mailq()) === 0);
       assertMatch(output, /<grey@sinkhole\.test>\.\.\. Sent/);
     });
@@ -198,6 +198,7 @@ mtaTest(
       assert(rcpts().some((r) => r.to === "defer+3@sinkhole.test" && r.code === 451), JSON.stringify(rcpts()));
       const dsn = await origin.waitForLog((x) => x.event === "message");
       assertEquals(dsn.rcpts, ["tester@origin.test"], "the bounced recipient produced a DSN");
+      await eventually(() => sessionFor("accept+1@sinkhole.test") !== undefined);
       const delivered = (sessionFor("accept+1@sinkhole.test")!.transactions as Tx[]).some((tx) =>
         tx.result === 250 && tx.rcpts.some((r) => r.to === "accept+1@sinkhole.test" && r.code === 250)
       );
@@ -215,6 +216,7 @@ mtaTest(
         200,
       );
       assertEquals(queued(mailq), before + 1);
+      await eventually(() => sessionFor("eod@sinkhole.test") !== undefined); // its line may still be in the pipe
       const [tx] = sessionFor("eod@sinkhole.test")!.transactions as Tx[];
       assert(tx.size! > 0 && tx.result === 451, "the whole body was sent before the 451");
     });
@@ -226,6 +228,7 @@ mtaTest(
   "accept starttls=refuse",
   async (rig, t) => {
     const { mta, setMode, submit, sessionFor } = rig;
+    const sink = () => rig.sink;
     await mta.start();
 
     await t.step("refused with 454: sendmail goes on in plain text and delivers", async () => {
@@ -255,7 +258,12 @@ mtaTest(
       const { output } = await mta.queueRunsUntil(async () => queued(await mta.mailq()) === 0);
       assertMatch(output, />>> STARTTLS\n220 2\.0\.0 Ready to start TLS/);
       assertMatch(output, /<broken@sinkhole\.test>\.\.\. Sent/);
-      assertEquals(sessionFor("broken@sinkhole.test")?.tls, true, "the delivery ran over TLS");
+      const deliveredBroken = () =>
+        sink().events("session").find((s) =>
+          s.transactions.some((tx) => tx.result === 250 && tx.rcpts.some((r) => r.to === "broken@sinkhole.test"))
+        );
+      await eventually(() => deliveredBroken() !== undefined);
+      assertEquals(deliveredBroken()!.tls, true, "the delivery ran over TLS");
     });
   },
 );

@@ -1,0 +1,139 @@
+/**
+ * The memory budget (README, "Memory budget") driven for real, under the production flags
+ * (`deno task start`: a 64 MB V8 old space): the greylist table filled with the longest
+ * keys, then SINKHOLE_MAX_SESSIONS sessions each holding the most a client can make one
+ * hold, on both transports (Deno's, and node:net when SINKHOLE_STARTTLS=on). The process
+ * must not crash (the V8 limit), must keep answering, and on Deno's transport its peak RSS
+ * (VmHWM) must stay under the task's 128 MB cap.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import {
+  eventually,
+  type Listener,
+  memoryMiB,
+  RawClient,
+  readByServer,
+  startListener,
+  transaction,
+} from "./helpers.ts";
+import {
+  DEFAULT_MAX_SESSIONS,
+  MAX_GREYLIST_ENTRIES,
+  MAX_KEPT_RCPT_BYTES,
+  MAX_LOGGED_HEADER_BYTES,
+  MAX_RECIPIENTS,
+  MAX_TRANSCRIPT_BYTES,
+} from "../listener.ts";
+
+/**
+ * The ECS task's hard cap, 128 MB (122 MiB): the worst case must stay under it. (The
+ * target of 96 MiB is not met at the full worst case; README, "Memory budget", gives the
+ * measured figures.)
+ */
+const TASK_CAP_MIB = 122;
+const enc = new TextEncoder();
+
+/** The longest valid paths (RFC 5321 §4.5.3.1): a 64-octet local part, 254 octets in all. */
+const DOMAIN = `${"d".repeat(60)}.${"e".repeat(61)}.${"f".repeat(61)}.test`;
+const path = (tag: string) => `${tag.padEnd(64, "x").slice(0, 64)}@${DOMAIN}`;
+
+/** Sends `script` while reading every reply (until `replies` are read); returns the codes seen. */
+async function converse(c: RawClient, script: string, replies: number): Promise<Map<number, number>> {
+  const sending = c.send(script);
+  const codes = new Map<number, number>();
+  for (let i = 0; i < replies; i++) {
+    const code = (await c.reply()).code;
+    codes.set(code, (codes.get(code) ?? 0) + 1);
+  }
+  await sending;
+  return codes;
+}
+
+/** Phase 1: MAX_GREYLIST_ENTRIES distinct triplets of the longest addresses, over a few sessions. */
+async function fillGreylist(l: Listener): Promise<void> {
+  const sessions = 10;
+  const perSession = MAX_GREYLIST_ENTRIES / sessions;
+  await Promise.all(Array.from({ length: sessions }, async (_, s) => {
+    const c = await RawClient.connect(l.port);
+    await c.reply();
+    await c.cmd("EHLO filler.test");
+    for (let done = 0; done < perSession; done += MAX_RECIPIENTS) {
+      let script = `MAIL FROM:<${path(`from${s}-${done}`)}>\r\n`;
+      for (let j = 0; j < MAX_RECIPIENTS; j++) script += `RCPT TO:<${path(`to${s}-${done}-${j}`)}>\r\n`;
+      script += "RSET\r\n";
+      const codes = await converse(c, script, MAX_RECIPIENTS + 2);
+      assertEquals(codes.get(451), MAX_RECIPIENTS, "each triplet is a first attempt");
+    }
+    await c.cmd("QUIT");
+    c.close();
+  }));
+}
+
+/**
+ * Phase 2: one session at its worst — the longest HELO; its transcript full (MAX_TRANSCRIPT_BYTES);
+ * a transaction's accepted recipients full (MAX_KEPT_RCPT_BYTES); inside DATA with the
+ * header capture full of the shortest lines (MAX_LOGGED_HEADER_BYTES, the most strings);
+ * and half a line pending. The client never reads: its replies stay with the server.
+ */
+async function worstSession(port: number, id: number): Promise<RawClient> {
+  const c = await RawClient.connect(port);
+  let script = `EHLO ${"h".repeat(500)}\r\n`;
+  const transcriptRcpts = Math.ceil(MAX_TRANSCRIPT_BYTES / 250) + 2;
+  script += `MAIL FROM:<${path(`w${id}`)}>\r\n`;
+  for (let j = 0; j < transcriptRcpts; j++) script += `RCPT TO:<${path(`t${id}-${j}`)}>\r\n`;
+  script += "RSET\r\n";
+  script += `MAIL FROM:<${path(`w${id}`)}>\r\n`;
+  for (let j = 0; j < Math.ceil(MAX_KEPT_RCPT_BYTES / 250) + 2; j++) script += `RCPT TO:<${path(`k${id}-${j}`)}>\r\n`;
+  script += "DATA\r\n";
+  const shortest = "a:b\r\n"; // a header of 3 octets: the most strings per byte
+  script += shortest.repeat(Math.ceil(MAX_LOGGED_HEADER_BYTES / 3) + 10);
+  script += "X-Pending: " + "p".repeat(900); // half a line, kept in the line buffer
+  await c.send(enc.encode(script));
+  return c;
+}
+
+/** Runs the worst case; `capMiB`, when given, bounds the peak RSS (VmHWM) it may reach. */
+async function worstCase(env: Record<string, string>, label: string, capMiB?: number): Promise<void> {
+  const modeFile = await Deno.makeTempFile({ prefix: "sinkhole-memory-" });
+  await Deno.writeTextFile(modeFile, "greylist key=triplet");
+  const l = await startListener({ ...env, SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
+  const clients: RawClient[] = [];
+  try {
+    const t0 = Date.now();
+    await fillGreylist(l);
+    const afterFill = memoryMiB(l.pid);
+    await Deno.writeTextFile(modeFile, "accept-log");
+    await l.waitFor("mode", (m) => m.mode === "accept-log");
+    for (let i = 0; i < DEFAULT_MAX_SESSIONS; i += 100) {
+      clients.push(...await Promise.all(Array.from({ length: 100 }, (_, j) => worstSession(l.port, i + j))));
+    }
+    // Every session is at its worst once the listener has read everything its client sent
+    // (for node:net, once the kernel buffer is drained into the transport's bounded queue).
+    await Promise.all(clients.map((c) => readByServer(c, l.port)));
+    const worst = memoryMiB(l.pid);
+    console.log(
+      `${label}: greylist ${MAX_GREYLIST_ENTRIES} triplets, then ${clients.length} sessions at their worst ` +
+        `(${Date.now() - t0} ms): RSS after the fill ${afterFill.rss.toFixed(1)} MiB, with the sessions ` +
+        `${worst.rss.toFixed(1)} MiB, VmHWM ${worst.peak.toFixed(1)} MiB`,
+    );
+    // Still answering: the cap refuses the next session politely; one freed slot serves again.
+    const extra = await RawClient.connect(l.port);
+    assertEquals((await extra.reply()).code, 421);
+    extra.close();
+    clients.pop()!.close();
+    await eventually(async () => (await transaction(l.port).catch(() => [])).at(-1) === 221);
+    if (capMiB !== undefined) {
+      assert(worst.peak <= capMiB, `${label}: VmHWM ${worst.peak.toFixed(1)} MiB over ${capMiB}`);
+    }
+  } finally {
+    for (const c of clients) c.close();
+    const status = await l.stop();
+    await Deno.remove(modeFile);
+    assertEquals(status.code, 0, `${label}: exit ${status.code}; ${l.stderr().slice(-2000)}`);
+  }
+}
+
+Deno.test("memory: the budget's worst case at once, Deno's transport: no crash, under the task's cap", () =>
+  worstCase({}, "plain", TASK_CAP_MIB));
+Deno.test("memory: the budget's worst case at once, node:net (SINKHOLE_STARTTLS=on): no crash, still answering", () =>
+  worstCase({ SINKHOLE_STARTTLS: "on" }, "starttls transport"));
