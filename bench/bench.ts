@@ -170,7 +170,7 @@ async function source(
     "-t",
     "bench@sinkhole.test",
     `${at.host}:${at.port}`,
-  ], tools.env);
+  ], { env: tools.env });
   const ms = performance.now() - t0;
   clearInterval(timer);
   if (out.code !== 0) throw new Error(`smtp-source failed: ${out.stderr}`);
