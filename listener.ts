@@ -973,7 +973,7 @@ export class LineFramer {
       if (this.#lineBytes === 0 && nl >= 0) {
         // The common case: a whole line inside this read, used in place. LF comes only last,
         // so the line is clean exactly when its first CR is the one right before the LF.
-        const bare = piece.indexOf(CR) !== piece.length - 2;
+        const bare = piece.length < 2 || piece.indexOf(CR) !== piece.length - 2;
         if (piece.length <= limit) sink.line(piece, piece.length, bare);
         else {
           sink.overflow();

@@ -41,6 +41,7 @@ const FRAMES: [string, string[], string[]][] = [
   ["a line split across reads, CR and LF apart", ["NO", "OP\r", "\n"], ['"NOOP\\r\\n"']],
   ["a bare LF ends a line too, and is reported", ["NOOP\nQUIT\r\n"], ['"NOOP\\n" bare', '"QUIT\\r\\n"']],
   ["a bare CR inside a line is reported", ["NO\rOP\r\n"], ['"NO\\rOP\\r\\n" bare']],
+  ["an empty line of a bare LF is reported", ["\n\r\n"], ['"\\n" bare', '"\\r\\n"']],
   ["a CR LF split across reads is not bare", ["NOOP\r", "\n"], ['"NOOP\\r\\n"']],
   ["a bare LF after a CR that ended the last read", ["NOOP\r", "x\n"], ['"NOOP\\rx\\n" bare']],
   ["a bare LF alone across reads", ["NOOP", "\n"], ['"NOOP\\n" bare']],

@@ -38,6 +38,7 @@ for (
     ["<CR><LF>.<LF>", "\r\n.\n"],
     ["<LF>.<CR><LF>", "\n.\r\n"],
     ["<CR>.<CR><LF>", "\r.\r\n"],
+    ["<CRLF><LF>.<CRLF>", "\r\n\n.\r\n"],
   ]
 ) {
   Deno.test(`smuggling: ${shape} does not end DATA; the message is refused and the session closed`, () =>
