@@ -67,6 +67,10 @@ export const MAX_PENDING_REPLY_BYTES = 8 * 1024;
 export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
+/** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
+export const MAX_AWS_RESPONSE_BYTES = 64 * 1024;
+/** Temporary credentials (the ECS task role's) are fetched again this long before they expire. */
+export const CREDENTIAL_REFRESH_MARGIN_MS = 5 * 60_000;
 /** Distinct greylist keys remembered; the oldest is forgotten past it. */
 export const MAX_GREYLIST_ENTRIES = 100_000;
 /** What one greylist entry holds in memory at most, whatever its key (a digest, a time, a map slot). */
@@ -1485,24 +1489,190 @@ function fileSource(path: string): ModeSource {
   };
 }
 
-/** SSM Parameter Store through the AWS SDK, imported only when used. */
-function ssmSource(name: string, env: (k: string) => string | undefined): ModeSource {
-  let client: Promise<{ send: (name: string, signal: AbortSignal) => Promise<string | undefined> }> | undefined;
-  const connect = async () => {
-    const { SSMClient, GetParameterCommand } = await import("@aws-sdk/client-ssm");
-    const region = env("AWS_REGION") || env("AWS_DEFAULT_REGION") || undefined;
-    // The SDK reads AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_SSM itself (tests point it at moto).
-    const ssm = new SSMClient({ region, maxAttempts: 2 });
-    return {
-      send: async (n: string, signal: AbortSignal) =>
-        (await ssm.send(new GetParameterCommand({ Name: n }), { abortSignal: signal })).Parameter?.Value,
-    };
+/** AWS credentials, as the signer needs them; `expiresAt` (epoch ms) only for temporary ones. */
+export interface AwsCredentials {
+  accessKeyId: string;
+  secretAccessKey: string;
+  sessionToken?: string;
+  expiresAt?: number;
+}
+
+/** An AWS error answer: `name` is its type (ParameterNotFound, AccessDeniedException, …). */
+export class AwsError extends Error {
+  constructor(readonly type: string, message: string, readonly status: number) {
+    super(message);
+    this.name = type;
+  }
+}
+
+/** The ECS agent's credentials endpoint, and the only hosts a plain-HTTP FULL_URI may name. */
+const ECS_CREDENTIALS_URL = "http://169.254.170.2";
+const CONTAINER_CREDENTIAL_HOSTS = ["169.254.170.2", "169.254.170.23", "[fd00:ec2::23]"];
+
+const hex = (bytes: ArrayBuffer) => Array.from(new Uint8Array(bytes), (b) => b.toString(16).padStart(2, "0")).join("");
+const sha256 = async (text: string) => hex(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text)));
+async function hmac(key: ArrayBuffer | Uint8Array<ArrayBuffer>, text: string): Promise<ArrayBuffer> {
+  const k = await crypto.subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  return crypto.subtle.sign("HMAC", k, new TextEncoder().encode(text));
+}
+
+/** An AWS request to sign: a POST of `body` to `url` (no query string), with its own headers. */
+export interface AwsRequest {
+  url: URL;
+  headers: Record<string, string>;
+  body: string;
+  service: string;
+  region: string;
+}
+
+/**
+ * Signature Version 4 for one request (the AWS documentation's "Create a signed AWS API
+ * request"): returns the headers to send, `host`, `x-amz-date`, the session token and
+ * `authorization` added. Pure but for the clock, which is an argument.
+ */
+export async function signV4(req: AwsRequest, creds: AwsCredentials, now: Date): Promise<Record<string, string>> {
+  const amzDate = now.toISOString().replace(/[-:]/g, "").replace(/\.\d{3}/, "");
+  const day = amzDate.slice(0, 8);
+  const headers: Record<string, string> = { ...req.headers, host: req.url.host, "x-amz-date": amzDate };
+  if (creds.sessionToken) headers["x-amz-security-token"] = creds.sessionToken;
+  const names = Object.keys(headers).map((k) => k.toLowerCase()).sort();
+  const lower = Object.fromEntries(Object.entries(headers).map(([k, val]) => [k.toLowerCase(), val.trim()]));
+  const signedHeaders = names.join(";");
+  const canonical = [
+    "POST",
+    req.url.pathname || "/",
+    "",
+    ...names.map((n) => `${n}:${lower[n]}`),
+    "",
+    signedHeaders,
+    await sha256(req.body),
+  ].join("\n");
+  const scope = `${day}/${req.region}/${req.service}/aws4_request`;
+  const toSign = ["AWS4-HMAC-SHA256", amzDate, scope, await sha256(canonical)].join("\n");
+  let key = await hmac(new TextEncoder().encode(`AWS4${creds.secretAccessKey}`), day);
+  for (const part of [req.region, req.service, "aws4_request"]) key = await hmac(key, part);
+  const signature = hex(await hmac(key, toSign));
+  return {
+    ...headers,
+    authorization: `AWS4-HMAC-SHA256 Credential=${creds.accessKeyId}/${scope}, SignedHeaders=${signedHeaders}, ` +
+      `Signature=${signature}`,
   };
+}
+
+/** A response body read up to MAX_AWS_RESPONSE_BYTES; a longer one is refused, not loaded. */
+async function boundedText(res: Response): Promise<string> {
+  const chunks: Uint8Array[] = [];
+  let n = 0;
+  for await (const chunk of res.body ?? []) {
+    n += chunk.length;
+    if (n > MAX_AWS_RESPONSE_BYTES) {
+      await res.body?.cancel().catch(() => {});
+      throw new Error(`an AWS answer over ${MAX_AWS_RESPONSE_BYTES} octets (HTTP ${res.status})`);
+    }
+    chunks.push(chunk);
+  }
+  const all = new Uint8Array(n);
+  let at = 0;
+  for (const c of chunks) all.set(c, (at += c.length) - c.length);
+  return new TextDecoder().decode(all);
+}
+
+/**
+ * Where the credentials come from, in the order the AWS SDKs look: the environment
+ * (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), then the container
+ * credentials endpoint (an ECS task role: AWS_CONTAINER_CREDENTIALS_RELATIVE_URI, or
+ * AWS_CONTAINER_CREDENTIALS_FULL_URI with AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]).
+ * Temporary credentials are kept until CREDENTIAL_REFRESH_MARGIN_MS before they expire.
+ */
+export function credentialChain(
+  env: (k: string) => string | undefined,
+): (signal: AbortSignal) => Promise<AwsCredentials> {
+  let cached: AwsCredentials | undefined;
+  return async (signal) => {
+    const accessKeyId = env("AWS_ACCESS_KEY_ID");
+    const secretAccessKey = env("AWS_SECRET_ACCESS_KEY");
+    if (accessKeyId && secretAccessKey) return { accessKeyId, secretAccessKey, sessionToken: env("AWS_SESSION_TOKEN") };
+    if (cached && (cached.expiresAt === undefined || cached.expiresAt - CREDENTIAL_REFRESH_MARGIN_MS > Date.now())) {
+      return cached;
+    }
+    const relative = env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI");
+    const full = env("AWS_CONTAINER_CREDENTIALS_FULL_URI");
+    let url: URL;
+    const headers: Record<string, string> = {};
+    if (relative) url = new URL(relative, ECS_CREDENTIALS_URL);
+    else if (full) {
+      url = new URL(full);
+      const local = url.hostname === "localhost" || /^127\./.test(url.hostname) || url.hostname === "[::1]";
+      if (url.protocol !== "https:" && !local && !CONTAINER_CREDENTIAL_HOSTS.includes(url.hostname)) {
+        throw new Error(`AWS_CONTAINER_CREDENTIALS_FULL_URI over plain HTTP must name loopback or the ECS agent`);
+      }
+      const tokenFile = env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE");
+      const token = tokenFile ? (await Deno.readTextFile(tokenFile)).trim() : env("AWS_CONTAINER_AUTHORIZATION_TOKEN");
+      if (token) headers.authorization = token;
+    } else {
+      throw new Error(
+        "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run as an ECS task with a task role",
+      );
+    }
+    const res = await fetch(url, { headers, signal });
+    const text = await boundedText(res);
+    if (!res.ok) throw new Error(`the container credentials endpoint answered HTTP ${res.status}`);
+    const c = JSON.parse(text) as {
+      AccessKeyId?: string;
+      SecretAccessKey?: string;
+      Token?: string;
+      Expiration?: string;
+    };
+    if (!c.AccessKeyId || !c.SecretAccessKey) throw new Error("the container credentials endpoint gave no keys");
+    cached = {
+      accessKeyId: c.AccessKeyId,
+      secretAccessKey: c.SecretAccessKey,
+      sessionToken: c.Token,
+      expiresAt: c.Expiration ? Date.parse(c.Expiration) : undefined,
+    };
+    return cached;
+  };
+}
+
+/** The error an AWS answer carries: JSON (`__type`, `message`) or the query protocol's XML. */
+function awsError(status: number, text: string): AwsError {
+  try {
+    const j = JSON.parse(text) as { __type?: string; message?: string; Message?: string };
+    const type = (j.__type ?? "").split("#").pop() || `HTTP${status}`;
+    return new AwsError(type, j.message ?? j.Message ?? "", status);
+  } catch {
+    const code = /<Code>([^<]{1,100})<\/Code>/.exec(text)?.[1] ?? `HTTP${status}`;
+    const message = /<Message>([^<]{0,200})/.exec(text)?.[1] ?? text.slice(0, 200);
+    return new AwsError(code, message, status);
+  }
+}
+
+/**
+ * SSM Parameter Store's GetParameter over HTTPS, signed here (Signature Version 4 with
+ * Web Crypto): no SDK, so the listener's memory and image hold none of it. The endpoint
+ * is AWS_ENDPOINT_URL_SSM or AWS_ENDPOINT_URL when set (tests point them at moto), else
+ * the region's.
+ */
+function ssmSource(name: string, env: (k: string) => string | undefined): ModeSource {
+  const credentials = credentialChain(env);
   return {
     describe: `ssm:${name}`,
     fetch: async (signal) => {
-      client ??= connect();
-      const value = await (await client).send(name, signal);
+      const region = env("AWS_REGION") || env("AWS_DEFAULT_REGION");
+      if (!region) throw new Error("no region: set AWS_REGION");
+      const endpoint = env("AWS_ENDPOINT_URL_SSM") || env("AWS_ENDPOINT_URL") || `https://ssm.${region}.amazonaws.com`;
+      const req: AwsRequest = {
+        url: new URL("/", endpoint),
+        headers: { "content-type": "application/x-amz-json-1.1", "x-amz-target": "AmazonSSM.GetParameter" },
+        body: JSON.stringify({ Name: name }),
+        service: "ssm",
+        region,
+      };
+      const headers = await signV4(req, await credentials(signal), new Date());
+      const res = await fetch(req.url, { method: "POST", headers, body: req.body, signal });
+      const text = await boundedText(res);
+      if (!res.ok) throw awsError(res.status, text);
+      const value = (JSON.parse(text) as { Parameter?: { Value?: string } }).Parameter?.Value;
       if (value === undefined) throw new Error("parameter has no value");
       return value;
     },

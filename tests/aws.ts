@@ -23,10 +23,13 @@ const MOTO_PORT = 5000;
 const MOTO_START_WITHIN_MS = 120_000;
 
 /** moto_server on a loopback address of its own, stopped by `close`. */
-export async function startMoto(): Promise<{ url: string; close: () => Promise<void> }> {
+export async function startMoto(
+  env: Record<string, string> = {},
+): Promise<{ url: string; close: () => Promise<void> }> {
   const { host, port } = privateAddress(MOTO_PORT);
   const child = new Deno.Command("moto_server", {
     args: ["-H", host, "-p", String(port)],
+    env,
     stdout: "null",
     stderr: "piped",
   }).spawn();
@@ -153,8 +156,19 @@ export function faultProxy(target: string) {
 }
 
 /** The real aws CLI against `endpoint` (moto), JSON out; fails the test on a non-zero exit. */
-export async function awsCli(endpoint: string, ...args: string[]): Promise<Record<string, unknown>> {
-  const res = await run("aws", ["--endpoint-url", endpoint, "--output", "json", ...args], { env: AWS_ENV });
+export function awsCli(endpoint: string, ...args: string[]): Promise<Record<string, unknown>> {
+  return awsCliAs({}, endpoint, ...args);
+}
+
+/** The same, with credentials (or other environment) of the caller's choosing over AWS_ENV's. */
+export async function awsCliAs(
+  env: Record<string, string>,
+  endpoint: string,
+  ...args: string[]
+): Promise<Record<string, unknown>> {
+  const res = await run("aws", ["--endpoint-url", endpoint, "--output", "json", ...args], {
+    env: { ...AWS_ENV, ...env },
+  });
   assertEquals(res.code, 0, `aws ${args.join(" ")}: ${res.stderr}`);
   return res.stdout.trim() ? JSON.parse(res.stdout) : {};
 }

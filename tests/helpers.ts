@@ -469,10 +469,10 @@ export async function readByServer(c: RawClient, serverPort: number): Promise<vo
 }
 
 /** Resident and peak resident memory of a process, in MiB (Linux /proc). */
-export function memoryMiB(pid: number): { rss: number; peak: number } {
+export function memoryMiB(pid: number): { rss: number; peak: number; anon: number; file: number } {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);
   const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? NaN);
-  return { rss: kb("VmRSS") / 1024, peak: kb("VmHWM") / 1024 };
+  return { rss: kb("VmRSS") / 1024, peak: kb("VmHWM") / 1024, anon: kb("RssAnon") / 1024, file: kb("RssFile") / 1024 };
 }
 
 /** A small deterministic PRNG (mulberry32), so a soak run can be replayed from its seed. */

@@ -2,20 +2,15 @@
  * The memory budget (README, "Memory budget") driven for real, under the production flags
  * (`deno task start`: a 64 MB V8 old space): the greylist table filled with the longest
  * keys, then SINKHOLE_MAX_SESSIONS sessions each holding the most a client can make one
- * hold, on both transports (Deno's, and node:net when SINKHOLE_STARTTLS=on). The process
- * must not crash (the V8 limit), must keep answering, and on Deno's transport its peak RSS
- * (VmHWM) must stay under the task's 128 MB cap.
+ * hold, on both transports (Deno's, and node:net when SINKHOLE_STARTTLS=on), with the mode
+ * read from SSM (moto) by the listener's own client, as in production. The process must not
+ * crash (the V8 limit) and must keep answering; the anonymous part of its peak RSS stays
+ * under the 96 MiB target on both, and on Deno's transport the whole peak (VmHWM, mapped
+ * code included) under the task's 128 MB cap.
  */
 import { assert, assertEquals } from "./assert.ts";
-import {
-  eventually,
-  type Listener,
-  memoryMiB,
-  RawClient,
-  readByServer,
-  startListener,
-  transaction,
-} from "./helpers.ts";
+import { eventually, type Listener, memoryMiB, RawClient, readByServer, transaction } from "./helpers.ts";
+import { awsTest, putMode, ssmEnv, type World } from "./aws.ts";
 import {
   DEFAULT_MAX_SESSIONS,
   MAX_GREYLIST_ENTRIES,
@@ -25,12 +20,15 @@ import {
   MAX_TRANSCRIPT_BYTES,
 } from "../listener.ts";
 
-/**
- * The ECS task's hard cap, 128 MB (122 MiB): the worst case must stay under it. (The
- * target of 96 MiB is not met at the full worst case; README, "Memory budget", gives the
- * measured figures.)
- */
+/** The ECS task's hard cap, 128 MB (122 MiB): the peak RSS, mapped code included, stays under it. */
 const TASK_CAP_MIB = 122;
+/**
+ * The budget's target, 96 MiB, for what the cap cannot take back: anonymous memory (the
+ * V8 heap, buffers, stacks). The executable's code pages (about 40 MiB of Deno's binary
+ * that the process has touched) are page cache the kernel drops and reads again under
+ * the cap; README, "Memory budget", gives both figures.
+ */
+const ANON_TARGET_MIB = 96;
 const enc = new TextEncoder();
 
 /** The longest valid paths (RFC 5321 §4.5.3.1): a 64-octet local part, 254 octets in all. */
@@ -93,16 +91,18 @@ async function worstSession(port: number, id: number): Promise<RawClient> {
 }
 
 /** Runs the worst case; `capMiB`, when given, bounds the peak RSS (VmHWM) it may reach. */
-async function worstCase(env: Record<string, string>, label: string, capMiB?: number): Promise<void> {
-  const modeFile = await Deno.makeTempFile({ prefix: "sinkhole-memory-" });
-  await Deno.writeTextFile(modeFile, "greylist key=triplet");
-  const l = await startListener({ ...env, SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
+async function worstCase(w: World, env: Record<string, string>, label: string, capMiB?: number): Promise<void> {
+  await putMode(w.moto.url, "greylist key=triplet");
+  const l = await w.listen({ ...ssmEnv(w.moto.url, "0.2"), ...env });
   const clients: RawClient[] = [];
   try {
     const t0 = Date.now();
+    // Mapped code only grows while nothing presses the machine for memory, so the peak's
+    // anonymous part is at most VmHWM less what was mapped at the start.
+    const atStart = memoryMiB(l.pid);
     await fillGreylist(l);
     const afterFill = memoryMiB(l.pid);
-    await Deno.writeTextFile(modeFile, "accept-log");
+    await putMode(w.moto.url, "accept-log");
     await l.waitFor("mode", (m) => m.mode === "accept-log");
     for (let i = 0; i < DEFAULT_MAX_SESSIONS; i += 100) {
       clients.push(...await Promise.all(Array.from({ length: 100 }, (_, j) => worstSession(l.port, i + j))));
@@ -111,10 +111,17 @@ async function worstCase(env: Record<string, string>, label: string, capMiB?: nu
     // (for node:net, once the kernel buffer is drained into the transport's bounded queue).
     await Promise.all(clients.map((c) => readByServer(c, l.port)));
     const worst = memoryMiB(l.pid);
+    const anonPeak = worst.peak - atStart.file;
     console.log(
       `${label}: greylist ${MAX_GREYLIST_ENTRIES} triplets, then ${clients.length} sessions at their worst ` +
-        `(${Date.now() - t0} ms): RSS after the fill ${afterFill.rss.toFixed(1)} MiB, with the sessions ` +
-        `${worst.rss.toFixed(1)} MiB, VmHWM ${worst.peak.toFixed(1)} MiB`,
+        `(${Date.now() - t0} ms): RSS at start ${atStart.rss.toFixed(1)} MiB (mapped files ${
+          atStart.file.toFixed(1)
+        }), ` +
+        `after the fill ${afterFill.rss.toFixed(1)}, with the sessions ${worst.rss.toFixed(1)} ` +
+        `(anonymous ${worst.anon.toFixed(1)}, mapped files ${worst.file.toFixed(1)}); VmHWM ${
+          worst.peak.toFixed(1)
+        } MiB, ` +
+        `of it anonymous at most ${anonPeak.toFixed(1)} MiB`,
     );
     // Still answering: the cap refuses the next session politely; one freed slot serves again.
     const extra = await RawClient.connect(l.port);
@@ -125,15 +132,19 @@ async function worstCase(env: Record<string, string>, label: string, capMiB?: nu
     if (capMiB !== undefined) {
       assert(worst.peak <= capMiB, `${label}: VmHWM ${worst.peak.toFixed(1)} MiB over ${capMiB}`);
     }
+    assert(anonPeak <= ANON_TARGET_MIB, `${label}: anonymous RSS ${anonPeak.toFixed(1)} MiB over ${ANON_TARGET_MIB}`);
   } finally {
     for (const c of clients) c.close();
     const status = await l.stop();
-    await Deno.remove(modeFile);
     assertEquals(status.code, 0, `${label}: exit ${status.code}; ${l.stderr().slice(-2000)}`);
   }
 }
 
-Deno.test("memory: the budget's worst case at once, Deno's transport: no crash, under the task's cap", () =>
-  worstCase({}, "plain", TASK_CAP_MIB));
-Deno.test("memory: the budget's worst case at once, node:net (SINKHOLE_STARTTLS=on): no crash, still answering", () =>
-  worstCase({ SINKHOLE_STARTTLS: "on" }, "starttls transport"));
+awsTest(
+  "memory: the budget's worst case at once, Deno's transport, mode from SSM: no crash, under the cap and the target",
+  (w) => worstCase(w, {}, "plain", TASK_CAP_MIB),
+);
+awsTest(
+  "memory: the budget's worst case at once, node:net (SINKHOLE_STARTTLS=on), mode from SSM: no crash, under the target",
+  (w) => worstCase(w, { SINKHOLE_STARTTLS: "on" }, "starttls transport"),
+);
