@@ -4,6 +4,7 @@
  */
 import { GetParameterCommand, GetParameterHistoryCommand, PutParameterCommand, SSMClient } from "@aws-sdk/client-ssm";
 import {
+  DescribeClustersCommand,
   DescribeServicesCommand,
   DescribeTasksCommand,
   ECSClient,
@@ -13,7 +14,7 @@ import {
 import { CloudWatchLogsClient, FilterLogEventsCommand } from "@aws-sdk/client-cloudwatch-logs";
 import { ListInstancesCommand, ListServicesCommand, ServiceDiscoveryClient } from "@aws-sdk/client-servicediscovery";
 import { DEFAULT_MODE, type LogLine, parseLogLine, parseScenario, type SessionEvent } from "../listener.ts";
-import type { Environment } from "./environments.ts";
+import { type Environment, isProduction, RefusedError } from "./environments.ts";
 import { type Exec, mtaCommands, type Task } from "./exec.ts";
 import type { IssueResult } from "./github.ts";
 
@@ -26,6 +27,8 @@ export interface Report {
 
 export interface Deps {
   env: Environment;
+  /** Whether the tier is meant to run (the environment's SINKHOLE variable); undefined: not known here. */
+  tier?: boolean;
   ssm: SSMClient;
   ecs: ECSClient;
   logs: CloudWatchLogsClient;
@@ -63,6 +66,43 @@ export function validateMode(value: string): ValidMode {
   const sc = parseScenario(value);
   if (typeof sc === "string") throw new InvalidModeError(`"${value}" is not a mode the listener accepts: ${sc}`);
   return sc.text as ValidMode;
+}
+
+/**
+ * Refuses production by what it is, not only by name: the target cluster's environment tag
+ * (Cabalmail's default_tags put `environment` on every resource of an account). The first
+ * request every command makes, and a read; a refusal stops the command before any other.
+ */
+export async function refuseProduction(d: Deps): Promise<void> {
+  const res = await d.ecs.send(new DescribeClustersCommand({ clusters: [d.env.cluster], include: ["TAGS"] }));
+  const cluster = res.clusters?.find((c) => c.status !== "INACTIVE");
+  if (!cluster) {
+    throw new RefusedError(
+      `cluster ${d.env.cluster} not found in ${d.env.region}: environment ${d.env.name} is not here`,
+    );
+  }
+  for (const tag of cluster.tags ?? []) {
+    if (["environment", "env"].includes((tag.key ?? "").toLowerCase()) && isProduction(tag.value ?? "")) {
+      throw new RefusedError(
+        `cluster ${d.env.cluster} in ${d.env.region} is tagged ${tag.key}=${tag.value}: that is production, ` +
+          `whatever the environments file calls it; sinkhole is never operated there`,
+      );
+    }
+  }
+}
+
+/** An ECS Exec result read as what it is: a failure is an error, never output. */
+async function execOk(d: Deps, task: Task, command: string, what: string): Promise<string> {
+  const res = await d.exec.run(task, command);
+  if (res.code !== 0) {
+    throw new ExecError(`${what} in ${task.id} failed (exit ${res.code}): ${res.output.trim().slice(0, 300)}`);
+  }
+  return res.output;
+}
+
+/** A command in an MTA task could not run, or failed. */
+export class ExecError extends Error {
+  override name = "ExecError";
 }
 
 async function currentMode(d: Deps) {
@@ -130,7 +170,7 @@ export async function status(d: Deps): Promise<Report> {
     `tasks: ${health.length ? health.join("; ") : "none running"}`,
     `Cloud Map sinkhole.${d.env.namespace}: ${instances ?? "no service"} instance(s)`,
     `mode ${mode.value} (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})`,
-    `flag for ${d.env.name}: sinkhole ${d.env.sinkhole ? "on" : "off"}`,
+    `flag for ${d.env.name}: sinkhole ${d.tier === undefined ? "not given (--tier on|off)" : d.tier ? "on" : "off"}`,
   ];
   return {
     title: `sinkhole status: ${d.env.name}`,
@@ -245,18 +285,13 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
   if (tasks.length === 0) lines.push(`no running ${d.env.mtaService} task`);
   for (const [i, task] of tasks.entries()) {
     const rcpt = `probe-${run}-${i}@sinkhole.test`;
-    const sent = await d.exec.run(task, mtaCommands.sendProbe(rcpt, `${run}-${i}`));
-    if (sent.code !== 0) {
-      results.push({ task: task.id, rcpt, outcome: "unknown", queued: false, sinkholeCodes: [] });
-      lines.push(`${task.id}: sending failed (${sent.code}): ${sent.output.trim().slice(0, 200)}`);
-      continue;
-    }
+    await execOk(d, task, mtaCommands.sendProbe(rcpt, `${run}-${i}`), "sending the probe");
     const t0 = d.now();
     let outcome: Outcome = "unknown";
     let queued = false;
     let codes: number[] = [];
     for (;;) {
-      queued = (await d.exec.run(task, mtaCommands.mailq())).output.includes(rcpt);
+      queued = (await execOk(d, task, mtaCommands.mailq(), "mailq")).includes(rcpt);
       const v = sinkholeVerdict(await listenerLines(d, since, `probe-${run}-${i}`), rcpt);
       codes = v.codes;
       outcome = classify(queued, v.delivered, codes);
@@ -276,6 +311,9 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
   return { title: `sinkhole probe: ${d.env.name}`, ok, lines, data: { run, expect, results } };
 }
 
+/** A sendmail queue id (what the purge prints, one a line). */
+const QUEUE_ID = /^[A-Za-z0-9]{6,20}$/;
+
 export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue: boolean }): Promise<Report> {
   const lines: string[] = [];
   const put = await d.ssm.send(
@@ -293,11 +331,17 @@ export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue:
   if (opts.purgeQueue) {
     const purged: Record<string, string[]> = {};
     for (const task of await mtaTasks(d)) {
-      const res = await d.exec.run(task, mtaCommands.purge(d.env.mtaQueueDir));
-      purged[task.id] = res.output.split("\n").map((s) => s.trim()).filter(Boolean);
+      const out = await execOk(d, task, mtaCommands.purge(d.env.mtaQueueDir), "purging the queue");
+      const ids = out.split("\n").map((s) => s.trim()).filter(Boolean);
+      const bad = ids.find((id) => !QUEUE_ID.test(id));
+      if (bad !== undefined) {
+        throw new ExecError(`purging the queue in ${task.id}: not a queue id: ${bad.slice(0, 100)}`);
+      }
+      purged[task.id] = ids;
       lines.push(`${task.id}: removed ${purged[task.id].length} queued sinkhole.test message(s)`);
     }
     data.purged = purged;
+    if (Object.keys(purged).length === 0) lines.push(`no running ${d.env.mtaService} task: no queue purged`);
   }
   return { title: `sinkhole cleanup: ${d.env.name}`, ok: true, lines, data };
 }
@@ -313,14 +357,18 @@ export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: numb
     );
   }
   const tier = await service(d, d.env.sinkholeService);
-  if (!d.env.sinkhole && tier.exists && (tier.desired > 0 || tier.running > 0)) {
+  if (d.tier === false && tier.exists && (tier.desired > 0 || tier.running > 0)) {
     findings.push(
       `the tier runs (desired ${tier.desired}, running ${tier.running}) although the flag is off in ${d.env.name}`,
     );
   }
   for (const task of await mtaTasks(d)) {
-    const res = await d.exec.run(task, mtaCommands.staleCount(d.env.mtaQueueDir, opts.queueAgeMs / 60000));
-    const n = Number(res.output.trim());
+    const out = (await execOk(d, task, mtaCommands.staleCount(d.env.mtaQueueDir, opts.queueAgeMs / 60000), "counting"))
+      .trim();
+    if (!/^\d+$/.test(out)) {
+      throw new ExecError(`counting queued mail in ${task.id}: not a count: ${out.slice(0, 100)}`);
+    }
+    const n = Number(out);
     if (n > 0) {
       findings.push(
         `${task.id}: ${n} sinkhole.test message(s) queued for more than ${Math.round(opts.queueAgeMs / 60000)} min`,

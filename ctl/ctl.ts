@@ -1,6 +1,7 @@
 /**
  * `deno task ctl`: the sinkhole control CLI. The GitHub Actions buttons are thin wrappers
- * over it. Production is refused before any client exists, so before any request.
+ * over it. Production is refused twice: by name before any client exists, and by what it is
+ * (the cluster's environment tag) in the first request, a read, before any other.
  *
  *   ctl status                                   --env NAME [--json]
  *   ctl mode get                                 --env NAME
@@ -21,7 +22,7 @@ import { github } from "./github.ts";
 const USAGE =
   `usage: deno task ctl <status | mode get | mode set VALUE [--wait] | probe [--expect queued|delivered|bounced]
        | cleanup [--scale-to-zero] [--purge-queue] | check [--mode-age MIN] [--queue-age MIN] [--no-github]>
-       --env NAME [--json] [--environments FILE]`;
+       --env NAME [--tier on|off] [--json] [--environments FILE]`;
 
 const OUTCOMES = ["queued", "delivered", "bounced"] as const;
 
@@ -52,6 +53,7 @@ export async function main(argv: string[]): Promise<number> {
         "mode-age": { type: "string", default: "120" },
         "queue-age": { type: "string", default: "60" },
         "no-github": { type: "boolean", default: false },
+        tier: { type: "string" },
         help: { type: "boolean", default: false },
       },
     });
@@ -96,6 +98,9 @@ export async function main(argv: string[]): Promise<number> {
       throw new RefusedError(`unknown command: ${[command, sub].filter(Boolean).join(" ")}\n${USAGE}`);
     }
 
+    if (o.tier !== undefined && o.tier !== "on" && o.tier !== "off") {
+      throw new RefusedError(`--tier must be on or off (the environment's SINKHOLE variable), got ${o.tier}`);
+    }
     const token = Deno.env.get("GITHUB_TOKEN");
     const repository = Deno.env.get("GITHUB_REPOSITORY");
     const gh = !o["no-github"] && token && repository
@@ -103,6 +108,7 @@ export async function main(argv: string[]): Promise<number> {
       : undefined;
     const deps: commands.Deps = {
       env,
+      tier: o.tier === undefined ? undefined : o.tier === "on",
       ...commands.clients(env),
       exec: ecsExec({ region: env.region, cluster: env.cluster, container: env.mtaContainer }),
       issue: gh?.reconcile,
@@ -110,6 +116,7 @@ export async function main(argv: string[]): Promise<number> {
       sleep: (ms) => new Promise((ok) => setTimeout(ok, ms)),
       pollMs: Number(Deno.env.get("SINKHOLE_CTL_POLL_MS") ?? "2000"),
     };
+    await commands.refuseProduction(deps);
     const report = await run(deps);
     console.log(render(report, o.json));
     const summary = Deno.env.get("GITHUB_STEP_SUMMARY");

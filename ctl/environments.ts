@@ -1,10 +1,19 @@
-/** The environments file, and the rule that production is never a target. */
+/**
+ * The environments file (ctl/environments.json): the one description of each environment,
+ * read by ctl, by the Terraform root (terraform/live) and by the workflows. Production is
+ * never in it, and is refused by what it is as well as by its name (commands.ts,
+ * refuseProduction: the cluster's environment tag).
+ */
 
 export interface Environment {
   name: string;
   region: string;
   cluster: string;
+  capacityProvider: string;
+  vpcName: string;
+  privateSubnetNames: string;
   sinkholeService: string;
+  imageTagParameter: string;
   mtaService: string;
   mtaContainer: string;
   mtaQueueDir: string;
@@ -13,9 +22,10 @@ export interface Environment {
   mtaLogGroup: string;
   namespace: string;
   cacheTtlSeconds: number;
-  /** Whether the tier is meant to run here (TF_VAR_SINKHOLE). */
-  sinkhole: boolean;
 }
+
+/** The longest mode cache TTL an environment may declare (`mode set --wait` waits about this long). */
+export const MAX_CACHE_TTL_SECONDS = 3600;
 
 export const DEFAULT_ENVIRONMENTS_FILE = new URL("./environments.json", import.meta.url).pathname;
 
@@ -24,16 +34,23 @@ export class RefusedError extends Error {
   override name = "RefusedError";
 }
 
-const PRODUCTION = /^\s*prod(uction)?\s*$/i;
-
+/**
+ * Whether a name (an environment's, or a cluster's environment tag) says production: in
+ * lower case with everything but letters dropped, it starts with "prod" (prod, PROD,
+ * Production, prod-eu, " prod"). The module's guard applies the same rule in HCL.
+ */
 export function isProduction(name: string): boolean {
-  return PRODUCTION.test(name);
+  return name.toLowerCase().replace(/[^a-z]/g, "").startsWith("prod");
 }
 
-const FIELDS: [keyof Environment, "string" | "number" | "boolean"][] = [
+const FIELDS: [keyof Environment, "string" | "number"][] = [
   ["region", "string"],
   ["cluster", "string"],
+  ["capacityProvider", "string"],
+  ["vpcName", "string"],
+  ["privateSubnetNames", "string"],
   ["sinkholeService", "string"],
+  ["imageTagParameter", "string"],
   ["mtaService", "string"],
   ["mtaContainer", "string"],
   ["mtaQueueDir", "string"],
@@ -42,7 +59,6 @@ const FIELDS: [keyof Environment, "string" | "number" | "boolean"][] = [
   ["mtaLogGroup", "string"],
   ["namespace", "string"],
   ["cacheTtlSeconds", "number"],
-  ["sinkhole", "boolean"],
 ];
 
 /** Parses and checks an environments file; a production entry makes the whole file invalid. */
@@ -52,8 +68,16 @@ export function parseEnvironments(text: string, source = "environments file"): M
   for (const [name, entry] of Object.entries(raw)) {
     if (isProduction(name)) throw new RefusedError(`${source}: "${name}" is production; it may not be listed at all`);
     for (const [field, type] of FIELDS) {
-      const actual: string = typeof entry[field];
-      if (actual !== type) throw new Error(`${source}: ${name}.${field} must be a ${type}`);
+      const value = entry[field];
+      if (typeof value !== type || (type === "string" && !(value as string).trim())) {
+        throw new Error(`${source}: ${name}.${field} must be a non-empty ${type}`);
+      }
+    }
+    const unknown = Object.keys(entry).filter((k) => !FIELDS.some(([f]) => f === k));
+    if (unknown.length) throw new Error(`${source}: ${name}: unknown field(s) ${unknown.join(", ")}`);
+    const ttl = entry.cacheTtlSeconds as number;
+    if (!Number.isFinite(ttl) || ttl <= 0 || ttl > MAX_CACHE_TTL_SECONDS) {
+      throw new Error(`${source}: ${name}.cacheTtlSeconds must be in (0, ${MAX_CACHE_TTL_SECONDS}]`);
     }
     out.set(name, { name, ...entry } as Environment);
   }

@@ -15,6 +15,9 @@ export interface Exec {
   run(task: Task, command: string): Promise<{ code: number; output: string }>;
 }
 
+/** The exit code reported when ECS Exec ran nothing we can read (the session failed). */
+export const EXEC_NO_RESULT = 255;
+
 const BEGIN = "__SINKHOLE_BEGIN__";
 const END = "__SINKHOLE_END__";
 
@@ -24,12 +27,15 @@ export function shQuote(s: string): string {
 }
 
 /** ECS Exec through the aws CLI (needs the session-manager-plugin, as for operators). */
-export function ecsExec(opts: { region: string; cluster: string; container: string }): Exec {
+export function ecsExec(opts: { region: string; cluster: string; container: string; aws?: string }): Exec {
   return {
     async run(task, command) {
       // Markers separate the command's output from the session manager's chatter.
       const wrapped = `sh -c ${shQuote(`echo ${BEGIN}; ${command}; echo "${END} $?"`)}`;
-      const out = await new Deno.Command("aws", {
+      // stdin stays open (piped, never written) until the session ends: the plugin reads it,
+      // and a closed or non-TTY stdin ends the session at once ("Cannot perform start
+      // session: EOF"). Without both markers the output is an error, never a result.
+      const child = new Deno.Command(opts.aws ?? "aws", {
         args: [
           "ecs",
           "execute-command",
@@ -45,12 +51,15 @@ export function ecsExec(opts: { region: string; cluster: string; container: stri
           "--command",
           wrapped,
         ],
+        stdin: "piped",
         stdout: "piped",
         stderr: "piped",
-      }).output();
+      }).spawn();
+      const out = await child.output();
+      await child.stdin.close().catch(() => {});
       const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
       const m = new RegExp(`${BEGIN}\\r?\\n([\\s\\S]*?)${END} (\\d+)`).exec(text);
-      if (!m) return { code: out.code || 1, output: text };
+      if (!m) return { code: out.code || EXEC_NO_RESULT, output: `no result from ECS Exec: ${text}` };
       return { code: Number(m[2]), output: m[1] };
     },
   };

@@ -11,7 +11,7 @@ import { AWS_ENV, awsCli, awsTest } from "./aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "./sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
-import type { Exec } from "../ctl/exec.ts";
+import { ecsExec, type Exec, EXEC_NO_RESULT } from "../ctl/exec.ts";
 import { github } from "../ctl/github.ts";
 
 const sendmailTools = needs("/usr/sbin/sendmail", "makemap", "m4", "unshare", "/usr/share/sendmail/cf/m4/cf.m4");
@@ -20,7 +20,11 @@ const ENVIRONMENTS = {
   development: {
     region: "us-east-1",
     cluster: CLUSTER,
+    capacityProvider: "cabal-ec2",
+    vpcName: "cabal-vpc",
+    privateSubnetNames: "cabal-private-subnet-*",
     sinkholeService: "cabal-sinkhole",
+    imageTagParameter: "/cabal/deployed_image_tag/sinkhole",
     mtaService: "cabal-smtp-out",
     mtaContainer: "smtp-out",
     mtaQueueDir: "/var/spool/mqueue",
@@ -29,7 +33,6 @@ const ENVIRONMENTS = {
     mtaLogGroup: "/ecs/cabal-smtp-out",
     namespace: "cabal.internal",
     cacheTtlSeconds: 1,
-    sinkhole: true,
   },
 };
 
@@ -429,7 +432,7 @@ awsTest(
         assertEquals(gh.issues.length, 1, "updated, not duplicated");
         assertEquals(gh.issues[0].labels.map((x) => x.name), ["sinkhole-check"]);
         assertMatch(gh.issues[0].body, /queued for more than 60 min/);
-        const flagOff = await commands.check({ ...deps, env: { ...env, sinkhole: false }, issue: undefined }, {
+        const flagOff = await commands.check({ ...deps, tier: false, issue: undefined }, {
           modeAgeMs: 0,
           queueAgeMs: 60 * 60_000,
         });
@@ -462,3 +465,83 @@ awsTest(
   },
   { ignore: sendmailTools.ignore || (Deno.uid() !== 0 && !Deno.env.get("CI")), sanitize: false },
 );
+
+awsTest("ctl: a cluster tagged as production is refused under any name, after one read", async ({ moto, proxy }) => {
+  await awsCli(
+    moto.url,
+    "ecs",
+    "create-cluster",
+    "--cluster-name",
+    "cabal-mail",
+    "--tags",
+    "key=environment,value=prod",
+  );
+  const path = await Deno.makeTempFile({ prefix: "sinkhole-envs-", suffix: ".json" });
+  // A harmless name mapped onto the production cluster: the file cannot make it harmless.
+  await Deno.writeTextFile(
+    path,
+    JSON.stringify({ development: { ...ENVIRONMENTS.development, cluster: "cabal-mail" } }),
+  );
+  try {
+    for (const c of [["status"], ["mode", "set", "accept"], ["cleanup", "--purge-queue"], ["check"]]) {
+      const before = proxy.total;
+      const res = await ctl(proxy.url, path, ...c, "--env", "development");
+      assertEquals(res.code, 2, `${c.join(" ")}: ${res.stderr}`);
+      assertMatch(res.stderr, /cluster cabal-mail in us-east-1 is tagged environment=prod: that is production/);
+      assertEquals(proxy.total - before, 1, `${c.join(" ")}: only the cluster was read`);
+    }
+    const param = await run("aws", ["--endpoint-url", moto.url, "ssm", "get-parameter", "--name", PARAM_NAME], {
+      env: AWS_ENV,
+    });
+    assert(param.code !== 0, "mode set wrote nothing");
+  } finally {
+    await Deno.remove(path);
+  }
+});
+
+const PARAM_NAME = ENVIRONMENTS.development.parameter;
+
+awsTest("ctl: ECS Exec failures are errors, never results (cleanup, check, probe)", async ({ moto }) => {
+  await seed(moto.url);
+  const env = parseEnvironments(await Deno.readTextFile(await envFile())).get("development")!;
+  Deno.env.set("AWS_ENDPOINT_URL", moto.url);
+  for (const [k, v] of Object.entries(AWS_ENV)) Deno.env.set(k, v);
+  // The aws CLI as it ends when the session manager cannot start (a non-TTY stdin under
+  // Actions): exit 0, the plugin's words, no output of the command. A stand-in script,
+  // since moto has no ExecuteCommand; ecsExec reads its output as it would the real one's.
+  const dir = await Deno.makeTempDir({ prefix: "sinkhole-exec-" });
+  const fakeAws = `${dir}/aws`;
+  await Deno.writeTextFile(fakeAws, "#!/bin/sh\necho 'Cannot perform start session: EOF'\nexit 0\n");
+  await Deno.chmod(fakeAws, 0o755);
+  try {
+    const viaPlugin = ecsExec({ region: "us-east-1", cluster: CLUSTER, container: "smtp-out", aws: fakeAws });
+    const r = await viaPlugin.run({ arn: "arn:task/1", id: "1" }, "mailq");
+    assertEquals(r.code, EXEC_NO_RESULT);
+    assertMatch(r.output, /no result from ECS Exec: Cannot perform start session: EOF/);
+    const base = {
+      env,
+      ...commands.clients(env),
+      now: Date.now,
+      sleep: (ms: number) => new Promise<void>((ok) => setTimeout(ok, ms)),
+      pollMs: 100,
+    };
+    const deps: commands.Deps = { ...base, exec: viaPlugin };
+    const purge = await commands.cleanup(deps, { scaleToZero: false, purgeQueue: true }).catch((e) => e);
+    assert(purge instanceof commands.ExecError, String(purge));
+    assertMatch(purge.message, /purging the queue in .* failed \(exit 255\): no result from ECS Exec/);
+    const check = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 0 }).catch((e) => e);
+    assert(check instanceof commands.ExecError, `check must not say "all clean": ${check}`);
+    const probe = await commands.probe(deps, "queued", 1000).catch((e) => e);
+    assert(probe instanceof commands.ExecError, String(probe));
+    // A command that ran and printed something that is not what was asked for.
+    const garbage: Exec = { run: () => Promise.resolve({ code: 0, output: "error: queue directory missing\n" }) };
+    const count = await commands.check({ ...deps, exec: garbage }, { modeAgeMs: 0, queueAgeMs: 0 }).catch((e) => e);
+    assertMatch(String(count), /ExecError: counting queued mail in .*: not a count/);
+    const ids = await commands.cleanup({ ...deps, exec: garbage }, { scaleToZero: false, purgeQueue: true })
+      .catch((e) => e);
+    assertMatch(String(ids), /ExecError: purging the queue in .*: not a queue id/);
+  } finally {
+    for (const k of ["AWS_ENDPOINT_URL", ...Object.keys(AWS_ENV)]) Deno.env.delete(k);
+    await Deno.remove(dir, { recursive: true });
+  }
+}, { sanitize: false });
