@@ -9,6 +9,8 @@ import { TerraformOutput, TerraformResource, TerraformStack, TerraformVariable, 
 import type { TerraformResourceLifecycle } from "cdktf";
 import { Construct } from "constructs";
 
+/** The AWS provider, pinned (terraform/live/.terraform.lock.hcl holds its checksum). */
+export const AWS_PROVIDER_VERSION = "5.100.0";
 export const REPOSITORY_NAME = "cabal-sinkhole";
 export const SERVICE_NAME = "cabal-sinkhole";
 export const CLOUD_MAP_NAME = "sinkhole";
@@ -17,12 +19,27 @@ export const MEMORY_RESERVATION_MB = 64;
 export const MEMORY_HARD_CAP_MB = 128;
 export const SMTP_PORT = 25;
 export const DNS_TTL_S = 10;
-/** Environments that may never run the tier, whatever the allow-list says. */
-export const FORBIDDEN_ENVIRONMENTS = ["prod", "production"];
+/** awslogs in non-blocking mode buffers this much when CloudWatch is slow, then drops (never blocks the listener). */
+export const AWSLOGS_BUFFER = "4m";
+/** The image tag parameter's value until the image workflow has pushed one (Cabalmail's sentinel). */
+export const PLACEHOLDER_IMAGE_TAG = "bootstrap-placeholder";
+/** Where the image workflow records the deployed tag (Cabalmail's `/cabal/deployed_image_tag/<tier>`). */
+export const IMAGE_TAG_PARAMETER = "/cabal/deployed_image_tag/sinkhole";
+/**
+ * The forgotten-mail filter: sinkhole.test in the MTA's log, but not the probes the buttons
+ * send on purpose (sender sinkhole-probe@sinkhole.test, recipients probe-RUN-N@sinkhole.test).
+ */
+export const FORGOTTEN_MAIL_PATTERN = '"sinkhole.test" -"sinkhole-probe" -"probe-"';
+/** Tag keys that say which environment a resource belongs to (Cabalmail's default_tags set `environment`). */
+export const ENVIRONMENT_TAG_KEYS = ["environment", "env"];
 export const GUARD_MESSAGE =
-  "The sinkhole tier must never run in production: sinkhole = true is allowed only when var.environment is in " +
-  "var.allowed_environments (default development, stage) and is never prod or production. It answers mail with " +
-  "operator-chosen failures and would defer, bounce or swallow real mail.";
+  "sinkhole is never deployed to production: not when the environment's name says prod (prod, production, PROD, " +
+  "prod-eu, any case or punctuation), and not when the target cluster is tagged as production (its environment " +
+  "tag, which Cabalmail's default_tags put on every resource of the account). Nothing can allow it: the tier " +
+  "answers mail with operator-chosen failures and would defer, bounce or swallow real mail.";
+
+/** The HCL test for "this name says production": lower case, letters only, starting with prod. */
+export const prodName = (expr: string) => `startswith(replace(lower(${expr}), "/[^a-z]/", ""), "prod")`;
 
 /** A Terraform resource by type, with its attributes as Terraform spells them. */
 export class Resource extends TerraformResource {
@@ -60,27 +77,40 @@ export class Resource extends TerraformResource {
 
 const v = (name: string) => `var.${name}`;
 
-/** The guard, in HCL: on is allowed only in listed environments and never in production. */
-export const GUARD_CONDITION = `!var.sinkhole || (contains([for e in var.allowed_environments : lower(e)], ` +
-  `lower(var.environment)) && !contains(${JSON.stringify(FORBIDDEN_ENVIRONMENTS)}, lower(var.environment)))`;
+/** The guard, in HCL: neither the environment's name nor the cluster's environment tag says production. */
+export const GUARD_CONDITION = `!${prodName("var.environment")} && alltrue([for k, v in var.cluster_tags : ` +
+  `!${prodName("v")} if contains(${JSON.stringify(ENVIRONMENT_TAG_KEYS)}, lower(k))])`;
 
 export class SinkholeStack extends TerraformStack {
   constructor(scope: Construct, id: string) {
     super(scope, id);
     const variable = (name: string, config: ConstructorParameters<typeof TerraformVariable>[2]) =>
       new TerraformVariable(this, name, config);
+    const name = (variableName: string, fallback: string, what: string) =>
+      variable(variableName, {
+        type: "string",
+        default: fallback,
+        description: `${what}; set to an existing one's name to adopt it (docs/deploy.md).`,
+      });
 
-    variable("environment", { type: "string", description: "Environment name (development, stage, prod, …)." });
-    variable("allowed_environments", {
-      type: "list(string)",
-      default: ["development", "stage"],
-      description: "Environments where sinkhole = true is allowed (prod and production never are).",
+    variable("environment", {
+      type: "string",
+      description:
+        "Environment name (development, stage). A name that says production is refused, whatever else is set.",
+      validation: [{ condition: `\${!${prodName("var.environment")}}`, errorMessage: GUARD_MESSAGE }],
+    });
+    variable("cluster_tags", {
+      type: "map(string)",
+      description: "Tags of the target ECS cluster (the root reads them): a cluster tagged as production is refused.",
+      validation: [{
+        condition: `\${${GUARD_CONDITION.replace(`!${prodName("var.environment")} && `, "")}}`,
+        errorMessage: GUARD_MESSAGE,
+      }],
     });
     variable("sinkhole", {
       type: "bool",
       default: false,
-      description: "Run the sinkhole tier. The ECR repository and the SSM parameter exist either way.",
-      validation: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
+      description: "Run the sinkhole tier. The ECR repository and the SSM parameters exist either way.",
     });
     variable("quiesced", {
       type: "bool",
@@ -89,6 +119,7 @@ export class SinkholeStack extends TerraformStack {
     });
     variable("region", { type: "string", description: "AWS region of the cluster." });
     variable("cluster_arn", { type: "string", description: "ARN of the existing ECS cluster." });
+    variable("cluster_name", { type: "string", description: "Name of that cluster (for the drain commands)." });
     variable("capacity_provider", { type: "string", description: "EC2 capacity provider of the cluster." });
     variable("vpc_id", { type: "string", description: "VPC of the cluster, for the task's security group." });
     variable("subnet_ids", { type: "list(string)", description: "Private subnets for the task ENI." });
@@ -99,16 +130,20 @@ export class SinkholeStack extends TerraformStack {
       default: "cabal.internal",
       description: "DNS name of that namespace: the sinkhole answers as sinkhole.<namespace_name>.",
     });
-    variable("image", {
-      type: "string",
-      default: "",
-      description:
-        "Image URI for the first task definition; empty: <repository>:initial. Later deploys are out of band.",
-    });
     variable("mode_parameter_name", {
       type: "string",
       default: "/cabal/sinkhole_mode",
       description: "SSM parameter holding the mode (the listener's SINKHOLE_MODE_PARAM).",
+    });
+    variable("image_tag_parameter_name", {
+      type: "string",
+      default: IMAGE_TAG_PARAMETER,
+      description: "SSM parameter the image workflow writes the pushed tag to; the task definition runs that tag.",
+    });
+    variable("cache_ttl_seconds", {
+      type: "number",
+      default: 30,
+      description: "Seconds between the listener's mode fetches (SINKHOLE_CACHE_TTL).",
     });
     variable("log_retention_days", {
       type: "number",
@@ -125,8 +160,18 @@ export class SinkholeStack extends TerraformStack {
       default: [],
       description: "ARNs notified when the forgotten-mail alarm fires (SNS topics); empty: the alarm only shows.",
     });
+    name("service_name", SERVICE_NAME, "ECS service and task family");
+    name("log_group_name", `/ecs/${SERVICE_NAME}`, "The sinkhole's log group");
+    name("security_group_name", SERVICE_NAME, "The task's security group");
+    name("task_role_name", `${SERVICE_NAME}-task`, "The task role (reads the mode parameter)");
+    name("execution_role_name", `${SERVICE_NAME}-execution`, "The execution role (pulls the image, writes logs)");
 
-    // --- Always: the repository and the mode parameter ------------------------------------
+    // --- Always: the guard, the repository and the parameters ----------------------------
+    // One more layer for a root that skips the variables' validation (e.g. passes no tags):
+    // every plan fails here, before anything is created, in production.
+    new Resource(this, "production_guard", "terraform_data", { input: `\${${v("environment")}}` }, {
+      precondition: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
+    });
     const repo = new Resource(this, "repository", "aws_ecr_repository", {
       name: REPOSITORY_NAME,
       image_tag_mutability: "IMMUTABLE",
@@ -134,18 +179,14 @@ export class SinkholeStack extends TerraformStack {
     }, { preventDestroy: true });
     new Resource(this, "repository_expiry", "aws_ecr_lifecycle_policy", {
       repository: repo.ref("name"),
+      // Only untagged images (a re-pushed manifest's leftovers) expire: every tagged image,
+      // the running one among them, stays until someone deletes it (docs/deploy.md).
       policy: JSON.stringify({
         rules: [
           {
             rulePriority: 1,
-            description: "Expire untagged images after 7 days",
+            description: "Expire untagged images after 7 days; tagged images, the running one among them, never",
             selection: { tagStatus: "untagged", countType: "sinceImagePushed", countUnit: "days", countNumber: 7 },
-            action: { type: "expire" },
-          },
-          {
-            rulePriority: 2,
-            description: "Keep the 20 most recent images",
-            selection: { tagStatus: "any", countType: "imageCountMoreThan", countNumber: 20 },
             action: { type: "expire" },
           },
         ],
@@ -155,13 +196,22 @@ export class SinkholeStack extends TerraformStack {
       name: `\${${v("mode_parameter_name")}}`,
       type: "String",
       value: "defer",
-      description: "sinkhole mode: defer, bounce, accept, accept-log, greylist",
+      description: "sinkhole mode: defer, bounce, accept, accept-log, greylist, or a scenario (README)",
+    }, { ignoreChanges: ["value"] });
+    const imageTag = new Resource(this, "image_tag", "aws_ssm_parameter", {
+      name: `\${${v("image_tag_parameter_name")}}`,
+      type: "String",
+      value: PLACEHOLDER_IMAGE_TAG,
+      description:
+        `sinkhole image tag to run, written by the image workflow; ${PLACEHOLDER_IMAGE_TAG}: none pushed yet`,
     }, { ignoreChanges: ["value"] });
 
     // --- Gated on var.sinkhole ------------------------------------------------------------
     const on = v("sinkhole");
+    const tag = `nonsensitive(${imageTag.expr("value")})`;
+    const hasImage = `${tag} != "${PLACEHOLDER_IMAGE_TAG}"`;
     const logs = new Resource(this, "logs", "aws_cloudwatch_log_group", {
-      name: `/ecs/${SERVICE_NAME}`,
+      name: `\${${v("log_group_name")}}`,
       retention_in_days: `\${${v("log_retention_days")}}`,
     }).gate(on);
 
@@ -170,7 +220,7 @@ export class SinkholeStack extends TerraformStack {
       Statement: [{ Effect: "Allow", Principal: { Service: "ecs-tasks.amazonaws.com" }, Action: "sts:AssumeRole" }],
     });
     const taskRole = new Resource(this, "task_role", "aws_iam_role", {
-      name: `${SERVICE_NAME}-task`,
+      name: `\${${v("task_role_name")}}`,
       assume_role_policy: assumeEcsTasks,
     }).gate(on);
     new Resource(this, "task_policy", "aws_iam_role_policy", {
@@ -181,7 +231,7 @@ export class SinkholeStack extends TerraformStack {
     }).gate(on);
 
     const executionRole = new Resource(this, "execution_role", "aws_iam_role", {
-      name: `${SERVICE_NAME}-execution`,
+      name: `\${${v("execution_role_name")}}`,
       assume_role_policy: assumeEcsTasks,
     }).gate(on);
     new Resource(this, "execution_policy", "aws_iam_role_policy", {
@@ -195,16 +245,15 @@ export class SinkholeStack extends TerraformStack {
         `Resource = "\${${logs.expr("arn", true)}}:*"}]})}`,
     }).gate(on);
 
-    const image = `${v("image")} != "" ? ${v("image")} : "\${${repo.expr("repository_url")}}:initial"`;
     const task = new Resource(this, "task", "aws_ecs_task_definition", {
-      family: SERVICE_NAME,
+      family: `\${${v("service_name")}}`,
       network_mode: "awsvpc",
       requires_compatibilities: ["EC2"],
       task_role_arn: taskRole.ref("arn", true),
       execution_role_arn: executionRole.ref("arn", true),
       container_definitions: `\${jsonencode([{
   name = "${CONTAINER_NAME}"
-  image = ${image}
+  image = "\${${repo.expr("repository_url")}}:\${${tag}}"
   essential = true
   memory = ${MEMORY_HARD_CAP_MB}
   memoryReservation = ${MEMORY_RESERVATION_MB}
@@ -214,6 +263,7 @@ export class SinkholeStack extends TerraformStack {
   environment = [
     { name = "SINKHOLE_MODE_PARAM", value = ${mode.expr("name")} },
     { name = "SINKHOLE_SERVER_NAME", value = "${CLOUD_MAP_NAME}.\${${v("namespace_name")}}" },
+    { name = "SINKHOLE_CACHE_TTL", value = tostring(${v("cache_ttl_seconds")}) },
     { name = "AWS_REGION", value = ${v("region")} },
   ]
   healthCheck = { command = ["CMD", "/sinkhole", "--healthcheck"], interval = 30, timeout = 5, retries = 3, startPeriod = 10 }
@@ -223,16 +273,17 @@ export class SinkholeStack extends TerraformStack {
       "awslogs-group" = ${logs.expr("name", true)}
       "awslogs-region" = ${v("region")}
       "awslogs-stream-prefix" = "${CONTAINER_NAME}"
+      "mode" = "non-blocking"
+      "max-buffer-size" = "${AWSLOGS_BUFFER}"
     }
   }
 }])}`,
     }, {
-      ignoreChanges: ["container_definitions"],
       precondition: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
     }).gate(on);
 
     const sg = new Resource(this, "security_group", "aws_security_group", {
-      name: SERVICE_NAME,
+      name: `\${${v("security_group_name")}}`,
       description: "sinkhole: SMTP from the VPC only",
       vpc_id: `\${${v("vpc_id")}}`,
       ingress: [{
@@ -247,7 +298,7 @@ export class SinkholeStack extends TerraformStack {
         self: false,
       }],
       egress: [{
-        description: "HTTPS to the SSM API",
+        description: "HTTPS to the SSM and ECR APIs",
         from_port: 443,
         to_port: 443,
         protocol: "tcp",
@@ -269,11 +320,15 @@ export class SinkholeStack extends TerraformStack {
       health_check_custom_config: { failure_threshold: 1 },
     }).gate(on);
 
+    // Terraform is the one deploy path: a new tag in the image tag parameter makes a new task
+    // definition revision and rolls the service to it; nothing is ignored, so an apply never
+    // rolls a deploy back. No task runs until an image was pushed.
+    const desired = `${v("quiesced")} || !(${hasImage}) ? 0 : 1`;
     const service = new Resource(this, "service", "aws_ecs_service", {
-      name: SERVICE_NAME,
+      name: `\${${v("service_name")}}`,
       cluster: `\${${v("cluster_arn")}}`,
       task_definition: task.ref("arn", true),
-      desired_count: `\${${v("quiesced")} ? 0 : 1}`,
+      desired_count: `\${${desired}}`,
       deployment_minimum_healthy_percent: 0,
       deployment_maximum_percent: 100,
       capacity_provider_strategy: [{ capacity_provider: `\${${v("capacity_provider")}}`, weight: 1 }],
@@ -285,31 +340,35 @@ export class SinkholeStack extends TerraformStack {
       service_registries: { registry_arn: discovery.ref("arn", true) },
     }).gate(on);
 
-    // Drain before deregister (the pattern of service_discovery.tf's other tiers): on create,
-    // force a new deployment so the task registers in Cloud Map; on destroy, scale to zero and
-    // wait, so no instance is left registered when the Cloud Map service goes.
+    // Drain before deregister (the pattern of Cabalmail's service_discovery.tf): keyed on the
+    // Cloud Map service and the quiesce flag, so replacing the Cloud Map service or quiescing
+    // runs it. On destroy (the old Cloud Map service goes), scale to zero and wait, so no
+    // instance is left registered; on create, restore the desired count and force a new
+    // deployment, so the task registers against the current Cloud Map service.
     const reconcile = new Resource(this, "cloud_map_lifecycle", "terraform_data", {
-      triggers_replace: [service.ref("id", true)],
+      triggers_replace: [discovery.ref("id", true), `\${${v("quiesced")}}`],
       input: {
-        cluster: `\${${v("cluster_arn")}}`,
-        service: SERVICE_NAME,
+        cluster: `\${${v("cluster_name")}}`,
+        service: `\${${v("service_name")}}`,
         region: `\${${v("region")}}`,
+        desired_count: `\${${desired}}`,
       },
     }).gate(on);
     reconcile.addOverride("provisioner", [
       {
         "local-exec": {
-          command: "aws ecs update-service --region ${self.input.region} --cluster ${self.input.cluster} " +
-            "--service ${self.input.service} --force-new-deployment > /dev/null",
+          when: "destroy",
+          command: "AWS_PAGER= aws ecs update-service --region ${self.input.region} --cluster ${self.input.cluster} " +
+            "--service ${self.input.service} --desired-count 0 > /dev/null && " +
+            "aws ecs wait services-stable --region ${self.input.region} --cluster ${self.input.cluster} " +
+            "--services ${self.input.service}",
         },
       },
       {
         "local-exec": {
-          when: "destroy",
-          command: "aws ecs update-service --region ${self.input.region} --cluster ${self.input.cluster} " +
-            "--service ${self.input.service} --desired-count 0 > /dev/null && " +
-            "aws ecs wait services-stable --region ${self.input.region} --cluster ${self.input.cluster} " +
-            "--services ${self.input.service}",
+          command: "AWS_PAGER= aws ecs update-service --region ${self.input.region} --cluster ${self.input.cluster} " +
+            "--service ${self.input.service} --desired-count ${self.input.desired_count} " +
+            "--force-new-deployment > /dev/null",
         },
       },
     ]);
@@ -320,7 +379,7 @@ export class SinkholeStack extends TerraformStack {
     new Resource(this, "forgotten_mail_filter", "aws_cloudwatch_log_metric_filter", {
       name: "sinkhole-test-mail-in-mta-logs",
       log_group_name: `\${${v("mta_log_group_name")}}`,
-      pattern: '"sinkhole.test"',
+      pattern: FORGOTTEN_MAIL_PATTERN,
       metric_transformation: {
         name: "SinkholeTestMailLogged",
         namespace: "Cabal/Sinkhole",
@@ -330,8 +389,8 @@ export class SinkholeStack extends TerraformStack {
     }).gate(watching);
     new Resource(this, "forgotten_mail_alarm", "aws_cloudwatch_metric_alarm", {
       alarm_name: "sinkhole-test-mail-forgotten",
-      alarm_description: "sinkhole.test mail appears in the sending MTA's logs: a test message is queued or " +
-        "retried. Put the sinkhole mode back and purge the queue (docs/runbook.md).",
+      alarm_description: "sinkhole.test mail (not a probe) appears in the sending MTA's logs: a test message is " +
+        "queued or retried. Put the sinkhole mode back and purge the queue (docs/runbook.md).",
       namespace: "Cabal/Sinkhole",
       metric_name: "SinkholeTestMailLogged",
       statistic: "Sum",
@@ -361,6 +420,22 @@ export class SinkholeStack extends TerraformStack {
       value: mode.ref("arn"),
       description: "ARN of that parameter, for IAM policies.",
     });
+    new TerraformOutput(this, "image_tag_parameter", {
+      value: imageTag.ref("name"),
+      description: "SSM parameter the image workflow writes the pushed tag to.",
+    });
+    new TerraformOutput(this, "image", {
+      value: `\${${on} && ${hasImage} ? "\${${repo.expr("repository_url")}}:\${${tag}}" : ""}`,
+      description: "The image the task definition runs; empty while the tier is off or no image was pushed.",
+    });
+    new TerraformOutput(this, "ecs_service", {
+      value: `\${${v("service_name")}}`,
+      description: "The ECS service (ctl's sinkholeService).",
+    });
+    new TerraformOutput(this, "sinkhole_log_group", {
+      value: `\${${v("log_group_name")}}`,
+      description: "The sinkhole's log group (ctl's sinkholeLogGroup).",
+    });
     new TerraformOutput(this, "smtp_out_environment", {
       value: `\${${on} ? [{ name = "SINKHOLE_ENABLED", value = "true" }] : []}`,
       description: "Add to the sending MTA's task definition environment.",
@@ -379,8 +454,8 @@ export function synthModule(): Record<string, unknown> {
   const json = JSON.parse(Testing.synth(stack)) as Record<string, unknown>;
   return clean({
     terraform: {
-      required_version: ">= 1.9",
-      required_providers: { aws: { source: "hashicorp/aws", version: ">= 5.0" } },
+      required_version: ">= 1.10",
+      required_providers: { aws: { source: "hashicorp/aws", version: AWS_PROVIDER_VERSION } },
     },
     ...json,
   }) as Record<string, unknown>;

@@ -235,3 +235,33 @@ export function awsTest(
     },
   });
 }
+
+/** Ships a listener's log lines to CloudWatch Logs (standing in for the awslogs driver). */
+export function shipLogs(l: Listener, endpoint: string, group: string) {
+  let shipped = 0;
+  let running = true;
+  const done = (async () => {
+    const stream = `sinkhole/${crypto.randomUUID()}`;
+    await awsCli(endpoint, "logs", "create-log-stream", "--log-group-name", group, "--log-stream-name", stream);
+    while (running) {
+      const batch = l.logs.slice(shipped);
+      if (batch.length > 0) {
+        const now = Date.now();
+        await awsCli(
+          endpoint,
+          "logs",
+          "put-log-events",
+          "--log-group-name",
+          group,
+          "--log-stream-name",
+          stream,
+          "--log-events",
+          JSON.stringify(batch.map((b) => ({ timestamp: now, message: JSON.stringify(b) }))),
+        );
+        shipped += batch.length;
+      }
+      await new Promise((ok) => setTimeout(ok, 200));
+    }
+  })();
+  return { stop: async () => (running = false, await done) };
+}

@@ -6,8 +6,8 @@
  * through a small shipper standing in for the awslogs driver.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, type Listener, needs, ROOT, run, taskCommand } from "./helpers.ts";
-import { AWS_ENV, awsCli, awsTest } from "./aws.ts";
+import { assertTools, eventually, needs, ROOT, run, taskCommand } from "./helpers.ts";
+import { AWS_ENV, awsCli, awsTest, shipLogs } from "./aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "./sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
@@ -170,36 +170,6 @@ async function ctl(endpoint: string, file: string, ...args: string[]) {
       GITHUB_STEP_SUMMARY: "",
     },
   });
-}
-
-/** Ships a listener's log lines to CloudWatch Logs (standing in for the awslogs driver). */
-function shipLogs(l: Listener, endpoint: string, group: string) {
-  let shipped = 0;
-  let running = true;
-  const done = (async () => {
-    const stream = `sinkhole/${crypto.randomUUID()}`;
-    await awsCli(endpoint, "logs", "create-log-stream", "--log-group-name", group, "--log-stream-name", stream);
-    while (running) {
-      const batch = l.logs.slice(shipped);
-      if (batch.length > 0) {
-        const now = Date.now();
-        await awsCli(
-          endpoint,
-          "logs",
-          "put-log-events",
-          "--log-group-name",
-          group,
-          "--log-stream-name",
-          stream,
-          "--log-events",
-          JSON.stringify(batch.map((b) => ({ timestamp: now, message: JSON.stringify(b) }))),
-        );
-        shipped += batch.length;
-      }
-      await new Promise((ok) => setTimeout(ok, 200));
-    }
-  })();
-  return { stop: async () => (running = false, await done) };
 }
 
 awsTest("ctl: production is refused by every command before any request (zero requests at moto)", async ({ proxy }) => {

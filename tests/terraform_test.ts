@@ -7,11 +7,14 @@ import { Testing } from "cdktf";
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { assertTools, needs, ROOT, run } from "./helpers.ts";
 import {
+  FORGOTTEN_MAIL_PATTERN,
   GUARD_MESSAGE,
+  IMAGE_TAG_PARAMETER,
   MEMORY_HARD_CAP_MB,
   MEMORY_RESERVATION_MB,
   MODULE_PATH,
   moduleText,
+  PLACEHOLDER_IMAGE_TAG,
   SinkholeStack,
   synthModule,
 } from "../terraform/sinkhole.ts";
@@ -36,35 +39,50 @@ Deno.test("terraform: ECR repository exists whatever the flag, protected, immuta
   assertEquals(repo.lifecycle, { prevent_destroy: true });
   assertEquals(repo.count, undefined, "not gated: toggling the flag never destroys images");
   const policy = JSON.parse(res("aws_ecr_lifecycle_policy", "repository_expiry").policy);
-  assert(policy.rules.every((r: Json) => r.action.type === "expire"));
+  assert(
+    policy.rules.every((r: Json) => r.selection.tagStatus === "untagged"),
+    "only untagged images expire: the running (tagged) image never does",
+  );
 });
 
-Deno.test("terraform: SSM parameter defaults to defer and ignores operator changes", () => {
+Deno.test("terraform: SSM parameters: the mode defaults to defer, the image tag to the placeholder; both outlive the tier", () => {
   has("aws_ssm_parameter", { name: "${var.mode_parameter_name}", type: "String", value: "defer" });
-  const p = res("aws_ssm_parameter", "mode");
-  assertEquals(p.lifecycle, { ignore_changes: ["value"] });
-  assertEquals(p.count, undefined);
+  for (const name of ["mode", "image_tag"]) {
+    const p = res("aws_ssm_parameter", name);
+    assertEquals(p.lifecycle, { ignore_changes: ["value"] }, `${name}: written by operators and workflows`);
+    assertEquals(p.count, undefined);
+  }
   assertEquals(mod.variable.mode_parameter_name.default, "/cabal/sinkhole_mode");
+  assertEquals(mod.variable.image_tag_parameter_name.default, IMAGE_TAG_PARAMETER);
+  has("aws_ssm_parameter", { name: "${var.image_tag_parameter_name}", value: PLACEHOLDER_IMAGE_TAG });
 });
 
 Deno.test("terraform: task definition: EC2, awsvpc, 64/128 MB, health check without a shell, port-25 sysctl, awslogs", () => {
+  assertEquals(mod.variable.service_name.default, "cabal-sinkhole");
+  assertEquals(mod.variable.log_group_name.default, "/ecs/cabal-sinkhole");
   has("aws_ecs_task_definition", {
-    family: "cabal-sinkhole",
+    family: "${var.service_name}",
     network_mode: "awsvpc",
     requires_compatibilities: ["EC2"],
   });
   const task = res("aws_ecs_task_definition", "task");
   assertEquals(task.count, GATED);
-  assertEquals(task.lifecycle.ignore_changes, ["container_definitions"]);
+  assertEquals(task.lifecycle.ignore_changes, undefined, "a new tag makes a new revision: Terraform deploys");
+  assertEquals(res("aws_ecs_service", "service").lifecycle, undefined, "no deploy is rolled back by an apply");
   const defs: string = task.container_definitions;
   assertMatch(defs, new RegExp(`memory = ${MEMORY_HARD_CAP_MB}\\n`));
   assertMatch(defs, new RegExp(`memoryReservation = ${MEMORY_RESERVATION_MB}\\n`));
   assertMatch(defs, /command = \["CMD", "\/sinkhole", "--healthcheck"\]/, "exec form: no shell");
   assertMatch(defs, /namespace = "net\.ipv4\.ip_unprivileged_port_start", value = "25"/);
   assertMatch(defs, /logDriver = "awslogs"/);
+  assertMatch(defs, /"mode" = "non-blocking"/, "a slow CloudWatch never blocks the listener's writes");
+  assertMatch(
+    defs,
+    /image = "\$\{aws_ecr_repository\.repository\.repository_url\}:\$\{nonsensitive\(aws_ssm_parameter\.image_tag\.value\)\}"/,
+  );
   assertMatch(defs, /"awslogs-group" = one\(aws_cloudwatch_log_group\.logs\[\*\]\.name\)/);
   assertMatch(defs, /SINKHOLE_MODE_PARAM", value = aws_ssm_parameter\.mode\.name/);
-  has("aws_cloudwatch_log_group", { name: "/ecs/cabal-sinkhole", retention_in_days: "${var.log_retention_days}" });
+  has("aws_cloudwatch_log_group", { name: "${var.log_group_name}", retention_in_days: "${var.log_retention_days}" });
 });
 
 Deno.test("terraform: task role may do exactly ssm:GetParameter on exactly the mode parameter", () => {
@@ -86,7 +104,11 @@ Deno.test("terraform: task role may do exactly ssm:GetParameter on exactly the m
 Deno.test("terraform: service, Cloud Map, security group, drain-before-deregister", () => {
   const svc = res("aws_ecs_service", "service");
   assertEquals(svc.count, GATED);
-  assertEquals(svc.desired_count, "${var.quiesced ? 0 : 1}");
+  assertEquals(
+    svc.desired_count,
+    `\${var.quiesced || !(nonsensitive(aws_ssm_parameter.image_tag.value) != "${PLACEHOLDER_IMAGE_TAG}") ? 0 : 1}`,
+    "no task until an image was pushed; none while quiesced",
+  );
   assertEquals(svc.load_balancer, undefined, "no load balancer");
   assertMatch(svc.service_registries.registry_arn, /aws_service_discovery_service\.discovery/);
   assertEquals(svc.capacity_provider_strategy, [{ capacity_provider: "${var.capacity_provider}", weight: 1 }]);
@@ -105,14 +127,22 @@ Deno.test("terraform: service, Cloud Map, security group, drain-before-deregiste
   assertEquals(sg.ingress[0].cidr_blocks, ["${var.vpc_cidr}"]);
   const recon = res("terraform_data", "cloud_map_lifecycle");
   assertEquals(recon.count, GATED);
-  const [create, destroy] = recon.provisioner.map((p: Json) => p["local-exec"]);
-  assertMatch(create.command, /--force-new-deployment/);
+  assertEquals(recon.triggers_replace, [
+    "${one(aws_service_discovery_service.discovery[*].id)}",
+    "${var.quiesced}",
+  ], "keyed on the Cloud Map service and the quiesce flag (replacing either runs the drain)");
+  const [destroy, create] = recon.provisioner.map((p: Json) => p["local-exec"]);
+  assertMatch(create.command, /--desired-count \$\{self\.input\.desired_count\} --force-new-deployment/);
   assertEquals(destroy.when, "destroy");
   assertMatch(destroy.command, /--desired-count 0 .*wait services-stable/);
 });
 
 Deno.test("terraform: forgotten-mail alarm on the MTA's log group, and the outputs", () => {
-  has("aws_cloudwatch_log_metric_filter", { pattern: '"sinkhole.test"', log_group_name: "${var.mta_log_group_name}" });
+  has("aws_cloudwatch_log_metric_filter", {
+    pattern: FORGOTTEN_MAIL_PATTERN,
+    log_group_name: "${var.mta_log_group_name}",
+  });
+  assertMatch(FORGOTTEN_MAIL_PATTERN, /-"sinkhole-probe" -"probe-"/, "the buttons' probes do not fire it");
   has("aws_cloudwatch_metric_alarm", { metric_name: "SinkholeTestMailLogged", threshold: 1 });
   assertEquals(mod.output.mailertable_line.value, "sinkhole.test smtp:[sinkhole.${var.namespace_name}]");
   assert(!mod.output.mailertable_line.value.includes(":25"), "no port: sendmail would read it as a second host");
@@ -146,40 +176,36 @@ const tf = needs("terraform");
 /** A built-in-only configuration carrying one guard layer of the synthesized module. */
 function guardConfig(layer: "validation" | "precondition"): Json {
   const variables = structuredClone(mod.variable) as Json;
-  const keep = ["environment", "allowed_environments", "sinkhole"];
+  const keep = ["environment", "cluster_tags", "sinkhole"];
   for (const k of Object.keys(variables)) if (!keep.includes(k)) delete variables[k];
-  const task = res("aws_ecs_task_definition", "task");
-  if (layer === "precondition") delete variables.sinkhole.validation;
+  if (layer === "precondition") { for (const k of keep) delete variables[k].validation; }
   return {
     variable: variables,
-    resource: {
-      terraform_data: {
-        guard: {
-          count: task.count,
-          input: "guard",
-          ...(layer === "precondition" ? { lifecycle: { precondition: task.lifecycle.precondition } } : {}),
-        },
+    resource: layer === "precondition"
+      ? { terraform_data: { production_guard: res("terraform_data", "production_guard") } }
+      : {
+        terraform_data: { nothing: { input: "x" } },
       },
-    },
   };
 }
 
-const CASES: [string, boolean, boolean][] = [
-  ["prod", true, false],
-  ["production", true, false],
-  ["Prod", true, false],
-  ["PRODUCTION", true, false],
-  ["qa", true, false],
-  ["stage", true, true],
-  ["development", true, true],
-  ["prod", false, true],
-  ["production", false, true],
-  ["stage", false, true],
+/** environment, cluster tags, flag, passes? Production is refused whatever the flag. */
+const CASES: [string, Record<string, string>, boolean, boolean][] = [
+  ["prod", {}, true, false],
+  ["production", {}, true, false],
+  ["Prod", {}, false, false],
+  ["PRODUCTION", {}, false, false],
+  [" prod-eu ", {}, true, false],
+  ["stage", { environment: "prod" }, true, false],
+  ["development", { Environment: "Production" }, false, false],
+  ["stage", { environment: "stage" }, true, true],
+  ["development", {}, true, true],
+  ["qa", { team: "prod" }, true, true],
 ];
 
 for (const layer of ["validation", "precondition"] as const) {
   Deno.test({
-    name: `terraform: guard layer "${layer}": refuses prod/production/unlisted, allows stage, off passes anywhere`,
+    name: `terraform: guard layer "${layer}": refuses production by name and by cluster tag, whatever the flag`,
     ignore: tf.ignore,
     fn: async () => {
       assertTools(tf.missing);
@@ -189,19 +215,21 @@ for (const layer of ["validation", "precondition"] as const) {
         const env = { TF_IN_AUTOMATION: "1", TF_CLI_ARGS: "-no-color", CHECKPOINT_DISABLE: "1" };
         const init = await run("terraform", [`-chdir=${dir}`, "init", "-input=false", "-backend=false"], { env });
         assertEquals(init.code, 0, init.stdout + init.stderr);
-        for (const [environment, on, passes] of CASES) {
+        for (const [environment, tags, on, passes] of CASES) {
           const plan = await run("terraform", [
             `-chdir=${dir}`,
             "plan",
             "-input=false",
             "-lock=false",
             `-var=environment=${environment}`,
+            `-var=cluster_tags=${JSON.stringify(tags)}`,
             `-var=sinkhole=${on}`,
           ], { env });
           const out = (plan.stdout + plan.stderr).replace(/\s+/g, " ");
-          assertEquals(plan.code === 0, passes, `${layer}: environment=${environment} sinkhole=${on}: ${out}`);
+          const what = `${layer}: environment=${environment} tags=${JSON.stringify(tags)} sinkhole=${on}`;
+          assertEquals(plan.code === 0, passes, `${what}: ${out}`);
           if (!passes) {
-            assertMatch(out, /must never run in production/, `${layer} says why`);
+            assertMatch(out, /never deployed to production/, `${layer} says why`);
             assertMatch(out, layer === "validation" ? /Invalid value for variable/ : /Resource precondition failed/);
           }
         }
@@ -212,7 +240,8 @@ for (const layer of ["validation", "precondition"] as const) {
   });
 }
 
-Deno.test("terraform: the guard message names the rule", () => {
-  assertMatch(GUARD_MESSAGE, /never prod or production/);
-  assertMatch(GUARD_MESSAGE, /allowed_environments/);
+Deno.test("terraform: the guard message names the rule; no variable can allow production", () => {
+  assertMatch(GUARD_MESSAGE, /never deployed to production/);
+  assertMatch(GUARD_MESSAGE, /Nothing can allow it/);
+  assertEquals(mod.variable.allowed_environments, undefined, "no allow-list to override the refusal");
 });

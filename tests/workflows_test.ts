@@ -69,19 +69,55 @@ Deno.test("workflows: OIDC, minimal permissions, a concurrency group per environ
     const text = Deno.readTextFileSync(`${DIR}/${name}`);
     assert(!/aws-access-key-id|AWS_SECRET_ACCESS_KEY/.test(text), `${name}: no stored keys`);
     for (const [id, job] of Object.entries(wf.jobs) as [string, Record<string, unknown>][]) {
-      if (name === "infra.yml" && id === "resolve") continue;
+      // A job that calls a reusable workflow gets the environment from the called job.
+      if (typeof job.uses === "string") continue;
       assert(job.environment, `${name}/${id}: environment protection`);
+      assert(!String(job.if ?? "").includes("vars."), `${name}/${id}: no environment variable read before it is bound`);
+    }
+    if (/configure-aws-credentials/.test(text)) {
+      assert(/role-to-assume: \$\{\{ vars\.AWS_DEPLOY_ROLE_ARN \}\}/.test(text), `${name}: Cabalmail's role setting`);
+      assert(/aws-region: \$\{\{ steps\.env\.outputs\.region \}\}/.test(text), `${name}: region from the file`);
     }
   }
-  for (const name of [...BUTTONS, "sinkhole-check.yml"]) {
+  for (const name of BUTTONS) {
     const text = Deno.readTextFileSync(`${DIR}/${name}`);
-    assert(
-      /group: sinkhole-\$\{\{ (inputs|matrix)\.environment \}\}/.test(text),
-      `${name}: concurrency per environment`,
-    );
+    assert(/group: sinkhole-\$\{\{ inputs\.environment \}\}/.test(text), `${name}: one button at a time`);
     assert(/deno task ctl /.test(text), `${name}: the CLI does the work`);
   }
+  // The schedule has a group of its own: it never cancels, nor waits behind, an operator's button.
+  const check = Deno.readTextFileSync(`${DIR}/sinkhole-check.yml`);
+  assert(/group: sinkhole-check-\$\{\{ matrix\.environment \}\}/.test(check));
+  assert(/--tier "\$TIER"/.test(check), "the flag comes from the environment's SINKHOLE variable");
   assertEquals(load("ci.yml").permissions, { contents: "read" });
+});
+
+Deno.test("workflows: every action pinned by commit, Deno from npm, no download without a checksum", () => {
+  for (const name of files) {
+    const text = Deno.readTextFileSync(`${DIR}/${name}`);
+    for (const m of text.matchAll(/uses: ([^\s#]+)/g)) {
+      const ref = m[1];
+      if (ref.startsWith("./")) continue;
+      assert(/@[0-9a-f]{40}$/.test(ref), `${name}: ${ref} pinned by a full commit`);
+    }
+    assert(!/setup-deno/.test(text), `${name}: Deno comes from npm (npm install -g deno@VERSION)`);
+    assert(!/curl|wget/.test(text), `${name}: nothing fetched outside a package manager`);
+  }
+});
+
+Deno.test("workflows: infra applies by hand behind the environment; the image deploys through it, never production", () => {
+  const infra = load("infra.yml");
+  assertEquals(infra.on.workflow_dispatch.inputs.apply.type, "boolean");
+  assertEquals(infra.on.push.branches, ["development", "stage"], "main (production) is no trigger");
+  const steps = infra.jobs.terraform.steps as Record<string, string>[];
+  assertEquals(steps.find((s) => s.name === "apply")?.if, "github.event_name == 'push' || inputs.apply");
+  assert(/prod\*\)/.test(steps[0].run), "refuses any spelling of production first");
+  const image = load("image.yml");
+  assertEquals(image.on.push.branches, ["development", "stage"]);
+  assertEquals(image.jobs.build["runs-on"], "ubuntu-24.04-arm", "arm64 images on arm64 runners");
+  assertEquals(image.jobs.deploy.uses, "./.github/workflows/infra.yml");
+  const text = Deno.readTextFileSync(`${DIR}/image.yml`);
+  assert(/describe-images/.test(text), "a re-run finds the immutable tag and does not push again");
+  assert(/sha-\$\{GITHUB_SHA::8\}/.test(text), "Cabalmail's tag form");
 });
 
 Deno.test("workflows: the session-manager-plugin is installed by one composite action, after checkout", () => {

@@ -1,0 +1,338 @@
+/**
+ * The deployed half, for real as far as this machine allows: the root the infra workflow
+ * runs (terraform/live), with the variables the workflow sets and nothing else, `init` from
+ * the real hashicorp/aws provider (a filesystem mirror) into an S3 backend, applied into
+ * moto_server on top of an account prepared as Cabalmail's is (cluster cabal-mail tagged by
+ * its environment, capacity provider cabal-ec2, VPC cabal-vpc with cabal-private-subnet-*,
+ * the cabal.internal namespace, smtp-out's log group). Then the control CLI runs against
+ * what Terraform created, by the names Terraform reports.
+ *
+ * One gap of moto's, said where it shows: moto's CreateService drops the capacity provider
+ * strategy, so every later plan wants to replace the service for that attribute alone.
+ * The "no changes" check allows exactly that replacement (by the plan's replace_paths) and
+ * nothing else.
+ */
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assertTools, needs, ROOT, run, startListener, taskCommand } from "./helpers.ts";
+import { AWS_ENV, awsCli, shipLogs, ssmEnv, startMoto } from "./aws.ts";
+import { parse } from "yaml";
+
+const tools = needs("terraform", "moto_server", "aws");
+/** Where machine images keep the provider mirror (the issue's `find`); the first that has it wins. */
+const MIRROR_ROOTS = ["/opt/tf-plugins", "/usr/share/terraform/plugins", "/usr/local/share/terraform/plugins"];
+const PROVIDER_DIR = "registry.terraform.io/hashicorp/aws";
+const ENVIRONMENT = "development";
+const STATE_BUCKET = "sinkhole-state";
+const ENVIRONMENTS = JSON.parse(Deno.readTextFileSync(`${ROOT}/ctl/environments.json`));
+const ENV = ENVIRONMENTS[ENVIRONMENT];
+const IMAGE_TAG = "sha-0123abcd";
+/** The services the root talks to, pointed at moto by an override file (terraform's `*_override.tf`). */
+const SERVICES = ["ec2", "ecs", "ecr", "iam", "ssm", "sts", "logs", "cloudwatch", "servicediscovery"];
+/** moto's one gap in what the root uses (see the header). */
+const MOTO_DROPS = JSON.stringify([["capacity_provider_strategy"]]);
+
+function mirror(): string | undefined {
+  return MIRROR_ROOTS.find((root) => {
+    try {
+      return Deno.statSync(`${root}/${PROVIDER_DIR}`).isDirectory;
+    } catch {
+      return false;
+    }
+  });
+}
+
+// deno-lint-ignore no-explicit-any
+type Json = Record<string, any>;
+
+/** An account as Cabalmail's infrastructure leaves it, before sinkhole. */
+async function prepareAccount(endpoint: string): Promise<void> {
+  const aws = (...a: string[]) => awsCli(endpoint, ...a);
+  const vpc = (await aws(
+    "ec2",
+    "create-vpc",
+    "--cidr-block",
+    "10.0.0.0/16",
+    "--tag-specifications",
+    `ResourceType=vpc,Tags=[{Key=Name,Value=${ENV.vpcName}}]`,
+  )).Vpc as { VpcId: string };
+  for (const [i, name] of ["cabal-private-subnet-0", "cabal-private-subnet-1", "cabal-public-subnet-0"].entries()) {
+    await aws(
+      "ec2",
+      "create-subnet",
+      "--vpc-id",
+      vpc.VpcId,
+      "--cidr-block",
+      `10.0.${i}.0/24`,
+      "--tag-specifications",
+      `ResourceType=subnet,Tags=[{Key=Name,Value=${name}}]`,
+    );
+  }
+  await aws("ecs", "create-cluster", "--cluster-name", ENV.cluster, "--tags", `key=environment,value=${ENVIRONMENT}`);
+  await aws(
+    "ecs",
+    "create-capacity-provider",
+    "--name",
+    ENV.capacityProvider,
+    "--auto-scaling-group-provider",
+    "autoScalingGroupArn=arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:1:autoScalingGroupName/cabal-ecs",
+  );
+  await aws("servicediscovery", "create-private-dns-namespace", "--name", ENV.namespace, "--vpc", vpc.VpcId);
+  await aws("logs", "create-log-group", "--log-group-name", ENV.mtaLogGroup);
+  await aws("s3api", "create-bucket", "--bucket", STATE_BUCKET);
+}
+
+/** A copy of the repository's terraform/ and ctl/environments.json, as the workflow checks them out. */
+async function workspace(endpoint: string, mirrorRoot: string): Promise<{ dir: string; live: string }> {
+  const dir = await Deno.makeTempDir({ prefix: "sinkhole-infra-" });
+  await run("cp", ["-r", `${ROOT}/terraform`, `${dir}/terraform`]);
+  await Deno.mkdir(`${dir}/ctl`);
+  await Deno.copyFile(`${ROOT}/ctl/environments.json`, `${dir}/ctl/environments.json`);
+  const live = `${dir}/terraform/live`;
+  await Deno.remove(`${live}/.terraform`, { recursive: true }).catch(() => {});
+  const endpoints = SERVICES.map((s) => `    ${s} = "${endpoint}"`).join("\n");
+  await Deno.writeTextFile(
+    `${live}/moto_override.tf`,
+    `provider "aws" {
+  access_key                  = "testing"
+  secret_key                  = "testing"
+  skip_credentials_validation = true
+  skip_requesting_account_id  = true
+  skip_metadata_api_check     = true
+  endpoints {
+${endpoints}
+  }
+}
+`,
+  );
+  await Deno.writeTextFile(
+    `${dir}/cli.tfrc`,
+    `provider_installation {
+  filesystem_mirror {
+    path    = "${mirrorRoot}"
+    include = ["registry.terraform.io/hashicorp/aws"]
+  }
+  direct {
+    exclude = ["registry.terraform.io/hashicorp/aws"]
+  }
+}
+`,
+  );
+  return { dir, live };
+}
+
+Deno.test({
+  name: "infra: the workflow's root applies into moto on Cabalmail's account; ctl drives what it made; prod refused",
+  ignore: tools.ignore,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async (t) => {
+    assertTools(tools.missing);
+    const mirrorRoot = mirror();
+    if (!mirrorRoot) {
+      throw new Error(
+        `the hashicorp/aws provider mirror is missing (looked for ${PROVIDER_DIR} under ` +
+          `${MIRROR_ROOTS.join(", ")}); the machine image carries it`,
+      );
+    }
+    const moto = await startMoto();
+    const { dir, live } = await workspace(moto.url, mirrorRoot);
+    const baseEnv = {
+      ...AWS_ENV,
+      // The local-exec drain commands use the aws CLI: it follows the same override.
+      AWS_ENDPOINT_URL: moto.url,
+      TF_CLI_CONFIG_FILE: `${dir}/cli.tfrc`,
+      TF_IN_AUTOMATION: "1",
+      TF_INPUT: "0",
+      CHECKPOINT_DISABLE: "1",
+      HOME: dir,
+    };
+    /** The three variables infra.yml sets, and nothing else. */
+    const vars = (sinkhole: boolean, quiesced = false, environment = ENVIRONMENT) => ({
+      TF_VAR_environment: environment,
+      TF_VAR_sinkhole: String(sinkhole),
+      TF_VAR_quiesced: String(quiesced),
+    });
+    const tf = async (env: Record<string, string>, ...args: string[]) => {
+      const res = await run("terraform", [`-chdir=${live}`, ...args, "-no-color"], { env: { ...baseEnv, ...env } });
+      return { ...res, out: res.stdout + res.stderr };
+    };
+    const apply = async (env: Record<string, string>) => {
+      const res = await tf(env, "apply", "-auto-approve");
+      assertEquals(res.code, 0, res.out);
+      return res;
+    };
+    const outputs = async () => {
+      const res = await tf({}, "output", "-json");
+      assertEquals(res.code, 0, res.out);
+      return (JSON.parse(res.stdout) as Json).sinkhole.value as Json;
+    };
+    /** A plan's changes, less moto's one gap: a service replaced for capacity_provider_strategy alone. */
+    const changes = async (env: Record<string, string>) => {
+      const plan = await tf(env, "plan", "-out=tfplan");
+      assertEquals(plan.code, 0, plan.out);
+      const shown = await tf(env, "show", "-json", "tfplan");
+      const all = ((JSON.parse(shown.stdout) as Json).resource_changes ?? []) as Json[];
+      return all.filter((c) => c.change.actions.join() !== "no-op").filter((c) =>
+        !(c.type === "aws_ecs_service" && JSON.stringify(c.change.replace_paths ?? []) === MOTO_DROPS)
+      ).map((c) => `${c.address}: ${c.change.actions.join("+")}`);
+    };
+    const aws = (...a: string[]) => awsCli(moto.url, ...a);
+    const service = async () =>
+      ((await aws("ecs", "describe-services", "--cluster", ENV.cluster, "--services", ENV.sinkholeService))
+        .services as Json[]).find((s) => s.status !== "INACTIVE");
+    const ctl = async (...args: string[]) => {
+      const [cmd, ...rest] = taskCommand("ctl");
+      return await run(cmd, [...rest, ...args, "--env", ENVIRONMENT], {
+        env: {
+          ...AWS_ENV,
+          AWS_ENDPOINT_URL: moto.url,
+          SINKHOLE_CTL_POLL_MS: "200",
+          GITHUB_TOKEN: "",
+          GITHUB_STEP_SUMMARY: "",
+        },
+      });
+    };
+    try {
+      await prepareAccount(moto.url);
+
+      await t.step("init from the mirror into the S3 backend, with the workflow's -backend-config", async () => {
+        const init = await tf(
+          {},
+          "init",
+          `-backend-config=bucket=${STATE_BUCKET}`,
+          `-backend-config=key=sinkhole/${ENVIRONMENT}.tfstate`,
+          `-backend-config=region=${ENV.region}`,
+          // The backend's own endpoint and checks: moto instead of S3 (not set by the workflow).
+          `-backend-config=endpoints={s3="${moto.url}"}`,
+          "-backend-config=use_path_style=true",
+          "-backend-config=skip_credentials_validation=true",
+          "-backend-config=skip_requesting_account_id=true",
+          "-backend-config=access_key=testing",
+          "-backend-config=secret_key=testing",
+        );
+        assertEquals(init.code, 0, init.out);
+        const lock = await Deno.readTextFile(`${live}/.terraform.lock.hcl`);
+        const committed = await Deno.readTextFile(`${ROOT}/terraform/live/.terraform.lock.hcl`);
+        assertEquals(lock, committed, "init agrees with the committed lock file (the pinned provider's checksum)");
+      });
+
+      await t.step("apply with the tier on and no image yet: everything made, no task asked for", async () => {
+        await apply(vars(true));
+        const out = await outputs();
+        assertEquals(out.parameter_name, ENV.parameter);
+        assertEquals(out.image_tag_parameter, ENV.imageTagParameter);
+        assertEquals(out.ecs_service, ENV.sinkholeService);
+        assertEquals(out.sinkhole_log_group, ENV.sinkholeLogGroup);
+        assertEquals(out.hostname, `sinkhole.${ENV.namespace}`);
+        assertEquals(out.image, "", "no image pushed yet");
+        assertEquals((await service())?.desiredCount, 0);
+        const alarms = await aws("cloudwatch", "describe-alarms", "--alarm-names", "sinkhole-test-mail-forgotten");
+        assertEquals((alarms.MetricAlarms as Json[]).length, 1, "the forgotten-mail alarm on smtp-out's log group");
+      });
+
+      await t.step("deploy: the image workflow writes the tag, the apply rolls the service to it", async () => {
+        await aws("ssm", "put-parameter", "--name", ENV.imageTagParameter, "--value", IMAGE_TAG, "--overwrite");
+        await apply(vars(true));
+        const out = await outputs();
+        assertEquals(out.image, `${out.repository_url}:${IMAGE_TAG}`);
+        const svc = await service();
+        assertEquals(svc?.desiredCount, 1);
+        const td = await aws("ecs", "describe-task-definition", "--task-definition", svc!.taskDefinition);
+        const container = (td.taskDefinition as Json).containerDefinitions[0];
+        assertEquals(container.image, out.image, "the service runs the task definition of the new tag");
+        assertEquals(container.logConfiguration.options.mode, "non-blocking");
+        assertEquals(await changes(vars(true)), [], "a second plan shows no changes");
+      });
+
+      await t.step("ctl status, mode get, mode set --wait, check and probe on what Terraform made", async () => {
+        const l = await startListener(ssmEnv(moto.url, "1", ENV.parameter));
+        const shipper = shipLogs(l, moto.url, ENV.sinkholeLogGroup);
+        try {
+          const status = await ctl("status", "--tier", "on");
+          assertEquals(status.code, 0, status.stderr);
+          assertMatch(status.stdout, new RegExp(`sinkhole service ${ENV.sinkholeService}: desired 1`));
+          assertMatch(status.stdout, /mode defer/);
+          const set = await ctl("mode", "set", "accept", "--wait");
+          assertEquals(set.code, 0, set.stdout + set.stderr);
+          assertMatch(set.stdout, /the listener logged mode accept/);
+          const get = await ctl("mode", "get");
+          assertMatch(get.stdout, /^ {2}accept /m);
+          const check = await ctl("check", "--tier", "on", "--no-github", "--mode-age", "0");
+          assertEquals(check.code, 1, "a non-default mode is a finding");
+          assertMatch(check.stdout, /mode is `accept`/);
+          const probe = await ctl("probe", "--timeout", "1");
+          assertEquals(probe.code, 1, "no smtp-out task runs in this account: nothing to probe through");
+          assertMatch(probe.stdout, new RegExp(`no running ${ENV.mtaService} task`));
+        } finally {
+          await shipper.stop();
+          await l.stop();
+        }
+      });
+
+      await t.step("quiesced: the drain runs, the service scales to zero, the Cloud Map name stays", async () => {
+        const res = await apply(vars(true, true));
+        assertMatch(res.out, /cloud_map_lifecycle\[0\] \(local-exec\)|cloud_map_lifecycle\[0\]: Destroying/);
+        assertEquals((await service())?.desiredCount, 0);
+        const names = ((await aws("servicediscovery", "list-services")).Services as Json[]).map((s) => s.Name);
+        assert(names.includes("sinkhole"), names.join());
+        assertEquals(await changes(vars(true, true)), []);
+      });
+
+      await t.step("sinkhole=false removes the tier; the repository, the parameters and the alarm stay", async () => {
+        await apply(vars(false));
+        assertEquals(await service(), undefined);
+        const names = ((await aws("servicediscovery", "list-services")).Services as Json[]).map((s) => s.Name);
+        assert(!names.includes("sinkhole"), names.join());
+        await aws("ecr", "describe-repositories", "--repository-names", "cabal-sinkhole");
+        await aws("ssm", "get-parameter", "--name", ENV.parameter);
+        const tag = await aws("ssm", "get-parameter", "--name", ENV.imageTagParameter);
+        assertEquals((tag.Parameter as Json).Value, IMAGE_TAG, "the deployed tag survives for the next time");
+        assertEquals(await changes(vars(false)), []);
+      });
+
+      await t.step("production refused at plan: by name (prod, production), and by the cluster's tag", async () => {
+        for (const name of ["prod", "production", "Prod"]) {
+          const plan = await tf(vars(true, false, name), "plan");
+          assertEquals(plan.code, 1, plan.out);
+          assertMatch(plan.out.replace(/\s+/g, " "), /sinkhole has none in production/);
+        }
+        await aws(
+          "ecs",
+          "tag-resource",
+          "--resource-arn",
+          `arn:aws:ecs:${ENV.region}:123456789012:cluster/${ENV.cluster}`,
+          "--tags",
+          "key=environment,value=prod",
+        );
+        for (const on of [true, false]) {
+          const plan = await tf(vars(on), "plan");
+          assertEquals(plan.code, 1, plan.out);
+          assertMatch(plan.out.replace(/\s+/g, " "), /never deployed to production/);
+        }
+      });
+    } finally {
+      await moto.close();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test("infra: every required variable of every root and module call has a source in what runs it", () => {
+  const workflow = parse(Deno.readTextFileSync(`${ROOT}/.github/workflows/infra.yml`)) as Json;
+  const job = workflow.jobs.terraform as Json;
+  const liveText = Deno.readTextFileSync(`${ROOT}/terraform/live/main.tf`);
+  const required = [...liveText.matchAll(/^variable "(\w+)" \{([\s\S]*?)^\}/gm)]
+    .filter((m) => !/^\s*default\s*=/m.test(m[2])).map((m) => m[1]);
+  assertEquals(required, ["environment"]);
+  const setByWorkflow = Object.keys(job.env ?? {}).filter((k) => k.startsWith("TF_VAR_")).map((k) => k.slice(7));
+  for (const v of required) assert(setByWorkflow.includes(v), `infra.yml sets TF_VAR_${v}`);
+  for (const v of setByWorkflow) {
+    assert(liveText.includes(`variable "${v}"`), `TF_VAR_${v} names a variable of the root`);
+  }
+  // The module: every variable without a default is an argument of the root's module block.
+  const mod = JSON.parse(Deno.readTextFileSync(`${ROOT}/terraform/module/main.tf.json`)) as Json;
+  const call = /module "sinkhole" \{([\s\S]*?)^\}/m.exec(liveText)![1];
+  for (const [name, def] of Object.entries(mod.variable as Record<string, Json>)) {
+    if (!("default" in def)) assertMatch(call, new RegExp(`^\\s*${name}\\s*=`, "m"), `the root passes ${name}`);
+  }
+});
