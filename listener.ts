@@ -91,6 +91,10 @@ export const ACCEPT_ERROR_BACKOFF_MS = 100;
 export const GOODBYE_WRITE_MS = 1_000;
 /** The health check gives up after this long. */
 export const HEALTHCHECK_TIMEOUT_MS = 3_000;
+/** The liveness port's default (SINKHOLE_HEALTH_PORT), on SINKHOLE_HEALTH_HOST (127.0.0.1): never the SMTP port. */
+export const DEFAULT_HEALTH_PORT = 8025;
+/** The longest answer the liveness port gives (`ok 1000/1000`, or `down`). */
+export const MAX_HEALTH_ANSWER = 64;
 
 /** The longest mode value (scenario) accepted. */
 export const MAX_SCENARIO_LENGTH = 512;
@@ -114,6 +118,9 @@ export const DEFAULT_MODE: Mode = "defer";
 export interface Config {
   bindHost: string;
   bindPort: number;
+  /** The liveness port: loopback only, answered by the event loop whatever the scenario or the cap. */
+  healthHost: string;
+  healthPort: number;
   serverName: string;
   /** SSM parameter name (used when source is "ssm"). */
   modeParam: string;
@@ -169,6 +176,8 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
   return {
     bindHost: env("SINKHOLE_BIND_HOST") || "0.0.0.0",
     bindPort: integer("SINKHOLE_BIND_PORT", 25, 65535, 0), // 0: any free port
+    healthHost: env("SINKHOLE_HEALTH_HOST") || "127.0.0.1",
+    healthPort: integer("SINKHOLE_HEALTH_PORT", DEFAULT_HEALTH_PORT, 65535, 0),
     serverName: env("SINKHOLE_SERVER_NAME") || "sinkhole.cabal.internal",
     modeParam: env("SINKHOLE_MODE_PARAM") || "/cabal/sinkhole_mode",
     modeSource: modeFile !== "" ? "file" : staticMode !== "" ? "static" : "ssm",
@@ -1151,6 +1160,8 @@ export interface MessageEvent {
 export interface StartEvent {
   event: "start";
   bind: string;
+  /** The liveness port (`--healthcheck` asks it). */
+  health: string;
   serverName: string;
   source: string;
   mode: string;
@@ -2200,6 +2211,8 @@ class Server {
   readonly sessions = new Set<Session>();
   #listener: Deno.TcpListener | undefined;
   #nodeServer: import("node:net").Server | undefined;
+  #health: Deno.TcpListener | undefined;
+  #healthDone: Promise<void> = Promise.resolve();
   #address: Deno.NetAddr | undefined;
   #done: Promise<void> | undefined;
   #shuttingDown = false;
@@ -2244,6 +2257,38 @@ class Server {
     }
     const every = Math.max(50, Math.min(TIMEOUT_SWEEP_MAX_MS, Math.min(idleTimeoutMs, sessionTimeoutMs) / 4));
     this.#sweeper = setInterval(() => this.#sweep(Date.now()), every);
+    const { healthHost, healthPort } = this.deps.config;
+    this.#health = Deno.listen({ hostname: healthHost, port: healthPort, transport: "tcp" });
+    this.#healthDone = this.#answerHealth(this.#health);
+  }
+
+  get healthAddr(): Deno.NetAddr {
+    return this.#health!.addr;
+  }
+
+  /**
+   * The liveness port: each connection gets one line from the event loop and is closed:
+   * `ok SESSIONS/CAP` while SMTP connections are being accepted, `down` once shutting down.
+   * No scenario, delay or cap applies here, and nothing is logged: ECS replaces the task
+   * only when the process stops answering, never because of the mode an operator chose.
+   */
+  async #answerHealth(listener: Deno.TcpListener): Promise<void> {
+    for (;;) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await listener.accept();
+      } catch {
+        if (this.#shuttingDown) return;
+        await new Promise((ok) => setTimeout(ok, ACCEPT_ERROR_BACKOFF_MS));
+        continue;
+      }
+      const answer = this.#shuttingDown ? "down\n" : `ok ${this.sessions.size}/${this.deps.config.maxSessions}\n`;
+      withTimeout(writeAll(conn, encoder.encode(answer)), GOODBYE_WRITE_MS).catch(() => {}).finally(() => {
+        try {
+          conn.close();
+        } catch { /* gone */ }
+      });
+    }
   }
 
   /** Ends sessions past the idle or the total timeout with 421 4.4.2. */
@@ -2325,6 +2370,10 @@ class Server {
       this.#listener?.close();
     } catch { /* already closed */ }
     this.#nodeServer?.close();
+    try {
+      this.#health?.close();
+    } catch { /* already closed */ }
+    await this.#healthDone;
     await this.#done;
     for (const s of this.sessions) if (s.idle) s.goodbye(REPLIES.shutdown);
     const deadline = Date.now() + graceMs;
@@ -2353,28 +2402,39 @@ function sourceFor(config: Config, env: (k: string) => string | undefined): Mode
 // 12. Health check and main
 // ---------------------------------------------------------------------------
 
-/** `--healthcheck`: expects a 220 greeting on the local port, says QUIT; exit 0 or 1. */
+/**
+ * `--healthcheck`: asks the liveness port (SINKHOLE_HEALTH_HOST:SINKHOLE_HEALTH_PORT) and
+ * exits 0 on `ok …`, 1 otherwise. It never touches the SMTP port, so no scenario (a refusal
+ * or a delay at connect, a drop), the session cap, or the logs depend on it.
+ */
 export async function healthcheck(config: Config): Promise<number> {
-  const host = config.bindHost === "0.0.0.0" ? "127.0.0.1" : config.bindHost === "::" ? "::1" : config.bindHost;
   try {
-    const conn = await withTimeout(Deno.connect({ hostname: host, port: config.bindPort }), HEALTHCHECK_TIMEOUT_MS);
+    const conn = await withTimeout(
+      Deno.connect({ hostname: config.healthHost, port: config.healthPort }),
+      HEALTHCHECK_TIMEOUT_MS,
+    );
     try {
-      const buf = new Uint8Array(MAX_COMMAND_LINE);
+      const buf = new Uint8Array(MAX_HEALTH_ANSWER);
       const n = await withTimeout(conn.read(buf), HEALTHCHECK_TIMEOUT_MS);
-      const greeting = n === null ? "" : new TextDecoder().decode(buf.subarray(0, n));
-      if (!greeting.startsWith("220")) {
-        console.error(`healthcheck: expected 220, got ${JSON.stringify(greeting.slice(0, 80))}`);
+      const answer = n === null ? "" : new TextDecoder().decode(buf.subarray(0, n)).trim();
+      if (!answer.startsWith("ok")) {
+        console.error(`healthcheck: ${config.healthHost}:${config.healthPort} answered ${JSON.stringify(answer)}`);
         return 1;
       }
-      await withTimeout(writeAll(conn, encoder.encode("QUIT\r\n")), HEALTHCHECK_TIMEOUT_MS);
-      await withTimeout(conn.read(buf), HEALTHCHECK_TIMEOUT_MS).catch(() => null);
       return 0;
     } finally {
       conn.close();
     }
   } catch (err) {
-    console.error(`healthcheck: ${describeError(err)}`);
+    console.error(`healthcheck: ${config.healthHost}:${config.healthPort}: ${describeError(err)}`);
     return 1;
+  } finally {
+    if (Deno.env.get("SINKHOLE_HEALTHCHECK_MEMORY") === "1") {
+      // The check's own memory, for tests/memory_test.ts (it runs beside the listener in the task).
+      const status = await Deno.readTextFile("/proc/self/status").catch(() => "");
+      const kb = (k: string) => new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? "?";
+      console.error(`healthcheck memory: VmHWM ${kb("VmHWM")} kB, RssAnon ${kb("RssAnon")} kB`);
+    }
   }
 }
 
@@ -2407,6 +2467,7 @@ async function main(): Promise<void> {
   log({
     event: "start",
     bind: `${server.addr.hostname}:${server.addr.port}`,
+    health: `${server.healthAddr.hostname}:${server.healthAddr.port}`,
     serverName: config.serverName,
     source: modes.source.describe,
     mode: modes.current.text,

@@ -93,7 +93,14 @@ async function sinkhole(
   const child = new Deno.Command("sh", {
     args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, ...cmd],
     cwd: ROOT,
-    env: { SINKHOLE_BIND_HOST: at.host, SINKHOLE_BIND_PORT: String(at.port), NO_COLOR: "1", ...env },
+    env: {
+      SINKHOLE_BIND_HOST: at.host,
+      SINKHOLE_BIND_PORT: String(at.port),
+      SINKHOLE_HEALTH_HOST: at.host,
+      SINKHOLE_HEALTH_PORT: "0",
+      NO_COLOR: "1",
+      ...env,
+    },
     stdin: "null",
   }).spawn();
   const startMs = await firstGreeting(at, t0);

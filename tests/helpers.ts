@@ -58,14 +58,22 @@ const STOP_WAIT_MS = 60_000;
 /** Starts `listener.ts` with the given environment on `host` (port 0: any free port). */
 export async function startListener(
   env: Record<string, string>,
-  opts: { host?: string; port?: number; args?: string[] } = {},
+  opts: { host?: string; port?: number; args?: string[]; cgroup?: MemoryCgroup } = {},
 ): Promise<Listener> {
   const host = opts.host ?? "127.0.0.1";
-  const [cmd, ...args] = startCommand();
+  const [cmd, ...args] = opts.cgroup ? opts.cgroup.wrap(startCommand()) : startCommand();
   const child = new Deno.Command(cmd, {
     args: [...args, ...(opts.args ?? [])],
     cwd: ROOT,
-    env: { SINKHOLE_BIND_HOST: host, SINKHOLE_BIND_PORT: String(opts.port ?? 0), NO_COLOR: "1", ...env },
+    env: {
+      SINKHOLE_BIND_HOST: host,
+      SINKHOLE_BIND_PORT: String(opts.port ?? 0),
+      // The liveness port: any free one beside the listener's own address (the start line says which).
+      SINKHOLE_HEALTH_HOST: host,
+      SINKHOLE_HEALTH_PORT: "0",
+      NO_COLOR: "1",
+      ...env,
+    },
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
@@ -469,6 +477,50 @@ export async function readByServer(c: RawClient, serverPort: number): Promise<vo
 }
 
 /** Resident and peak resident memory of a process, in MiB (Linux /proc). */
+/** A memory cgroup (v1) of a test's own, limited as ECS limits a container: both processes of a task run in it. */
+export interface MemoryCgroup {
+  dir: string;
+  /** `cmd args…` → the same, started inside the cgroup. */
+  wrap(command: string[]): string[];
+  /** The highest charge seen (memory.max_usage_in_bytes: anonymous memory and page cache), in MiB. */
+  peakMiB(): number;
+  /** Times the kernel killed a process of the cgroup for memory (0 where the kernel does not say). */
+  oomKills(): number;
+  remove(): Promise<void>;
+}
+
+/**
+ * A child of this process's memory cgroup with a hard limit, where the machine lets tests
+ * make one (cgroup v1, writable); undefined elsewhere, and the caller says so.
+ */
+export function memoryCgroup(limitMiB: number): MemoryCgroup | undefined {
+  try {
+    const line = Deno.readTextFileSync("/proc/self/cgroup").split("\n").find((l) => /^\d+:memory:/.test(l));
+    if (!line) return undefined;
+    const dir = `/sys/fs/cgroup/memory${line.split(":")[2].replace(/\/$/, "")}/sinkhole-${crypto.randomUUID()}`;
+    Deno.mkdirSync(dir);
+    Deno.writeTextFileSync(`${dir}/memory.limit_in_bytes`, String(limitMiB * 1024 * 1024));
+    const read = (f: string) => Deno.readTextFileSync(`${dir}/${f}`);
+    return {
+      dir,
+      wrap: (command) => ["sh", "-c", `echo $$ > '${dir}/cgroup.procs' && exec "$@"`, "sh", ...command],
+      peakMiB: () => Number(read("memory.max_usage_in_bytes")) / 1024 / 1024,
+      oomKills: () => Number(/^oom_kill (\d+)/m.exec(read("memory.oom_control"))?.[1] ?? 0),
+      remove: async () => {
+        for (let i = 0; i < 100; i++) {
+          try {
+            return Deno.removeSync(dir);
+          } catch {
+            await new Promise((ok) => setTimeout(ok, 50)); // its last process is still exiting
+          }
+        }
+      },
+    };
+  } catch {
+    return undefined;
+  }
+}
+
 export function memoryMiB(pid: number): { rss: number; peak: number; anon: number; file: number } {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);
   const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? NaN);

@@ -9,7 +9,18 @@
  * code included) under the task's 128 MB cap.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { eventually, type Listener, memoryMiB, RawClient, readByServer, transaction } from "./helpers.ts";
+import {
+  eventually,
+  type Listener,
+  memoryCgroup,
+  memoryMiB,
+  RawClient,
+  readByServer,
+  run,
+  startCommand,
+  transaction,
+} from "./helpers.ts";
+import { MEMORY_HARD_CAP_MB } from "../terraform/sinkhole.ts";
 import { awsTest, putMode, ssmEnv, type World } from "./aws.ts";
 import {
   DEFAULT_MAX_SESSIONS,
@@ -22,6 +33,8 @@ import {
 
 /** The ECS task's hard cap, 128 MB (122 MiB): the peak RSS, mapped code included, stays under it. */
 const TASK_CAP_MIB = 122;
+/** The container's `memory` (ECS counts MiB): the cgroup limit the kernel enforces. */
+const ECS_MEMORY_MIB = MEMORY_HARD_CAP_MB;
 /**
  * The budget's target, 96 MiB, for what the cap cannot take back: anonymous memory (the
  * V8 heap, buffers, stacks). The executable's code pages (about 40 MiB of Deno's binary
@@ -93,7 +106,11 @@ async function worstSession(port: number, id: number): Promise<RawClient> {
 /** Runs the worst case; `capMiB`, when given, bounds the peak RSS (VmHWM) it may reach. */
 async function worstCase(w: World, env: Record<string, string>, label: string, capMiB?: number): Promise<void> {
   await putMode(w.moto.url, "greylist key=triplet");
-  const l = await w.listen({ ...ssmEnv(w.moto.url, "0.2"), ...env });
+  // The task's memory, as ECS enforces it: a cgroup with the container's hard limit, holding
+  // the listener and, later, the health checks ECS runs beside it.
+  const cgroup = memoryCgroup(ECS_MEMORY_MIB);
+  if (!cgroup) console.log(`${label}: no memory cgroup can be made here; the cgroup checks are skipped`);
+  const l = await w.listen({ ...ssmEnv(w.moto.url, "0.2"), ...env }, { cgroup });
   const clients: RawClient[] = [];
   try {
     const t0 = Date.now();
@@ -123,6 +140,23 @@ async function worstCase(w: World, env: Record<string, string>, label: string, c
         } MiB, ` +
         `of it anonymous at most ${anonPeak.toFixed(1)} MiB`,
     );
+    // ECS's health check at the peak: a second Deno runtime in the same cgroup, three times.
+    const [host, port] = String(l.logs.find((x) => x.event === "start")!.health).split(/:(?=\d+$)/);
+    const [cmd, ...args] = cgroup ? cgroup.wrap(startCommand()) : startCommand();
+    for (let i = 0; i < 3; i++) {
+      const check = await run(cmd, [...args, "--healthcheck"], {
+        env: { SINKHOLE_HEALTH_HOST: host, SINKHOLE_HEALTH_PORT: port, SINKHOLE_MODE: "defer" },
+      });
+      assertEquals(check.code, 0, `${label}: health check at the peak: ${check.stderr}`);
+    }
+    if (cgroup) {
+      console.log(
+        `${label}: in a cgroup limited to ${ECS_MEMORY_MIB} MiB (the task's hard cap), listener and health checks: ` +
+          `peak charge ${cgroup.peakMiB().toFixed(1)} MiB (page cache included, reclaimed under the limit), ` +
+          `OOM kills ${cgroup.oomKills()}`,
+      );
+      assertEquals(cgroup.oomKills(), 0, `${label}: the kernel killed nothing for memory`);
+    }
     // Still answering: the cap refuses the next session politely; one freed slot serves again.
     const extra = await RawClient.connect(l.port);
     assertEquals((await extra.reply()).code, 421);
@@ -136,6 +170,7 @@ async function worstCase(w: World, env: Record<string, string>, label: string, c
   } finally {
     for (const c of clients) c.close();
     const status = await l.stop();
+    await cgroup?.remove();
     assertEquals(status.code, 0, `${label}: exit ${status.code}; ${l.stderr().slice(-2000)}`);
   }
 }

@@ -1,12 +1,14 @@
 /** Each mode end to end over TCP with real clients: nodemailer, swaks, and raw SMTP. */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { MAX_LOGGED_TRANSACTIONS } from "../listener.ts";
+import { DEFAULT_HEALTH_PORT, HEALTHCHECK_TIMEOUT_MS, MAX_LOGGED_TRANSACTIONS } from "../listener.ts";
 import {
   assertTools,
   eventually,
   failure,
+  type Listener,
   mailer as smtpClient,
   needs,
+  privateAddress,
   RawClient,
   REPLY_WAIT_MS,
   run,
@@ -242,22 +244,64 @@ Deno.test("protocol: VRFY, HELP, NOOP, RSET, EXPN, unknown commands", async () =
   }
 });
 
-Deno.test("health check: exit 0 against a running listener (not logged as a session), 1 when down", async () => {
-  const l = await startListener({ SINKHOLE_MODE: "defer" });
+/** `--healthcheck` as the image runs it, pointed at a listener's liveness port. */
+async function healthcheck(l: Listener): Promise<{ code: number; stderr: string }> {
   const [cmd, ...args] = startCommand();
-  const env = { SINKHOLE_BIND_HOST: "0.0.0.0", SINKHOLE_BIND_PORT: String(l.port), SINKHOLE_MODE: "defer" };
-  try {
-    const ok = await run(cmd, [...args, "--healthcheck"], { env });
-    assertEquals(ok.code, 0, ok.stderr);
-    await transaction(l.port);
-    await l.waitForLog((x) => x.event === "session");
-    assertEquals(l.logs.filter((x) => x.event === "session").length, 1, "only the real session is logged");
-  } finally {
-    await l.stop();
+  const [host, port] = String(l.logs.find((x) => x.event === "start")!.health).split(/:(?=\d+$)/);
+  return await run(cmd, [...args, "--healthcheck"], {
+    env: { SINKHOLE_HEALTH_HOST: host, SINKHOLE_HEALTH_PORT: port, SINKHOLE_MODE: "defer" },
+  });
+}
+
+Deno.test("health check: exit 0 in every documented mode and at the session cap; nothing logged; 1 when down", async (t) => {
+  const modes = [
+    "defer",
+    "bounce",
+    "accept",
+    "accept-log",
+    "greylist",
+    "defer at=connect",
+    "bounce at=connect",
+    "drop at=connect",
+    // A delay at connect longer than the check's own timeout.
+    `defer at=connect delay=${(HEALTHCHECK_TIMEOUT_MS / 1000) * 4}s`,
+  ];
+  for (const mode of modes) {
+    await t.step(mode, async () => {
+      const l = await startListener({ SINKHOLE_MODE: mode });
+      try {
+        const ok = await healthcheck(l);
+        assertEquals(ok.code, 0, ok.stderr);
+        assertEquals(l.logs.filter((x) => x.event === "session").length, 0, "a check is no session");
+      } finally {
+        await l.stop();
+      }
+    });
   }
-  const down = await run(cmd, [...args, "--healthcheck"], { env });
-  assertEquals(down.code, 1);
-  assertMatch(down.stderr, /healthcheck: /);
+  await t.step("at the session cap", async () => {
+    const l = await startListener({ SINKHOLE_MODE: "accept", SINKHOLE_MAX_SESSIONS: "2" });
+    const held = [await RawClient.connect(l.port), await RawClient.connect(l.port)];
+    try {
+      for (const c of held) assertEquals((await c.reply()).code, 220);
+      const third = await RawClient.connect(l.port);
+      assertEquals((await third.reply()).code, 421, "the cap is reached");
+      third.close();
+      const ok = await healthcheck(l);
+      assertEquals(ok.code, 0, ok.stderr);
+    } finally {
+      for (const c of held) c.close();
+      await l.stop();
+    }
+  });
+  await t.step("down", async () => {
+    // Its own loopback address and a fixed port: once it stops, nobody else answers there.
+    const at = privateAddress(DEFAULT_HEALTH_PORT);
+    const l = await startListener({ SINKHOLE_MODE: "defer", SINKHOLE_HEALTH_PORT: String(at.port) }, { host: at.host });
+    await l.stop();
+    const down = await healthcheck(l);
+    assertEquals(down.code, 1);
+    assertMatch(down.stderr, /healthcheck: 127\.[\d.]+:8025: /);
+  });
 });
 
 Deno.test("SIGTERM: idle sessions get 421, a session in DATA finishes, exit 0", async () => {
