@@ -317,7 +317,8 @@ export class SinkholeStack extends TerraformStack {
         routing_policy: "MULTIVALUE",
         dns_records: [{ ttl: DNS_TTL_S, type: "A" }],
       },
-      health_check_custom_config: { failure_threshold: 1 },
+      // No health_check_custom_config (its failure_threshold is deprecated, and it forces a
+      // replacement): as Cabalmail's own registration, so adopting one needs no replacement.
     }).gate(on);
 
     // Terraform is the one deploy path: a new tag in the image tag parameter makes a new task
@@ -331,7 +332,7 @@ export class SinkholeStack extends TerraformStack {
       desired_count: `\${${desired}}`,
       deployment_minimum_healthy_percent: 0,
       deployment_maximum_percent: 100,
-      capacity_provider_strategy: [{ capacity_provider: `\${${v("capacity_provider")}}`, weight: 1 }],
+      capacity_provider_strategy: [{ capacity_provider: `\${${v("capacity_provider")}}`, weight: 100 }],
       network_configuration: {
         subnets: `\${${v("subnet_ids")}}`,
         security_groups: [sg.ref("id", true)],

@@ -120,6 +120,69 @@ ${endpoints}
   return { dir, live };
 }
 
+/** The three variables infra.yml sets, and nothing else. */
+const vars = (sinkhole: boolean, quiesced = false, environment = ENVIRONMENT) => ({
+  TF_VAR_environment: environment,
+  TF_VAR_sinkhole: String(sinkhole),
+  TF_VAR_quiesced: String(quiesced),
+});
+
+/** The root in a workspace of its own, and the terraform commands a test runs on it. */
+async function terraformRoot(endpoint: string, mirrorRoot: string) {
+  const { dir, live } = await workspace(endpoint, mirrorRoot);
+  const baseEnv = {
+    ...AWS_ENV,
+    // The local-exec drain commands use the aws CLI: it follows the same override.
+    AWS_ENDPOINT_URL: endpoint,
+    TF_CLI_CONFIG_FILE: `${dir}/cli.tfrc`,
+    TF_IN_AUTOMATION: "1",
+    TF_INPUT: "0",
+    CHECKPOINT_DISABLE: "1",
+    HOME: dir,
+  };
+  const tf = async (env: Record<string, string>, ...args: string[]) => {
+    const res = await run("terraform", [`-chdir=${live}`, ...args, "-no-color"], { env: { ...baseEnv, ...env } });
+    return { ...res, out: res.stdout + res.stderr };
+  };
+  const apply = async (env: Record<string, string>) => {
+    const res = await tf(env, "apply", "-auto-approve");
+    assertEquals(res.code, 0, res.out);
+    return res;
+  };
+  const outputs = async () => {
+    const res = await tf({}, "output", "-json");
+    assertEquals(res.code, 0, res.out);
+    return (JSON.parse(res.stdout) as Json).sinkhole.value as Json;
+  };
+  /** A plan's changes, less moto's one gap: a service replaced for capacity_provider_strategy alone. */
+  const changes = async (env: Record<string, string>) => {
+    const plan = await tf(env, "plan", "-out=tfplan");
+    assertEquals(plan.code, 0, plan.out);
+    const shown = await tf(env, "show", "-json", "tfplan");
+    const all = ((JSON.parse(shown.stdout) as Json).resource_changes ?? []) as Json[];
+    return all.filter((c) => c.change.actions.join() !== "no-op").filter((c) =>
+      !(c.type === "aws_ecs_service" && JSON.stringify(c.change.replace_paths ?? []) === MOTO_DROPS)
+    ).map((c) => `${c.address}: ${c.change.actions.join("+")}`);
+  };
+  /** `init` with the workflow's -backend-config, and the backend's own endpoint at moto. */
+  const init = () =>
+    tf(
+      {},
+      "init",
+      `-backend-config=bucket=${STATE_BUCKET}`,
+      `-backend-config=key=sinkhole/${ENVIRONMENT}.tfstate`,
+      `-backend-config=region=${ENV.region}`,
+      // The backend's own endpoint and checks: moto instead of S3 (not set by the workflow).
+      `-backend-config=endpoints={s3="${endpoint}"}`,
+      "-backend-config=use_path_style=true",
+      "-backend-config=skip_credentials_validation=true",
+      "-backend-config=skip_requesting_account_id=true",
+      "-backend-config=access_key=testing",
+      "-backend-config=secret_key=testing",
+    );
+  return { dir, live, tf, apply, outputs, changes, init };
+}
+
 Deno.test({
   name: "infra: the workflow's root applies into moto on Cabalmail's account; ctl drives what it made; prod refused",
   ignore: tools.ignore,
@@ -135,47 +198,7 @@ Deno.test({
       );
     }
     const moto = await startMoto();
-    const { dir, live } = await workspace(moto.url, mirrorRoot);
-    const baseEnv = {
-      ...AWS_ENV,
-      // The local-exec drain commands use the aws CLI: it follows the same override.
-      AWS_ENDPOINT_URL: moto.url,
-      TF_CLI_CONFIG_FILE: `${dir}/cli.tfrc`,
-      TF_IN_AUTOMATION: "1",
-      TF_INPUT: "0",
-      CHECKPOINT_DISABLE: "1",
-      HOME: dir,
-    };
-    /** The three variables infra.yml sets, and nothing else. */
-    const vars = (sinkhole: boolean, quiesced = false, environment = ENVIRONMENT) => ({
-      TF_VAR_environment: environment,
-      TF_VAR_sinkhole: String(sinkhole),
-      TF_VAR_quiesced: String(quiesced),
-    });
-    const tf = async (env: Record<string, string>, ...args: string[]) => {
-      const res = await run("terraform", [`-chdir=${live}`, ...args, "-no-color"], { env: { ...baseEnv, ...env } });
-      return { ...res, out: res.stdout + res.stderr };
-    };
-    const apply = async (env: Record<string, string>) => {
-      const res = await tf(env, "apply", "-auto-approve");
-      assertEquals(res.code, 0, res.out);
-      return res;
-    };
-    const outputs = async () => {
-      const res = await tf({}, "output", "-json");
-      assertEquals(res.code, 0, res.out);
-      return (JSON.parse(res.stdout) as Json).sinkhole.value as Json;
-    };
-    /** A plan's changes, less moto's one gap: a service replaced for capacity_provider_strategy alone. */
-    const changes = async (env: Record<string, string>) => {
-      const plan = await tf(env, "plan", "-out=tfplan");
-      assertEquals(plan.code, 0, plan.out);
-      const shown = await tf(env, "show", "-json", "tfplan");
-      const all = ((JSON.parse(shown.stdout) as Json).resource_changes ?? []) as Json[];
-      return all.filter((c) => c.change.actions.join() !== "no-op").filter((c) =>
-        !(c.type === "aws_ecs_service" && JSON.stringify(c.change.replace_paths ?? []) === MOTO_DROPS)
-      ).map((c) => `${c.address}: ${c.change.actions.join("+")}`);
-    };
+    const { dir, live, tf, apply, outputs, changes, init } = await terraformRoot(moto.url, mirrorRoot);
     const aws = (...a: string[]) => awsCli(moto.url, ...a);
     const service = async () =>
       ((await aws("ecs", "describe-services", "--cluster", ENV.cluster, "--services", ENV.sinkholeService))
@@ -196,21 +219,8 @@ Deno.test({
       await prepareAccount(moto.url);
 
       await t.step("init from the mirror into the S3 backend, with the workflow's -backend-config", async () => {
-        const init = await tf(
-          {},
-          "init",
-          `-backend-config=bucket=${STATE_BUCKET}`,
-          `-backend-config=key=sinkhole/${ENVIRONMENT}.tfstate`,
-          `-backend-config=region=${ENV.region}`,
-          // The backend's own endpoint and checks: moto instead of S3 (not set by the workflow).
-          `-backend-config=endpoints={s3="${moto.url}"}`,
-          "-backend-config=use_path_style=true",
-          "-backend-config=skip_credentials_validation=true",
-          "-backend-config=skip_requesting_account_id=true",
-          "-backend-config=access_key=testing",
-          "-backend-config=secret_key=testing",
-        );
-        assertEquals(init.code, 0, init.out);
+        const res = await init();
+        assertEquals(res.code, 0, res.out);
         const lock = await Deno.readTextFile(`${live}/.terraform.lock.hcl`);
         const committed = await Deno.readTextFile(`${ROOT}/terraform/live/.terraform.lock.hcl`);
         assertEquals(lock, committed, "init agrees with the committed lock file (the pinned provider's checksum)");
@@ -335,4 +345,116 @@ Deno.test("infra: every required variable of every root and module call has a so
   for (const [name, def] of Object.entries(mod.variable as Record<string, Json>)) {
     if (!("default" in def)) assertMatch(call, new RegExp(`^\\s*${name}\\s*=`, "m"), `the root passes ${name}`);
   }
+});
+
+/** The tier as Cabalmail's own terraform/infra/modules/ecs/sinkhole.tf makes it, by its names. */
+async function cabalmailsTier(endpoint: string): Promise<void> {
+  const aws = (...a: string[]) => awsCli(endpoint, ...a);
+  const vpcs = (await aws("ec2", "describe-vpcs", "--filters", `Name=tag:Name,Values=${ENV.vpcName}`)).Vpcs as Json[];
+  const subnets = (await aws("ec2", "describe-subnets", "--filters", "Name=tag:Name,Values=cabal-private-subnet-*"))
+    .Subnets as Json[];
+  await aws("ecr", "create-repository", "--repository-name", "cabal-sinkhole");
+  await aws("ssm", "put-parameter", "--name", ENV.parameter, "--value", "defer", "--type", "String");
+  await aws("logs", "create-log-group", "--log-group-name", ENV.sinkholeLogGroup);
+  await aws(
+    "iam",
+    "create-role",
+    "--role-name",
+    "cabal-ecs-sinkhole-task-role",
+    "--assume-role-policy-document",
+    JSON.stringify({
+      Version: "2012-10-17",
+      Statement: [{ Action: "sts:AssumeRole", Effect: "Allow", Principal: { Service: "ecs-tasks.amazonaws.com" } }],
+    }),
+  );
+  const sg = (await aws(
+    "ec2",
+    "create-security-group",
+    "--group-name",
+    "cabal-ecs-sinkhole-sg",
+    "--description",
+    "Allow sinkhole inbound port 25 from VPC",
+    "--vpc-id",
+    vpcs[0].VpcId,
+  )).GroupId as string;
+  const ns = ((await aws("servicediscovery", "list-namespaces")).Namespaces as Json[])[0].Id;
+  const cm = (await aws(
+    "servicediscovery",
+    "create-service",
+    "--name",
+    "sinkhole",
+    "--dns-config",
+    JSON.stringify({ NamespaceId: ns, DnsRecords: [{ Type: "A", TTL: 10 }], RoutingPolicy: "MULTIVALUE" }),
+  )).Service as Json;
+  await aws(
+    "ecs",
+    "register-task-definition",
+    "--family",
+    ENV.sinkholeService,
+    "--network-mode",
+    "awsvpc",
+    "--requires-compatibilities",
+    "EC2",
+    "--container-definitions",
+    JSON.stringify([{ name: "sinkhole", image: "public.ecr.aws/nginx/nginx:stable", memory: 128 }]),
+  );
+  await aws(
+    "ecs",
+    "create-service",
+    "--cluster",
+    ENV.cluster,
+    "--service-name",
+    ENV.sinkholeService,
+    "--task-definition",
+    ENV.sinkholeService,
+    "--desired-count",
+    "1",
+    "--network-configuration",
+    JSON.stringify({ awsvpcConfiguration: { subnets: subnets.map((s) => s.SubnetId), securityGroups: [sg] } }),
+    "--service-registries",
+    JSON.stringify([{ registryArn: cm.Arn }]),
+  );
+}
+
+Deno.test({
+  name: "infra: adopting the tier Cabalmail's Terraform made, with docs/deploy.md's import block: nothing duplicated",
+  ignore: tools.ignore,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    assertTools(tools.missing);
+    const mirrorRoot = mirror();
+    if (!mirrorRoot) throw new Error(`the hashicorp/aws provider mirror is missing (${PROVIDER_DIR})`);
+    const moto = await startMoto();
+    const { dir, live, apply, changes, init } = await terraformRoot(moto.url, mirrorRoot);
+    const aws = (...a: string[]) => awsCli(moto.url, ...a);
+    try {
+      await prepareAccount(moto.url);
+      await cabalmailsTier(moto.url);
+      const doc = await Deno.readTextFile(`${ROOT}/docs/deploy.md`);
+      const section = doc.slice(doc.indexOf("## Adopting"));
+      const [names, imports] = [...section.matchAll(/```hcl\n([\s\S]*?)```/g)].map((m) => m[1]);
+      await Deno.writeTextFile(`${live}/adopt_override.tf`, names);
+      await Deno.writeTextFile(`${live}/adopt.tf`, imports);
+      const initialized = await init();
+      assertEquals(initialized.code, 0, initialized.out);
+      const applied = await apply(vars(true));
+      assertMatch(applied.out, /Apply complete! Resources: \d+ imported/);
+      const groups =
+        (await aws("ec2", "describe-security-groups", "--filters", "Name=group-name,Values=cabal-*sinkhole*"))
+          .SecurityGroups as Json[];
+      assertEquals(groups.map((g) => g.GroupName), ["cabal-ecs-sinkhole-sg"], "adopted, not duplicated");
+      const services = ((await aws("servicediscovery", "list-services")).Services as Json[]).filter((s) =>
+        s.Name === "sinkhole"
+      );
+      assertEquals(services.length, 1, "one Cloud Map service sinkhole");
+      const ecs = (await aws("ecs", "describe-services", "--cluster", ENV.cluster, "--services", ENV.sinkholeService))
+        .services as Json[];
+      assertEquals(ecs.filter((s) => s.status === "ACTIVE").length, 1, "one ECS service");
+      assertEquals(await changes(vars(true)), [], "after adoption, a plan shows no changes");
+    } finally {
+      await moto.close();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
 });

@@ -111,7 +111,7 @@ Deno.test("terraform: service, Cloud Map, security group, drain-before-deregiste
   );
   assertEquals(svc.load_balancer, undefined, "no load balancer");
   assertMatch(svc.service_registries.registry_arn, /aws_service_discovery_service\.discovery/);
-  assertEquals(svc.capacity_provider_strategy, [{ capacity_provider: "${var.capacity_provider}", weight: 1 }]);
+  assertEquals(svc.capacity_provider_strategy, [{ capacity_provider: "${var.capacity_provider}", weight: 100 }]);
   has("aws_service_discovery_service", {
     name: "sinkhole",
     dns_config: {
