@@ -104,6 +104,18 @@ export const MAX_DELAY_MS = 10 * 60_000;
 export const MAX_GREYLIST_MS = 7 * 24 * 3_600_000;
 /** The longest text of a custom reply. */
 export const MAX_REPLY_TEXT = 200;
+/** The most failing attempts `first=N` may ask for. */
+export const MAX_FIRST_ATTEMPTS = 100;
+/** The longest outage window `for=` may ask for. */
+export const MAX_OUTAGE_MS = 30 * 24 * 3_600_000;
+/** Messages (sender and recipient) whose attempts are counted; the least recently first seen is forgotten past it. */
+export const MAX_ATTEMPT_ENTRIES = 100_000;
+/** What one counted message holds in memory at most, whatever its addresses (a digest, a count, a time). */
+export const ATTEMPT_ENTRY_BYTES = 72;
+/** Attempts counted per message at most (then the count stays): first seen (ms) × this fits in 53 bits. */
+export const ATTEMPT_COUNT_SPAN = 2048;
+/** The longest Message-ID kept for an attempt event. */
+export const MAX_MESSAGE_ID_LENGTH = 256;
 
 export const MODES = [
   "defer",
@@ -222,9 +234,21 @@ export interface Scenario {
    * `refuse` offers it and answers 454; `break` offers it, says 220, and closes before any handshake.
    */
   starttls: "default" | "off" | "refuse" | "break";
+  /**
+   * Stateful failure (defer, bounce, drop at RCPT): the failure applies to the first N attempts
+   * of each message, or within an outage window from its first sighting, or at a seeded rate;
+   * otherwise `then` applies. A message is its sender and recipient (`attemptKey`).
+   */
+  stateful?: Stateful;
+  then: "accept" | "defer" | "bounce";
   /** The value as written, whitespace folded: what the logs show. */
   text: string;
 }
+
+export type Stateful =
+  | { kind: "first"; attempts: number }
+  | { kind: "for"; ms: number }
+  | { kind: "rate"; percent: number; seed: number };
 
 const FAILING: readonly Base[] = ["defer", "bounce", "drop"];
 
@@ -279,8 +303,10 @@ export function parseScenario(raw: string): Scenario | string {
     delayMs: 0,
     greylist: { key: "ip", minMs: 0 },
     starttls: "default",
+    then: "accept",
     text: base, // completed below
   };
+  let seed: number | undefined;
   // Canonical text: what the logs show, and parseable again (lower case but a reply's text; spaces quoted).
   const canonical: string[] = [base];
   const seen = new Set<string>();
@@ -343,10 +369,54 @@ export function parseScenario(raw: string): Scenario | string {
         if (value === "off" || value === "refuse" || value === "break") sc.starttls = value;
         else problem = "starttls must be off, refuse or break";
         break;
+      case "first":
+      case "for":
+      case "rate": {
+        if (!FAILING.includes(base)) {
+          problem = `${key}= applies to defer, bounce and drop only`;
+          break;
+        }
+        if (sc.stateful) {
+          problem = "one of first=, for= and rate= at a time";
+          break;
+        }
+        if (key === "first") {
+          const n = /^\d{1,3}$/.test(value) ? Number(value) : NaN;
+          if (!(n >= 1 && n <= MAX_FIRST_ATTEMPTS)) problem = `first must be a count from 1 to ${MAX_FIRST_ATTEMPTS}`;
+          else sc.stateful = { kind: "first", attempts: n };
+        } else if (key === "for") {
+          const ms = duration(MAX_OUTAGE_MS);
+          if (typeof ms === "string") problem = ms;
+          else sc.stateful = { kind: "for", ms };
+        } else {
+          const m = /^(\d{1,3}(?:\.\d{1,2})?)%$/.exec(value);
+          const percent = m ? Number(m[1]) : NaN;
+          if (!(percent >= 0 && percent <= 100)) problem = "rate must be a percentage like 30%";
+          else sc.stateful = { kind: "rate", percent, seed: 0 };
+        }
+        break;
+      }
+      case "seed":
+        if (!/^\d{1,9}$/.test(value)) problem = "seed must be a whole number (up to 9 digits)";
+        else seed = Number(value);
+        break;
+      case "then":
+        if (value === "accept" || value === "defer" || value === "bounce") sc.then = value;
+        else problem = "then must be accept, defer or bounce";
+        break;
       default:
-        problem = `unknown option ${JSON.stringify(key)}: at, reply, delay, key, min, window, starttls`;
+        problem = `unknown option ${JSON.stringify(key)}: ` +
+          "at, reply, delay, key, min, window, starttls, first, for, rate, seed, then";
     }
     if (problem) return problem;
+  }
+  if (seed !== undefined) {
+    if (sc.stateful?.kind !== "rate") return "seed= goes with rate=";
+    sc.stateful.seed = seed;
+  }
+  if (seen.has("then") && !sc.stateful) return "then= goes with first=, for= or rate=";
+  if (sc.stateful && sc.at !== "rcpt") {
+    return "first=, for= and rate= act at rcpt (a message is known by its recipient)";
   }
   if (base === "drop" && sc.at === "connect" && sc.delayMs > 0) return "drop at=connect cannot delay: nothing is sent";
   sc.text = canonical.join(" ");
@@ -468,6 +538,8 @@ export interface Transaction {
    * their octets stay within MAX_KEPT_RCPT_BYTES; past it they are only counted.
    */
   accepted: string[];
+  /** The attempt number of each kept accepted recipient's message (same order as `accepted`). */
+  acceptedAttempts: number[];
   acceptedCount: number;
   acceptedBytes: number;
   /** Greylist answer for this transaction when keyed by IP, asked once at its first RCPT. */
@@ -500,6 +572,58 @@ export interface Inputs {
   greylist?: GreylistLookup;
   /** The listener can upgrade sessions to TLS (SINKHOLE_STARTTLS=on, a certificate loaded). */
   tlsAvailable?: boolean;
+  /** The attempt table: what is known of a message's earlier attempts; without it every attempt is a first. */
+  attempts?: AttemptLookup;
+}
+
+/** What the attempt table knows of a message: attempts so far, and when it was first seen (ms). */
+export interface AttemptEntry {
+  count: number;
+  first: number;
+}
+export type AttemptLookup = (key: string) => AttemptEntry | undefined;
+
+/**
+ * A message's identity across attempts, sessions, client addresses and MTA tasks: its sender
+ * and one recipient, as the envelope gives them (case folded). Known at RCPT, so a message
+ * refused before DATA is still recognised on its retry. Two messages with the same sender
+ * and recipient in flight at once count as one (their Message-IDs, logged when DATA is
+ * reached, tell them apart in the report).
+ */
+export function attemptKey(from: string, rcpt: string): string {
+  return `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
+}
+
+/** This attempt of a message: its number (1 for the first) and when the message was first seen. */
+export interface Attempt {
+  key: string;
+  n: number;
+  first: number;
+}
+
+/** A reproducible number in [0, 1) for (seed, message, attempt): FNV-1a over the three. */
+export function seededUnit(seed: number, key: string, n: number): number {
+  let h = 0x811c9dc5;
+  for (const ch of `${seed}|${key}|${n}`) {
+    h ^= ch.charCodeAt(0);
+    h = Math.imul(h, 0x01000193) >>> 0;
+  }
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b) >>> 0;
+  h ^= h >>> 13;
+  return (h >>> 0) / 4294967296;
+}
+
+/** Whether a stateful scenario still fails this attempt of a message (pure: the clock is an argument). */
+export function inFailingPhase(st: Stateful, a: Attempt, now: number): boolean {
+  switch (st.kind) {
+    case "first":
+      return a.n <= st.attempts;
+    case "for":
+      return now - a.first < st.ms;
+    case "rate":
+      return seededUnit(st.seed, a.key, a.n) < st.percent / 100;
+  }
 }
 
 /**
@@ -520,6 +644,8 @@ export interface Outcome {
   farewell?: Reply;
   /** Greylist first attempts for the table. */
   remember?: GreylistRecord[];
+  /** At RCPT: the attempt of the recipient's message, for the attempt table and the log. */
+  attempt?: Attempt;
   /** At DATA: keep the message's header section for the log (accept-log). */
   captureHeaders?: boolean;
   /** At end of data: log the accepted message (accept-log). */
@@ -550,6 +676,8 @@ export interface Decision {
   /** The transaction's greylist answer when keyed by IP (asked once per transaction). */
   greylist?: GreylistVerdict;
   remember?: GreylistRecord[];
+  /** At RCPT: which attempt of the recipient's message this is. */
+  attempt?: Attempt;
 }
 
 const PASS: Decision = { delayMs: 0 };
@@ -557,7 +685,9 @@ const PASS: Decision = { delayMs: 0 };
 /** A recipient address that asks for its own outcome: `bounce+x@…`, `defer+x@…`, `451-4.7.1+x@…`. */
 export type RecipientOutcome =
   | { kind: "accept" | "bounce" | "defer" | "greylist" | "drop" }
-  | { kind: "reply"; reply: Reply };
+  | { kind: "reply"; reply: Reply }
+  /** `defer2+x@…`: the first N attempts of this recipient's message fail so, then it is accepted. */
+  | { kind: "first"; base: "defer" | "bounce" | "drop"; attempts: number };
 
 const RCPT_KINDS = ["accept", "bounce", "defer", "greylist", "drop"] as const;
 
@@ -567,6 +697,10 @@ export function recipientOutcome(address: string): RecipientOutcome | undefined 
   if (plus <= 0) return undefined;
   const tag = local.slice(0, plus).toLowerCase();
   if ((RCPT_KINDS as readonly string[]).includes(tag)) return { kind: tag as typeof RCPT_KINDS[number] };
+  const first = /^(defer|bounce|drop)(\d{1,2})$/.exec(tag);
+  if (first && Number(first[2]) >= 1) {
+    return { kind: "first", base: first[1] as "defer" | "bounce" | "drop", attempts: Number(first[2]) };
+  }
   const m = /^([245]\d\d)(?:-([245]\.\d{1,3}\.\d{1,3}))?$/.exec(tag);
   if (!m || (m[2] && m[2][0] !== m[1][0])) return undefined;
   const status = m[2] ?? `${m[1][0]}.0.0`;
@@ -616,6 +750,32 @@ function recipientDecision(m: Moment, own: RecipientOutcome): Decision {
     }
     case "reply":
       return { fail: own.reply, delayMs: 0 };
+    case "first": {
+      const attempt = attemptOf(m);
+      if (attempt.n > own.attempts) return { delayMs: 0, attempt };
+      if (own.base === "drop") return { drop: true, delayMs: 0, attempt };
+      return { fail: own.base === "bounce" ? REPLIES.bounce : REPLIES.deferRcpt, delayMs: 0, attempt };
+    }
+  }
+}
+
+/** This attempt of the RCPT's message, from the attempt table's answer. */
+function attemptOf(m: Moment): Attempt {
+  const key = attemptKey(m.tx!.from, m.rcpt!);
+  const seen = m.inputs.attempts?.(key);
+  return { key, n: (seen?.count ?? 0) + 1, first: seen?.first ?? m.inputs.now ?? 0 };
+}
+
+/** A stateful scenario at RCPT: its failure while the message is in the failing phase, then `then`. */
+function statefulAt(m: Moment, st: Stateful, attempt: Attempt): Decision {
+  if (inFailingPhase(st, attempt, m.inputs.now ?? 0)) return { ...scenarioAt(m.scenario, "rcpt"), attempt };
+  switch (m.scenario.then) {
+    case "accept":
+      return { delayMs: 0, attempt };
+    case "defer":
+      return { fail: REPLIES.defer, delayMs: 0, attempt };
+    case "bounce":
+      return { fail: REPLIES.bounce, delayMs: 0, attempt };
   }
 }
 
@@ -632,8 +792,9 @@ export function decide(m: Moment): Decision {
       return { delayMs: 0, after: "starttls" };
     case "rcpt": {
       const own = recipientOutcome(m.rcpt!);
-      if (own) return recipientDecision(m, own);
-      const at = scenarioAt(sc, "rcpt");
+      if (own) return { attempt: attemptOf(m), ...recipientDecision(m, own) };
+      if (sc.stateful) return statefulAt(m, sc.stateful, attemptOf(m));
+      const at = { ...scenarioAt(sc, "rcpt"), attempt: attemptOf(m) };
       if (at.fail || at.drop || sc.base !== "greylist") return at;
       if (sc.greylist.key === "triplet") {
         const g = greylisted(m, `${m.inputs.client}|${m.tx!.from}|${m.rcpt}`);
@@ -661,6 +822,7 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
     ? { reply: d.fail, state: failed, after: d.after ?? "continue", delayMs: d.delayMs }
     : { ...ok, after: d.after ?? ok.after, delayMs: d.delayMs };
   if (d.remember) base.remember = d.remember;
+  if (d.attempt) base.attempt = d.attempt;
   if (d.drop) return { ...base, state: failed, after: "drop" };
   if (base.reply.code === 421) return { ...base, after: "close" };
   return base;
@@ -804,7 +966,13 @@ const answer = (state: SessionState, reply: Reply, after: After = "continue"): O
 });
 
 /** The transaction after one RCPT: counted, and kept (within its byte bound) when the reply accepts it. */
-function withRecipient(tx: Transaction, box: string, reply: Reply, greylist?: GreylistVerdict): Transaction {
+function withRecipient(
+  tx: Transaction,
+  box: string,
+  reply: Reply,
+  greylist?: GreylistVerdict,
+  attempt = 1,
+): Transaction {
   const next = { ...tx, rcptCount: tx.rcptCount + 1, lastRcpt: box, greylist: greylist ?? tx.greylist };
   if (reply.code < 200 || reply.code >= 300) return next;
   const keep = tx.acceptedBytes + box.length <= MAX_KEPT_RCPT_BYTES;
@@ -812,6 +980,7 @@ function withRecipient(tx: Transaction, box: string, reply: Reply, greylist?: Gr
     ...next,
     acceptedCount: tx.acceptedCount + 1,
     accepted: keep ? [...tx.accepted, box] : tx.accepted,
+    acceptedAttempts: keep ? [...tx.acceptedAttempts, attempt] : tx.acceptedAttempts,
     acceptedBytes: keep ? tx.acceptedBytes + box.length : tx.acceptedBytes,
   };
 }
@@ -846,6 +1015,7 @@ const COMMANDS: Record<string, Handler> = {
       from,
       rcptCount: 0,
       accepted: [],
+      acceptedAttempts: [],
       acceptedCount: 0,
       acceptedBytes: 0,
     };
@@ -864,7 +1034,7 @@ const COMMANDS: Record<string, Handler> = {
     const d = decide({ point: "rcpt", scenario: tx.scenario, tx, rcpt: box, inputs });
     // A dropped recipient is recorded as deferred: it is not delivered, and nothing was said.
     const reply = d.fail ?? (d.drop ? REPLIES.deferRcpt : REPLIES.rcptOk);
-    const next = { ...state, tx: withRecipient(tx, box, reply, d.greylist) };
+    const next = { ...state, tx: withRecipient(tx, box, reply, d.greylist, d.attempt?.n) };
     return outcome(d, answer(next, reply), next);
   },
   DATA: (state, arg, inputs) => {
@@ -1056,6 +1226,8 @@ export class MessageReader {
   headers: string[] = [];
   /** Header lines were left out (over the cap, or a header line over MAX_TEXT_LINE). */
   truncated = false;
+  /** The Message-ID header's value (whatever the mode), at most MAX_MESSAGE_ID_LENGTH characters. */
+  messageId?: string;
   #inHeaders = true;
   #headerBytes = 0;
 
@@ -1083,6 +1255,11 @@ export class MessageReader {
     if (len === 0) {
       this.#inHeaders = false;
       return "more";
+    }
+    if (this.messageId === undefined && len > 11 && (bytes[stuffed] | 0x20) === 0x6d) {
+      const head = headerDecoder.decode(bytes.subarray(stuffed, len));
+      const m = /^message-id:\s*(\S.*)$/i.exec(head);
+      if (m) this.messageId = m[1].trim().slice(0, MAX_MESSAGE_ID_LENGTH);
     }
     if (!this.captureHeaders) return "more";
     const folded = (bytes[stuffed] === 32 || bytes[stuffed] === 9) && this.headers.length > 0;
@@ -1139,6 +1316,32 @@ export interface SessionEvent {
   error?: string;
   /** Transactions or recipients were left out of the line (MAX_TRANSCRIPT_BYTES, MAX_LOGGED_TRANSACTIONS). */
   transcriptTruncated?: true;
+}
+
+/**
+ * One attempt to deliver a message to one recipient (the retry ledger): logged once the
+ * attempt's outcome was said (or, for a drop, once nothing was said). `ctl report` and
+ * `ctl expect` read these.
+ */
+export interface AttemptEvent {
+  event: "attempt";
+  /** The message's identity across attempts (`attemptKey`: sender > recipient). */
+  key: string;
+  /** 1 for the first attempt this listener saw since it started. */
+  attempt: number;
+  from: string;
+  rcpt: string;
+  /** Where the attempt ended: refused at rcpt or data, or answered at the end of data. */
+  stage: "rcpt" | "data" | "eod";
+  /** The reply the client was given; absent when the connection was dropped instead. */
+  code?: number;
+  dropped?: true;
+  /** The Message-ID header, when the attempt reached the message (at most MAX_MESSAGE_ID_LENGTH). */
+  messageId?: string;
+  client: string;
+  tls: boolean;
+  /** The mode the transaction ran under. */
+  mode: string;
 }
 
 /** accept-log: one line per accepted message, with its envelope and header section. */
@@ -1224,6 +1427,7 @@ export interface StoppedEvent {
 /** Every event the listener logs: one JSON line each on stdout (CloudWatch Logs via awslogs). */
 export type LogEvent =
   | SessionEvent
+  | AttemptEvent
   | MessageEvent
   | StartEvent
   | ModeEvent
@@ -1464,6 +1668,41 @@ export class GreylistTable {
       if (now - at <= this.#windowOf(digest)) break;
       this.#forget(digest);
     }
+  }
+}
+
+/**
+ * The retry ledger's memory: per message (`attemptKey`), the attempts seen and when it was
+ * first seen. Like the greylist table it keeps a 53-bit digest, never the key, so an entry
+ * costs ATTEMPT_ENTRY_BYTES whatever the addresses; past MAX_ATTEMPT_ENTRIES the message
+ * first seen longest ago is forgotten. A restart forgets everything: attempt numbers start
+ * again at 1 (the report still shows every logged attempt, in order).
+ */
+export class AttemptTable {
+  /** Digest → first seen × ATTEMPT_COUNT_SPAN + attempts (one number: no object per entry), in first-seen order. */
+  #entries = new Map<number, number>();
+  constructor(readonly maxEntries = MAX_ATTEMPT_ENTRIES) {}
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  lookup(key: string): AttemptEntry | undefined {
+    const packed = this.#entries.get(keyDigest(key));
+    if (packed === undefined) return undefined;
+    return { count: packed % ATTEMPT_COUNT_SPAN, first: Math.floor(packed / ATTEMPT_COUNT_SPAN) };
+  }
+
+  /** Counts one attempt of a message at `now` (the count stops at ATTEMPT_COUNT_SPAN - 1). */
+  count(key: string, now: number): void {
+    const digest = keyDigest(key);
+    const packed = this.#entries.get(digest);
+    if (packed !== undefined) {
+      if (packed % ATTEMPT_COUNT_SPAN < ATTEMPT_COUNT_SPAN - 1) this.#entries.set(digest, packed + 1);
+      return;
+    }
+    while (this.#entries.size >= this.maxEntries) this.#entries.delete(this.#entries.keys().next().value!);
+    this.#entries.set(digest, Math.floor(now) * ATTEMPT_COUNT_SPAN + 1);
   }
 }
 
@@ -1939,6 +2178,8 @@ interface ServerDeps {
   config: Config;
   modes: { readonly current: Scenario };
   greylist: GreylistTable;
+  /** The retry ledger's counts; absent: every attempt is a first (tests of other things). */
+  attempts?: AttemptTable;
 }
 
 /**
@@ -1980,7 +2221,33 @@ class Session implements LineSink {
       now,
       greylist: (key) => this.deps.greylist.lookup(key, now),
       tlsAvailable: this.deps.config.startTls,
+      attempts: (key) => this.deps.attempts?.lookup(key),
     };
+  }
+
+  /** Logs one attempt event per recipient of `rcpts` (address, attempt number). */
+  #logAttempts(
+    tx: Transaction,
+    rcpts: [string, number][],
+    stage: AttemptEvent["stage"],
+    code: number | undefined,
+    messageId?: string,
+  ): void {
+    for (const [rcpt, attempt] of rcpts) {
+      log({
+        event: "attempt",
+        key: attemptKey(tx.from, rcpt),
+        attempt,
+        from: tx.from,
+        rcpt,
+        stage,
+        ...(code === undefined ? { dropped: true as const } : { code }),
+        ...(messageId ? { messageId } : {}),
+        client: this.client,
+        tls: !!this.state.tls,
+        mode: tx.scenario.text,
+      });
+    }
   }
 
   /** Queues a reply; `then` runs (and the transcript records it) only once it was written. */
@@ -2105,13 +2372,38 @@ class Session implements LineSink {
     this.transcript.command(splitCommand(text).verb);
     const before = this.state.tx;
     const out = respond(this.state, text, this.#inputs());
-    this.#apply(out, () => this.transcript.record(before, out));
+    const ended = this.#attemptEnded(before, out);
+    this.#apply(out, () => {
+      this.transcript.record(before, out);
+      ended?.(out.reply.code);
+    });
+    if (out.after === "drop") ended?.(undefined);
+  }
+
+  /**
+   * The attempts a command's outcome ends, to log once its reply is said: a recipient
+   * refused at RCPT, or every accepted recipient when DATA is refused.
+   */
+  #attemptEnded(before: Transaction | undefined, out: Outcome): ((code: number | undefined) => void) | undefined {
+    if (!before) return undefined;
+    if (out.attempt && !(out.after !== "drop" && out.reply.code >= 200 && out.reply.code < 300)) {
+      const { n } = out.attempt;
+      const rcpt = out.state.tx?.lastRcpt ?? before.lastRcpt;
+      const tx = out.state.tx ?? before;
+      if (rcpt === undefined) return undefined;
+      return (code) => this.#logAttempts(tx, [[rcpt, n]], "rcpt", code);
+    }
+    if (before.acceptedCount > 0 && !out.state.tx && out.after !== "data" && out.reply.code >= 400) {
+      return (code) => this.#logAttempts(before, zip(before), "data", code);
+    }
+    return undefined;
   }
 
   /** Carries out an outcome: effects, the reply (held when it waits), what comes after. */
   #apply(out: Outcome, written?: () => void): void {
     this.state = out.state;
     for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
+    if (out.attempt) this.deps.attempts?.count(out.attempt.key, out.attempt.first);
     if (out.after === "drop" || out.delayMs > 0) {
       this.#hold = { from: this.#out.length, delayMs: out.delayMs, after: out.after === "drop" ? "drop" : "continue" };
     }
@@ -2138,8 +2430,11 @@ class Session implements LineSink {
     const tx = this.state.tx!;
     const helo = this.state.helo;
     const out = endOfData(this.state, message.summary, this.#inputs());
+    const messageId = message.messageId;
+    if (out.after === "drop") this.#logAttempts(tx, zip(tx), "eod", undefined, messageId);
     this.#apply(out, () => {
       this.transcript.endOfData(message.size, out.reply.code);
+      this.#logAttempts(tx, zip(tx), "eod", out.reply.code, messageId);
       // accept-log: the message is logged once the client was told it was accepted.
       if (!out.logMessage) return;
       log({
@@ -2186,6 +2481,11 @@ class Session implements LineSink {
   event(error?: string): SessionEvent {
     return this.transcript.event(this.state.helo, Date.now(), error);
   }
+}
+
+/** A transaction's kept accepted recipients with their attempt numbers. */
+function zip(tx: Transaction): [string, number][] {
+  return tx.accepted.map((rcpt, i) => [rcpt, tx.acceptedAttempts[i] ?? 1]);
 }
 
 async function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
@@ -2454,7 +2754,12 @@ async function main(): Promise<void> {
     Deno.exit(2);
   }
   const modes = new ModeCache(sourceFor(config, env), config.cacheTtlMs);
-  const server = new Server({ config, modes, greylist: new GreylistTable(config.greylistWindowMs) });
+  const server = new Server({
+    config,
+    modes,
+    greylist: new GreylistTable(config.greylistWindowMs),
+    attempts: new AttemptTable(),
+  });
   await modes.start();
   let tls: Awaited<ReturnType<typeof tlsMaterial>> | undefined;
   try {

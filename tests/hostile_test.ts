@@ -231,6 +231,8 @@ Deno.test("docs: the README's limits and memory budget name every bound with the
     ["MAX_KEPT_RCPT_BYTES", kib(lim.MAX_KEPT_RCPT_BYTES)],
     ["MAX_GREYLIST_ENTRIES", lim.MAX_GREYLIST_ENTRIES.toLocaleString("en")],
     ["GREYLIST_ENTRY_BYTES", `${lim.GREYLIST_ENTRY_BYTES}`],
+    ["MAX_ATTEMPT_ENTRIES", lim.MAX_ATTEMPT_ENTRIES.toLocaleString("en")],
+    ["ATTEMPT_ENTRY_BYTES", `${lim.ATTEMPT_ENTRY_BYTES}`],
     ["MAX_SCENARIO_LENGTH", `${lim.MAX_SCENARIO_LENGTH}`],
     ["MAX_MODE_FILE_BYTES", kib(lim.MAX_MODE_FILE_BYTES)],
   ];

@@ -163,7 +163,9 @@ async function worstCase(w: World, env: Record<string, string>, label: string, c
     extra.close();
     clients.pop()!.close();
     await eventually(async () => (await transaction(l.port).catch(() => [])).at(-1) === 221);
-    if (capMiB !== undefined) {
+    // Under the cap: where a cgroup could be made, the kernel's own accounting under the task's
+    // limit (no OOM kill, asserted above) is the proof; elsewhere VmHWM, mapped code included.
+    if (capMiB !== undefined && !cgroup) {
       assert(worst.peak <= capMiB, `${label}: VmHWM ${worst.peak.toFixed(1)} MiB over ${capMiB}`);
     }
     assert(anonPeak <= ANON_TARGET_MIB, `${label}: anonymous RSS ${anonPeak.toFixed(1)} MiB over ${ANON_TARGET_MIB}`);

@@ -2,6 +2,10 @@
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { play, SERVER } from "./policy.ts";
 import {
+  ATTEMPT_ENTRY_BYTES,
+  type AttemptEntry,
+  attemptKey,
+  AttemptTable,
   configFromEnv,
   decide,
   endOfData,
@@ -9,6 +13,8 @@ import {
   GreylistTable,
   type GreylistVerdict,
   greylistVerdict,
+  inFailingPhase,
+  MAX_ATTEMPT_ENTRIES,
   MAX_ERRORS_PER_SESSION,
   MAX_MESSAGE_BYTES,
   MAX_RECIPIENTS,
@@ -20,6 +26,8 @@ import {
   REPLIES,
   respond,
   scenario,
+  seededUnit,
+  type Stateful,
 } from "../listener.ts";
 
 /** What each mode answers to RCPT and then to DATA. */
@@ -377,6 +385,7 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
     from: "a@origin.test",
     rcptCount: 0,
     accepted: [],
+    acceptedAttempts: [],
     acceptedCount: 0,
     acceptedBytes: 0,
   };
@@ -400,7 +409,15 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
 Deno.test("policy: greylisting takes the time and the table's entry as inputs, and says what to remember", () => {
   const sc = scenario("greylist min=5m");
   const now = 1_000_000_000;
-  const tx = { scenario: sc, from: "a@origin.test", rcptCount: 0, accepted: [], acceptedCount: 0, acceptedBytes: 0 };
+  const tx = {
+    scenario: sc,
+    from: "a@origin.test",
+    rcptCount: 0,
+    accepted: [],
+    acceptedAttempts: [],
+    acceptedCount: 0,
+    acceptedBytes: 0,
+  };
   const ask = (entry?: { at: number; windowMs: number }) =>
     decide({
       point: "rcpt",
@@ -420,4 +437,105 @@ Deno.test("policy: greylisting takes the time and the table's entry as inputs, a
   assertEquals([expired.fail?.code, expired.remember?.length], [451, 1], "past the window: a first attempt again");
   assertEquals(greylistVerdict({ at: 0, windowMs: 10 }, 5, 5), "pass");
   assertEquals(greylistVerdict({ at: 0, windowMs: 10 }, 11, 5), "defer");
+});
+
+/** Asks the policy about RCPT of `rcpt` from a@origin.test, given the table's entry for that message. */
+function rcptWith(mode: string, seen: AttemptEntry | undefined, now: number, rcpt = "b@sinkhole.test") {
+  const sc = scenario(mode);
+  const tx = {
+    scenario: sc,
+    from: "a@origin.test",
+    rcptCount: 0,
+    accepted: [],
+    acceptedAttempts: [],
+    acceptedCount: 0,
+    acceptedBytes: 0,
+  };
+  return decide({
+    point: "rcpt",
+    scenario: sc,
+    tx,
+    rcpt,
+    inputs: { scenario: sc, serverName: SERVER, now, attempts: () => seen },
+  });
+}
+
+Deno.test("policy: stateful scenarios, one table: first=N, for=, rate= with a seed, then=, per recipient", () => {
+  const t0 = 1_700_000_000_000;
+  const key = attemptKey("a@origin.test", "b@sinkhole.test");
+  assertEquals(key, "a@origin.test > b@sinkhole.test");
+  // [mode, attempts so far, ms since first seen, failing reply code (0: accepted), the attempt number]
+  const TABLE: [string, number, number, number, number][] = [
+    ["defer first=2", 0, 0, 421, 1],
+    ["defer first=2", 1, 60_000, 421, 2],
+    ["defer first=2", 2, 120_000, 0, 3],
+    ["defer first=2 then=bounce", 2, 120_000, 550, 3],
+    ["bounce first=1", 0, 0, 550, 1],
+    ["bounce first=1", 1, 1, 0, 2],
+    ['defer first=1 reply="452 4.2.2 Mailbox full"', 0, 0, 452, 1],
+    ["defer for=4h then=bounce", 5, 4 * 3_600_000 - 1, 421, 6],
+    ["defer for=4h then=bounce", 6, 4 * 3_600_000, 550, 7],
+    ["defer for=1h", 0, 0, 421, 1],
+    ["bounce first=1 then=defer", 1, 0, 421, 2],
+  ];
+  for (const [mode, count, since, code, n] of TABLE) {
+    const d = rcptWith(mode, count ? { count, first: t0 } : undefined, t0 + since);
+    assertEquals(d.fail?.code ?? 0, code, `${mode} after ${count} attempts, ${since} ms`);
+    assertEquals(d.attempt, { key, n, first: t0 }, `${mode}: the attempt to count`);
+  }
+  const dropped = rcptWith("drop first=1", undefined, t0);
+  assertEquals(dropped.drop, true);
+  // Per recipient: `defer2+x@` is deferred twice, then accepted; its neighbours are not.
+  assertEquals(rcptWith("accept", undefined, t0, "defer2+x@sinkhole.test").fail?.code, 451);
+  assertEquals(rcptWith("accept", { count: 1, first: t0 }, t0, "defer2+x@sinkhole.test").fail?.code, 451);
+  assertEquals(rcptWith("accept", { count: 2, first: t0 }, t0, "defer2+x@sinkhole.test").fail, undefined);
+  assertEquals(rcptWith("accept", undefined, t0, "bounce1+x@sinkhole.test").fail?.code, 550);
+  assertEquals(rcptWith("accept", undefined, t0, "x@sinkhole.test").fail, undefined);
+  // Plain modes count attempts too (the ledger), without changing their answer.
+  assertEquals(rcptWith("defer", { count: 4, first: t0 }, t0).attempt?.n, 5);
+});
+
+Deno.test("policy: a seeded rate gives the same decisions for the same seed, others for another", () => {
+  const decisions = (seed: number) =>
+    Array.from({ length: 200 }, (_, i) => {
+      const st: Stateful = { kind: "rate", percent: 30, seed };
+      return inFailingPhase(st, { key: `a@o.test > r${i % 20}@sinkhole.test`, n: 1 + Math.floor(i / 20), first: 0 }, 0);
+    });
+  const a = decisions(42);
+  assertEquals(decisions(42), a, "reproducible");
+  assert(JSON.stringify(decisions(43)) !== JSON.stringify(a), "another seed, other decisions");
+  const share = a.filter(Boolean).length / a.length;
+  assert(share > 0.2 && share < 0.4, `about 30% fail: ${share}`);
+  assertEquals(seededUnit(42, "k", 1), seededUnit(42, "k", 1));
+  assertEquals(rcptWith("defer rate=0%", undefined, 0).fail, undefined);
+  assertEquals(rcptWith("defer rate=100%", undefined, 0).fail?.code, 421);
+});
+
+Deno.test("attempt table: counts per message, first sighting kept, bounded by its cap", () => {
+  const table = new AttemptTable(3);
+  assertEquals(table.lookup("m1"), undefined);
+  table.count("m1", 100);
+  table.count("m1", 200);
+  assertEquals(table.lookup("m1"), { count: 2, first: 100 });
+  table.count("m2", 300);
+  table.count("m3", 400);
+  table.count("m4", 500);
+  assertEquals(table.size, 3);
+  assertEquals(table.lookup("m1"), undefined, "the least recently first seen is forgotten");
+  assertEquals(table.lookup("m4"), { count: 1, first: 500 });
+});
+
+Deno.test("attempt table: an entry costs at most ATTEMPT_ENTRY_BYTES of heap, whatever the addresses", () => {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  // Measured on the V8 heap with the table full of the longest keys (RFC 5321 paths), as the budget says.
+  const table = new AttemptTable();
+  const before = Deno.memoryUsage().heapUsed;
+  const long = (i: number) => `${"x".repeat(60)}${i}@${"d".repeat(190)}.test > ${"y".repeat(60)}${i}@sinkhole.test`;
+  for (let i = 0; i < MAX_ATTEMPT_ENTRIES; i++) table.count(long(i), 1_700_000_000_000 + i);
+  for (let i = 0; i < MAX_ATTEMPT_ENTRIES; i += 3) table.count(long(i), 0);
+  gc?.();
+  const perEntry = (Deno.memoryUsage().heapUsed - before) / table.size;
+  assertEquals(table.size, MAX_ATTEMPT_ENTRIES);
+  assertEquals(table.lookup(long(3)), { count: 2, first: 1_700_000_000_003 });
+  if (gc) assert(perEntry <= ATTEMPT_ENTRY_BYTES, `${perEntry.toFixed(1)} bytes an entry`);
 });
