@@ -17,6 +17,7 @@ import { DEFAULT_MODE, type LogLine, parseLogLine, parseScenario, type SessionEv
 import { type Environment, isProduction, RefusedError } from "./environments.ts";
 import { type Exec, mtaCommands, type Task } from "./exec.ts";
 import type { IssueResult } from "./github.ts";
+import { type AttemptLine, histories, unmet } from "./report.ts";
 
 export interface Report {
   title: string;
@@ -199,10 +200,13 @@ export async function modeGet(d: Deps): Promise<Report> {
 }
 
 /** The listener's log events (its typed JSON lines) in the sinkhole log group since `since`, matching a term. */
-async function listenerLines(d: Deps, since: number, term: string): Promise<LogLine[]> {
+/** Pages of log events read at most per query (each up to 1 MB or 10,000 events). */
+const MAX_LOG_PAGES = 20;
+
+export async function listenerLines(d: Deps, since: number, term: string): Promise<LogLine[]> {
   const out: LogLine[] = [];
   let nextToken: string | undefined;
-  for (let page = 0; page < 20; page++) {
+  for (let page = 0; page < MAX_LOG_PAGES; page++) {
     const res = await d.logs.send(
       new FilterLogEventsCommand({
         logGroupName: d.env.sinkholeLogGroup,
@@ -280,7 +284,14 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
   const tasks = await mtaTasks(d);
   const run = `${d.now().toString(36)}${Math.floor(Math.random() * 1e6).toString(36)}`;
   const since = d.now() - 1000;
-  const results: { task: string; rcpt: string; outcome: Outcome; queued: boolean; sinkholeCodes: number[] }[] = [];
+  const results: {
+    task: string;
+    rcpt: string;
+    outcome: Outcome;
+    queued: boolean;
+    sinkholeCodes: number[];
+    ledger: string[];
+  }[] = [];
   const lines: string[] = [];
   if (tasks.length === 0) lines.push(`no running ${d.env.mtaService} task`);
   for (const [i, task] of tasks.entries()) {
@@ -299,14 +310,19 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
       if (settled || d.now() - t0 >= timeoutMs) break;
       await d.sleep(d.pollMs);
     }
-    results.push({ task: task.id, rcpt, outcome, queued, sinkholeCodes: codes });
+    // The retry ledger's view of the probe: its attempts, and a delivery exactly once when delivered.
+    const attempts = (await listenerLines(d, since, `probe-${run}-${i}`)).filter((l) => l.event === "attempt");
+    const history = histories(attempts as AttemptLine[]);
+    const once = outcome === "delivered" ? unmet(history, { message: rcpt, deliveredOnce: true }) : [];
+    results.push({ task: task.id, rcpt, outcome, queued, sinkholeCodes: codes, ledger: once });
     lines.push(
       `${task.id}: ${rcpt} ${outcome}${queued ? " (in mailq)" : ""}; sinkhole replies ${
         codes.length ? codes.join(", ") : "none logged"
-      }`,
+      }; ${history[0] ? `${history[0].attempts.length} attempt(s) in the ledger` : "no attempt in the ledger"}`,
+      ...once.map((p) => `${task.id}: unmet: ${p}`),
     );
   }
-  const ok = tasks.length > 0 && (!expect || results.every((r) => r.outcome === expect));
+  const ok = tasks.length > 0 && (!expect || results.every((r) => r.outcome === expect && r.ledger.length === 0));
   if (expect) lines.push(ok ? `expectation met: ${expect}` : `expected ${expect} on every task: not met`);
   return { title: `sinkhole probe: ${d.env.name}`, ok, lines, data: { run, expect, results } };
 }

@@ -374,6 +374,10 @@ awsTest(
         await setMode("accept");
         const delivered = await commands.probe(deps, "delivered", PROBE_WAIT_MS);
         assert(delivered.ok, delivered.lines.join("\n"));
+        assert(
+          delivered.lines.some((x) => /; [1-9]\d* attempt\(s\) in the ledger$/.test(x)),
+          `the probe reads the retry ledger (delivered exactly once): ${delivered.lines.join("\n")}`,
+        );
         await setMode("bounce");
         const bounced = await commands.probe(deps, "bounced", PROBE_WAIT_MS);
         assert(bounced.ok, bounced.lines.join("\n"));

@@ -13,7 +13,17 @@
  * nothing else.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, ROOT, run, startListener, taskCommand } from "./helpers.ts";
+import {
+  assertTools,
+  eventually,
+  needs,
+  REPLY_WAIT_MS,
+  ROOT,
+  run,
+  startListener,
+  taskCommand,
+  transaction,
+} from "./helpers.ts";
 import { AWS_ENV, awsCli, shipLogs, ssmEnv, startMoto } from "./aws.ts";
 import { parse } from "yaml";
 
@@ -267,6 +277,17 @@ Deno.test({
           assertMatch(set.stdout, /the listener logged mode accept/);
           const get = await ctl("mode", "get");
           assertMatch(get.stdout, /^ {2}accept /m);
+          // The retry ledger from CloudWatch Logs: an attempt made now, read back by `ctl report --env`.
+          assertEquals((await transaction(l.port, { to: ["ledger@sinkhole.test"] })).at(-2), 250);
+          let report = "";
+          await eventually(
+            async () =>
+              /ledger@sinkhole\.test: 1 attempt\(s\), delivered once/.test(
+                report = (await ctl("report", "--since", "60")).stdout,
+              ),
+            REPLY_WAIT_MS,
+            500,
+          ).catch(() => assertEquals(report, "a report naming ledger@sinkhole.test"));
           const check = await ctl("check", "--tier", "on", "--no-github", "--mode-age", "0");
           assertEquals(check.code, 1, "a non-default mode is a finding");
           assertMatch(check.stdout, /mode is `accept`/);

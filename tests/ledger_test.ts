@@ -1,0 +1,130 @@
+/**
+ * The retry ledger over TCP: stateful scenarios answered per message across sessions,
+ * `attempt` events as the listener logs them, and `ctl report` / `ctl expect` reading them
+ * from a JSON-lines file, as `deno task dev`'s output is read.
+ */
+import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { type LogLine, run, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
+import { type AttemptLine, histories, parseRange, unmet } from "../ctl/report.ts";
+
+const MESSAGE = (id: string) => `Message-ID: <${id}@origin.test>\r\nSubject: t\r\n\r\nbody`;
+const FROM = "sender@origin.test";
+const TO = "someone@sinkhole.test";
+
+async function ledgerFile(lines: LogLine[]): Promise<string> {
+  const path = await Deno.makeTempFile({ prefix: "sinkhole-ledger-", suffix: ".jsonl" });
+  await Deno.writeTextFile(path, lines.map((l) => JSON.stringify(l)).join("\n") + "\n");
+  return path;
+}
+
+async function ctl(...args: string[]) {
+  const [cmd, ...rest] = taskCommand("ctl");
+  return await run(cmd, [...rest, ...args], { env: { GITHUB_STEP_SUMMARY: "" } });
+}
+
+Deno.test("ledger: defer first=2 defers a message twice, then accepts it; every attempt is one event", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "defer first=2" });
+  try {
+    const body = MESSAGE("m1");
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), [220, 250, 250, 421]);
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), [220, 250, 250, 421]);
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), [220, 250, 250, 250, 354, 250, 221]);
+    // Another message (another recipient) starts its own count.
+    assertEquals(await transaction(l.port, { from: FROM, to: ["other@sinkhole.test"], body }), [220, 250, 250, 421]);
+    await l.waitFor("attempt", (a) => a.stage === "eod");
+    await l.waitFor("attempt", (a) => a.rcpt === "other@sinkhole.test");
+    const attempts = l.events("attempt").filter((a) => a.rcpt === TO);
+    assertEquals(attempts.map((a) => [a.attempt, a.stage, a.code]), [[1, "rcpt", 421], [2, "rcpt", 421], [
+      3,
+      "eod",
+      250,
+    ]]);
+    assertEquals(attempts[2].messageId, "<m1@origin.test>");
+    assertEquals(attempts[0].key, `${FROM} > ${TO}`);
+    assertEquals(attempts[0].mode, "defer first=2");
+
+    const file = await ledgerFile(l.logs);
+    try {
+      const report = await ctl("report", "--file", file);
+      assertEquals(report.code, 0, report.stderr);
+      assertMatch(report.stdout, /sender@origin\.test > someone@sinkhole\.test: 3 attempt\(s\), delivered once/);
+      assertMatch(report.stdout, /#2 \S+ \(\+\d+\.\d s\) 421 at rcpt from 127\.0\.0\.1/);
+      const met = await ctl("expect", TO, "--attempts", "3", "--delivered-once", "--interval", "0..60", "--file", file);
+      assertEquals(met.code, 0, met.stdout + met.stderr);
+      const missed = await ctl("expect", TO, "--attempts", "2", "--file", file);
+      assertEquals(missed.code, 1);
+      assertMatch(missed.stdout, /unmet: sender@origin\.test > someone@sinkhole\.test: 3 attempt\(s\), expected 2/);
+      const stdin = await run("sh", [
+        "-c",
+        `cat '${file}' | "$@"`,
+        "sh",
+        ...taskCommand("ctl"),
+        "report",
+        "--file",
+        "-",
+      ]);
+      assertMatch(stdin.stdout, /delivered once/, "a file, or standard input");
+    } finally {
+      await Deno.remove(file);
+    }
+  } finally {
+    await l.stop();
+  }
+});
+
+Deno.test("ledger: a dropped final reply, then an accepted retry, is flagged as a duplicate", async () => {
+  const modeFile = await tempModeFile("drop at=eod");
+  const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
+  try {
+    const body = MESSAGE("dup");
+    const first = await transaction(l.port, { from: FROM, to: [TO], body }).catch(() => "dropped");
+    assertEquals(first, "dropped", "no reply to the final dot");
+    await Deno.writeTextFile(modeFile, "accept");
+    await l.waitFor("mode", (m) => m.mode === "accept");
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), [220, 250, 250, 250, 354, 250, 221]);
+    await l.waitFor("attempt", (a) => a.code === 250);
+    const hs = histories(l.events("attempt") as AttemptLine[]);
+    assertEquals(hs.length, 1);
+    assertEquals(hs[0].deliveries, 2);
+    assert(hs[0].duplicate, "the same Message-ID handed over twice");
+    assertEquals(unmet(hs, { message: TO, deliveredOnce: true }), [
+      `${FROM} > ${TO}: DELIVERED 2 TIMES (duplicate), expected delivered exactly once`,
+    ]);
+  } finally {
+    await l.stop();
+    await Deno.remove(modeFile);
+  }
+});
+
+Deno.test("ledger: expectations are precise; ranges parse", () => {
+  assertEquals(parseRange("3"), [3, 3]);
+  assertEquals(parseRange("2..4"), [2, 4]);
+  assertEquals(parseRange("5.."), [5, Infinity]);
+  assertEquals(parseRange("4..2"), undefined);
+  assertEquals(parseRange("x"), undefined);
+  const at = (s: number) => new Date(1_700_000_000_000 + s * 1000).toISOString();
+  const ev = (attempt: number, s: number, code: number, stage: "rcpt" | "eod"): AttemptLine => ({
+    event: "attempt",
+    ts: at(s),
+    key: `${FROM} > ${TO}`,
+    attempt,
+    from: FROM,
+    rcpt: TO,
+    stage,
+    code,
+    client: "192.0.2.1",
+    tls: false,
+    mode: "defer first=2",
+  });
+  const hs = histories([ev(3, 40, 250, "eod"), ev(1, 0, 421, "rcpt"), ev(2, 10, 421, "rcpt")]);
+  assertEquals(hs[0].attempts.map((a) => a.intervalS), [undefined, 10, 30], "time order, whatever the log order");
+  assertEquals(unmet(hs, { message: TO, intervalS: [5, 20] }), [
+    `${FROM} > ${TO}: attempt #3 came 30.0 s after the one before, expected 5..20 s`,
+  ]);
+  assertEquals(unmet(hs, { message: TO, withinS: 30 }), [
+    `${FROM} > ${TO}: delivered after 40.0 s, expected within 30 s of the first attempt`,
+  ]);
+  assertEquals(unmet(hs, { message: "nobody@sinkhole.test", attempts: [1, 1] }), [
+    "no attempt logged for nobody@sinkhole.test",
+  ]);
+});
