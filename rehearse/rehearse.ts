@@ -10,7 +10,8 @@
  * namespaces) and Debian's sendmail.
  */
 import { parseArgs } from "node:util";
-import { eventually, type Listener, ROOT, run, startListener, transaction } from "../tests/helpers.ts";
+import { eventually, type Listener, type LogLine, ROOT, run, startListener, transaction } from "../tests/helpers.ts";
+import { type AttemptLine, histories, renderReport, unmet } from "../ctl/report.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "../tests/sendmail.ts";
 
 export interface Step {
@@ -75,7 +76,10 @@ export function procedure(
   let queueId = "";
   let at: ReturnType<typeof rigAddresses> | undefined;
 
+  /** Log lines of sinkholes stopped earlier (the offline variant restarts it): the ledger needs them all. */
+  const earlier: LogLine[] = [];
   const startSink = async () => {
+    if (sink) earlier.push(...sink.logs);
     sink = await startListener(
       { SINKHOLE_MODE_FILE: work.modeFile, SINKHOLE_CACHE_TTL: "0.2" },
       { host: at!.sink, port: SMTP_PORT },
@@ -196,6 +200,19 @@ export function procedure(
     },
   };
   const putBack: Step = { name: "Put the mode back", run: () => setMode("defer") };
+  const report: Step = {
+    name: "Report the retries",
+    run: () => {
+      const events = [...earlier, ...sink!.logs].filter((x) => x.event === "attempt") as AttemptLine[];
+      const hs = histories(events);
+      // Queued at the first attempt, delivered after the replacement: at least two attempts, one delivery.
+      const problems = unmet(hs, { message: rcpt, attempts: [2, Infinity], deliveredOnce: true });
+      if (problems.length) {
+        return Promise.reject(new Error(problems.join("; ") + "\n" + renderReport(hs).join("\n")));
+      }
+      return Promise.resolve(`expectations met (2.. attempts, delivered once):\n${renderReport(hs).join("\n")}`);
+    },
+  };
 
   const offlineSteps: Step[] = offline
     ? [
@@ -233,6 +250,7 @@ export function procedure(
       ...offlineSteps,
       { name: "Set the mode to accept", run: () => setMode("accept") },
       delivered,
+      report,
       putBack,
     ];
   } else if (variant === "greylist") {
@@ -245,6 +263,7 @@ export function procedure(
       handedOver,
       ...offlineSteps,
       delivered,
+      report,
       putBack,
     ];
   } else {

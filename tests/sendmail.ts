@@ -113,10 +113,10 @@ MAILER(\`smtp')dnl
     sendmail,
     sendmailWith,
     makemap,
-    /** Starts the daemon (the MTA task); background delivery, hourly queue runs. */
-    async start() {
+    /** Starts the daemon (the MTA task); background delivery, queue runs every `queueInterval` (hourly). */
+    async start(queueInterval = "1h") {
       await Deno.remove(`${dir}/sendmail.pid`).catch(() => {});
-      const r = await sendmail("-bd", "-q1h");
+      const r = await sendmail("-bd", `-q${queueInterval}`);
       assertEquals(r.code, 0, r.stderr);
       await eventually(async () => {
         try {

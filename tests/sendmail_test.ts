@@ -14,7 +14,9 @@ import {
   type Listener,
   needs,
   REPLY_WAIT_MS,
+  run,
   startListener,
+  taskCommand,
   tempModeFile,
   transaction,
 } from "./helpers.ts";
@@ -265,5 +267,115 @@ mtaTest(
       await eventually(() => deliveredBroken() !== undefined);
       assertEquals(deliveredBroken()!.tls, true, "the delivery ran over TLS");
     });
+  },
+);
+
+/** The daemon's queue interval in the ledger test: short, so a retry comes every few seconds. */
+const QUEUE_INTERVAL_S = 5;
+/** How far a retry may stray from the queue interval on a busy machine: a queue run waits for the one before. */
+const INTERVAL_TOLERANCE: [number, number] = [QUEUE_INTERVAL_S * 0.5, QUEUE_INTERVAL_S * 4];
+/** A hang guard for a message's whole history (several queue runs), generous on a busy machine. */
+const HISTORY_WITHIN_MS = 180_000;
+
+mtaTest(
+  "sendmail: the retry ledger sees each attempt: defer twice then accept, a lost final reply, an outage into a bounce",
+  "defer first=2",
+  async ({ mta, sink, origin, setMode, submit }, t) => {
+    await mta.start(`${QUEUE_INTERVAL_S}s`);
+    const attempts = (rcpt: string) => sink.events("attempt").filter((a) => a.rcpt === rcpt);
+    const ledger = async () => {
+      const file = await Deno.makeTempFile({ prefix: "sinkhole-ledger-", suffix: ".jsonl" });
+      await Deno.writeTextFile(file, sink.logs.map((l) => JSON.stringify(l)).join("\n") + "\n");
+      return file;
+    };
+    const ctl = async (...args: string[]) => {
+      const [cmd, ...rest] = taskCommand("ctl");
+      return await run(cmd, [...rest, ...args], { env: { GITHUB_STEP_SUMMARY: "" } });
+    };
+
+    await t.step(
+      `defer first=2: three attempts, ${QUEUE_INTERVAL_S} s apart (sendmail's queue runs), delivered once`,
+      async () => {
+        const rcpt = "twice@sinkhole.test";
+        assertEquals((await submit([rcpt], "twice")).at(-2), 250);
+        await sink.waitFor("attempt", (a) => a.rcpt === rcpt && a.code === 250, HISTORY_WITHIN_MS);
+        assertEquals(attempts(rcpt).map((a) => [a.attempt, a.code]), [[1, 421], [2, 421], [3, 250]]);
+        const file = await ledger();
+        try {
+          const interval = `${INTERVAL_TOLERANCE[0]}..${INTERVAL_TOLERANCE[1]}`;
+          // The first retry comes at the first queue run after the submission (anywhere up to one
+          // interval later); the second a whole interval after it.
+          const second = attempts(rcpt)[2];
+          const gap = (Date.parse(second.ts) - Date.parse(attempts(rcpt)[1].ts)) / 1000;
+          assert(gap >= INTERVAL_TOLERANCE[0] && gap <= INTERVAL_TOLERANCE[1], `#2 → #3 took ${gap} s`);
+          const expect = await ctl(
+            "expect",
+            rcpt,
+            "--attempts",
+            "3",
+            "--delivered-once",
+            "--interval",
+            `0..${INTERVAL_TOLERANCE[1]}`,
+            "--file",
+            file,
+          );
+          assertEquals(expect.code, 0, expect.stdout + expect.stderr);
+          const report = await ctl("report", "--file", file);
+          assertMatch(report.stdout, /twice@sinkhole\.test: 3 attempt\(s\), delivered once/);
+          console.log(`sendmail -q${QUEUE_INTERVAL_S}s, defer first=2 (tolerance ${interval} s):\n${report.stdout}`);
+        } finally {
+          await Deno.remove(file);
+        }
+      },
+    );
+
+    await t.step("drop at=eod: sendmail never hears the 250 and sends the message again: a duplicate", async () => {
+      const rcpt = "lost@sinkhole.test";
+      await setMode("drop at=eod");
+      assertEquals((await submit([rcpt], "lost reply")).at(-2), 250);
+      await sink.waitFor("attempt", (a) => a.rcpt === rcpt && a.dropped === true, HISTORY_WITHIN_MS);
+      await setMode("accept");
+      await sink.waitFor("attempt", (a) => a.rcpt === rcpt && a.code === 250, HISTORY_WITHIN_MS);
+      const file = await ledger();
+      try {
+        const report = await ctl("report", "--file", file);
+        assertMatch(report.stdout, /lost@sinkhole\.test: \d+ attempt\(s\), DELIVERED \d+ TIMES \(duplicate\)/);
+        const once = await ctl("expect", rcpt, "--delivered-once", "--file", file);
+        assertEquals(once.code, 1);
+        assertMatch(
+          once.stdout,
+          /unmet: .*lost@sinkhole\.test: DELIVERED \d+ TIMES \(duplicate\), expected delivered exactly once/,
+        );
+      } finally {
+        await Deno.remove(file);
+      }
+    });
+
+    await t.step(
+      "defer for=3s then=bounce: deferred, then refused for good; sendmail's DSN reaches the sender",
+      async () => {
+        const rcpt = "outage@sinkhole.test";
+        await setMode("defer for=3s then=bounce");
+        assertEquals((await submit([rcpt], "outage")).at(-2), 250);
+        await sink.waitFor("attempt", (a) => a.rcpt === rcpt && a.code === 550, HISTORY_WITHIN_MS);
+        const codes = attempts(rcpt).map((a) => a.code);
+        assertEquals(codes[0], 421, "deferred during the outage");
+        assertEquals(codes.at(-1), 550, "then bounced");
+        // The DSN: sendmail tells the sender (origin.test, the second listener) with a null sender.
+        await origin.waitFor(
+          "message",
+          (m) => m.from === "" && m.rcpts.includes("tester@origin.test"),
+          HISTORY_WITHIN_MS,
+        );
+        const file = await ledger();
+        try {
+          const report = await ctl("report", "--file", file);
+          assertMatch(report.stdout, /outage@sinkhole\.test: \d+ attempt\(s\), bounced/);
+          assertMatch(report.stdout, /421 at rcpt[\s\S]*550 at rcpt/);
+        } finally {
+          await Deno.remove(file);
+        }
+      },
+    );
   },
 );
