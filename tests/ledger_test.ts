@@ -5,7 +5,7 @@
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { type LogLine, run, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
-import { type AttemptLine, histories, parseRange, unmet } from "../ctl/report.ts";
+import { type AttemptLine, histories, markdownReport, parseRange, unmet } from "../ctl/report.ts";
 
 const MESSAGE = (id: string) => `Message-ID: <${id}@origin.test>\r\nSubject: t\r\n\r\nbody`;
 const FROM = "sender@origin.test";
@@ -127,4 +127,10 @@ Deno.test("ledger: expectations are precise; ranges parse", () => {
   assertEquals(unmet(hs, { message: "nobody@sinkhole.test", attempts: [1, 1] }), [
     "no attempt logged for nobody@sinkhole.test",
   ]);
+  // The job summary: a table per message and a Mermaid timeline GitHub renders.
+  const md = markdownReport(hs);
+  assertMatch(md, /\*\*sender@origin\.test > someone@sinkhole\.test\*\*: 3 attempt\(s\), delivered once/);
+  assertMatch(md, /\| 2 \| \S+ \| \+10\.0 s \| 421 at rcpt \| 192\.0\.2\.1 \|/);
+  assertMatch(md, /```mermaid\ngantt\n {2}dateFormat x\n {2}axisFormat %H:%M:%S\n {2}section someone@sinkhole\.test\n/);
+  assert(md.includes(`  #3 250 :milestone, ${Date.parse(at(40))}, 0d\n` + "```"), md);
 });
