@@ -25,9 +25,11 @@ import {
   type Point,
   REPLIES,
   respond,
+  type Scenario,
   scenario,
   seededUnit,
   type Stateful,
+  type Transaction,
 } from "../listener.ts";
 
 /** What each mode answers to RCPT and then to DATA. */
@@ -379,9 +381,10 @@ const DECISIONS: [string, Point, { fail?: number; drop?: boolean; delayMs?: numb
   ["accept", "starttls", { after: "starttls" }],
 ];
 
-Deno.test("policy: decide() is the one table of what a scenario does where", () => {
-  const tx = {
-    scenario: scenario("accept"),
+/** A transaction just begun by MAIL FROM:<a@origin.test>, under `sc`. */
+function emptyTx(sc: Scenario): Transaction {
+  return {
+    scenario: sc,
     from: "a@origin.test",
     rcptCount: 0,
     accepted: [],
@@ -389,6 +392,10 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
     acceptedCount: 0,
     acceptedBytes: 0,
   };
+}
+
+Deno.test("policy: decide() is the one table of what a scenario does where", () => {
+  const tx = emptyTx(scenario("accept"));
   for (const [mode, point, want] of DECISIONS) {
     const sc = scenario(mode);
     const d = decide({
@@ -409,15 +416,7 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
 Deno.test("policy: greylisting takes the time and the table's entry as inputs, and says what to remember", () => {
   const sc = scenario("greylist min=5m");
   const now = 1_000_000_000;
-  const tx = {
-    scenario: sc,
-    from: "a@origin.test",
-    rcptCount: 0,
-    accepted: [],
-    acceptedAttempts: [],
-    acceptedCount: 0,
-    acceptedBytes: 0,
-  };
+  const tx = emptyTx(sc);
   const ask = (entry?: { at: number; windowMs: number }) =>
     decide({
       point: "rcpt",
@@ -442,15 +441,7 @@ Deno.test("policy: greylisting takes the time and the table's entry as inputs, a
 /** Asks the policy about RCPT of `rcpt` from a@origin.test, given the table's entry for that message. */
 function rcptWith(mode: string, seen: AttemptEntry | undefined, now: number, rcpt = "b@sinkhole.test") {
   const sc = scenario(mode);
-  const tx = {
-    scenario: sc,
-    from: "a@origin.test",
-    rcptCount: 0,
-    accepted: [],
-    acceptedAttempts: [],
-    acceptedCount: 0,
-    acceptedBytes: 0,
-  };
+  const tx = emptyTx(sc);
   return decide({
     point: "rcpt",
     scenario: sc,
