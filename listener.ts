@@ -65,6 +65,8 @@ export const KEPT_ENTRY_COST = 32;
 export const MAX_PENDING_REPLY_BYTES = 8 * 1024;
 /** The longest log line written: CloudWatch Logs takes events up to 256 KiB (262,144 octets less 26). */
 export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
+/** Log lines are written together once this many octets are gathered (or at the next timer turn). */
+export const LOG_BUFFER_BYTES = 64 * 1024;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -1486,10 +1488,35 @@ export function logLine(e: LogEvent, now = new Date()): Uint8Array {
   );
 }
 
-/** Writes one event on stdout, whole. */
+/** Lines written since the last flush (whole lines only), at most LOG_BUFFER_BYTES. */
+const logBuffer: Uint8Array[] = [];
+let logBuffered = 0;
+let logFlushTimer: Timer | undefined;
+
+/**
+ * Writes one event on stdout, whole. Lines are gathered for one timer turn (or until
+ * LOG_BUFFER_BYTES) and written with one system call: a message a millisecond costs one
+ * write, not one per attempt line. Order is kept; `flushLog` before every exit.
+ */
 export function log(e: LogEvent): void {
   const bytes = logLine(e);
-  for (let off = 0; off < bytes.length;) off += Deno.stdout.writeSync(bytes.subarray(off));
+  logBuffer.push(bytes);
+  logBuffered += bytes.length;
+  if (logBuffered >= LOG_BUFFER_BYTES) flushLog();
+  else logFlushTimer ??= setTimeout(flushLog, 0);
+}
+
+/** Writes every gathered line now. */
+export function flushLog(): void {
+  if (logFlushTimer !== undefined) clearTimeout(logFlushTimer);
+  logFlushTimer = undefined;
+  if (logBuffered === 0) return;
+  const all = new Uint8Array(logBuffered);
+  let at = 0;
+  for (const b of logBuffer) all.set(b, (at += b.length) - b.length);
+  logBuffer.length = 0;
+  logBuffered = 0;
+  for (let off = 0; off < all.length;) off += Deno.stdout.writeSync(all.subarray(off));
 }
 
 /**
@@ -2767,6 +2794,7 @@ async function main(): Promise<void> {
     await server.listen(tls);
   } catch (err) {
     log({ event: "error", where: "listen", reason: describeError(err) });
+    flushLog();
     Deno.exit(1);
   }
   log({
@@ -2790,6 +2818,7 @@ async function main(): Promise<void> {
     modes.stop();
     await server.shutdown();
     log({ event: "stopped", signal });
+    flushLog();
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
