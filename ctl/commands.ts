@@ -301,9 +301,11 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
     let outcome: Outcome = "unknown";
     let queued = false;
     let codes: number[] = [];
+    let logged: LogLine[] = [];
     for (;;) {
       queued = (await execOk(d, task, mtaCommands.mailq(), "mailq")).includes(rcpt);
-      const v = sinkholeVerdict(await listenerLines(d, since, `probe-${run}-${i}`), rcpt);
+      logged = await listenerLines(d, since, `probe-${run}-${i}`);
+      const v = sinkholeVerdict(logged, rcpt);
       codes = v.codes;
       outcome = classify(queued, v.delivered, codes);
       const settled = expect ? outcome === expect : outcome !== "unknown";
@@ -311,8 +313,7 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
       await d.sleep(d.pollMs);
     }
     // The retry ledger's view of the probe: its attempts, and a delivery exactly once when delivered.
-    const attempts = (await listenerLines(d, since, `probe-${run}-${i}`)).filter((l) => l.event === "attempt");
-    const history = histories(attempts as AttemptLine[]);
+    const history = histories(logged.filter((l) => l.event === "attempt") as AttemptLine[]);
     const once = outcome === "delivered" ? unmet(history, { message: rcpt, deliveredOnce: true }) : [];
     results.push({ task: task.id, rcpt, outcome, queued, sinkholeCodes: codes, ledger: once });
     lines.push(

@@ -39,7 +39,11 @@ export function attemptsIn(lines: Iterable<string>): AttemptLine[] {
 /** Groups attempts per message (its key), in time order, with intervals and outcomes. */
 export function histories(events: AttemptLine[]): MessageHistory[] {
   const byKey = new Map<string, AttemptLine[]>();
-  for (const e of events) byKey.set(e.key, [...(byKey.get(e.key) ?? []), e]);
+  for (const e of events) {
+    const list = byKey.get(e.key);
+    if (list) list.push(e);
+    else byKey.set(e.key, [e]);
+  }
   return [...byKey.entries()].map(([key, list]) => {
     const sorted = [...list].sort((a, b) => Date.parse(a.ts) - Date.parse(b.ts));
     const attempts = sorted.map((a, i) => ({

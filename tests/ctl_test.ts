@@ -6,7 +6,7 @@
  * through a small shipper standing in for the awslogs driver.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, needs, ROOT, run, taskCommand } from "./helpers.ts";
+import { assertTools, eventually, needs, ROOT, run, runCtl } from "./helpers.ts";
 import { AWS_ENV, awsCli, awsTest, shipLogs } from "./aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "./sendmail.ts";
 import * as commands from "../ctl/commands.ts";
@@ -158,17 +158,13 @@ async function envFile(cacheTtlSeconds = ENVIRONMENTS.development.cacheTtlSecond
 const PATIENT_TTL_S = 110;
 
 /** Runs `deno task ctl …` as a subprocess, as a workflow does. */
-async function ctl(endpoint: string, file: string, ...args: string[]) {
-  const [cmd, ...rest] = taskCommand("ctl");
-  return await run(cmd, [...rest, ...args], {
-    env: {
-      ...AWS_ENV,
-      AWS_ENDPOINT_URL: endpoint,
-      SINKHOLE_ENVIRONMENTS: file,
-      SINKHOLE_CTL_POLL_MS: "200",
-      GITHUB_TOKEN: "",
-      GITHUB_STEP_SUMMARY: "",
-    },
+function ctl(endpoint: string, file: string, ...args: string[]) {
+  return runCtl(args, {
+    ...AWS_ENV,
+    AWS_ENDPOINT_URL: endpoint,
+    SINKHOLE_ENVIRONMENTS: file,
+    SINKHOLE_CTL_POLL_MS: "200",
+    GITHUB_TOKEN: "",
   });
 }
 

@@ -477,6 +477,28 @@ export async function readByServer(c: RawClient, serverPort: number): Promise<vo
 }
 
 /** Resident and peak resident memory of a process, in MiB (Linux /proc). */
+/** `deno task ctl ARGS` as a workflow runs it, with more environment (no job summary unless given). */
+export function runCtl(args: string[], env: Record<string, string> = {}) {
+  const [cmd, ...rest] = taskCommand("ctl");
+  return run(cmd, [...rest, ...args], { env: { GITHUB_STEP_SUMMARY: "", ...env } });
+}
+
+/** `--healthcheck` as the image runs it, pointed at a listener's liveness port; inside `cgroup` when given. */
+export function healthcheck(l: Listener, cgroup?: MemoryCgroup) {
+  const [cmd, ...args] = cgroup ? cgroup.wrap(startCommand()) : startCommand();
+  const [host, port] = String(l.logs.find((x) => x.event === "start")!.health).split(/:(?=\d+$)/);
+  return run(cmd, [...args, "--healthcheck"], {
+    env: { SINKHOLE_HEALTH_HOST: host, SINKHOLE_HEALTH_PORT: port, SINKHOLE_MODE: "defer" },
+  });
+}
+
+/** Log lines as a JSON-lines file (what `deno task dev` prints), for `ctl report --file`; the caller removes it. */
+export async function logsFile(lines: LogLine[]): Promise<string> {
+  const path = await Deno.makeTempFile({ prefix: "sinkhole-ledger-", suffix: ".jsonl" });
+  await Deno.writeTextFile(path, lines.map((l) => JSON.stringify(l)).join("\n") + "\n");
+  return path;
+}
+
 /** A memory cgroup (v1) of a test's own, limited as ECS limits a container: both processes of a task run in it. */
 export interface MemoryCgroup {
   dir: string;

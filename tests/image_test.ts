@@ -65,8 +65,8 @@ Deno.test("image: the ECS health check is the image's, and the tests run that sa
   const defs = (synthModule() as { resource: Record<string, Record<string, { container_definitions: string }>> })
     .resource.aws_ecs_task_definition.task.container_definitions;
   assertMatch(defs, /command = \["CMD", "\/sinkhole", "--healthcheck"\]/);
-  const proto = Deno.readTextFileSync(`${ROOT}/tests/protocol_test.ts`);
-  assertMatch(proto, /\[\.\.\.args, "--healthcheck"\]/, "protocol_test runs the health check through tasks.start");
+  const helpers = Deno.readTextFileSync(`${ROOT}/tests/helpers.ts`);
+  assertMatch(helpers, /\[\.\.\.args, "--healthcheck"\]/, "the tests run the health check through tasks.start");
 });
 
 Deno.test("image: .dockerignore admits exactly what the build stage copies", () => {

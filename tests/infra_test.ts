@@ -20,8 +20,8 @@ import {
   REPLY_WAIT_MS,
   ROOT,
   run,
+  runCtl,
   startListener,
-  taskCommand,
   transaction,
 } from "./helpers.ts";
 import { AWS_ENV, awsCli, shipLogs, ssmEnv, startMoto } from "./aws.ts";
@@ -213,18 +213,13 @@ Deno.test({
     const service = async () =>
       ((await aws("ecs", "describe-services", "--cluster", ENV.cluster, "--services", ENV.sinkholeService))
         .services as Json[]).find((s) => s.status !== "INACTIVE");
-    const ctl = async (...args: string[]) => {
-      const [cmd, ...rest] = taskCommand("ctl");
-      return await run(cmd, [...rest, ...args, "--env", ENVIRONMENT], {
-        env: {
-          ...AWS_ENV,
-          AWS_ENDPOINT_URL: moto.url,
-          SINKHOLE_CTL_POLL_MS: "200",
-          GITHUB_TOKEN: "",
-          GITHUB_STEP_SUMMARY: "",
-        },
+    const ctl = (...args: string[]) =>
+      runCtl([...args, "--env", ENVIRONMENT], {
+        ...AWS_ENV,
+        AWS_ENDPOINT_URL: moto.url,
+        SINKHOLE_CTL_POLL_MS: "200",
+        GITHUB_TOKEN: "",
       });
-    };
     try {
       await prepareAccount(moto.url);
 

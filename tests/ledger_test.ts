@@ -4,23 +4,14 @@
  * from a JSON-lines file, as `deno task dev`'s output is read.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { type LogLine, run, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
+import { logsFile, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
 import { type AttemptLine, histories, markdownReport, parseRange, unmet } from "../ctl/report.ts";
 
 const MESSAGE = (id: string) => `Message-ID: <${id}@origin.test>\r\nSubject: t\r\n\r\nbody`;
 const FROM = "sender@origin.test";
 const TO = "someone@sinkhole.test";
 
-async function ledgerFile(lines: LogLine[]): Promise<string> {
-  const path = await Deno.makeTempFile({ prefix: "sinkhole-ledger-", suffix: ".jsonl" });
-  await Deno.writeTextFile(path, lines.map((l) => JSON.stringify(l)).join("\n") + "\n");
-  return path;
-}
-
-async function ctl(...args: string[]) {
-  const [cmd, ...rest] = taskCommand("ctl");
-  return await run(cmd, [...rest, ...args], { env: { GITHUB_STEP_SUMMARY: "" } });
-}
+const ctl = (...args: string[]) => runCtl(args);
 
 Deno.test("ledger: defer first=2 defers a message twice, then accepts it; every attempt is one event", async () => {
   const l = await startListener({ SINKHOLE_MODE: "defer first=2" });
@@ -43,7 +34,7 @@ Deno.test("ledger: defer first=2 defers a message twice, then accepts it; every 
     assertEquals(attempts[0].key, `${FROM} > ${TO}`);
     assertEquals(attempts[0].mode, "defer first=2");
 
-    const file = await ledgerFile(l.logs);
+    const file = await logsFile(l.logs);
     try {
       const report = await ctl("report", "--file", file);
       assertEquals(report.code, 0, report.stderr);

@@ -11,13 +11,12 @@
 import { assert, assertEquals } from "./assert.ts";
 import {
   eventually,
+  healthcheck,
   type Listener,
   memoryCgroup,
   memoryMiB,
   RawClient,
   readByServer,
-  run,
-  startCommand,
   transaction,
 } from "./helpers.ts";
 import { MEMORY_HARD_CAP_MB } from "../terraform/sinkhole.ts";
@@ -141,12 +140,8 @@ async function worstCase(w: World, env: Record<string, string>, label: string, c
         `of it anonymous at most ${anonPeak.toFixed(1)} MiB`,
     );
     // ECS's health check at the peak: a second Deno runtime in the same cgroup, three times.
-    const [host, port] = String(l.logs.find((x) => x.event === "start")!.health).split(/:(?=\d+$)/);
-    const [cmd, ...args] = cgroup ? cgroup.wrap(startCommand()) : startCommand();
     for (let i = 0; i < 3; i++) {
-      const check = await run(cmd, [...args, "--healthcheck"], {
-        env: { SINKHOLE_HEALTH_HOST: host, SINKHOLE_HEALTH_PORT: port, SINKHOLE_MODE: "defer" },
-      });
+      const check = await healthcheck(l, cgroup);
       assertEquals(check.code, 0, `${label}: health check at the peak: ${check.stderr}`);
     }
     if (cgroup) {

@@ -5,7 +5,7 @@ import {
   assertTools,
   eventually,
   failure,
-  type Listener,
+  healthcheck,
   mailer as smtpClient,
   needs,
   privateAddress,
@@ -13,7 +13,6 @@ import {
   REPLY_WAIT_MS,
   run,
   type SendError,
-  startCommand,
   startListener,
   tempModeFile,
   transaction,
@@ -247,15 +246,6 @@ Deno.test("protocol: VRFY, HELP, NOOP, RSET, EXPN, unknown commands", async () =
     await l.stop();
   }
 });
-
-/** `--healthcheck` as the image runs it, pointed at a listener's liveness port. */
-async function healthcheck(l: Listener): Promise<{ code: number; stderr: string }> {
-  const [cmd, ...args] = startCommand();
-  const [host, port] = String(l.logs.find((x) => x.event === "start")!.health).split(/:(?=\d+$)/);
-  return await run(cmd, [...args, "--healthcheck"], {
-    env: { SINKHOLE_HEALTH_HOST: host, SINKHOLE_HEALTH_PORT: port, SINKHOLE_MODE: "defer" },
-  });
-}
 
 Deno.test("health check: exit 0 in every documented mode and at the session cap; nothing logged; 1 when down", async (t) => {
   const modes = [

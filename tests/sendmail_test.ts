@@ -12,11 +12,11 @@ import {
   type EventOf,
   eventually,
   type Listener,
+  logsFile,
   needs,
   REPLY_WAIT_MS,
-  run,
+  runCtl,
   startListener,
-  taskCommand,
   tempModeFile,
   transaction,
 } from "./helpers.ts";
@@ -283,15 +283,8 @@ mtaTest(
   async ({ mta, sink, origin, setMode, submit }, t) => {
     await mta.start(`${QUEUE_INTERVAL_S}s`);
     const attempts = (rcpt: string) => sink.events("attempt").filter((a) => a.rcpt === rcpt);
-    const ledger = async () => {
-      const file = await Deno.makeTempFile({ prefix: "sinkhole-ledger-", suffix: ".jsonl" });
-      await Deno.writeTextFile(file, sink.logs.map((l) => JSON.stringify(l)).join("\n") + "\n");
-      return file;
-    };
-    const ctl = async (...args: string[]) => {
-      const [cmd, ...rest] = taskCommand("ctl");
-      return await run(cmd, [...rest, ...args], { env: { GITHUB_STEP_SUMMARY: "" } });
-    };
+    const ledger = () => logsFile(sink.logs);
+    const ctl = (...args: string[]) => runCtl(args);
 
     await t.step(
       `defer first=2: three attempts, ${QUEUE_INTERVAL_S} s apart (sendmail's queue runs), delivered once`,
