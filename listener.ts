@@ -151,10 +151,101 @@ export interface Config {
   startTls: boolean;
   tlsCertFile: string;
   tlsKeyFile: string;
+  /** `json` (one JSON object a line: CloudWatch, ctl, the tests) or `text` (one readable line an event: a terminal). */
+  logFormat: LogFormat;
 }
 
-/** Reads the configuration from environment variables; throws on bad values. */
-export function configFromEnv(env: (name: string) => string | undefined): Config {
+export type LogFormat = "json" | "text";
+
+/**
+ * Every environment variable the listener reads, its default and its meaning: `--help`
+ * prints this table, and docs/environment.md must name each (tests/docs_test.ts).
+ */
+export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; help: string }[] = [
+  { name: "SINKHOLE_BIND_HOST", default: "0.0.0.0", help: "address to accept SMTP on" },
+  { name: "SINKHOLE_BIND_PORT", default: "25", help: "SMTP port (0: any free port, said in the start line)" },
+  { name: "SINKHOLE_HEALTH_HOST", default: "127.0.0.1", help: "liveness port's address (--healthcheck asks it)" },
+  { name: "SINKHOLE_HEALTH_PORT", default: String(DEFAULT_HEALTH_PORT), help: "liveness port (never the SMTP port)" },
+  { name: "SINKHOLE_SERVER_NAME", default: "sinkhole.cabal.internal", help: "name in the greeting and EHLO reply" },
+  { name: "SINKHOLE_MODE", default: "", help: "a fixed mode (no SSM, no file); refused at start if invalid" },
+  {
+    name: "SINKHOLE_MODE_FILE",
+    default: "",
+    help: "read the mode from this file every TTL (relative to where you stand); wins over SINKHOLE_MODE",
+  },
+  { name: "SINKHOLE_MODE_PARAM", default: "/cabal/sinkhole_mode", help: "SSM parameter read when neither is set" },
+  { name: "SINKHOLE_CACHE_TTL", default: "30", help: "seconds between reads of the mode source" },
+  { name: "SINKHOLE_GREYLIST_WINDOW", default: "1800", help: "seconds a greylist entry lives (window= overrides)" },
+  { name: "SINKHOLE_MAX_SESSIONS", default: String(DEFAULT_MAX_SESSIONS), help: "open sessions at most; then 421" },
+  { name: "SINKHOLE_IDLE_TIMEOUT", default: String(DEFAULT_IDLE_TIMEOUT_S), help: "seconds without a command" },
+  {
+    name: "SINKHOLE_SESSION_TIMEOUT",
+    default: String(DEFAULT_SESSION_TIMEOUT_S),
+    help: "seconds a session may last in all",
+  },
+  { name: "SINKHOLE_STARTTLS", default: "off", help: "on: offer STARTTLS (node:net transport)" },
+  { name: "SINKHOLE_TLS_CERT", default: "", help: "PEM certificate for STARTTLS (with the key; else generated)" },
+  { name: "SINKHOLE_TLS_KEY", default: "", help: "PEM private key for STARTTLS (with the certificate)" },
+  { name: "SINKHOLE_LOG_FORMAT", default: "json", help: "json (CloudWatch, ctl) or text (a terminal; --dev's)" },
+  { name: "SINKHOLE_HEALTHCHECK_MEMORY", default: "", help: "1: --healthcheck prints its own peak memory (tests)" },
+  { name: "AWS_REGION", default: "", help: "SSM's region (else AWS_DEFAULT_REGION)" },
+  { name: "AWS_DEFAULT_REGION", default: "", help: "SSM's region when AWS_REGION is unset" },
+  { name: "AWS_ENDPOINT_URL_SSM", default: "", help: "SSM endpoint override (else AWS_ENDPOINT_URL)" },
+  { name: "AWS_ENDPOINT_URL", default: "", help: "endpoint override for every AWS service (tests: moto)" },
+  { name: "AWS_ACCESS_KEY_ID", default: "", help: "static credentials (first in the chain)" },
+  { name: "AWS_SECRET_ACCESS_KEY", default: "", help: "static credentials" },
+  { name: "AWS_SESSION_TOKEN", default: "", help: "static credentials' session token" },
+  {
+    name: "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    default: "",
+    help: "the ECS task role's credentials (set by ECS)",
+  },
+  { name: "AWS_CONTAINER_CREDENTIALS_FULL_URI", default: "", help: "container credentials at a full URI" },
+  { name: "AWS_CONTAINER_AUTHORIZATION_TOKEN", default: "", help: "token for the full URI" },
+  { name: "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", default: "", help: "file holding that token" },
+  { name: "INIT_CWD", default: "", help: "set by deno task: where you stand, for a relative SINKHOLE_MODE_FILE" },
+];
+
+/** `deno task dev` (`--dev`): these where the environment does not set them; the environment always wins. */
+export const DEV_DEFAULTS: Readonly<Record<string, string>> = {
+  SINKHOLE_BIND_HOST: "127.0.0.1",
+  SINKHOLE_BIND_PORT: "2525",
+  SINKHOLE_CACHE_TTL: "1",
+  SINKHOLE_LOG_FORMAT: "text",
+};
+/** `--dev`'s mode file, in the repository, when neither SINKHOLE_MODE nor SINKHOLE_MODE_FILE is set. */
+export const DEV_MODE_FILE = "sinkhole.mode";
+
+/** The environment as `--dev` sees it: its defaults under whatever is set (an empty value counts as set). */
+export function devEnvironment(
+  env: (name: string) => string | undefined,
+  repository: string,
+): (name: string) => string | undefined {
+  return (name) => {
+    const set = env(name);
+    if (set !== undefined) return set;
+    if (name === "SINKHOLE_MODE_FILE" && env("SINKHOLE_MODE") === undefined) return `${repository}/${DEV_MODE_FILE}`;
+    return DEV_DEFAULTS[name];
+  };
+}
+
+/** A path as the user meant it: relative to where they stand (INIT_CWD under deno task), made absolute. */
+export function absolutePath(path: string, cwd: string): string {
+  const parts: string[] = [];
+  for (const part of `${path.startsWith("/") ? "" : `${cwd}/`}${path}`.split("/")) {
+    if (part === "" || part === ".") continue;
+    if (part === "..") parts.pop();
+    else parts.push(part);
+  }
+  return `/${parts.join("/")}`;
+}
+
+/**
+ * Reads the configuration from environment variables; throws on bad values. A relative
+ * SINKHOLE_MODE_FILE is taken from where the user stands (INIT_CWD, which deno task sets,
+ * else `cwd`) and kept absolute, so the logs say which file.
+ */
+export function configFromEnv(env: (name: string) => string | undefined, cwd = "/"): Config {
   const seconds = (name: string, fallback: number): number => {
     const raw = env(name);
     if (raw === undefined || raw === "") return fallback * 1000;
@@ -180,7 +271,12 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
     }
     return raw === "on";
   };
-  const modeFile = env("SINKHOLE_MODE_FILE") ?? "";
+  const rawModeFile = env("SINKHOLE_MODE_FILE") ?? "";
+  const modeFile = rawModeFile === "" ? "" : absolutePath(rawModeFile, env("INIT_CWD") || cwd);
+  const logFormat = (env("SINKHOLE_LOG_FORMAT") || "json").toLowerCase();
+  if (logFormat !== "json" && logFormat !== "text") {
+    throw new Error(`SINKHOLE_LOG_FORMAT must be json or text, got ${JSON.stringify(env("SINKHOLE_LOG_FORMAT"))}`);
+  }
   const staticMode = env("SINKHOLE_MODE") ?? "";
   const invalid = staticMode === "" ? undefined : parseScenario(staticMode);
   if (typeof invalid === "string") throw new Error(`SINKHOLE_MODE ${JSON.stringify(staticMode)}: ${invalid}`);
@@ -205,6 +301,7 @@ export function configFromEnv(env: (name: string) => string | undefined): Config
     startTls: onOff("SINKHOLE_STARTTLS"),
     tlsCertFile: env("SINKHOLE_TLS_CERT") ?? "",
     tlsKeyFile: env("SINKHOLE_TLS_KEY") ?? "",
+    logFormat,
   };
 }
 
@@ -1488,6 +1585,75 @@ export function logLine(e: LogEvent, now = new Date()): Uint8Array {
   );
 }
 
+/** Control characters and line breakers in wire text, shown escaped in a text line (one event, one line). */
+// deno-lint-ignore no-control-regex -- control characters are exactly what it finds
+const UNPRINTABLE = /[\u0000-\u001f\u007f\u0085\u2028\u2029]/g;
+const printable = (t: string) => t.replace(UNPRINTABLE, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+const quoted = (t: string) => `"${printable(t)}"`;
+
+/** The event in a person's words: what `SINKHOLE_LOG_FORMAT=text` (and `deno task dev`) prints. Pure. */
+export function textLine(e: LogEvent, now = new Date()): string {
+  const time = now.toISOString().slice(11, 23);
+  const body = (() => {
+    switch (e.event) {
+      case "session": {
+        const txs = e.transactions.map((t) => {
+          const rcpts = t.rcpts.map((r) => `${printable(r.to)} ${r.code}`).join(", ");
+          const data = t.result === undefined ? "" : `; DATA ${t.size ?? 0} B → ${t.result}`;
+          return `[${t.mode}] <${printable(t.from)}> → ${rcpts || "no RCPT"}${data}`;
+        });
+        const more = e.transactionCount > e.transactions.length || e.transcriptTruncated ? " …" : "";
+        return [
+          `session ${e.client}`,
+          e.helo === undefined ? "" : ` helo=${quoted(e.helo)}`,
+          e.tls ? " tls" : "",
+          txs.length ? `: ${txs.join(" | ")}${more}` : ": no transaction",
+          ` — replies ${e.replies.join(" ")}${e.replyCount > e.replies.length ? " …" : ""}`,
+          e.dropped ? ", dropped" : "",
+          e.error ? `, error ${quoted(e.error)}` : "",
+          ` (${e.commands} commands, ${e.durationMs} ms)`,
+        ].join("");
+      }
+      case "attempt":
+        return `attempt ${e.attempt} of <${printable(e.from)}> → <${printable(e.rcpt)}>: ${
+          e.dropped ? "dropped" : e.code
+        } at ${e.stage} [${e.mode}] from ${e.client}${e.messageId ? ` ${printable(e.messageId)}` : ""}`;
+      case "message":
+        return `message <${printable(e.from)}> → ${e.rcpts.map(printable).join(", ")}${
+          e.rcptsTruncated ? " …" : ""
+        } (${e.size} B, ${e.headers.length} header lines${e.truncated ? ", more not kept" : ""})`;
+      case "start":
+        return `start: SMTP on ${e.bind}, health on ${e.health}, mode ${quoted(e.mode)} from ${e.source} ` +
+          `(read every ${
+            e.cacheTtlMs / 1000
+          } s), STARTTLS ${e.starttls}, at most ${e.maxSessions} sessions, pid ${e.pid}`;
+      case "mode":
+        return `mode ${quoted(e.mode)} (was ${quoted(e.previous)}) from ${e.source}`;
+      case "mode_invalid":
+        return `mode refused: ${quoted(e.value)} from ${e.source}: ${e.reason}; keeping ${quoted(e.keeping)}`;
+      case "mode_error":
+        return `mode source failed: ${e.source}: ${e.reason}; keeping ${quoted(e.keeping)}`;
+      default: {
+        const { event, ...rest } = e;
+        return `${event} ${
+          Object.entries(rest).map(([k, v]) => `${k}=${typeof v === "string" ? quoted(v) : JSON.stringify(v)}`)
+            .join(" ")
+        }`;
+      }
+    }
+  })();
+  const line = `${time} ${body}`;
+  // The same bound as a JSON line (in UTF-16 units here, at most 3 octets each: a third of it).
+  const max = Math.floor(MAX_LOG_LINE_BYTES / 3);
+  return line.length <= max ? line : `${line.slice(0, max - 1)}…`;
+}
+
+/** How lines are written (SINKHOLE_LOG_FORMAT): JSON unless main says otherwise. */
+let logFormat: LogFormat = "json";
+export function setLogFormat(format: LogFormat): void {
+  logFormat = format;
+}
+
 /** Lines written since the last flush (whole lines only), at most LOG_BUFFER_BYTES. */
 const logBuffer: Uint8Array[] = [];
 let logBuffered = 0;
@@ -1499,7 +1665,7 @@ let logFlushTimer: Timer | undefined;
  * write, not one per attempt line. Order is kept; `flushLog` before every exit.
  */
 export function log(e: LogEvent): void {
-  const bytes = logLine(e);
+  const bytes = logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n");
   logBuffer.push(bytes);
   logBuffered += bytes.length;
   if (logBuffered >= LOG_BUFFER_BYTES) flushLog();
@@ -2167,6 +2333,67 @@ class NodeTransport implements Transport {
   }
 }
 
+/** DER (X.690): a tag, its length, its content. */
+function der(tag: number, ...content: Uint8Array[]): Uint8Array {
+  const length = content.reduce((n, c) => n + c.length, 0);
+  const lengthBytes: number[] = [];
+  for (let n = length; n > 0; n = Math.floor(n / 256)) lengthBytes.unshift(n % 256);
+  const head = length < 128 ? [tag, length] : [tag, 0x80 | lengthBytes.length, ...lengthBytes];
+  const out = new Uint8Array(head.length + length);
+  out.set(head);
+  let at = head.length;
+  for (const c of content) out.set(c, (at += c.length) - c.length);
+  return out;
+}
+const derSequence = (...c: Uint8Array[]) => der(0x30, ...c);
+const derText = (tag: number, text: string) => der(tag, new TextEncoder().encode(text));
+function derOid(dotted: string): Uint8Array {
+  const [a, b, ...rest] = dotted.split(".").map(Number);
+  const bytes = [40 * a + b];
+  for (const n of rest) {
+    const groups = [n & 0x7f];
+    for (let v = Math.floor(n / 128); v > 0; v = Math.floor(v / 128)) groups.unshift((v & 0x7f) | 0x80);
+    bytes.push(...groups);
+  }
+  return der(0x06, new Uint8Array(bytes));
+}
+/** UTCTime, YYMMDDHHMMSSZ (RFC 5280 §4.1.2.5.1, years before 2050). */
+const derTime = (d: Date) => derText(0x17, d.toISOString().replace(/[-:T]/g, "").slice(2, 14) + "Z");
+
+/**
+ * A self-signed X.509 v3 certificate (RFC 5280) for `name`: RSA 2048, SHA-256, one year, the
+ * name as subject and as its DNS subjectAltName. Built from node:crypto alone (keys and the
+ * signature; the DER is written here), so the listener carries no third-party code.
+ */
+export async function selfSignedCertificate(name: string, now = new Date()): Promise<{ cert: string; key: string }> {
+  const { generateKeyPairSync, sign } = await import("node:crypto");
+  const { publicKey, privateKey } = generateKeyPairSync("rsa", {
+    modulusLength: 2048,
+    publicKeyEncoding: { type: "spki", format: "der" },
+    privateKeyEncoding: { type: "pkcs8", format: "pem" },
+  });
+  const sha256WithRsa = derSequence(derOid("1.2.840.113549.1.1.11"), der(0x05));
+  const rdn = derSequence(der(0x31, derSequence(derOid("2.5.4.3"), derText(0x0c, name))));
+  const serial = crypto.getRandomValues(new Uint8Array(16));
+  serial[0] &= 0x7f; // a positive INTEGER
+  serial[0] |= 0x01;
+  const san = derSequence(derOid("2.5.29.17"), der(0x04, derSequence(derText(0x82, name))));
+  const tbs = derSequence(
+    der(0xa0, der(0x02, new Uint8Array([2]))), // v3
+    der(0x02, serial),
+    sha256WithRsa,
+    rdn,
+    derSequence(derTime(new Date(now.getTime() - 60_000)), derTime(new Date(now.getTime() + 365 * 86_400_000))),
+    rdn,
+    new Uint8Array(publicKey),
+    der(0xa3, derSequence(san)),
+  );
+  const signature = new Uint8Array(sign("sha256", tbs, privateKey));
+  const cert = derSequence(tbs, sha256WithRsa, der(0x03, new Uint8Array([0]), signature));
+  const base64 = btoa(String.fromCharCode(...cert)).replace(/.{64}/g, "$&\n").replace(/\n$/, "");
+  return { cert: `-----BEGIN CERTIFICATE-----\n${base64}\n-----END CERTIFICATE-----\n`, key: privateKey };
+}
+
 /** The certificate and key: from PEM files, or a self-signed one made at start (RSA 2048, 1 year). */
 export async function tlsMaterial(config: Config): Promise<{ cert: string; key: string; generated: boolean }> {
   if (config.tlsCertFile) {
@@ -2176,25 +2403,7 @@ export async function tlsMaterial(config: Config): Promise<{ cert: string; key: 
       generated: false,
     };
   }
-  const { generateKeyPairSync } = await import("node:crypto");
-  const forge = (await import("node-forge")).default;
-  const { privateKey, publicKey } = generateKeyPairSync("rsa", {
-    modulusLength: 2048,
-    publicKeyEncoding: { type: "spki", format: "pem" },
-    privateKeyEncoding: { type: "pkcs8", format: "pem" },
-  });
-  const cert = forge.pki.createCertificate();
-  cert.publicKey = forge.pki.publicKeyFromPem(publicKey);
-  cert.serialNumber = "01" +
-    Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
-  cert.validity.notBefore = new Date(Date.now() - 60_000);
-  cert.validity.notAfter = new Date(Date.now() + 365 * 86_400_000);
-  const subject = [{ name: "commonName", value: config.serverName }];
-  cert.setSubject(subject);
-  cert.setIssuer(subject);
-  cert.setExtensions([{ name: "subjectAltName", altNames: [{ type: 2, value: config.serverName }] }]);
-  cert.sign(forge.pki.privateKeyFromPem(privateKey), forge.md.sha256.create());
-  return { cert: forge.pki.certificateToPem(cert), key: privateKey, generated: true };
+  return { ...(await selfSignedCertificate(config.serverName)), generated: true };
 }
 
 // ---------------------------------------------------------------------------
@@ -2569,7 +2778,7 @@ class Server {
         this.#run(transport, client);
       });
       await new Promise<void>((ok, fail) => {
-        server.once("error", fail);
+        server.once("error", (err) => fail(bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err)));
         server.listen(bindPort, bindHost, () => ok());
       });
       server.on("error", (err) => log({ event: "error", where: "accept", reason: describeError(err) }));
@@ -2578,14 +2787,25 @@ class Server {
       this.#nodeServer = server;
       this.#done = Promise.resolve();
     } else {
-      this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
+      try {
+        this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
+      } catch (err) {
+        throw bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err);
+      }
       this.#address = this.#listener.addr;
       this.#done = this.#acceptLoop();
     }
     const every = Math.max(50, Math.min(TIMEOUT_SWEEP_MAX_MS, Math.min(idleTimeoutMs, sessionTimeoutMs) / 4));
     this.#sweeper = setInterval(() => this.#sweep(Date.now()), every);
     const { healthHost, healthPort } = this.deps.config;
-    this.#health = Deno.listen({ hostname: healthHost, port: healthPort, transport: "tcp" });
+    try {
+      this.#health = Deno.listen({ hostname: healthHost, port: healthPort, transport: "tcp" });
+    } catch (err) {
+      this.#listener?.close();
+      this.#nodeServer?.close();
+      clearInterval(this.#sweeper);
+      throw bindError("the liveness port", healthHost, healthPort, "SINKHOLE_HEALTH_PORT", err);
+    }
     this.#healthDone = this.#answerHealth(this.#health);
   }
 
@@ -2765,21 +2985,89 @@ export async function healthcheck(config: Config): Promise<number> {
   }
 }
 
+/** The listener's usage (`--help`): its arguments, then every environment variable it reads. */
+export function usage(): string {
+  const width = Math.max(...ENVIRONMENT_VARIABLES.map((v) => v.name.length));
+  return [
+    "usage: deno task start [--dev] | deno task dev | sinkhole [--dev | --healthcheck | --help]",
+    "",
+    "sinkhole: an SMTP listener that answers every transaction as the operator's mode says.",
+    "",
+    "arguments:",
+    "  --dev           defaults for a laptop where the environment sets nothing: 127.0.0.1:2525, the mode",
+    `                  from ./${DEV_MODE_FILE} read every second, text logs (deno task dev passes it)`,
+    "  --healthcheck   ask a running listener's liveness port; exit 0 when it answers ok, else 1",
+    "  --help, -h      print this help",
+    "",
+    "environment (default in brackets):",
+    ...ENVIRONMENT_VARIABLES.map((v) => `  ${v.name.padEnd(width)}  ${v.help}${v.default ? ` [${v.default}]` : ""}`),
+    "",
+    "The mode source is SINKHOLE_MODE_FILE if set, else SINKHOLE_MODE, else SSM (SINKHOLE_MODE_PARAM).",
+    "The mode language, logs and limits: docs/modes.md, docs/logs.md, docs/protocol.md.",
+    "",
+    "exit codes: 0 stopped on a signal (or healthy), 1 unhealthy (--healthcheck), 2 refused at start (usage or",
+    "configuration), 3 could not start (an address in use or not permitted, a TLS file unreadable)",
+  ].join("\n");
+}
+
+/** The listener could not start: what, at which address, why, and what to do (exit 2 refused, 3 could not). */
+export class StartError extends Error {
+  constructor(message: string, readonly hint: string, readonly exitCode: 2 | 3) {
+    super(message);
+    this.name = "StartError";
+  }
+}
+
+/** A failed bind, said with its address and the variable that sets it. */
+export function bindError(what: string, host: string, port: number, variable: string, err: unknown): StartError {
+  const e = err as Error & { code?: string };
+  const kind = e.name === "AddrInUse" || e.code === "EADDRINUSE"
+    ? "in use"
+    : e.name === "PermissionDenied" || e.code === "EACCES" || e.code === "EPERM"
+    ? "not permitted"
+    : e.name === "AddrNotAvailable" || e.code === "EADDRNOTAVAIL"
+    ? "not available"
+    : "error";
+  const hint = kind === "in use"
+    ? `another process listens on ${host}:${port} (ss -ltnp 'sport = :${port}' says which); ` +
+      `stop it or set ${variable} to another port`
+    : kind === "not permitted"
+    ? `ports below 1024 need root or CAP_NET_BIND_SERVICE; set ${variable} to 1024 or above ` +
+      `(deno task dev uses 2525)`
+    : kind === "not available"
+    ? `${host} is not an address of this machine; set ${variable.replace(/PORT$/, "HOST")} to one that is`
+    : `check ${variable.replace(/PORT$/, "HOST")} and ${variable}`;
+  return new StartError(`cannot listen for ${what} on ${host}:${port}: ${describeError(err)}`, hint, 3);
+}
+
+/** Says why the listener cannot start, one format for every cause, and exits with its code. */
+function refuseStart(err: StartError): never {
+  flushLog();
+  console.error(`sinkhole: ${err.message}\nsinkhole: hint: ${err.hint}`);
+  Deno.exit(err.exitCode);
+}
+
 async function main(): Promise<void> {
-  const env = (k: string) => Deno.env.get(k);
+  const args = Deno.args;
+  if (args.includes("--help") || args.includes("-h")) {
+    console.log(usage());
+    Deno.exit(0);
+  }
+  const unknownArgs = args.filter((a) => a !== "--healthcheck" && a !== "--dev");
+  if (unknownArgs.length > 0) {
+    refuseStart(new StartError(`unknown argument ${unknownArgs[0]}`, "see sinkhole --help", 2));
+  }
+  const processEnv = (k: string) => Deno.env.get(k);
+  const repository = new URL(".", import.meta.url).pathname.replace(/\/$/, "");
+  const env = args.includes("--dev") ? devEnvironment(processEnv, repository) : processEnv;
   let config: Config;
   try {
-    config = configFromEnv(env);
+    config = configFromEnv(env, Deno.cwd());
   } catch (err) {
-    console.error(`sinkhole: ${(err as Error).message}`);
-    Deno.exit(2);
+    refuseStart(new StartError((err as Error).message, "see sinkhole --help for every variable and its values", 2));
   }
-  if (Deno.args.includes("--healthcheck")) Deno.exit(await healthcheck(config));
-  const unknownArgs = Deno.args.filter((a) => a !== "--healthcheck");
-  if (unknownArgs.length > 0) {
-    console.error(`sinkhole: unknown arguments ${unknownArgs.join(" ")} (only --healthcheck)`);
-    Deno.exit(2);
-  }
+  if (args.includes("--healthcheck")) Deno.exit(await healthcheck(config));
+  setLogFormat(config.logFormat);
   const modes = new ModeCache(sourceFor(config, env), config.cacheTtlMs);
   const server = new Server({
     config,
@@ -2790,12 +3078,22 @@ async function main(): Promise<void> {
   await modes.start();
   let tls: Awaited<ReturnType<typeof tlsMaterial>> | undefined;
   try {
-    if (config.startTls) tls = await tlsMaterial(config);
+    if (config.startTls) {
+      tls = await tlsMaterial(config).catch((err) => {
+        throw new StartError(
+          `cannot read the STARTTLS certificate or key (${config.tlsCertFile}, ${config.tlsKeyFile}): ${
+            describeError(err)
+          }`,
+          "set SINKHOLE_TLS_CERT and SINKHOLE_TLS_KEY to readable PEM files, or neither for a generated certificate",
+          3,
+        );
+      });
+    }
     await server.listen(tls);
   } catch (err) {
-    log({ event: "error", where: "listen", reason: describeError(err) });
-    flushLog();
-    Deno.exit(1);
+    refuseStart(
+      err instanceof StartError ? err : new StartError(describeError(err), "see sinkhole --help", 3),
+    );
   }
   log({
     event: "start",

@@ -11,8 +11,9 @@ export const IN_CI = Deno.env.get("CI") === "true";
 /** A task of deno.json as written (`deno run … file.ts`). */
 export function taskText(name: string): string {
   const task = JSON.parse(Deno.readTextFileSync(`${ROOT}/deno.json`)).tasks[name];
-  if (typeof task !== "string") throw new Error(`deno.json has no task ${name}`);
-  return task;
+  const command = typeof task === "string" ? task : task?.command;
+  if (typeof command !== "string") throw new Error(`deno.json has no task ${name}`);
+  return command;
 }
 
 /**
