@@ -316,16 +316,67 @@ export async function runSteps(steps: Step[], print: (line: string) => void): Pr
   return [passed, failed];
 }
 
-async function main(): Promise<number> {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: { mode: { type: "string", default: "defer" }, offline: { type: "boolean", default: false } },
-  });
-  const variant = values.mode as Variant;
+export const REHEARSE_USAGE = `usage: deno task rehearse [--mode defer|greylist|bounce] [--offline]
+
+Rehearses docs/runbook.md's queue-persistence procedure on this machine: real sendmail routed to the
+listener, the MTA replaced mid-test, the queue checked to survive, and the retry ledger read back.
+
+options:
+  --mode MODE   the sinkhole's mode during the test: defer, greylist or bounce (default defer)
+  --offline     take the sinkhole away mid-test (the MTA must queue, not bounce)
+  --help, -h    print this help
+
+Needs root (port 25 on a loopback address of its own; sendmail in its own namespaces) and
+Debian's sendmail-bin, sendmail-cf and m4.
+
+exit codes: 0 every step passed, 1 a step failed, 2 refused (usage, missing tools, not root)`;
+
+/** The rehearsal's arguments, or a usage error said in one line. */
+export function rehearseArgs(args: string[]): { help: true } | { help: false; variant: Variant; offline: boolean } {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      options: {
+        mode: { type: "string", default: "defer" },
+        offline: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (err) {
+    const e = err as Error & { code?: string };
+    const m = /'(-[^' ]*)/.exec(e.message);
+    throw new Error(
+      e.code === "ERR_PARSE_ARGS_UNKNOWN_OPTION" ? `unknown option ${m?.[1] ?? ""}` : e.code ===
+          "ERR_PARSE_ARGS_INVALID_OPTION_VALUE"
+        ? `${m?.[1] ?? "an option"} needs a value`
+        : e.code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL"
+        ? "takes no arguments, only options"
+        : e.message,
+    );
+  }
+  if (parsed.values.help) return { help: true };
+  const variant = parsed.values.mode as Variant;
   if (!["defer", "greylist", "bounce"].includes(variant)) {
-    console.error("rehearse: --mode must be defer, greylist or bounce");
+    throw new Error(`--mode must be defer, greylist or bounce, got ${JSON.stringify(variant)}`);
+  }
+  return { help: false, variant, offline: parsed.values.offline };
+}
+
+async function main(): Promise<number> {
+  let args;
+  try {
+    args = rehearseArgs(Deno.args);
+  } catch (err) {
+    console.error(`rehearse: ${(err as Error).message}\n\n${REHEARSE_USAGE}`);
     return 2;
   }
+  if (args.help) {
+    console.log(REHEARSE_USAGE);
+    return 0;
+  }
+  const { variant, offline } = args;
   const problem = preflight();
   if (problem) {
     console.error(`rehearse: ${problem}`);
@@ -335,9 +386,9 @@ async function main(): Promise<number> {
   const modeFile = `${dir}/mode`;
   await Deno.writeTextFile(modeFile, "defer\n");
   console.log(
-    `Rehearsing docs/runbook.md (${variant}${values.offline ? ", sinkhole offline mid-test" : ""}) in ${dir}`,
+    `Rehearsing docs/runbook.md (${variant}${offline ? ", sinkhole offline mid-test" : ""}) in ${dir}`,
   );
-  const { steps, cleanup } = procedure(variant, values.offline, { dir, modeFile });
+  const { steps, cleanup } = procedure(variant, offline, { dir, modeFile });
   try {
     const [passed, failed] = await runSteps(steps, console.log);
     console.log(`rehearsal: ${passed} passed, ${failed} failed`);
