@@ -22,6 +22,8 @@ import { type AttemptLine, histories, unmet } from "./report.ts";
 export interface Report {
   title: string;
   ok: boolean;
+  /** Something could not be done (exit 3); `lines` say what was done before. */
+  failed?: boolean;
   lines: string[];
   data: Record<string, unknown>;
 }
@@ -37,20 +39,67 @@ export interface Deps {
   exec: Exec;
   /** For `check`: reconciles the GitHub issue (absent: report only). */
   issue?: (environment: string, findings: string[]) => Promise<IssueResult>;
+  /** Why there is no `issue` (no token, --no-github): said in check's output, never silently skipped. */
+  issueSkipped?: string;
   now: () => number;
   sleep: (ms: number) => Promise<void>;
   /** How often `--wait` and `probe` poll. */
   pollMs: number;
 }
 
+/** An AWS request failed: the message names the call, what it was about, the region and AWS's own words. */
+export class AwsCallError extends Error {
+  override name = "AwsCallError";
+}
+
+/** The input fields that say what a request was about, in the order they are named. */
+const SUBJECTS = ["cluster", "Name", "logGroupName", "service", "services", "ServiceId", "clusters", "tasks"] as const;
+
+/** What a request was about, from its input: `cluster cabal-mail`, `Name /cabal/sinkhole_mode`. */
+export function subjectOf(input: Record<string, unknown>): string {
+  const parts: string[] = [];
+  for (const key of SUBJECTS) {
+    const v = input[key];
+    if (v === undefined) continue;
+    const text = Array.isArray(v) ? v.map((x) => String(x).split("/").pop()).join(",") : String(v);
+    parts.push(`${key} ${text}`);
+    if (parts.length === 2) break;
+  }
+  return parts.join(", ");
+}
+
+/** A client whose failures say what they were about (AwsCallError); the SDK's error is the cause. */
+function described<C extends { send: (...a: never[]) => Promise<unknown> }>(
+  client: C,
+  service: string,
+  region: string,
+): C {
+  const send = client.send.bind(client) as (cmd: unknown) => Promise<unknown>;
+  (client as { send: unknown }).send = async (
+    cmd: { constructor: { name: string }; input?: Record<string, unknown> },
+  ) => {
+    try {
+      return await send(cmd);
+    } catch (err) {
+      const e = err as Error;
+      const call = cmd.constructor.name.replace(/Command$/, "");
+      const about = subjectOf(cmd.input ?? {});
+      throw new AwsCallError(`${service} ${call}${about ? ` (${about})` : ""} in ${region}: ${e.name}: ${e.message}`, {
+        cause: err,
+      });
+    }
+  };
+  return client;
+}
+
 /** Builds the SDK clients for an environment; the SDK honours AWS_ENDPOINT_URL (tests: moto). */
 export function clients(env: Environment) {
   const config = { region: env.region, maxAttempts: 3 };
   return {
-    ssm: new SSMClient(config),
-    ecs: new ECSClient(config),
-    logs: new CloudWatchLogsClient(config),
-    discovery: new ServiceDiscoveryClient(config),
+    ssm: described(new SSMClient(config), "SSM", env.region),
+    ecs: described(new ECSClient(config), "ECS", env.region),
+    logs: described(new CloudWatchLogsClient(config), "CloudWatch Logs", env.region),
+    discovery: described(new ServiceDiscoveryClient(config), "Cloud Map", env.region),
   };
 }
 
@@ -155,11 +204,12 @@ async function mtaTasks(d: Deps): Promise<Task[]> {
 }
 
 export async function status(d: Deps): Promise<Report> {
-  const [tier, health, mode, instances] = await Promise.all([
+  const [tier, health, mode, instances, effect] = await Promise.all([
     service(d, d.env.sinkholeService),
     sinkholeHealth(d),
     currentMode(d),
     cloudMapInstances(d),
+    modeInEffect(d),
   ]);
   const lines = [
     `sinkhole service ${d.env.sinkholeService}: ${
@@ -170,14 +220,14 @@ export async function status(d: Deps): Promise<Report> {
     }`,
     `tasks: ${health.length ? health.join("; ") : "none running"}`,
     `Cloud Map sinkhole.${d.env.namespace}: ${instances ?? "no service"} instance(s)`,
-    `mode ${mode.value} (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})`,
+    ...modeLines(mode, effect),
     `flag for ${d.env.name}: sinkhole ${d.tier === undefined ? "not given (--tier on|off)" : d.tier ? "on" : "off"}`,
   ];
   return {
     title: `sinkhole status: ${d.env.name}`,
     ok: true,
     lines,
-    data: { tier, health, mode, cloudMapInstances: instances },
+    data: { tier, health, mode, inEffect: effect, cloudMapInstances: instances },
   };
 }
 
@@ -190,20 +240,75 @@ async function cloudMapInstances(d: Deps): Promise<number | undefined> {
 }
 
 export async function modeGet(d: Deps): Promise<Report> {
-  const mode = await currentMode(d);
+  const [mode, effect] = await Promise.all([currentMode(d), modeInEffect(d)]);
   return {
     title: `sinkhole mode: ${d.env.name}`,
     ok: true,
-    lines: [`${mode.value} (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})`],
-    data: { mode },
+    lines: modeLines(mode, effect),
+    data: { mode, inEffect: effect },
   };
+}
+
+/** How far back `status` and `mode get` look for the listener's last word on its mode. */
+export const IN_EFFECT_LOOKBACK_MS = 7 * 24 * 3_600_000;
+/** The listener's lines that say which mode is in effect (a CloudWatch JSON pattern; read back by event too). */
+const MODE_EVENTS_PATTERN =
+  '{ ($.event = "start") || ($.event = "mode") || ($.event = "mode_invalid") || ($.event = "mode_error") }';
+
+/** The mode in effect, from the listener's last start, mode, mode_invalid or mode_error line. */
+export interface InEffect {
+  mode?: string;
+  at?: string;
+  /** What the last line said beyond the mode (a refused value, an unreadable source), or why nothing is known. */
+  note?: string;
+}
+
+export async function modeInEffect(d: Deps): Promise<InEffect> {
+  let lines: LogLine[];
+  try {
+    lines = await listenerLines(d, d.now() - IN_EFFECT_LOOKBACK_MS, undefined, MODE_EVENTS_PATTERN);
+  } catch (err) {
+    return { note: `not known: ${(err as Error).message}` };
+  }
+  const last = lines.filter((l) => ["start", "mode", "mode_invalid", "mode_error"].includes(l.event))
+    .sort((a, b) => a.ts.localeCompare(b.ts)).at(-1);
+  if (!last) return { note: `not known: the listener logged no mode in ${d.env.sinkholeLogGroup} in the last 7 days` };
+  if (last.event === "start" || last.event === "mode") return { mode: last.mode, at: last.ts };
+  if (last.event === "mode_invalid") {
+    return { mode: last.keeping, at: last.ts, note: `it refused ${JSON.stringify(last.value)}: ${last.reason}` };
+  }
+  if (last.event === "mode_error") {
+    return { mode: last.keeping, at: last.ts, note: `its source failed: ${last.reason}` };
+  }
+  return {};
+}
+
+/** Why the listener would refuse a stored value, or undefined when it accepts it. */
+function storedProblem(value: string): string | undefined {
+  const sc = parseScenario(value);
+  return typeof sc === "string" ? sc : undefined;
+}
+
+/** The stored value and the mode in effect, side by side: an invalid stored value is never shown as in effect. */
+function modeLines(mode: Awaited<ReturnType<typeof currentMode>>, effect: InEffect): string[] {
+  const problem = storedProblem(mode.value);
+  return [
+    `mode stored: ${
+      JSON.stringify(mode.value)
+    } (version ${mode.version}, changed ${mode.changedAt} by ${mode.changedBy})` +
+    (problem ? ` — the listener refuses it: ${problem}` : ""),
+    effect.mode === undefined
+      ? `mode in effect: ${effect.note}`
+      : `mode in effect: ${JSON.stringify(effect.mode)} (the listener's line at ${effect.at})` +
+        (effect.note ? `; ${effect.note}` : ""),
+  ];
 }
 
 /** The listener's log events (its typed JSON lines) in the sinkhole log group since `since`, matching a term. */
 /** Pages of log events read at most per query (each up to 1 MB or 10,000 events). */
 const MAX_LOG_PAGES = 20;
 
-export async function listenerLines(d: Deps, since: number, term: string): Promise<LogLine[]> {
+export async function listenerLines(d: Deps, since: number, term?: string, pattern?: string): Promise<LogLine[]> {
   const out: LogLine[] = [];
   let nextToken: string | undefined;
   for (let page = 0; page < MAX_LOG_PAGES; page++) {
@@ -211,7 +316,7 @@ export async function listenerLines(d: Deps, since: number, term: string): Promi
       new FilterLogEventsCommand({
         logGroupName: d.env.sinkholeLogGroup,
         startTime: since,
-        filterPattern: JSON.stringify(term),
+        filterPattern: pattern ?? JSON.stringify(term),
         nextToken,
       }),
     );
@@ -226,30 +331,37 @@ export async function listenerLines(d: Deps, since: number, term: string): Promi
 }
 
 export async function modeSet(d: Deps, mode: ValidMode, wait: boolean): Promise<Report> {
+  const title = `sinkhole mode: ${d.env.name}`;
   const since = d.now() - 1000;
   const put = await d.ssm.send(
     new PutParameterCommand({ Name: d.env.parameter, Value: mode, Type: "String", Overwrite: true }),
   );
-  const lines = [`mode set to ${mode} (version ${put.Version})`];
+  const lines = [`mode set to ${mode} (${d.env.parameter} version ${put.Version})`];
   const data: Record<string, unknown> = { mode, version: put.Version };
-  if (!wait) return { title: `sinkhole mode: ${d.env.name}`, ok: true, lines, data };
+  if (!wait) return { title, ok: true, lines, data };
   const limit = (d.env.cacheTtlSeconds + 10) * 1000;
   const t0 = d.now();
-  while (d.now() - t0 <= limit) {
-    const seen = (await listenerLines(d, since, mode)).some((l) =>
-      (l.event === "mode" || l.event === "start") && l.mode === mode
-    );
-    if (seen) {
-      lines.push(`the listener logged mode ${mode} after ${Math.round((d.now() - t0) / 1000)} s`);
-      return { title: `sinkhole mode: ${d.env.name}`, ok: true, lines, data: { ...data, confirmed: true } };
+  try {
+    while (d.now() - t0 <= limit) {
+      const seen = (await listenerLines(d, since, mode)).some((l) =>
+        (l.event === "mode" || l.event === "start") && l.mode === mode
+      );
+      if (seen) {
+        lines.push(`the listener logged mode ${mode} after ${Math.round((d.now() - t0) / 1000)} s`);
+        return { title, ok: true, lines, data: { ...data, confirmed: true } };
+      }
+      await d.sleep(d.pollMs);
     }
-    await d.sleep(d.pollMs);
+  } catch (err) {
+    // The mode was stored: say so, and that only the confirmation failed.
+    lines.push(`not confirmed: waiting for the listener's line failed: ${(err as Error).message}`);
+    return { title, ok: false, failed: true, lines, data: { ...data, confirmed: false } };
   }
   lines.push(
-    `not seen in ${d.env.sinkholeLogGroup} within ${limit / 1000} s (TTL ${d.env.cacheTtlSeconds} s + 10 s): ` +
-      "is the tier running? (ctl status)",
+    `not confirmed: not seen in ${d.env.sinkholeLogGroup} within ${limit / 1000} s ` +
+      `(TTL ${d.env.cacheTtlSeconds} s + 10 s): is the tier running? (ctl status)`,
   );
-  return { title: `sinkhole mode: ${d.env.name}`, ok: false, lines, data: { ...data, confirmed: false } };
+  return { title, ok: false, lines, data: { ...data, confirmed: false } };
 }
 
 export type Outcome = "queued" | "delivered" | "bounced" | "unknown";
@@ -332,40 +444,56 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
 const QUEUE_ID = /^[A-Za-z0-9]{6,20}$/;
 
 export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue: boolean }): Promise<Report> {
+  const title = `sinkhole cleanup: ${d.env.name}`;
   const lines: string[] = [];
+  const data: Record<string, unknown> = {};
   const put = await d.ssm.send(
     new PutParameterCommand({ Name: d.env.parameter, Value: DEFAULT_MODE, Type: "String", Overwrite: true }),
   );
-  lines.push(`mode set to ${DEFAULT_MODE} (version ${put.Version})`);
-  const data: Record<string, unknown> = { mode: DEFAULT_MODE };
-  if (opts.scaleToZero) {
-    await d.ecs.send(
-      new UpdateServiceCommand({ cluster: d.env.cluster, service: d.env.sinkholeService, desiredCount: 0 }),
-    );
-    lines.push(`${d.env.sinkholeService} scaled to 0`);
-    data.scaledToZero = true;
-  }
-  if (opts.purgeQueue) {
-    const purged: Record<string, string[]> = {};
-    for (const task of await mtaTasks(d)) {
-      const out = await execOk(d, task, mtaCommands.purge(d.env.mtaQueueDir), "purging the queue");
-      const ids = out.split("\n").map((s) => s.trim()).filter(Boolean);
-      const bad = ids.find((id) => !QUEUE_ID.test(id));
-      if (bad !== undefined) {
-        throw new ExecError(`purging the queue in ${task.id}: not a queue id: ${bad.slice(0, 100)}`);
-      }
-      purged[task.id] = ids;
-      lines.push(`${task.id}: removed ${purged[task.id].length} queued sinkhole.test message(s)`);
+  lines.push(`mode set to ${DEFAULT_MODE} (${d.env.parameter} version ${put.Version})`);
+  data.mode = DEFAULT_MODE;
+  try {
+    if (opts.scaleToZero) {
+      await d.ecs.send(
+        new UpdateServiceCommand({ cluster: d.env.cluster, service: d.env.sinkholeService, desiredCount: 0 }),
+      );
+      lines.push(`${d.env.sinkholeService} scaled to 0`);
+      data.scaledToZero = true;
     }
-    data.purged = purged;
-    if (Object.keys(purged).length === 0) lines.push(`no running ${d.env.mtaService} task: no queue purged`);
+    if (opts.purgeQueue) {
+      const purged: Record<string, string[]> = {};
+      const tasks = await mtaTasks(d);
+      if (tasks.length === 0) lines.push(`no running ${d.env.mtaService} task: no queue purged`);
+      for (const task of tasks) {
+        const out = await execOk(d, task, mtaCommands.purge(d.env.mtaQueueDir), "purging the queue");
+        const ids = out.split("\n").map((s) => s.trim()).filter(Boolean);
+        const bad = ids.find((id) => !QUEUE_ID.test(id));
+        if (bad !== undefined) {
+          throw new ExecError(`purging the queue in ${task.id}: not a queue id: ${bad.slice(0, 100)}`);
+        }
+        purged[task.id] = ids;
+        lines.push(`${task.id}: removed ${ids.length} queued sinkhole.test message(s)`);
+      }
+      data.purged = purged;
+    }
+  } catch (err) {
+    // What was done is said; what failed is the last line (exit 3).
+    lines.push(`failed: ${(err as Error).name}: ${(err as Error).message}`);
+    return { title, ok: false, failed: true, lines, data };
   }
-  return { title: `sinkhole cleanup: ${d.env.name}`, ok: true, lines, data };
+  return { title, ok: true, lines, data };
 }
 
 export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: number }): Promise<Report> {
   const findings: string[] = [];
   const mode = await currentMode(d);
+  const problem = storedProblem(mode.value);
+  if (problem) {
+    findings.push(
+      `the stored mode ${JSON.stringify(mode.value)} (set ${mode.changedAt} by ${mode.changedBy}) is refused by ` +
+        `the listener, which keeps its previous mode: ${problem}`,
+    );
+  }
   const age = mode.changedAt ? d.now() - Date.parse(mode.changedAt) : 0;
   if (mode.value.trim() !== DEFAULT_MODE && age > opts.modeAgeMs) {
     findings.push(
@@ -379,25 +507,35 @@ export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: numb
       `the tier runs (desired ${tier.desired}, running ${tier.running}) although the flag is off in ${d.env.name}`,
     );
   }
-  for (const task of await mtaTasks(d)) {
-    const out = (await execOk(d, task, mtaCommands.staleCount(d.env.mtaQueueDir, opts.queueAgeMs / 60000), "counting"))
-      .trim();
-    if (!/^\d+$/.test(out)) {
-      throw new ExecError(`counting queued mail in ${task.id}: not a count: ${out.slice(0, 100)}`);
+  let failure: string | undefined;
+  try {
+    for (const task of await mtaTasks(d)) {
+      const out =
+        (await execOk(d, task, mtaCommands.staleCount(d.env.mtaQueueDir, opts.queueAgeMs / 60000), "counting"))
+          .trim();
+      if (!/^\d+$/.test(out)) {
+        throw new ExecError(`counting queued mail in ${task.id}: not a count: ${out.slice(0, 100)}`);
+      }
+      const n = Number(out);
+      if (n > 0) {
+        findings.push(
+          `${task.id}: ${n} sinkhole.test message(s) queued for more than ${Math.round(opts.queueAgeMs / 60000)} min`,
+        );
+      }
     }
-    const n = Number(out);
-    if (n > 0) {
-      findings.push(
-        `${task.id}: ${n} sinkhole.test message(s) queued for more than ${Math.round(opts.queueAgeMs / 60000)} min`,
-      );
-    }
+  } catch (err) {
+    // The findings so far are said; the issue is left as it is, since the look was not complete.
+    failure = `${(err as Error).name}: ${(err as Error).message}`;
   }
-  const issue = d.issue ? await d.issue(d.env.name, findings) : { action: "none" as const };
-  const lines = findings.length ? findings : ["all clean"];
+  const issue = d.issue && !failure ? await d.issue(d.env.name, findings) : { action: "none" as const };
+  const lines = findings.length ? [...findings] : failure ? [] : ["all clean"];
   if (issue.action !== "none") lines.push(`GitHub issue #${issue.number} ${issue.action}`);
+  else if (failure) lines.push(`failed: ${failure}`, "GitHub issue left as it was: the check did not complete");
+  else if (!d.issue) lines.push(`GitHub issue not reconciled: ${d.issueSkipped ?? "no GitHub client"}`);
   return {
     title: `sinkhole check: ${d.env.name}`,
-    ok: findings.length === 0,
+    ok: findings.length === 0 && !failure,
+    failed: failure !== undefined,
     lines,
     data: { findings, issue },
   };

@@ -3,22 +3,29 @@
  * over it. Production is refused twice: by name before any client exists, and by what it is
  * (the cluster's environment tag) in the first request, a read, before any other.
  *
- *   ctl status                                   --env NAME [--json]
- *   ctl mode get                                 --env NAME
- *   ctl mode set VALUE [--wait]                  --env NAME
- *   ctl probe [--expect queued|delivered|bounced] [--timeout SECONDS] --env NAME
- *   ctl cleanup [--scale-to-zero] [--purge-queue] --env NAME
- *   ctl check [--mode-age MINUTES] [--queue-age MINUTES] [--no-github] --env NAME
- *   ctl report (--file FILE|- | --env NAME [--since MINUTES])
- *   ctl expect MESSAGE [--attempts N|MIN..MAX] [--interval S..S] [--delivered-once] [--within SECONDS]
- *              (--file FILE|- | --env NAME [--since MINUTES])
- *
- * Exit: 0 done, 1 done but not as wanted (expectation unmet, findings, mode not confirmed),
- * 2 refused (production, unknown environment, invalid mode, bad usage).
+ * The grammar (commands, options, help, validation) is data in cli.ts; `deno task ctl
+ * --help` and `deno task ctl COMMAND --help` print it. Exit codes (cli.ts, EXIT): 0 done,
+ * 1 done but not as wanted, 2 refused before anything changed, 3 failed.
  */
-import { parseArgs } from "node:util";
 import * as commands from "./commands.ts";
-import { DEFAULT_ENVIRONMENTS_FILE, parseEnvironments, RefusedError, resolveEnvironment } from "./environments.ts";
+import {
+  commandHelp,
+  type CommandSpec,
+  EXIT,
+  numberOption,
+  optionValue,
+  overview,
+  parseCommandLine,
+  type Parsed,
+  UsageError,
+} from "./cli.ts";
+import {
+  DEFAULT_ENVIRONMENTS_FILE,
+  isProduction,
+  parseEnvironments,
+  RefusedError,
+  resolveEnvironment,
+} from "./environments.ts";
 import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
 import {
@@ -31,138 +38,179 @@ import {
   unmet,
 } from "./report.ts";
 
-const USAGE =
-  `usage: deno task ctl <status | mode get | mode set VALUE [--wait] | probe [--expect queued|delivered|bounced]
-       | cleanup [--scale-to-zero] [--purge-queue] | check [--mode-age MIN] [--queue-age MIN] [--no-github]>
-       --env NAME [--tier on|off] [--json] [--environments FILE]
-       deno task ctl report (--file FILE|- | --env NAME [--since MIN])
-       deno task ctl expect MESSAGE [--attempts N|MIN..MAX] [--interval S..S] [--delivered-once] [--within S]
-                        (--file FILE|- | --env NAME [--since MIN])`;
-
-const OUTCOMES = ["queued", "delivered", "bounced"] as const;
-
 export function render(report: commands.Report, json: boolean): string {
   if (json) return JSON.stringify({ title: report.title, ok: report.ok, ...report.data }, null, 2);
   return [report.title, ...report.lines.map((l) => `  ${l}`)].join("\n");
 }
 
 export function markdown(report: commands.Report): string {
-  return `### ${report.ok ? "✅" : "⚠️"} ${report.title}\n\n${report.lines.map((l) => `- ${l}`).join("\n")}\n\n`;
+  const icon = report.failed ? "❌" : report.ok ? "✅" : "⚠️";
+  return `### ${icon} ${report.title}\n\n${report.lines.map((l) => `- ${l}`).join("\n")}\n\n`;
 }
 
-export async function main(argv: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        env: { type: "string" },
-        json: { type: "boolean", default: false },
-        environments: { type: "string" },
-        wait: { type: "boolean", default: false },
-        expect: { type: "string" },
-        timeout: { type: "string", default: "60" },
-        "scale-to-zero": { type: "boolean", default: false },
-        "purge-queue": { type: "boolean", default: false },
-        "mode-age": { type: "string", default: "120" },
-        "queue-age": { type: "string", default: "60" },
-        "no-github": { type: "boolean", default: false },
-        tier: { type: "string" },
-        file: { type: "string" },
-        since: { type: "string", default: "1440" },
-        attempts: { type: "string" },
-        interval: { type: "string" },
-        "delivered-once": { type: "boolean", default: false },
-        within: { type: "string" },
-        help: { type: "boolean", default: false },
-      },
-    });
-  } catch (err) {
-    console.error(`ctl: ${(err as Error).message}\n${USAGE}`);
-    return 2;
-  }
-  const { values: o, positionals: [command, sub, arg] } = parsed;
-  if (o.help || !command) {
-    console.log(USAGE);
-    return o.help ? 0 : 2;
-  }
-  const number = (name: string, raw: string) => {
-    const n = Number(raw);
-    if (!Number.isFinite(n) || n < 0) throw new RefusedError(`--${name} must be a number ≥ 0, got ${raw}`);
-    return n;
-  };
-  try {
-    if ((command === "report" || command === "expect") && o.file !== undefined) {
-      return await ledger(command, sub, o, await readAttempts(o.file));
-    }
-    // Everything that can refuse does so here, before any client or request exists.
-    const file = o.environments ?? Deno.env.get("SINKHOLE_ENVIRONMENTS") ?? DEFAULT_ENVIRONMENTS_FILE;
-    const env = resolveEnvironment(o.env, parseEnvironments(await Deno.readTextFile(file), file));
-    let run: (d: commands.Deps) => Promise<commands.Report>;
-    if (command === "status") run = commands.status;
-    else if (command === "mode" && sub === "get") run = commands.modeGet;
-    else if (command === "mode" && sub === "set" && arg) {
-      const mode = commands.validateMode(arg);
-      run = (d) => commands.modeSet(d, mode, o.wait);
-    } else if (command === "probe") {
-      const expect = o.expect as commands.Outcome | undefined;
-      if (expect && !(OUTCOMES as readonly string[]).includes(expect)) {
-        throw new RefusedError(`--expect must be one of ${OUTCOMES.join(", ")}`);
-      }
-      const timeout = number("timeout", o.timeout) * 1000;
-      run = (d) => commands.probe(d, expect, timeout);
-    } else if (command === "cleanup") {
-      run = (d) => commands.cleanup(d, { scaleToZero: o["scale-to-zero"], purgeQueue: o["purge-queue"] });
-    } else if (command === "report" || command === "expect") {
-      const sinceMs = number("since", o.since) * 60_000;
-      run = async (d) => {
-        const lines = await commands.listenerLines(d, d.now() - sinceMs, "attempt");
-        const events = lines.filter((l) => l.event === "attempt") as AttemptLine[];
-        const code = await ledger(command, sub, o, events);
-        return { title: `sinkhole ${command}: ${d.env.name}`, ok: code === 0, lines: [], data: { printed: true } };
-      };
-    } else if (command === "check") {
-      const modeAgeMs = number("mode-age", o["mode-age"]) * 60_000;
-      const queueAgeMs = number("queue-age", o["queue-age"]) * 60_000;
-      run = (d) => commands.check(d, { modeAgeMs, queueAgeMs });
-    } else {
-      throw new RefusedError(`unknown command: ${[command, sub].filter(Boolean).join(" ")}\n${USAGE}`);
-    }
+/** Where main prints and what it reads of its environment (the process's, or a test's). */
+export interface Io {
+  out(text: string): void;
+  err(text: string): void;
+  env(name: string): string | undefined;
+}
 
-    if (o.tier !== undefined && o.tier !== "on" && o.tier !== "off") {
-      throw new RefusedError(`--tier must be on or off (the environment's SINKHOLE variable), got ${o.tier}`);
-    }
-    const token = Deno.env.get("GITHUB_TOKEN");
-    const repository = Deno.env.get("GITHUB_REPOSITORY");
-    const gh = !o["no-github"] && token && repository
-      ? github({ token, repository, baseUrl: Deno.env.get("GITHUB_API_URL") })
-      : undefined;
-    const deps: commands.Deps = {
-      env,
-      tier: o.tier === undefined ? undefined : o.tier === "on",
-      ...commands.clients(env),
-      exec: ecsExec({ region: env.region, cluster: env.cluster, container: env.mtaContainer }),
-      issue: gh?.reconcile,
-      now: Date.now,
-      sleep: (ms) => new Promise((ok) => setTimeout(ok, ms)),
-      pollMs: Number(Deno.env.get("SINKHOLE_CTL_POLL_MS") ?? "2000"),
-    };
-    await commands.refuseProduction(deps);
-    const report = await run(deps);
-    if (report.data.printed) return report.ok ? 0 : 1;
-    console.log(render(report, o.json));
-    const summary = Deno.env.get("GITHUB_STEP_SUMMARY");
-    if (summary) await Deno.writeTextFile(summary, markdown(report), { append: true });
-    return report.ok ? 0 : 1;
+const processIo: Io = {
+  out: (t) => console.log(t),
+  err: (t) => console.error(t),
+  env: (n) => Deno.env.get(n),
+};
+
+/** Appends to the job summary (GITHUB_STEP_SUMMARY) when there is one: on success, refusal and failure alike. */
+async function summarize(io: Io, text: string): Promise<void> {
+  const path = io.env("GITHUB_STEP_SUMMARY");
+  if (path) await Deno.writeTextFile(path, text, { append: true });
+}
+
+export async function main(argv: string[], io: Io = processIo): Promise<number> {
+  let parsed: Parsed;
+  try {
+    parsed = parseCommandLine(argv);
   } catch (err) {
-    if (err instanceof RefusedError || err instanceof commands.InvalidModeError) {
-      console.error(`ctl: refused: ${err.message}`);
-      return 2;
-    }
-    console.error(`ctl: ${(err as Error).name}: ${(err as Error).message}`);
-    return 1;
+    return await refused(io, `ctl ${argv.filter((a) => !a.startsWith("-")).slice(0, 2).join(" ")}`.trim(), err);
   }
+  const { command, values: o } = parsed;
+  if (parsed.help) {
+    io.out(command ? commandHelp(command) : overview());
+    return EXIT.ok;
+  }
+  if (!command) {
+    io.err(overview());
+    return EXIT.refused;
+  }
+  const title = `sinkhole ${command.name}${o.env && o.env !== true ? `: ${o.env}` : ""}`;
+  try {
+    return await runCommand(command, parsed, io, title);
+  } catch (err) {
+    if (err instanceof RefusedError || err instanceof commands.InvalidModeError || err instanceof UsageError) {
+      return await refused(io, title, err);
+    }
+    const e = err as Error;
+    const text = `${e.name === "Error" ? "" : `${e.name}: `}${e.message}`;
+    io.err(`ctl: failed: ${text}`);
+    await summarize(io, `### ❌ ${title}: failed\n\n- ${text}\n\n`);
+    return EXIT.failed;
+  }
+}
+
+async function refused(io: Io, title: string, err: unknown): Promise<number> {
+  const message = (err as Error).message;
+  io.err(`ctl: refused: ${message}`);
+  await summarize(io, `### ⛔ ${title}: refused\n\n- ${message}\n\n`);
+  return EXIT.refused;
+}
+
+async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: string): Promise<number> {
+  const o = parsed.values;
+  const json = o.json === true;
+  // Every option is checked before any file is read or any request made.
+  const since = numberOption("since", o.since)!;
+  const timeout = numberOption("timeout", o.timeout)!;
+  const modeAge = numberOption("mode-age", o["mode-age"])!;
+  const queueAge = numberOption("queue-age", o["queue-age"])!;
+  const within = numberOption("within", o.within);
+  const expect = optionValue("expect", o.expect) as commands.Outcome | undefined;
+  const tier = optionValue("tier", o.tier);
+  const file = optionValue("file", o.file);
+  const envName = optionValue("env", o.env);
+  const environmentsFile = optionValue("environments", o.environments);
+  const ranges = {
+    attempts: range("attempts", optionValue("attempts", o.attempts)),
+    interval: range("interval", optionValue("interval", o.interval)),
+  };
+  const mode = command.name === "mode set" ? commands.validateMode(parsed.arg!) : undefined;
+  if (command.target === "env-or-file" && (file === undefined) === (envName === undefined)) {
+    throw new UsageError(`${command.name} reads either --file FILE|- or --env NAME, exactly one`);
+  }
+  const ledgerOptions = { json, message: parsed.arg, ...ranges, deliveredOnce: o["delivered-once"] === true, within };
+  if (file !== undefined) {
+    let events: AttemptLine[];
+    try {
+      events = await readAttempts(file);
+    } catch (err) {
+      throw new Error(`reading ${file === "-" ? "standard input" : file}: ${(err as Error).message}`);
+    }
+    return await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
+  }
+
+  // Everything that can refuse does so here, before any client or request exists.
+  if (envName === undefined) throw new UsageError(`${command.name} needs --env NAME`);
+  if (isProduction(envName)) throw new RefusedError(`"${envName}" is production: sinkhole is never operated there`);
+  const path = environmentsFile ?? io.env("SINKHOLE_ENVIRONMENTS") ?? DEFAULT_ENVIRONMENTS_FILE;
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (err) {
+    throw new Error(`cannot read the environments file ${path}: ${(err as Error).message}`);
+  }
+  const env = resolveEnvironment(envName, parseEnvironments(text, path));
+
+  let run: (d: commands.Deps) => Promise<commands.Report>;
+  if (command.name === "status") run = commands.status;
+  else if (command.name === "mode get") run = commands.modeGet;
+  else if (command.name === "mode set") run = (d) => commands.modeSet(d, mode!, o.wait === true);
+  else if (command.name === "probe") run = (d) => commands.probe(d, expect, timeout * 1000);
+  else if (command.name === "cleanup") {
+    run = (d) =>
+      commands.cleanup(d, { scaleToZero: o["scale-to-zero"] === true, purgeQueue: o["purge-queue"] === true });
+  } else if (command.name === "check") {
+    run = (d) => commands.check(d, { modeAgeMs: modeAge * 60_000, queueAgeMs: queueAge * 60_000 });
+  } else {
+    run = async (d) => {
+      const lines = await commands.listenerLines(d, d.now() - since * 60_000, "attempt");
+      const events = lines.filter((l) => l.event === "attempt") as AttemptLine[];
+      const code = await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
+      return { title, ok: code === 0, lines: [], data: { printed: true } };
+    };
+  }
+
+  const token = io.env("GITHUB_TOKEN");
+  const repository = io.env("GITHUB_REPOSITORY");
+  const gh = o["no-github"] !== true && token && repository
+    ? github({ token, repository, baseUrl: io.env("GITHUB_API_URL") })
+    : undefined;
+  const deps: commands.Deps = {
+    env,
+    tier: tier === undefined ? undefined : tier === "on",
+    ...commands.clients(env),
+    exec: ecsExec({ region: env.region, cluster: env.cluster, container: env.mtaContainer }),
+    issue: gh?.reconcile,
+    issueSkipped: gh
+      ? undefined
+      : o["no-github"] === true
+      ? "--no-github given"
+      : "GITHUB_TOKEN or GITHUB_REPOSITORY is not set",
+    now: Date.now,
+    sleep: (ms) => new Promise((ok) => setTimeout(ok, ms)),
+    pollMs: Number(io.env("SINKHOLE_CTL_POLL_MS") ?? "2000"),
+  };
+  await commands.refuseProduction(deps);
+  const report = await run(deps);
+  if (report.data.printed) return report.ok ? EXIT.ok : EXIT.unwanted;
+  io.out(render(report, json));
+  await summarize(io, markdown(report));
+  return report.failed ? EXIT.failed : report.ok ? EXIT.ok : EXIT.unwanted;
+}
+
+function range(name: "attempts" | "interval", raw: string | undefined) {
+  if (raw === undefined) return undefined;
+  const r = parseRange(raw);
+  if (!r) throw new UsageError(`--${name} must be N or MIN..MAX, got ${JSON.stringify(raw)}`);
+  return r;
+}
+
+interface LedgerOptions {
+  json: boolean;
+  message?: string;
+  attempts?: [number, number];
+  interval?: [number, number];
+  deliveredOnce: boolean;
+  within?: number;
 }
 
 /**
@@ -170,47 +218,28 @@ export async function main(argv: string[]): Promise<number> {
  * when GITHUB_STEP_SUMMARY is set). `expect`: 0 when every expectation holds, 1 naming each
  * that does not.
  */
-async function ledger(
-  command: "report" | "expect",
-  message: string | undefined,
-  o: Record<string, string | boolean | undefined>,
-  events: AttemptLine[],
-): Promise<number> {
+async function ledger(command: "report" | "expect", o: LedgerOptions, events: AttemptLine[], io: Io): Promise<number> {
   const hs = histories(events);
-  const summary = Deno.env.get("GITHUB_STEP_SUMMARY");
   if (command === "report") {
-    console.log(o.json ? JSON.stringify(hs, null, 2) : renderReport(hs).join("\n"));
-    if (summary) await Deno.writeTextFile(summary, markdownReport(hs), { append: true });
-    return 0;
+    io.out(o.json ? JSON.stringify(hs, null, 2) : renderReport(hs).join("\n"));
+    await summarize(io, markdownReport(hs));
+    return EXIT.ok;
   }
-  if (!message) throw new RefusedError(`expect needs the message: its recipient, or "sender > recipient"`);
-  const range = (name: string) => {
-    const raw = o[name];
-    if (raw === undefined) return undefined;
-    const r = parseRange(String(raw));
-    if (!r) throw new RefusedError(`--${name} must be N or MIN..MAX, got ${raw}`);
-    return r;
-  };
-  const within = o.within === undefined ? undefined : Number(o.within);
-  if (within !== undefined && !(within >= 0)) throw new RefusedError(`--within must be seconds ≥ 0, got ${o.within}`);
   const problems = unmet(hs, {
-    message,
-    attempts: range("attempts"),
-    intervalS: range("interval"),
-    deliveredOnce: o["delivered-once"] === true,
-    withinS: within,
+    message: o.message!,
+    attempts: o.attempts,
+    intervalS: o.interval,
+    deliveredOnce: o.deliveredOnce,
+    withinS: o.within,
   });
-  const text = problems.length ? problems.map((p) => `unmet: ${p}`) : [`met: every expectation for ${message}`];
-  console.log(text.join("\n"));
-  if (summary) {
-    await Deno.writeTextFile(
-      summary,
-      `### sinkhole expect: ${problems.length ? "⚠️ unmet" : "✅ met"}\n\n` +
-        text.map((t) => `- ${t}`).join("\n") + "\n\n",
-      { append: true },
-    );
-  }
-  return problems.length ? 1 : 0;
+  const text = problems.length ? problems.map((p) => `unmet: ${p}`) : [`met: every expectation for ${o.message}`];
+  io.out(text.join("\n"));
+  await summarize(
+    io,
+    `### sinkhole expect: ${problems.length ? "⚠️ unmet" : "✅ met"}\n\n` + text.map((t) => `- ${t}`).join("\n") +
+      "\n\n",
+  );
+  return problems.length ? EXIT.unwanted : EXIT.ok;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

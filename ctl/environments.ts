@@ -63,23 +63,33 @@ const FIELDS: [keyof Environment, "string" | "number"][] = [
 
 /** Parses and checks an environments file; a production entry makes the whole file invalid. */
 export function parseEnvironments(text: string, source = "environments file"): Map<string, Environment> {
-  const raw = JSON.parse(text) as Record<string, Record<string, unknown>>;
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new RefusedError(`${source} is not JSON: ${(err as Error).message}`);
+  }
+  const isObject = (v: unknown): v is Record<string, unknown> =>
+    typeof v === "object" && v !== null && !Array.isArray(v);
+  if (!isObject(raw)) throw new RefusedError(`${source} must be an object of environments by name`);
   const out = new Map<string, Environment>();
   for (const [name, entry] of Object.entries(raw)) {
     if (isProduction(name)) throw new RefusedError(`${source}: "${name}" is production; it may not be listed at all`);
+    if (!name.trim()) throw new RefusedError(`${source}: an environment's name is empty`);
+    if (!isObject(entry)) throw new RefusedError(`${source}: ${name} must be an object of fields`);
+    const unknown = Object.keys(entry).filter((k) => !FIELDS.some(([f]) => f === k));
+    if (unknown.length) throw new RefusedError(`${source}: ${name}: unknown field(s) ${unknown.join(", ")}`);
     for (const [field, type] of FIELDS) {
       const value = entry[field];
       if (typeof value !== type || (type === "string" && !(value as string).trim())) {
-        throw new Error(`${source}: ${name}.${field} must be a non-empty ${type}`);
+        throw new RefusedError(`${source}: ${name}.${field} must be a non-empty ${type}`);
       }
     }
-    const unknown = Object.keys(entry).filter((k) => !FIELDS.some(([f]) => f === k));
-    if (unknown.length) throw new Error(`${source}: ${name}: unknown field(s) ${unknown.join(", ")}`);
     const ttl = entry.cacheTtlSeconds as number;
     if (!Number.isFinite(ttl) || ttl <= 0 || ttl > MAX_CACHE_TTL_SECONDS) {
-      throw new Error(`${source}: ${name}.cacheTtlSeconds must be in (0, ${MAX_CACHE_TTL_SECONDS}]`);
+      throw new RefusedError(`${source}: ${name}.cacheTtlSeconds must be in (0, ${MAX_CACHE_TTL_SECONDS}], got ${ttl}`);
     }
-    out.set(name, { name, ...entry } as Environment);
+    out.set(name, { name, ...entry } as unknown as Environment);
   }
   return out;
 }

@@ -230,7 +230,27 @@ awsTest("ctl: status and mode set --wait against moto and a running listener", a
     assertEquals(set.code, 0, set.stdout + set.stderr);
     assertMatch(set.stdout, /the listener logged mode accept after \d+ s/);
     const get = await ctl(moto.url, file, "mode", "get", "--env", "development");
-    assertMatch(get.stdout, /accept \(version 2, changed .* by /);
+    assertMatch(get.stdout, /mode stored: "accept" \(version 2, changed .* by /);
+    // Stored and in effect side by side: a value the listener refuses is never shown as in effect.
+    await awsCli(moto.url, "ssm", "put-parameter", "--name", PARAM_NAME, "--value", "bogus", "--overwrite");
+    await l.waitFor("mode_invalid", (x) => x.value === "bogus");
+    await eventually(
+      async () => {
+        const r = await ctl(moto.url, file, "status", "--env", "development");
+        return /mode in effect: "accept" .*; it refused "bogus"/.test(r.stdout);
+      },
+      120_000,
+      500,
+    );
+    const both = await ctl(moto.url, file, "mode", "get", "--env", "development");
+    assertMatch(both.stdout, /mode stored: "bogus" \(version 3, .*\) — the listener refuses it: /);
+    assertMatch(both.stdout, /mode in effect: "accept" \(the listener's line at .*\); it refused "bogus": /);
+    // The MTA tasks here cannot be reached by ECS Exec (no session-manager-plugin): the check says what it
+    // found before that, and fails (exit 3) instead of calling the rest clean.
+    const flagged = await ctl(moto.url, file, "check", "--no-github", "--env", "development");
+    assertEquals(flagged.code, 3, flagged.stdout + flagged.stderr);
+    assertMatch(flagged.stdout, /the stored mode "bogus" .* is refused by the listener, which keeps its previous mode/);
+    assertMatch(flagged.stdout, /failed: ExecError: counting in /);
 
     await shipper.stop();
     shipper = undefined;
@@ -471,6 +491,65 @@ awsTest("ctl: a cluster tagged as production is refused under any name, after on
 
 const PARAM_NAME = ENVIRONMENTS.development.parameter;
 
+awsTest("ctl: failures exit 3, name what they were about, and say what was done before them", async ({ moto }) => {
+  const file = await envFile();
+  const summary = await Deno.makeTempFile();
+  const withSummary = (...args: string[]) =>
+    runCtl(args, {
+      ...AWS_ENV,
+      AWS_ENDPOINT_URL: moto.url,
+      SINKHOLE_ENVIRONMENTS: file,
+      SINKHOLE_CTL_POLL_MS: "200",
+      GITHUB_TOKEN: "",
+      GITHUB_STEP_SUMMARY: summary,
+    });
+  try {
+    // A cluster, and nothing else: no parameter, no log group, no MTA task.
+    await awsCli(moto.url, "ecs", "create-cluster", "--cluster-name", CLUSTER);
+    const get = await withSummary("mode", "get", "--env", "development");
+    assertEquals(get.code, 3, get.stdout + get.stderr);
+    assertMatch(
+      get.stderr,
+      /^ctl: failed: AwsCallError: SSM GetParameter \(Name \/cabal\/sinkhole_mode\) in us-east-1: ParameterNotFound/,
+    );
+
+    await awsCli(moto.url, "ssm", "put-parameter", "--name", PARAM_NAME, "--value", "defer", "--type", "String");
+    const set = await withSummary("mode", "set", "accept", "--wait", "--env", "development");
+    assertEquals(set.code, 3, "the confirmation failed: exit 3, not 1");
+    assertMatch(set.stdout, /mode set to accept \(\/cabal\/sinkhole_mode version 2\)/);
+    assertMatch(
+      set.stdout,
+      /not confirmed: waiting for the listener's line failed: CloudWatch Logs FilterLogEvents \(logGroupName \/ecs\/cabal-sinkhole\) in us-east-1: ResourceNotFoundException/,
+    );
+    const stored = await awsCli(moto.url, "ssm", "get-parameter", "--name", PARAM_NAME);
+    assertEquals((stored.Parameter as { Value: string }).Value, "accept", "the mode was changed, and said so");
+
+    const purge = await withSummary("cleanup", "--purge-queue", "--env", "development");
+    assertEquals(purge.code, 0, purge.stdout + purge.stderr);
+    assertMatch(purge.stdout, /no running cabal-smtp-out task: no queue purged/);
+
+    const noToken = await withSummary("check", "--env", "development");
+    assertEquals(noToken.code, 0, noToken.stdout + noToken.stderr);
+    assertMatch(
+      noToken.stdout,
+      /all clean\n.*GitHub issue not reconciled: GITHUB_TOKEN or GITHUB_REPOSITORY is not set/,
+    );
+    const noGithub = await withSummary("check", "--no-github", "--env", "development");
+    assertMatch(noGithub.stdout, /GitHub issue not reconciled: --no-github given/);
+
+    const text = await Deno.readTextFile(summary);
+    assertMatch(text, /### ❌ sinkhole mode get: development: failed\n\n- AwsCallError: SSM GetParameter/);
+    assertMatch(text, /### ❌ sinkhole mode: development\n\n- mode set to accept .*\n- not confirmed: /);
+    assertMatch(
+      text,
+      /### ✅ sinkhole cleanup: development\n\n- mode set to defer .*\n- no running cabal-smtp-out task/,
+    );
+  } finally {
+    await Deno.remove(file);
+    await Deno.remove(summary);
+  }
+});
+
 awsTest("ctl: ECS Exec failures are errors, never results (cleanup, check, probe)", async ({ moto }) => {
   await seed(moto.url);
   const env = parseEnvironments(await Deno.readTextFile(await envFile())).get("development")!;
@@ -496,20 +575,26 @@ awsTest("ctl: ECS Exec failures are errors, never results (cleanup, check, probe
       pollMs: 100,
     };
     const deps: commands.Deps = { ...base, exec: viaPlugin };
-    const purge = await commands.cleanup(deps, { scaleToZero: false, purgeQueue: true }).catch((e) => e);
-    assert(purge instanceof commands.ExecError, String(purge));
-    assertMatch(purge.message, /purging the queue in .* failed \(exit 255\): no result from ECS Exec/);
-    const check = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 0 }).catch((e) => e);
-    assert(check instanceof commands.ExecError, `check must not say "all clean": ${check}`);
+    // cleanup says what it did (the mode) and then what failed: a failed report (exit 3), never "removed".
+    const purge = await commands.cleanup(deps, { scaleToZero: false, purgeQueue: true });
+    assert(purge.failed && !purge.ok, purge.lines.join("\n"));
+    assertMatch(purge.lines[0], /^mode set to defer/);
+    assertMatch(
+      purge.lines.at(-1)!,
+      /^failed: ExecError: purging the queue in .* failed \(exit 255\): no result from ECS Exec/,
+    );
+    const check = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 0 });
+    assert(check.failed && !check.ok, `check must not say "all clean": ${check.lines.join("\n")}`);
+    assert(!check.lines.includes("all clean"));
+    assertMatch(check.lines.join("\n"), /failed: ExecError: counting in .* no result from ECS Exec/);
     const probe = await commands.probe(deps, "queued", 1000).catch((e) => e);
     assert(probe instanceof commands.ExecError, String(probe));
     // A command that ran and printed something that is not what was asked for.
     const garbage: Exec = { run: () => Promise.resolve({ code: 0, output: "error: queue directory missing\n" }) };
-    const count = await commands.check({ ...deps, exec: garbage }, { modeAgeMs: 0, queueAgeMs: 0 }).catch((e) => e);
-    assertMatch(String(count), /ExecError: counting queued mail in .*: not a count/);
-    const ids = await commands.cleanup({ ...deps, exec: garbage }, { scaleToZero: false, purgeQueue: true })
-      .catch((e) => e);
-    assertMatch(String(ids), /ExecError: purging the queue in .*: not a queue id/);
+    const count = await commands.check({ ...deps, exec: garbage }, { modeAgeMs: 0, queueAgeMs: 0 });
+    assertMatch(count.lines.join("\n"), /failed: ExecError: counting queued mail in .*: not a count/);
+    const ids = await commands.cleanup({ ...deps, exec: garbage }, { scaleToZero: false, purgeQueue: true });
+    assertMatch(ids.lines.at(-1)!, /^failed: ExecError: purging the queue in .*: not a queue id/);
   } finally {
     for (const k of ["AWS_ENDPOINT_URL", ...Object.keys(AWS_ENV)]) Deno.env.delete(k);
     await Deno.remove(dir, { recursive: true });
