@@ -318,7 +318,7 @@ export type Base = typeof BASES[number];
 
 /**
  * A parsed mode value. Plain `defer`, `bounce`, `accept`, `accept-log`, `greylist` are
- * scenarios with their defaults; options refine them (see README, "The mode language").
+ * scenarios with their defaults; options refine them (docs/modes.md).
  */
 export interface Scenario {
   base: Base;
@@ -2241,7 +2241,7 @@ type NodeTls = typeof import("node:tls");
 
 /**
  * A node:net socket as a pull-style Transport, upgradable in place with node:tls (Deno's own
- * TCP connections cannot be upgraded server-side; node:tls can, see README "STARTTLS").
+ * TCP connections cannot be upgraded server-side; node:tls can, see docs/modes.md, "STARTTLS").
  */
 class NodeTransport implements Transport {
   #sock!: NodeSocket;

@@ -4,7 +4,7 @@
  * command's `--help` cannot forget an option and no option escapes validation. Pure: no I/O.
  */
 
-/** Exit codes, the contract the README and docs/ctl.md state. */
+/** Exit codes, the contract docs/ctl.md states. */
 export const EXIT = {
   /** Done, as wanted. */
   ok: 0,

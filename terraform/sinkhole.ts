@@ -196,7 +196,7 @@ export class SinkholeStack extends TerraformStack {
       name: `\${${v("mode_parameter_name")}}`,
       type: "String",
       value: "defer",
-      description: "sinkhole mode: defer, bounce, accept, accept-log, greylist, or a scenario (README)",
+      description: "sinkhole mode: defer, bounce, accept, accept-log, greylist, or a scenario (docs/modes.md)",
     }, { ignoreChanges: ["value"] });
     const imageTag = new Resource(this, "image_tag", "aws_ssm_parameter", {
       name: `\${${v("image_tag_parameter_name")}}`,

@@ -26,6 +26,12 @@ export function taskCommand(name: string): string[] {
   return [Deno.execPath(), ...words.slice(1).map((w) => /^[\w-]+\/[\w./-]+\.ts$/.test(w) ? `${ROOT}/${w}` : w)];
 }
 
+/** Every environment variable name listener.ts reads, found in its source (a quoted SINKHOLE_, AWS_ or INIT_ name). */
+export function variablesInSource(): string[] {
+  const src = Deno.readTextFileSync(`${ROOT}/listener.ts`);
+  return [...new Set([...src.matchAll(/"((?:SINKHOLE|AWS|INIT)_[A-Z_]+)"/g)].map((m) => m[1]))].sort();
+}
+
 /** The listener command exactly as `deno task start` runs it. */
 export function startCommand(): string[] {
   return taskCommand("start");

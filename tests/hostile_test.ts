@@ -212,9 +212,9 @@ Deno.test("mode file: a file over its bound is refused, not loaded; the last goo
   }
 });
 
-Deno.test("docs: the README's limits and memory budget name every bound with the constant's value", async () => {
+Deno.test("docs: docs/protocol.md's limits and memory budget name every bound with the constant's value", async () => {
   const lim = await import("../listener.ts");
-  const readme = Deno.readTextFileSync(new URL("../README.md", import.meta.url));
+  const readme = Deno.readTextFileSync(new URL("../docs/protocol.md", import.meta.url));
   const kib = (n: number) => `${n / 1024} KiB`;
   const said: [string, string][] = [
     ["MAX_COMMAND_LINE", `${lim.MAX_COMMAND_LINE} octets`],
@@ -238,7 +238,7 @@ Deno.test("docs: the README's limits and memory budget name every bound with the
   ];
   for (const [name, value] of said) {
     const at = readme.indexOf(`\`${name}\``);
-    assert(at >= 0, `${name} is in the README`);
+    assert(at >= 0, `${name} is in docs/protocol.md`);
     const around = readme.slice(at, at + 160);
     assert(around.includes(value), `${name} is said to be ${value}: ${around}`);
   }

@@ -11,7 +11,7 @@ import {
   scenario,
 } from "../listener.ts";
 
-/** Every documented form (README, "The mode language") and what it parses to. */
+/** Every documented form (docs/modes.md, "The mode language") and what it parses to. */
 const FORMS: [string, Partial<Scenario> & { reply?: { code: number; lines: string[] } }][] = [
   ["defer", { base: "defer", at: "rcpt", delayMs: 0 }],
   ["bounce", { base: "bounce", at: "rcpt" }],

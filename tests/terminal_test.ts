@@ -6,7 +6,7 @@
  * processes, real TCP on loopback, the real `deno task`.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { REPLY_WAIT_MS, ROOT, run, startCommand, transaction } from "./helpers.ts";
+import { REPLY_WAIT_MS, ROOT, run, startCommand, transaction, variablesInSource } from "./helpers.ts";
 import {
   absolutePath,
   bindError,
@@ -16,12 +16,6 @@ import {
   type LogEvent,
   textLine,
 } from "../listener.ts";
-
-/** Every variable name listener.ts reads from its environment, found in its source. */
-export function variablesInSource(): string[] {
-  const src = Deno.readTextFileSync(`${ROOT}/listener.ts`);
-  return [...new Set([...src.matchAll(/"((?:SINKHOLE|AWS|INIT)_[A-Z_]+)"/g)].map((m) => m[1]))].sort();
-}
 
 Deno.test("listener --help and -h: usage, every environment variable it reads, the exit codes", async () => {
   const read = variablesInSource();
