@@ -266,12 +266,13 @@ Deno.test({
           const status = await ctl("status", "--tier", "on");
           assertEquals(status.code, 0, status.stderr);
           assertMatch(status.stdout, new RegExp(`sinkhole service ${ENV.sinkholeService}: desired 1`));
-          assertMatch(status.stdout, /mode defer/);
+          assertMatch(status.stdout, /mode stored: "defer"/);
           const set = await ctl("mode", "set", "accept", "--wait");
           assertEquals(set.code, 0, set.stdout + set.stderr);
           assertMatch(set.stdout, /the listener logged mode accept/);
           const get = await ctl("mode", "get");
-          assertMatch(get.stdout, /^ {2}accept /m);
+          assertMatch(get.stdout, /mode stored: "accept"/);
+          assertMatch(get.stdout, /mode in effect: "accept"/);
           // The retry ledger from CloudWatch Logs: an attempt made now, read back by `ctl report --env`.
           assertEquals((await transaction(l.port, { to: ["ledger@sinkhole.test"] })).at(-2), 250);
           let report = "";
