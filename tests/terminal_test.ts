@@ -213,10 +213,13 @@ Deno.test("text logs: one readable line an event, wire text escaped, the same bo
 
 /** `deno task dev` from `cwd` with `env`; resolves with the text lines it printed so far, on demand. */
 function dev(cwd: string, env: Record<string, string>) {
+  // As from a person's shell: no INIT_CWD inherited (under `deno task test` it is set, and deno task keeps it).
+  const { INIT_CWD: _, ...inherited } = Deno.env.toObject();
   const child = new Deno.Command(Deno.execPath(), {
     args: ["task", "--config", `${ROOT}/deno.json`, "dev"],
     cwd,
-    env: { NO_COLOR: "1", SINKHOLE_HEALTH_HOST: "127.0.0.1", SINKHOLE_HEALTH_PORT: "0", ...env },
+    clearEnv: true,
+    env: { ...inherited, NO_COLOR: "1", SINKHOLE_HEALTH_HOST: "127.0.0.1", SINKHOLE_HEALTH_PORT: "0", ...env },
     stdout: "piped",
     stderr: "piped",
   }).spawn();
