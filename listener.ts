@@ -39,7 +39,13 @@ export const MAX_PATH_LENGTH = 256;
 /** Protocol errors tolerated in one session before it is closed with 421. */
 export const MAX_ERRORS_PER_SESSION = 20;
 /** Concurrent sessions; one more is greeted with 421 and closed. */
-export const DEFAULT_MAX_SESSIONS = 1000;
+export const DEFAULT_MAX_SESSIONS = 400;
+/**
+ * The most SINKHOLE_MAX_SESSIONS may ask for: what the process's V8 flags (a 32 MB old
+ * space) carry at the budget's worst case without a crash (tests/memory_test.ts runs it);
+ * the default keeps the whole worst case under 96 MiB (docs/protocol.md, "Memory budget").
+ */
+export const MAX_SESSIONS_CAP = 600;
 /** Seconds a session may wait for the client between reads. */
 export const DEFAULT_IDLE_TIMEOUT_S = 120;
 /** Seconds a whole session may last, whatever the client does. */
@@ -75,8 +81,13 @@ export const MAX_AWS_RESPONSE_BYTES = 64 * 1024;
 export const CREDENTIAL_REFRESH_MARGIN_MS = 5 * 60_000;
 /** Distinct greylist keys remembered; the oldest is forgotten past it. */
 export const MAX_GREYLIST_ENTRIES = 100_000;
-/** What one greylist entry holds in memory at most, whatever its key (a digest, a time, a map slot). */
-export const GREYLIST_ENTRY_BYTES = 72;
+/**
+ * Ring slots per table entry (DigestTable): room for deleted slots between compactions. Each
+ * slot is three float64 (24 octets), and the index two to four int32 an entry: at most 24 × 1.25 + 16 = 46.
+ */
+export const RING_SLACK = 1.25;
+/** What one greylist entry holds in memory, whatever its key: a digest, a time, a window, an index slot. */
+export const GREYLIST_ENTRY_BYTES = 48;
 /** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
 export const READ_BUFFER_BYTES = 4 * 1024;
 /** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
@@ -112,8 +123,8 @@ export const MAX_FIRST_ATTEMPTS = 100;
 export const MAX_OUTAGE_MS = 30 * 24 * 3_600_000;
 /** Messages (sender and recipient) whose attempts are counted; the least recently first seen is forgotten past it. */
 export const MAX_ATTEMPT_ENTRIES = 100_000;
-/** What one counted message holds in memory at most, whatever its addresses (a digest, a count, a time). */
-export const ATTEMPT_ENTRY_BYTES = 72;
+/** What one counted message holds in memory, whatever its addresses (a digest, a time, a count, an index slot). */
+export const ATTEMPT_ENTRY_BYTES = 48;
 /** Attempts counted per message at most (then the count stays): first seen (ms) × this fits in 53 bits. */
 export const ATTEMPT_COUNT_SPAN = 2048;
 /** The longest Message-ID kept for an attempt event. */
@@ -176,7 +187,11 @@ export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; he
   { name: "SINKHOLE_MODE_PARAM", default: "/cabal/sinkhole_mode", help: "SSM parameter read when neither is set" },
   { name: "SINKHOLE_CACHE_TTL", default: "30", help: "seconds between reads of the mode source" },
   { name: "SINKHOLE_GREYLIST_WINDOW", default: "1800", help: "seconds a greylist entry lives (window= overrides)" },
-  { name: "SINKHOLE_MAX_SESSIONS", default: String(DEFAULT_MAX_SESSIONS), help: "open sessions at most; then 421" },
+  {
+    name: "SINKHOLE_MAX_SESSIONS",
+    default: String(DEFAULT_MAX_SESSIONS),
+    help: `open sessions at most (up to ${MAX_SESSIONS_CAP}); then 421`,
+  },
   { name: "SINKHOLE_IDLE_TIMEOUT", default: String(DEFAULT_IDLE_TIMEOUT_S), help: "seconds without a command" },
   {
     name: "SINKHOLE_SESSION_TIMEOUT",
@@ -295,7 +310,7 @@ export function configFromEnv(env: (name: string) => string | undefined, cwd = "
     staticMode,
     cacheTtlMs: seconds("SINKHOLE_CACHE_TTL", 30),
     greylistWindowMs: seconds("SINKHOLE_GREYLIST_WINDOW", 1800),
-    maxSessions: integer("SINKHOLE_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, 100_000),
+    maxSessions: integer("SINKHOLE_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, MAX_SESSIONS_CAP),
     idleTimeoutMs: seconds("SINKHOLE_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S),
     sessionTimeoutMs: seconds("SINKHOLE_SESSION_TIMEOUT", DEFAULT_SESSION_TIMEOUT_S),
     startTls: onOff("SINKHOLE_STARTTLS"),
@@ -1806,46 +1821,173 @@ export function keyDigest(key: string): number {
 }
 
 /**
- * Remembers first attempts per key digest, for their window: at most MAX_GREYLIST_ENTRIES
- * entries of a fixed size (GREYLIST_ENTRY_BYTES), whatever the keys.
+ * A bounded, insertion-ordered map from 53-bit digests to two numbers, held outside the V8
+ * heap in typed arrays: a ring of slots (oldest first) and an open-addressing index over it
+ * (linear probing, backward-shift deletion). Past `capacity` live entries the oldest goes.
+ * A deleted slot stays in the ring, dead, until the ring is compacted (when it fills), so
+ * every operation is O(1) amortized and the memory is fixed at construction: per entry
+ * DIGEST_SLOT_BYTES in the ring (RING_SLACK slots per entry) and two Int32 in the index.
  */
-export class GreylistTable {
-  /** Digest → time of the first attempt, oldest first. */
-  #first = new Map<number, number>();
-  /** Digest → window, only where a scenario's `window=` differs from the table's. */
-  #windows = new Map<number, number>();
-  constructor(readonly windowMs: number, readonly maxEntries = MAX_GREYLIST_ENTRIES) {}
+export class DigestTable {
+  readonly #ring: number;
+  readonly #digest: Float64Array;
+  readonly #a: Float64Array;
+  readonly #b: Float64Array;
+  readonly #index: Int32Array;
+  readonly #mask: number;
+  /** Ring positions: the oldest slot, the next free one (head ≤ tail ≤ ring). */
+  #head = 0;
+  #tail = 0;
+  #live = 0;
 
-  get size(): number {
-    return this.#first.size;
+  constructor(readonly capacity: number) {
+    this.#ring = Math.ceil(capacity * RING_SLACK) + 1;
+    this.#digest = new Float64Array(this.#ring);
+    this.#a = new Float64Array(this.#ring);
+    this.#b = new Float64Array(this.#ring);
+    let size = 2;
+    while (size < capacity * 2) size *= 2;
+    this.#index = new Int32Array(size);
+    this.#mask = size - 1;
   }
 
-  #windowOf(digest: number): number {
-    return this.#windows.get(digest) ?? this.windowMs;
+  get size(): number {
+    return this.#live;
+  }
+
+  /** Bytes held, whatever is in it (for the budget). */
+  get bytes(): number {
+    return this.#ring * 24 + this.#index.length * 4;
+  }
+
+  #home(digest: number): number {
+    return (digest >>> 0) & this.#mask;
+  }
+
+  /** The index position holding `digest`, or -1. */
+  #find(digest: number): number {
+    for (let i = this.#home(digest);; i = (i + 1) & this.#mask) {
+      const slot = this.#index[i];
+      if (slot === 0) return -1;
+      if (this.#digest[slot - 1] === digest) return i;
+    }
+  }
+
+  /** The live values for a digest, or undefined. */
+  get(digest: number): [number, number] | undefined {
+    const i = this.#find(digest);
+    if (i < 0) return undefined;
+    const slot = this.#index[i] - 1;
+    return [this.#a[slot], this.#b[slot]];
+  }
+
+  /** Changes a live entry's values in place (its age stays); false when there is none. */
+  update(digest: number, a: number, b: number): boolean {
+    const i = this.#find(digest);
+    if (i < 0) return false;
+    const slot = this.#index[i] - 1;
+    this.#a[slot] = a;
+    this.#b[slot] = b;
+    return true;
+  }
+
+  /** Adds or replaces an entry as the newest; past `capacity` the oldest goes. */
+  set(digest: number, a: number, b: number): void {
+    this.delete(digest);
+    while (this.#live >= this.capacity) this.delete(this.#digest[this.#oldestSlot()]);
+    if (this.#tail === this.#ring) this.#compact();
+    const slot = this.#tail++;
+    this.#digest[slot] = digest;
+    this.#a[slot] = a;
+    this.#b[slot] = b;
+    let i = this.#home(digest);
+    while (this.#index[i] !== 0) i = (i + 1) & this.#mask;
+    this.#index[i] = slot + 1;
+    this.#live++;
+  }
+
+  delete(digest: number): void {
+    let i = this.#find(digest);
+    if (i < 0) return;
+    this.#digest[this.#index[i] - 1] = -1; // dead
+    this.#live--;
+    // Backward-shift deletion: later entries of the probe run move up into the hole.
+    for (let j = (i + 1) & this.#mask;; j = (j + 1) & this.#mask) {
+      const slot = this.#index[j];
+      if (slot === 0) break;
+      const k = this.#home(this.#digest[slot - 1]);
+      const between = i <= j ? i < k && k <= j : i < k || k <= j;
+      if (!between) {
+        this.#index[i] = slot;
+        i = j;
+      }
+    }
+    this.#index[i] = 0;
+  }
+
+  /** The oldest live slot (the table is not empty); dead slots before it are passed for good. */
+  #oldestSlot(): number {
+    while (this.#digest[this.#head] < 0) this.#head++;
+    return this.#head;
+  }
+
+  /** The oldest live entry, or undefined. */
+  oldest(): { digest: number; a: number; b: number } | undefined {
+    if (this.#live === 0) return undefined;
+    const slot = this.#oldestSlot();
+    return { digest: this.#digest[slot], a: this.#a[slot], b: this.#b[slot] };
+  }
+
+  /** Moves the live slots to the front of the ring, in order, and rebuilds the index. */
+  #compact(): void {
+    let to = 0;
+    for (let from = this.#head; from < this.#tail; from++) {
+      if (this.#digest[from] < 0) continue;
+      this.#digest[to] = this.#digest[from];
+      this.#a[to] = this.#a[from];
+      this.#b[to] = this.#b[from];
+      to++;
+    }
+    this.#head = 0;
+    this.#tail = to;
+    this.#index.fill(0);
+    for (let slot = 0; slot < to; slot++) {
+      let i = this.#home(this.#digest[slot]);
+      while (this.#index[i] !== 0) i = (i + 1) & this.#mask;
+      this.#index[i] = slot + 1;
+    }
+  }
+}
+
+/**
+ * Remembers first attempts per key digest, for their window: at most MAX_GREYLIST_ENTRIES
+ * entries of a fixed size (GREYLIST_ENTRY_BYTES), whatever the keys, outside the V8 heap.
+ */
+export class GreylistTable {
+  /** Digest → time of the first attempt, and its window (NaN: the table's), oldest first. */
+  readonly #entries: DigestTable;
+  constructor(readonly windowMs: number, readonly maxEntries = MAX_GREYLIST_ENTRIES) {
+    this.#entries = new DigestTable(maxEntries);
+  }
+
+  get size(): number {
+    return this.#entries.size;
   }
 
   /** The live entry for a key at `now`, or none. A read: nothing changes. */
   lookup(key: string, now: number): GreylistEntry | undefined {
-    const digest = keyDigest(key);
-    const at = this.#first.get(digest);
-    if (at === undefined) return undefined;
-    const windowMs = this.#windowOf(digest);
+    const found = this.#entries.get(keyDigest(key));
+    if (found === undefined) return undefined;
+    const [at, window] = found;
+    const windowMs = Number.isNaN(window) ? this.windowMs : window;
     return now - at <= windowMs ? { at, windowMs } : undefined;
   }
 
   /** Writes a first attempt the policy asked for; expired entries go, and past the cap the oldest. */
   remember(rec: GreylistRecord): void {
-    const digest = keyDigest(rec.key);
     this.#sweep(rec.at);
-    this.#forget(digest);
-    while (this.#first.size >= this.maxEntries) this.#forget(this.#first.keys().next().value!);
-    this.#first.set(digest, rec.at);
-    if (rec.windowMs !== undefined && rec.windowMs !== this.windowMs) this.#windows.set(digest, rec.windowMs);
-  }
-
-  #forget(digest: number): void {
-    this.#first.delete(digest);
-    this.#windows.delete(digest);
+    const window = rec.windowMs !== undefined && rec.windowMs !== this.windowMs ? rec.windowMs : NaN;
+    this.#entries.set(keyDigest(rec.key), rec.at, window);
   }
 
   /** The policy's question and the table's answer in one step: lookup, verdict, remember. */
@@ -1857,45 +1999,42 @@ export class GreylistTable {
 
   /** Forgets expired entries, oldest first, up to the first live one (the cap bounds the rest). */
   #sweep(now: number): void {
-    for (const [digest, at] of this.#first) {
-      if (now - at <= this.#windowOf(digest)) break;
-      this.#forget(digest);
+    for (let e = this.#entries.oldest(); e !== undefined; e = this.#entries.oldest()) {
+      if (now - e.a <= (Number.isNaN(e.b) ? this.windowMs : e.b)) break;
+      this.#entries.delete(e.digest);
     }
   }
 }
 
 /**
  * The retry ledger's memory: per message (`attemptKey`), the attempts seen and when it was
- * first seen. Like the greylist table it keeps a 53-bit digest, never the key, so an entry
- * costs ATTEMPT_ENTRY_BYTES whatever the addresses; past MAX_ATTEMPT_ENTRIES the message
- * first seen longest ago is forgotten. A restart forgets everything: attempt numbers start
- * again at 1 (the report still shows every logged attempt, in order).
+ * first seen. Like the greylist table it keeps a 53-bit digest, never the key, outside the
+ * V8 heap, so an entry costs ATTEMPT_ENTRY_BYTES whatever the addresses; past
+ * MAX_ATTEMPT_ENTRIES the message first seen longest ago is forgotten. A restart forgets
+ * everything: attempt numbers start again at 1 (the report still shows every logged attempt).
  */
 export class AttemptTable {
-  /** Digest → first seen × ATTEMPT_COUNT_SPAN + attempts (one number: no object per entry), in first-seen order. */
-  #entries = new Map<number, number>();
-  constructor(readonly maxEntries = MAX_ATTEMPT_ENTRIES) {}
+  /** Digest → first seen, attempts, in first-seen order. */
+  readonly #entries: DigestTable;
+  constructor(readonly maxEntries = MAX_ATTEMPT_ENTRIES) {
+    this.#entries = new DigestTable(maxEntries);
+  }
 
   get size(): number {
     return this.#entries.size;
   }
 
   lookup(key: string): AttemptEntry | undefined {
-    const packed = this.#entries.get(keyDigest(key));
-    if (packed === undefined) return undefined;
-    return { count: packed % ATTEMPT_COUNT_SPAN, first: Math.floor(packed / ATTEMPT_COUNT_SPAN) };
+    const found = this.#entries.get(keyDigest(key));
+    return found === undefined ? undefined : { count: found[1], first: found[0] };
   }
 
   /** Counts one attempt of a message at `now` (the count stops at ATTEMPT_COUNT_SPAN - 1). */
   count(key: string, now: number): void {
     const digest = keyDigest(key);
-    const packed = this.#entries.get(digest);
-    if (packed !== undefined) {
-      if (packed % ATTEMPT_COUNT_SPAN < ATTEMPT_COUNT_SPAN - 1) this.#entries.set(digest, packed + 1);
-      return;
-    }
-    while (this.#entries.size >= this.maxEntries) this.#entries.delete(this.#entries.keys().next().value!);
-    this.#entries.set(digest, Math.floor(now) * ATTEMPT_COUNT_SPAN + 1);
+    const found = this.#entries.get(digest);
+    if (found === undefined) this.#entries.set(digest, Math.floor(now), 1);
+    else if (found[1] < ATTEMPT_COUNT_SPAN - 1) this.#entries.update(digest, found[0], found[1] + 1);
   }
 }
 

@@ -2,7 +2,7 @@
  * `deno task bench`: sinkhole side by side with Postfix's smtp-sink, in one run.
  *
  * Throughput (smtp-source against smtp-sink and sinkhole, alternating), memory (idle,
- * 1000 open sessions, during throughput; with and without the V8 flags), SSM call
+ * open sessions at the cap, during throughput; with and without the V8 flags), SSM call
  * rate and the latency a slow SSM adds, mode-switch latency, and start-up time.
  * Prints a table and writes bench/results.md. Everything runs on loopback.
  *
@@ -10,11 +10,13 @@
  */
 import { memoryMiB, privateAddress, RawClient, ROOT, run, startCommand, transaction } from "../tests/helpers.ts";
 import { faultProxy, putMode, ssmEnv, startMoto } from "../tests/aws.ts";
+import { MAX_SESSIONS_CAP } from "../listener.ts";
 
 const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
 const MESSAGES = Number(Deno.env.get("BENCH_MESSAGES") ?? "20000");
 const SESSIONS = 20;
-const OPEN_SESSIONS = 1000;
+/** Sessions held open at once: the most SINKHOLE_MAX_SESSIONS allows. */
+const OPEN_SESSIONS = MAX_SESSIONS_CAP;
 const CACHE = `${ROOT}/bench/.cache`;
 const POSTFIX = `${CACHE}/postfix`;
 const SLOW_SSM_MS = 3000;
@@ -252,7 +254,11 @@ async function main() {
     row("start-up to first 220, static mode (median ms)", fmt(median(startups.static)));
     row("start-up to first 220, SSM source (median ms)", fmt(median(startups.ssm)));
 
-    const accept = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept"));
+    // The session cap at its most (MAX_SESSIONS_CAP), so OPEN_SESSIONS can be held open.
+    const accept = await sinkhole({
+      ...ssmEnv(proxy.url, "30", "/bench/accept"),
+      SINKHOLE_MAX_SESSIONS: String(MAX_SESSIONS_CAP),
+    });
     const acceptLog = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept-log"));
     const sink = await smtpSink(tools);
     const floor = await denoFloor();
@@ -307,7 +313,7 @@ async function main() {
       `${fmt(memoryMiB(accept.pid).peak, 1)} / ${fmt(memoryMiB(acceptLog.pid).peak, 1)}`,
     );
 
-    // --- 1000 open sessions --------------------------------------------------------
+    // --- open sessions, at the cap --------------------------------------------------------
     const open = await openSessions(accept, OPEN_SESSIONS);
     await sleep(500);
     const mOpen = memoryMiB(accept.pid);

@@ -8,14 +8,17 @@ import {
   AttemptTable,
   configFromEnv,
   decide,
+  DigestTable,
   endOfData,
   formatReply,
+  GREYLIST_ENTRY_BYTES,
   GreylistTable,
   type GreylistVerdict,
   greylistVerdict,
   inFailingPhase,
   MAX_ATTEMPT_ENTRIES,
   MAX_ERRORS_PER_SESSION,
+  MAX_GREYLIST_ENTRIES,
   MAX_MESSAGE_BYTES,
   MAX_RECIPIENTS,
   ModeCache,
@@ -516,17 +519,64 @@ Deno.test("attempt table: counts per message, first sighting kept, bounded by it
   assertEquals(table.lookup("m4"), { count: 1, first: 500 });
 });
 
-Deno.test("attempt table: an entry costs at most ATTEMPT_ENTRY_BYTES of heap, whatever the addresses", () => {
+Deno.test("attempt and greylist tables: an entry costs at most its ENTRY_BYTES, whatever the addresses", () => {
   const gc = (globalThis as { gc?: () => void }).gc;
-  // Measured on the V8 heap with the table full of the longest keys (RFC 5321 paths), as the budget says.
+  // Measured on the V8 heap and outside it (the tables' typed arrays), full of the longest keys, as the budget says.
+  const used = () => Deno.memoryUsage().heapUsed + Deno.memoryUsage().external;
+  gc?.();
+  const before = used();
   const table = new AttemptTable();
-  const before = Deno.memoryUsage().heapUsed;
   const long = (i: number) => `${"x".repeat(60)}${i}@${"d".repeat(190)}.test > ${"y".repeat(60)}${i}@sinkhole.test`;
   for (let i = 0; i < MAX_ATTEMPT_ENTRIES; i++) table.count(long(i), 1_700_000_000_000 + i);
   for (let i = 0; i < MAX_ATTEMPT_ENTRIES; i += 3) table.count(long(i), 0);
   gc?.();
-  const perEntry = (Deno.memoryUsage().heapUsed - before) / table.size;
+  const perEntry = (used() - before) / table.size;
   assertEquals(table.size, MAX_ATTEMPT_ENTRIES);
   assertEquals(table.lookup(long(3)), { count: 2, first: 1_700_000_000_003 });
-  if (gc) assert(perEntry <= ATTEMPT_ENTRY_BYTES, `${perEntry.toFixed(1)} bytes an entry`);
+  if (gc) assert(perEntry <= ATTEMPT_ENTRY_BYTES, `attempt: ${perEntry.toFixed(1)} bytes an entry`);
+
+  const before2 = used();
+  const grey = new GreylistTable(3_600_000);
+  for (let i = 0; i < MAX_GREYLIST_ENTRIES; i++) grey.check(long(i), 1_000 + i, 0, i % 2 ? 60_000_000 : undefined);
+  gc?.();
+  const perGrey = (used() - before2) / grey.size;
+  assertEquals(grey.size, MAX_GREYLIST_ENTRIES);
+  if (gc) assert(perGrey <= GREYLIST_ENTRY_BYTES, `greylist: ${perGrey.toFixed(1)} bytes an entry`);
+});
+
+Deno.test("digest table: the same answers as an insertion-ordered Map with eviction, through compactions", () => {
+  // A reference model: Map keeps insertion order; set = delete + append; past the cap the first key goes.
+  let seed = 7;
+  const rand = (n: number) => (seed = (seed * 1103515245 + 12345) % 2147483648) % n;
+  for (const capacity of [1, 2, 3, 7, 64]) {
+    const t = new DigestTable(capacity);
+    const model = new Map<number, [number, number]>();
+    for (let step = 0; step < 20_000; step++) {
+      // Few distinct digests, some sharing their low bits (the same home in the index).
+      const digest = rand(capacity * 3) * 4294967296 * (rand(2) ? 1 : 0) + rand(capacity * 3);
+      const op = rand(4);
+      if (op === 0) {
+        t.delete(digest);
+        model.delete(digest);
+      } else if (op === 1 && model.has(digest)) {
+        t.update(digest, step, -step);
+        model.set(digest, [step, -step]);
+      } else {
+        t.set(digest, step, step / 2);
+        model.delete(digest);
+        while (model.size >= capacity) model.delete(model.keys().next().value!);
+        model.set(digest, [step, step / 2]);
+      }
+      assertEquals(t.size, model.size, `capacity ${capacity}, step ${step}`);
+      const probe = rand(capacity * 3);
+      assertEquals(t.get(probe), model.get(probe), `get ${probe}`);
+      const [firstKey, firstValue] = model.entries().next().value ?? [];
+      const oldest = t.oldest();
+      assertEquals(
+        oldest && [oldest.digest, oldest.a, oldest.b],
+        firstKey === undefined ? undefined : [firstKey, ...firstValue!],
+      );
+    }
+    for (const [k, v] of model) assertEquals(t.get(k), v);
+  }
 });
