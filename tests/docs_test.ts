@@ -11,6 +11,7 @@ import { needs, ROOT, run, variablesInSource } from "./helpers.ts";
 import { commandHelp, COMMANDS, type OptionName, OPTIONS, parseCommandLine } from "../ctl/cli.ts";
 import { numberOption, optionValue } from "../ctl/cli.ts";
 import { validateMode } from "../ctl/commands.ts";
+import { ENVIRONMENT_VARIABLES } from "../listener.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
 import { rehearseArgs } from "../rehearse/rehearse.ts";
 
@@ -34,6 +35,14 @@ const slug = (heading: string) =>
 Deno.test("docs: every environment variable the listener reads is in docs/environment.md", () => {
   const doc = read("docs/environment.md");
   for (const name of variablesInSource()) assert(doc.includes(`\`${name}\``), `docs/environment.md names ${name}`);
+  // Each row says the table's default (scripts/docs-environment.ts writes the page from it).
+  for (const v of ENVIRONMENT_VARIABLES) {
+    const row = doc.split("\n").find((l) => l.startsWith(`| \`${v.name}\``)) ?? "";
+    assert(
+      row.includes(v.default ? `\`${v.default}\`` : "unset"),
+      `docs/environment.md: ${v.name} defaults to ${v.default}`,
+    );
+  }
 });
 
 Deno.test("docs: docs/ctl.md has every option and each command's --help exactly as printed", () => {
