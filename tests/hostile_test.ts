@@ -235,7 +235,10 @@ Deno.test("docs: docs/protocol.md's limits and memory budget name every bound wi
     ["ATTEMPT_ENTRY_BYTES", `${lim.ATTEMPT_ENTRY_BYTES}`],
     ["MAX_SCENARIO_LENGTH", `${lim.MAX_SCENARIO_LENGTH}`],
     ["MAX_MODE_FILE_BYTES", kib(lim.MAX_MODE_FILE_BYTES)],
+    ["MAX_SESSIONS_CAP", `${lim.MAX_SESSIONS_CAP}`],
+    ["RING_SLACK", `${lim.RING_SLACK}`],
   ];
+  assertMatch(readme, new RegExp(`${lim.DEFAULT_MAX_SESSIONS} by default\\s+\\(\`DEFAULT_MAX_SESSIONS\`\\)`));
   for (const [name, value] of said) {
     const at = readme.indexOf(`\`${name}\``);
     assert(at >= 0, `${name} is in docs/protocol.md`);
