@@ -41,7 +41,7 @@ export const MAX_ERRORS_PER_SESSION = 20;
 /** Concurrent sessions; one more is greeted with 421 and closed. */
 export const DEFAULT_MAX_SESSIONS = 400;
 /**
- * The most SINKHOLE_MAX_SESSIONS may ask for: what the process's V8 flags (a 32 MB old
+ * The most SINKHOLE_MAX_SESSIONS may ask for: what the process's V8 flags (a 24 MB old
  * space) carry at the budget's worst case without a crash (tests/memory_test.ts runs it);
  * the default keeps the whole worst case under 96 MiB (docs/protocol.md, "Memory budget").
  */
