@@ -135,6 +135,12 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
     } catch (err) {
       throw new Error(`reading ${file === "-" ? "standard input" : file}: ${(err as Error).message}`);
     }
+    if (events.length === 0) {
+      io.err(
+        `ctl: no attempt line in ${file === "-" ? "standard input" : file}: the ledger reads the listener's JSON ` +
+          "lines (SINKHOLE_LOG_FORMAT=json), not its text rendering",
+      );
+    }
     return await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
   }
 

@@ -237,3 +237,21 @@ Deno.test("rehearse: --help and -h print its usage; a bad option is refused with
     assert(!/ at |TypeError/.test(r.stderr), `no stack trace: ${r.stderr}`);
   }
 });
+
+Deno.test("ctl report --file: a file of text-format lines says the ledger reads JSON lines", async () => {
+  const path = await Deno.makeTempFile({ suffix: ".log" });
+  await Deno.writeTextFile(
+    path,
+    "22:42:47.937 attempt 1 of <a@x.test> → <b@y.test>: 250 at eod [accept] from 127.0.0.1\n",
+  );
+  try {
+    const r = await ctl(["report", "--file", path]);
+    assertEquals(r.code, EXIT.ok);
+    assertMatch(
+      r.stderr,
+      /no attempt line in .*: the ledger reads the listener's JSON lines \(SINKHOLE_LOG_FORMAT=json\)/,
+    );
+  } finally {
+    await Deno.remove(path);
+  }
+});

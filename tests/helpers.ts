@@ -499,7 +499,10 @@ export function healthcheck(l: Listener, cgroup?: MemoryCgroup) {
   });
 }
 
-/** Log lines as a JSON-lines file (what `deno task dev` prints), for `ctl report --file`; the caller removes it. */
+/**
+ * Log lines as a JSON-lines file (what `SINKHOLE_LOG_FORMAT=json deno task dev` prints), for
+ * `ctl report --file`; the caller removes it.
+ */
 export async function logsFile(lines: LogLine[]): Promise<string> {
   const path = await Deno.makeTempFile({ prefix: "sinkhole-ledger-", suffix: ".jsonl" });
   await Deno.writeTextFile(path, lines.map((l) => JSON.stringify(l)).join("\n") + "\n");

@@ -1,7 +1,7 @@
 /**
  * The retry ledger over TCP: stateful scenarios answered per message across sessions,
  * `attempt` events as the listener logs them, and `ctl report` / `ctl expect` reading them
- * from a JSON-lines file, as `deno task dev`'s output is read.
+ * from a JSON-lines file, as `SINKHOLE_LOG_FORMAT=json deno task dev`'s output is read.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { logsFile, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
