@@ -1855,11 +1855,6 @@ export class DigestTable {
     return this.#live;
   }
 
-  /** Bytes held, whatever is in it (for the budget). */
-  get bytes(): number {
-    return this.#ring * 24 + this.#index.length * 4;
-  }
-
   #home(digest: number): number {
     return (digest >>> 0) & this.#mask;
   }

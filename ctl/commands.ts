@@ -251,9 +251,10 @@ export async function modeGet(d: Deps): Promise<Report> {
 
 /** How far back `status` and `mode get` look for the listener's last word on its mode. */
 export const IN_EFFECT_LOOKBACK_MS = 7 * 24 * 3_600_000;
-/** The listener's lines that say which mode is in effect (a CloudWatch JSON pattern; read back by event too). */
-const MODE_EVENTS_PATTERN =
-  '{ ($.event = "start") || ($.event = "mode") || ($.event = "mode_invalid") || ($.event = "mode_error") }';
+/** The listener's events that say which mode is in effect. */
+const MODE_EVENTS: readonly string[] = ["start", "mode", "mode_invalid", "mode_error"];
+/** The same as a CloudWatch JSON filter pattern (moto ignores it, so the lines are read back by event too). */
+const MODE_EVENTS_PATTERN = `{ ${MODE_EVENTS.map((e) => `($.event = "${e}")`).join(" || ")} }`;
 
 /** The mode in effect, from the listener's last start, mode, mode_invalid or mode_error line. */
 export interface InEffect {
@@ -270,7 +271,7 @@ export async function modeInEffect(d: Deps): Promise<InEffect> {
   } catch (err) {
     return { note: `not known: ${(err as Error).message}` };
   }
-  const last = lines.filter((l) => ["start", "mode", "mode_invalid", "mode_error"].includes(l.event))
+  const last = lines.filter((l) => MODE_EVENTS.includes(l.event))
     .sort((a, b) => a.ts.localeCompare(b.ts)).at(-1);
   if (!last) return { note: `not known: the listener logged no mode in ${d.env.sinkholeLogGroup} in the last 7 days` };
   if (last.event === "start" || last.event === "mode") return { mode: last.mode, at: last.ts };

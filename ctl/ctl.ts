@@ -21,9 +21,9 @@ import {
 } from "./cli.ts";
 import {
   DEFAULT_ENVIRONMENTS_FILE,
-  isProduction,
   parseEnvironments,
   RefusedError,
+  refuseProductionName,
   resolveEnvironment,
 } from "./environments.ts";
 import { ecsExec } from "./exec.ts";
@@ -146,7 +146,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
 
   // Everything that can refuse does so here, before any client or request exists.
   if (envName === undefined) throw new UsageError(`${command.name} needs --env NAME`);
-  if (isProduction(envName)) throw new RefusedError(`"${envName}" is production: sinkhole is never operated there`);
+  refuseProductionName(envName);
   const path = environmentsFile ?? io.env("SINKHOLE_ENVIRONMENTS") ?? DEFAULT_ENVIRONMENTS_FILE;
   let text: string;
   try {

@@ -94,10 +94,15 @@ export function parseEnvironments(text: string, source = "environments file"): M
   return out;
 }
 
+/** Refuses a name that says production; the first check on `--env`, before the environments file is read. */
+export function refuseProductionName(name: string): void {
+  if (isProduction(name)) throw new RefusedError(`"${name}" is production: sinkhole is never operated there`);
+}
+
 /** The named environment, or a clear refusal; called before any client exists. */
 export function resolveEnvironment(name: string | undefined, environments: Map<string, Environment>): Environment {
   if (!name) throw new RefusedError(`--env is required: one of ${[...environments.keys()].join(", ")}`);
-  if (isProduction(name)) throw new RefusedError(`"${name}" is production: sinkhole is never operated there`);
+  refuseProductionName(name);
   const env = environments.get(name);
   if (!env) throw new RefusedError(`unknown environment "${name}": one of ${[...environments.keys()].join(", ")}`);
   return env;
