@@ -9,15 +9,17 @@
  *   1. Limits and configuration   every bound the listener enforces, and the environment
  *   2. The mode language          parseScenario: what an operator can ask for
  *   3. Replies                    every fixed reply text, in one table
- *   4. Policy: the decision table decide(): what the scenario does at each point (pure)
+ *   4. Policy: the decision table decide(): every answer the scenario gives, and what it changes (pure)
  *   5. Protocol                   one handler a command: syntax and sequence, then decide()
  *   6. Framing                    LineFramer and MessageReader: lines, dots, sizes (pure)
  *   7. Transcript and log events  the typed JSON lines that ctl, the tests and the runbook read
- *   8. The greylist table         first attempts, bounded
- *   9. Mode sources and the cache SSM, a file or a fixed value, refreshed every TTL
- *  10. Transports and TLS         Deno TCP, or node:net upgradable with STARTTLS
- *  11. Session and server         the I/O: carries out what the policy decided
- *  12. Health check and main
+ *   8. The greylist and attempt tables   first attempts and attempt counts, bounded, off the V8 heap
+ *   9. The AWS client             credentials, Signature Version 4, AWS errors (no SDK)
+ *  10. Mode sources and the cache SSM, a file or a fixed value, refreshed every TTL
+ *  11. Transports                 Deno TCP, or node:net upgradable with STARTTLS
+ *  12. The STARTTLS certificate   a self-signed X.509 certificate, its DER written here
+ *  13. Session and server         the I/O: carries out what the policy decided
+ *  14. Health check and main
  *
  * "How the listener is built" in docs/design.md walks through these layers.
  */
@@ -125,7 +127,7 @@ export const MAX_OUTAGE_MS = 30 * 24 * 3_600_000;
 export const MAX_ATTEMPT_ENTRIES = 100_000;
 /** What one counted message holds in memory, whatever its addresses (a digest, a time, a count, an index slot). */
 export const ATTEMPT_ENTRY_BYTES = 48;
-/** Attempts counted per message at most (then the count stays): first seen (ms) × this fits in 53 bits. */
+/** Attempts counted per message at most (then the count stays at ATTEMPT_COUNT_SPAN - 1). */
 export const ATTEMPT_COUNT_SPAN = 2048;
 /** The longest Message-ID kept for an attempt event. */
 export const MAX_MESSAGE_ID_LENGTH = 256;
@@ -1798,8 +1800,18 @@ class Transcript {
   }
 }
 
+/** A short, stable description of why a fetch failed, for the state log. */
+function describeError(err: unknown): string {
+  if (err instanceof Error) {
+    const code = (err as { code?: string }).code;
+    const name = err.name !== "Error" ? err.name : code ?? "Error";
+    return `${name}: ${err.message.split("\n")[0].slice(0, 200)}`;
+  }
+  return String(err).slice(0, 200);
+}
+
 // ---------------------------------------------------------------------------
-// 8. The greylist table
+// 8. The greylist and attempt tables
 // ---------------------------------------------------------------------------
 
 /**
@@ -1826,7 +1838,7 @@ export function keyDigest(key: string): number {
  * (linear probing, backward-shift deletion). Past `capacity` live entries the oldest goes.
  * A deleted slot stays in the ring, dead, until the ring is compacted (when it fills), so
  * every operation is O(1) amortized and the memory is fixed at construction: per entry
- * DIGEST_SLOT_BYTES in the ring (RING_SLACK slots per entry) and two Int32 in the index.
+ * RING_SLACK ring slots of three float64 (24 octets each) and two Int32 in the index.
  */
 export class DigestTable {
   readonly #ring: number;
@@ -2034,37 +2046,8 @@ export class AttemptTable {
 }
 
 // ---------------------------------------------------------------------------
-// 9. Mode sources and the mode cache
+// 9. The AWS client: credentials, Signature Version 4, errors
 // ---------------------------------------------------------------------------
-
-/** Where the mode comes from: returns the raw value, or throws. */
-export interface ModeSource {
-  readonly describe: string;
-  fetch(signal: AbortSignal): Promise<string>;
-}
-
-function staticSource(value: string): ModeSource {
-  return { describe: `static:${value}`, fetch: () => Promise.resolve(value) };
-}
-
-/** A mode file, read up to MAX_MODE_FILE_BYTES: a larger file is refused, not loaded. */
-function fileSource(path: string): ModeSource {
-  return {
-    describe: `file:${path}`,
-    fetch: async () => {
-      const file = await Deno.open(path);
-      try {
-        const buf = new Uint8Array(MAX_MODE_FILE_BYTES + 1);
-        let n = 0;
-        for (let got; n < buf.length && (got = await file.read(buf.subarray(n))) !== null;) n += got;
-        if (n > MAX_MODE_FILE_BYTES) throw new Error(`the mode file is over ${MAX_MODE_FILE_BYTES} octets`);
-        return new TextDecoder().decode(buf.subarray(0, n));
-      } finally {
-        file.close();
-      }
-    },
-  };
-}
 
 /** AWS credentials, as the signer needs them; `expiresAt` (epoch ms) only for temporary ones. */
 export interface AwsCredentials {
@@ -2224,6 +2207,39 @@ function awsError(status: number, text: string): AwsError {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 10. Mode sources and the mode cache
+// ---------------------------------------------------------------------------
+
+/** Where the mode comes from: returns the raw value, or throws. */
+export interface ModeSource {
+  readonly describe: string;
+  fetch(signal: AbortSignal): Promise<string>;
+}
+
+function staticSource(value: string): ModeSource {
+  return { describe: `static:${value}`, fetch: () => Promise.resolve(value) };
+}
+
+/** A mode file, read up to MAX_MODE_FILE_BYTES: a larger file is refused, not loaded. */
+function fileSource(path: string): ModeSource {
+  return {
+    describe: `file:${path}`,
+    fetch: async () => {
+      const file = await Deno.open(path);
+      try {
+        const buf = new Uint8Array(MAX_MODE_FILE_BYTES + 1);
+        let n = 0;
+        for (let got; n < buf.length && (got = await file.read(buf.subarray(n))) !== null;) n += got;
+        if (n > MAX_MODE_FILE_BYTES) throw new Error(`the mode file is over ${MAX_MODE_FILE_BYTES} octets`);
+        return new TextDecoder().decode(buf.subarray(0, n));
+      } finally {
+        file.close();
+      }
+    },
+  };
+}
+
 /**
  * SSM Parameter Store's GetParameter over HTTPS, signed here (Signature Version 4 with
  * Web Crypto): no SDK, so the listener's memory and image hold none of it. The endpoint
@@ -2256,14 +2272,16 @@ function ssmSource(name: string, env: (k: string) => string | undefined): ModeSo
   };
 }
 
-/** A short, stable description of why a fetch failed, for the state log. */
-function describeError(err: unknown): string {
-  if (err instanceof Error) {
-    const code = (err as { code?: string }).code;
-    const name = err.name !== "Error" ? err.name : code ?? "Error";
-    return `${name}: ${err.message.split("\n")[0].slice(0, 200)}`;
+/** Builds the mode source the configuration names. */
+function sourceFor(config: Config, env: (k: string) => string | undefined): ModeSource {
+  switch (config.modeSource) {
+    case "file":
+      return fileSource(config.modeFile);
+    case "static":
+      return staticSource(config.staticMode);
+    case "ssm":
+      return ssmSource(config.modeParam, env);
   }
-  return String(err).slice(0, 200);
 }
 
 /**
@@ -2348,12 +2366,8 @@ export class ModeCache {
   }
 }
 
-type Timer = ReturnType<typeof setTimeout>;
-
-const encoder = new TextEncoder();
-
 // ---------------------------------------------------------------------------
-// 10. Transports and TLS
+// 11. Transports: Deno TCP, and node:net upgradable to TLS
 // ---------------------------------------------------------------------------
 
 /** What a session reads and writes: a Deno TCP connection, or a node socket that can turn to TLS. */
@@ -2467,6 +2481,10 @@ class NodeTransport implements Transport {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 12. The STARTTLS certificate: a self-signed X.509 writer
+// ---------------------------------------------------------------------------
+
 /** DER (X.690): a tag, its length, its content. */
 function der(tag: number, ...content: Uint8Array[]): Uint8Array {
   const length = content.reduce((n, c) => n + c.length, 0);
@@ -2541,8 +2559,12 @@ export async function tlsMaterial(config: Config): Promise<{ cert: string; key: 
 }
 
 // ---------------------------------------------------------------------------
-// 11. Session and server
+// 13. Session and server
 // ---------------------------------------------------------------------------
+
+type Timer = ReturnType<typeof setTimeout>;
+
+const encoder = new TextEncoder();
 
 interface ServerDeps {
   config: Config;
@@ -3067,20 +3089,8 @@ class Server {
   }
 }
 
-/** Builds the mode source the configuration names. */
-function sourceFor(config: Config, env: (k: string) => string | undefined): ModeSource {
-  switch (config.modeSource) {
-    case "file":
-      return fileSource(config.modeFile);
-    case "static":
-      return staticSource(config.staticMode);
-    case "ssm":
-      return ssmSource(config.modeParam, env);
-  }
-}
-
 // ---------------------------------------------------------------------------
-// 12. Health check and main
+// 14. Health check and main
 // ---------------------------------------------------------------------------
 
 /**
