@@ -748,7 +748,12 @@ export function inFailingPhase(st: Stateful, a: Attempt, now: number): boolean {
  */
 export type After = "continue" | "close" | "drop" | "data" | "starttls";
 
-/** The policy's whole answer to one event: what to say, what to do next, and what to remember. */
+/**
+ * The policy's whole answer to one event: what to say, what to do next, and everything it
+ * changes. The session carries it out and decides nothing: it writes `remember` into the
+ * greylist table, counts `attempt` in the attempt table, and logs `events` once the reply
+ * was written (at once when the connection is dropped).
+ */
 export interface Outcome {
   /** The reply (not sent when `after` is "drop"). */
   reply: Reply;
@@ -760,40 +765,54 @@ export interface Outcome {
   farewell?: Reply;
   /** Greylist first attempts for the table. */
   remember?: GreylistRecord[];
-  /** At RCPT: the attempt of the recipient's message, for the attempt table and the log. */
+  /** At RCPT: the attempt of the recipient's message, for the attempt table. */
   attempt?: Attempt;
   /** At DATA: keep the message's header section for the log (accept-log). */
   captureHeaders?: boolean;
-  /** At end of data: log the accepted message (accept-log). */
-  logMessage?: boolean;
+  /** What to log once the reply is said: the ledger's attempt events, accept-log's message event. */
+  events?: LogEvent[];
 }
 
 /** The points where the policy decides: the scenario's stages, and STARTTLS. */
 export type Point = Stage | "starttls";
 
-/** What the policy is deciding about: a point, its scenario and transaction, the recipient at RCPT. */
+/**
+ * What the policy is deciding about: a point, the inputs (the world as the policy may read
+ * it), the transaction and the recipient at RCPT. The scenario in effect is the transaction's
+ * (fixed at MAIL), before MAIL the current one (`scenarioOf`).
+ */
 export interface Moment {
   point: Point;
-  scenario: Scenario;
   inputs: Inputs;
   tx?: Transaction;
   rcpt?: string;
+  /** The session runs over TLS already (EHLO offers, and STARTTLS takes, no second upgrade). */
+  tls?: boolean;
 }
+
+/** The scenario a moment is decided under. */
+export const scenarioOf = (m: Moment): Scenario => m.tx?.scenario ?? m.inputs.scenario;
 
 /**
  * A decision at one point: the reply instead of the point's own (`fail`), or a drop, a delay,
- * what comes after, and what the greylist table must remember.
+ * what comes after, and what the tables must remember.
  */
 export interface Decision {
   fail?: Reply;
   drop?: boolean;
   delayMs: number;
   after?: After;
+  /** The reply ends the session: a 421 does (RFC 5321 §3.8). */
+  close?: boolean;
   /** The transaction's greylist answer when keyed by IP (asked once per transaction). */
   greylist?: GreylistVerdict;
   remember?: GreylistRecord[];
   /** At RCPT: which attempt of the recipient's message this is. */
   attempt?: Attempt;
+  /** At HELO/EHLO and STARTTLS: STARTTLS is offered (EHLO lists it; STARTTLS is otherwise refused). */
+  offersTls?: boolean;
+  /** At DATA: keep the header section for the log. At end of data: log the message. (accept-log) */
+  logMessage?: boolean;
 }
 
 const PASS: Decision = { delayMs: 0 };
@@ -823,10 +842,31 @@ export function recipientOutcome(address: string): RecipientOutcome | undefined 
   return { kind: "reply", reply: r(Number(m[1]), `${status} Per-recipient reply ${m[1]} from sinkhole`) };
 }
 
+// The rows of the table. Each is a constant or a pure function of the moment; decide() picks
+// and composes them, and nothing outside this section says what the fixture answers.
+
+/** A recipient's own failures (`defer+x@`, `bounce+x@`, `drop+x@`, and their `defer2+x@` forms): no delay. */
+const RECIPIENT_FAILS: Record<"defer" | "bounce" | "drop", Decision> = {
+  defer: { fail: REPLIES.deferRcpt, delayMs: 0 },
+  bounce: { fail: REPLIES.bounce, delayMs: 0 },
+  drop: { drop: true, delayMs: 0 },
+};
+
+/** What a stateful scenario answers once a message is out of its failing phase (`then=`). */
+const THEN: Record<Scenario["then"], Decision> = {
+  accept: PASS,
+  defer: { fail: REPLIES.defer, delayMs: 0 },
+  bounce: { fail: REPLIES.bounce, delayMs: 0 },
+};
+
+const TLS_REFUSED: Decision = { fail: REPLIES.tlsRefused, delayMs: 0 };
+const TLS_BREAK: Decision = { fail: REPLIES.tlsReady, delayMs: 0, after: "close" };
+const TLS_GO: Decision = { delayMs: 0, after: "starttls" };
+
 /** Asks the greylist about a key: the verdict, and the first attempt to remember when there is none. */
-function greylisted(m: Moment, key: string): { verdict: GreylistVerdict; remember?: GreylistRecord[] } {
+function greylisted(m: Moment, sc: Scenario, key: string): { verdict: GreylistVerdict; remember?: GreylistRecord[] } {
   const now = m.inputs.now ?? 0;
-  const { minMs, windowMs } = m.scenario.greylist;
+  const { minMs, windowMs } = sc.greylist;
   const entry = m.inputs.greylist?.(key);
   const verdict = greylistVerdict(entry, now, minMs);
   const live = entry !== undefined && now - entry.at <= entry.windowMs;
@@ -845,34 +885,60 @@ function scenarioAt(sc: Scenario, point: Point): Decision {
     case "bounce":
       return { fail: sc.reply ?? (point === "rcpt" ? REPLIES.bounce : REPLIES.bounceStage), delayMs };
     default:
-      return { delayMs };
+      return delayMs === 0 ? PASS : { delayMs };
   }
 }
 
+/**
+ * What a recipient's message gets at RCPT, in one shape whether the scenario or the address
+ * (`defer2+x@`, `greylist+x@`) asks: an answer; for the stateful forms, the phase it holds in
+ * and what follows (`then`); for greylisting, the key to ask the table about.
+ */
+interface RcptRule {
+  answer: Decision;
+  /** While the message is in this phase (first N attempts, an outage, a rate) `answer` holds, after it `then`. */
+  phase?: Stateful;
+  then?: Decision;
+  /** Greylisted by this key (unless the answer fails already). */
+  greylistKey?: string;
+  /** The key is the client's address: the verdict is the transaction's, asked once. */
+  byIp?: boolean;
+}
+
 /** A recipient's own outcome (`bounce+x@…`): it wins over the scenario, without its delay. */
-function recipientDecision(m: Moment, own: RecipientOutcome): Decision {
+function recipientRule(m: Moment, own: RecipientOutcome): RcptRule {
   switch (own.kind) {
     case "accept":
-      return PASS;
+      return { answer: PASS };
     case "bounce":
-      return { fail: REPLIES.bounce, delayMs: 0 };
     case "defer":
-      return { fail: REPLIES.deferRcpt, delayMs: 0 };
     case "drop":
-      return { drop: true, delayMs: 0 };
-    case "greylist": {
-      const g = greylisted(m, `${m.inputs.client}|${m.rcpt}`);
-      return { fail: g.verdict === "pass" ? undefined : REPLIES.greylisted, delayMs: 0, remember: g.remember };
-    }
+      return { answer: RECIPIENT_FAILS[own.kind] };
+    case "greylist":
+      return { answer: PASS, greylistKey: `${m.inputs.client}|${m.rcpt}` };
     case "reply":
-      return { fail: own.reply, delayMs: 0 };
-    case "first": {
-      const attempt = attemptOf(m);
-      if (attempt.n > own.attempts) return { delayMs: 0, attempt };
-      if (own.base === "drop") return { drop: true, delayMs: 0, attempt };
-      return { fail: own.base === "bounce" ? REPLIES.bounce : REPLIES.deferRcpt, delayMs: 0, attempt };
-    }
+      return { answer: { fail: own.reply, delayMs: 0 } };
+    case "first":
+      return { answer: RECIPIENT_FAILS[own.base], phase: { kind: "first", attempts: own.attempts }, then: PASS };
   }
+}
+
+/** The scenario at RCPT: its failure there, its stateful phase and `then=`, or greylisting by IP or triplet. */
+function scenarioRule(m: Moment, sc: Scenario): RcptRule {
+  const answer = scenarioAt(sc, "rcpt");
+  if (sc.stateful) return { answer, phase: sc.stateful, then: THEN[sc.then] };
+  if (sc.base !== "greylist") return { answer };
+  if (sc.greylist.key === "triplet") return { answer, greylistKey: `${m.inputs.client}|${m.tx!.from}|${m.rcpt}` };
+  return { answer, greylistKey: `${m.inputs.client}`, byIp: true };
+}
+
+/** The greylist's word on an answer that does not fail already: deferred (451 4.7.1) until a retry passes. */
+function greylistAt(m: Moment, sc: Scenario, rule: RcptRule, d: Decision): Decision {
+  if (rule.greylistKey === undefined || d.fail || d.drop) return d;
+  const asked = rule.byIp ? m.tx!.greylist : undefined;
+  const g = asked !== undefined ? { verdict: asked } : greylisted(m, sc, rule.greylistKey);
+  const fail = g.verdict === "pass" ? undefined : REPLIES.greylisted;
+  return rule.byIp ? { ...d, fail, greylist: g.verdict, remember: g.remember } : { ...d, fail, remember: g.remember };
 }
 
 /** This attempt of the RCPT's message, from the attempt table's answer. */
@@ -882,56 +948,72 @@ function attemptOf(m: Moment): Attempt {
   return { key, n: (seen?.count ?? 0) + 1, first: seen?.first ?? m.inputs.now ?? 0 };
 }
 
-/** A stateful scenario at RCPT: its failure while the message is in the failing phase, then `then`. */
-function statefulAt(m: Moment, st: Stateful, attempt: Attempt): Decision {
-  if (inFailingPhase(st, attempt, m.inputs.now ?? 0)) return { ...scenarioAt(m.scenario, "rcpt"), attempt };
-  switch (m.scenario.then) {
-    case "accept":
-      return { delayMs: 0, attempt };
-    case "defer":
-      return { fail: REPLIES.defer, delayMs: 0, attempt };
-    case "bounce":
-      return { fail: REPLIES.bounce, delayMs: 0, attempt };
-  }
+/** Whether STARTTLS is offered: not twice, never with starttls=off, by default when the listener has TLS. */
+function offersTls(m: Moment, sc: Scenario): boolean {
+  if (m.tls) return false;
+  return sc.starttls === "refuse" || sc.starttls === "break" || (sc.starttls === "default" && !!m.inputs.tlsAvailable);
 }
 
+/** connect, mail: the scenario's failure at its stage. */
+const stageRow = (m: Moment, sc: Scenario): Decision => scenarioAt(sc, m.point);
+
+/** HELO and EHLO: the scenario's failure at helo; EHLO lists STARTTLS when it is offered. */
+const heloRow = (m: Moment, sc: Scenario): Decision =>
+  offersTls(m, sc) ? { ...scenarioAt(sc, "helo"), offersTls: true } : scenarioAt(sc, "helo");
+
 /**
- * THE decision table: what the scenario does at each point of a session. Protocol checks
- * (syntax, sequence) are done before this is asked; a new scenario is a new case here.
+ * RCPT: the recipient's own outcome or the scenario's, the stateful phase of this attempt of
+ * the message ("fail while in the phase, then …": one implementation for `first=`, `for=`,
+ * `rate=` and `defer2+x@`), then the greylist. Every attempt is counted (the ledger).
+ */
+function rcptRow(m: Moment, sc: Scenario): Decision {
+  const attempt = attemptOf(m);
+  const own = recipientOutcome(m.rcpt!);
+  const rule = own ? recipientRule(m, own) : scenarioRule(m, sc);
+  const inPhase = !rule.phase || inFailingPhase(rule.phase, attempt, m.inputs.now ?? 0);
+  const d = greylistAt(m, sc, rule, inPhase ? rule.answer : rule.then!);
+  // A dropped recipient is recorded as deferred (451): it was not delivered, and nothing was said.
+  return d.drop ? { ...d, fail: REPLIES.deferRcpt, attempt } : { ...d, attempt };
+}
+
+/** DATA: the scenario's failure at data; accept-log keeps the header section. */
+const dataRow = (_: Moment, sc: Scenario): Decision =>
+  sc.base === "accept-log" ? { ...scenarioAt(sc, "data"), logMessage: true } : scenarioAt(sc, "data");
+
+/** End of data: the scenario's failure at eod; accept-log logs the accepted message. */
+const eodRow = (_: Moment, sc: Scenario): Decision =>
+  sc.base === "accept-log" ? { ...scenarioAt(sc, "eod"), logMessage: true } : scenarioAt(sc, "eod");
+
+/** STARTTLS: refused (454), broken (220 and close), or the upgrade; refused as unknown where not offered. */
+function starttlsRow(m: Moment, sc: Scenario): Decision {
+  const d = sc.starttls === "refuse" ? TLS_REFUSED : sc.starttls === "break" ? TLS_BREAK : TLS_GO;
+  return offersTls(m, sc) ? { ...d, offersTls: true } : d;
+}
+
+/** The table: one row a point. */
+const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
+  connect: stageRow,
+  helo: heloRow,
+  mail: stageRow,
+  rcpt: rcptRow,
+  data: dataRow,
+  eod: eodRow,
+  starttls: starttlsRow,
+};
+
+/**
+ * THE decision table: what the fixture answers at each point of a session, and what that
+ * changes. Protocol checks (syntax, sequence) are done before this is asked; a new scenario is
+ * a new row, or a new case in a row. Last, a 421 closes the session (RFC 5321 §3.8).
  */
 export function decide(m: Moment): Decision {
-  const sc = m.scenario;
-  switch (m.point) {
-    case "starttls":
-      if (sc.starttls === "refuse") return { fail: REPLIES.tlsRefused, delayMs: 0 };
-      if (sc.starttls === "break") return { fail: REPLIES.tlsReady, delayMs: 0, after: "close" };
-      return { delayMs: 0, after: "starttls" };
-    case "rcpt": {
-      const own = recipientOutcome(m.rcpt!);
-      if (own) return { attempt: attemptOf(m), ...recipientDecision(m, own) };
-      if (sc.stateful) return statefulAt(m, sc.stateful, attemptOf(m));
-      const at = { ...scenarioAt(sc, "rcpt"), attempt: attemptOf(m) };
-      if (at.fail || at.drop || sc.base !== "greylist") return at;
-      if (sc.greylist.key === "triplet") {
-        const g = greylisted(m, `${m.inputs.client}|${m.tx!.from}|${m.rcpt}`);
-        return { ...at, fail: g.verdict === "pass" ? undefined : REPLIES.greylisted, remember: g.remember };
-      }
-      const g = m.tx!.greylist !== undefined ? { verdict: m.tx!.greylist } : greylisted(m, `${m.inputs.client}`);
-      return {
-        ...at,
-        fail: g.verdict === "pass" ? undefined : REPLIES.greylisted,
-        greylist: g.verdict,
-        remember: "remember" in g ? g.remember : undefined,
-      };
-    }
-    default:
-      return scenarioAt(sc, m.point);
-  }
+  const d = TABLE[m.point](m, scenarioOf(m));
+  return d.fail?.code === 421 ? { ...d, close: true } : d;
 }
 
 /**
  * Turns a decision into an outcome: its failure reply in `failed` state, or the point's own
- * reply in `ok`'s state; a drop sends nothing; a 421 always closes (RFC 5321 §3.8).
+ * reply in `ok`'s state; a drop sends nothing.
  */
 export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: SessionState = ok.state): Outcome {
   const base: Outcome = d.fail
@@ -940,44 +1022,94 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
   if (d.remember) base.remember = d.remember;
   if (d.attempt) base.attempt = d.attempt;
   if (d.drop) return { ...base, state: failed, after: "drop" };
-  if (base.reply.code === 421) return { ...base, after: "close" };
+  if (d.close) base.after = "close";
   return base;
-}
-
-/** Whether EHLO offers STARTTLS in this state. */
-function offersStartTls(state: SessionState, inputs: Inputs): boolean {
-  if (state.tls) return false;
-  const mode = inputs.scenario.starttls;
-  return mode === "refuse" || mode === "break" || (mode === "default" && !!inputs.tlsAvailable);
 }
 
 /** The greeting: 220, or the scenario's failure at connect (554 then 503s, or 421 and close). */
 export function greeting(sc: Scenario, serverName: string): Outcome {
-  const d = decide({ point: "connect", scenario: sc, inputs: { scenario: sc, serverName } });
+  const d = decide({ point: "connect", inputs: { scenario: sc, serverName } });
   const out = outcome(d, { reply: greetingReply(serverName), state: initialState(), after: "continue" });
   if (out.reply.code >= 500) return { ...out, state: { ...out.state, refused: true } };
   return out;
 }
 
-/** The reply at end of data; the transaction ends either way. */
-export function endOfData(state: SessionState, data: DataSummary, inputs?: Inputs): Outcome {
-  const next = { ...state, tx: undefined };
-  const done = (reply: Reply): Outcome => ({ reply, state: next, after: "continue", delayMs: 0 });
-  if (data.size > MAX_MESSAGE_BYTES) return done(REPLIES.sizeExceeded);
-  if (data.longLine) return done(REPLIES.dataLineTooLong);
-  const sc = state.tx?.scenario;
-  if (!sc) return done(REPLIES.queued);
-  const d = decide({ point: "eod", scenario: sc, tx: state.tx, inputs: inputs ?? { scenario: sc, serverName: "" } });
-  const out = outcome(d, { ...done(REPLIES.queued) });
-  return out.reply.code === 250 && out.after !== "drop" && sc.base === "accept-log"
-    ? { ...out, logMessage: true }
-    : out;
+/**
+ * The retry ledger's events for the recipients `rcpts` (address, attempt number) of `tx`,
+ * ended at `stage` by `out`: its reply's code, or dropped.
+ */
+function attemptEvents(
+  tx: Transaction,
+  rcpts: [string, number][],
+  stage: AttemptEvent["stage"],
+  out: Outcome,
+  inputs: Inputs | undefined,
+  messageId?: string,
+): AttemptEvent[] {
+  return rcpts.map(([rcpt, attempt]) => ({
+    event: "attempt",
+    key: attemptKey(tx.from, rcpt),
+    attempt,
+    from: tx.from,
+    rcpt,
+    stage,
+    ...(out.after === "drop" ? { dropped: true as const } : { code: out.reply.code }),
+    ...(messageId ? { messageId } : {}),
+    client: inputs?.client ?? "",
+    tls: !!out.state.tls,
+    mode: tx.scenario.text,
+  }));
 }
 
+/** A transaction's kept accepted recipients with their attempt numbers. */
+function zip(tx: Transaction): [string, number][] {
+  return tx.accepted.map((rcpt, i) => [rcpt, tx.acceptedAttempts[i] ?? 1]);
+}
+
+/** The reply at end of data, and what the ledger and accept-log record; the transaction ends either way. */
+export function endOfData(state: SessionState, data: DataSummary, inputs?: Inputs): Outcome {
+  const next = { ...state, tx: undefined };
+  const tx = state.tx;
+  const done = (reply: Reply): Outcome => ({ reply, state: next, after: "continue", delayMs: 0 });
+  let out: Outcome;
+  let logMessage = false;
+  if (data.size > MAX_MESSAGE_BYTES) out = done(REPLIES.sizeExceeded);
+  else if (data.longLine) out = done(REPLIES.dataLineTooLong);
+  else if (!tx) out = done(REPLIES.queued);
+  else {
+    const d = decide({ point: "eod", tx, inputs: inputs ?? { scenario: tx.scenario, serverName: "" } });
+    out = outcome(d, done(REPLIES.queued));
+    logMessage = !!d.logMessage;
+  }
+  if (!tx) return out;
+  const events: LogEvent[] = attemptEvents(tx, zip(tx), "eod", out, inputs, data.messageId);
+  if (logMessage) {
+    events.push({
+      event: "message",
+      client: inputs?.client ?? "",
+      helo: state.helo,
+      from: tx.from,
+      rcpts: tx.accepted,
+      rcptCount: tx.acceptedCount,
+      ...(tx.accepted.length < tx.acceptedCount ? { rcptsTruncated: true as const } : {}),
+      size: data.size,
+      headers: data.headers ?? [],
+      truncated: data.truncated ?? false,
+    });
+  }
+  out.events = events;
+  return out;
+}
+
+/** What the framing knew of a message at its end (a MessageReader is one). */
 export interface DataSummary {
   size: number;
   /** A line of the message exceeded MAX_TEXT_LINE. */
   longLine: boolean;
+  /** The Message-ID header, the header section kept for accept-log, and whether some was left out. */
+  messageId?: string;
+  headers?: string[];
+  truncated?: boolean;
 }
 
 // ---------------------------------------------------------------------------
@@ -1081,16 +1213,16 @@ const answer = (state: SessionState, reply: Reply, after: After = "continue"): O
   delayMs: 0,
 });
 
-/** The transaction after one RCPT: counted, and kept (within its byte bound) when the reply accepts it. */
+/** The transaction after one RCPT: counted, and kept (within its byte bound) when it was accepted. */
 function withRecipient(
   tx: Transaction,
   box: string,
-  reply: Reply,
+  accepted: boolean,
   greylist?: GreylistVerdict,
   attempt = 1,
 ): Transaction {
   const next = { ...tx, rcptCount: tx.rcptCount + 1, lastRcpt: box, greylist: greylist ?? tx.greylist };
-  if (reply.code < 200 || reply.code >= 300) return next;
+  if (!accepted) return next;
   const keep = tx.acceptedBytes + box.length <= MAX_KEPT_RCPT_BYTES;
   return {
     ...next,
@@ -1109,13 +1241,16 @@ const COMMANDS: Record<string, Handler> = {
   HELO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.heloSyntax);
     const ok = answer({ ...state, helo: arg, esmtp: false, tx: undefined }, r(250, "2.0.0 Hello " + arg));
-    return outcome(decide({ point: "helo", scenario: inputs.scenario, inputs }), ok, state);
+    return outcome(decide({ point: "helo", inputs }), ok, state);
   },
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.ehloSyntax);
-    const reply = ehloReply(inputs.serverName, arg, offersStartTls(state, inputs));
-    const ok = answer({ ...state, helo: arg, esmtp: true, tx: undefined }, reply);
-    return outcome(decide({ point: "helo", scenario: inputs.scenario, inputs }), ok, state);
+    const d = decide({ point: "helo", inputs, tls: state.tls });
+    const ok = answer(
+      { ...state, helo: arg, esmtp: true, tx: undefined },
+      ehloReply(inputs.serverName, arg, d.offersTls),
+    );
+    return outcome(d, ok, state);
   },
   MAIL: (state, arg, inputs) => {
     if (state.helo === undefined) return refuse(state, REPLIES.needHelo);
@@ -1136,7 +1271,7 @@ const COMMANDS: Record<string, Handler> = {
       acceptedBytes: 0,
     };
     const ok = answer({ ...state, tx }, REPLIES.senderOk);
-    return outcome(decide({ point: "mail", scenario: inputs.scenario, inputs }), ok, state);
+    return outcome(decide({ point: "mail", inputs }), ok, state);
   },
   RCPT: (state, arg, inputs) => {
     const tx = state.tx;
@@ -1147,36 +1282,39 @@ const COMMANDS: Record<string, Handler> = {
     if (box === undefined) return refuse(state, REPLIES.badRcpt);
     if (parsed.params.size > 0) return refuse(state, REPLIES.badParam);
     if (tx.rcptCount >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
-    const d = decide({ point: "rcpt", scenario: tx.scenario, tx, rcpt: box, inputs });
-    // A dropped recipient is recorded as deferred: it is not delivered, and nothing was said.
-    const reply = d.fail ?? (d.drop ? REPLIES.deferRcpt : REPLIES.rcptOk);
-    const next = { ...state, tx: withRecipient(tx, box, reply, d.greylist, d.attempt?.n) };
-    return outcome(d, answer(next, reply), next);
+    const d = decide({ point: "rcpt", tx, rcpt: box, inputs });
+    const reply = d.fail ?? REPLIES.rcptOk;
+    const accepted = !d.drop && reply.code >= 200 && reply.code < 300;
+    const next = { ...state, tx: withRecipient(tx, box, accepted, d.greylist, d.attempt?.n) };
+    const out = outcome(d, answer(next, reply), next);
+    // The ledger: a recipient refused (or dropped) here ends its message's attempt.
+    if (!accepted && d.attempt) out.events = attemptEvents(next.tx, [[box, d.attempt.n]], "rcpt", out, inputs);
+    return out;
   },
   DATA: (state, arg, inputs) => {
     if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
     if (!state.tx) return refuse(state, REPLIES.needMail);
     if (state.tx.rcptCount === 0) return refuse(state, REPLIES.needRcpt);
     if (state.tx.acceptedCount === 0) return answer(state, REPLIES.noValidRcpts);
-    const sc = state.tx.scenario;
-    const d = decide({ point: "data", scenario: sc, tx: state.tx, inputs });
-    const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: sc.base === "accept-log" };
-    return outcome(d, ok, { ...state, tx: undefined });
+    const tx = state.tx;
+    const d = decide({ point: "data", tx, inputs });
+    const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: !!d.logMessage };
+    const out = outcome(d, ok, { ...state, tx: undefined });
+    // The ledger: DATA refused ends the attempt of every accepted recipient's message.
+    if (out.reply.code >= 400) out.events = attemptEvents(tx, zip(tx), "data", out, inputs);
+    return out;
   },
   RSET: (state, arg) =>
     noArgs(arg) ? answer({ ...state, tx: undefined }, REPLIES.reset) : refuse(state, REPLIES.noArgs),
   STARTTLS: (state, arg, inputs) => {
-    if (!offersStartTls(state, inputs)) return refuse(state, state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented);
+    const d = decide({ point: "starttls", inputs, tls: state.tls });
+    if (!d.offersTls) return refuse(state, state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented);
     if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
     if (!state.esmtp) return refuse(state, REPLIES.needEhlo);
     if (state.tx) return refuse(state, REPLIES.nestedMail);
     // RFC 3207 §4.2: after the handshake the session starts over.
     const fresh = { ...initialState(), errors: state.errors, tls: true };
-    return outcome(
-      decide({ point: "starttls", scenario: inputs.scenario, inputs }),
-      answer(fresh, REPLIES.tlsReady),
-      state,
-    );
+    return outcome(d, answer(fresh, REPLIES.tlsReady), state);
   },
   NOOP: (state) => answer(state, REPLIES.ok),
   QUIT: (state) => answer(state, REPLIES.bye, "close"),
@@ -2574,9 +2712,78 @@ interface ServerDeps {
   attempts?: AttemptTable;
 }
 
+/** Replies queued from `from` on wait: for a delay, for good (a drop), or behind the TLS handshake. */
+interface Hold {
+  from: number;
+  delayMs: number;
+  after: "continue" | "drop" | "starttls";
+}
+
+/** A reply queued: its text, its code for the transcript, what runs once it is written. */
+type Queued = { text: string; code: number; then?: () => void };
+
 /**
- * One SMTP session's I/O: frames what the client sent, asks the policy, carries out its
- * outcome (replies, holds, effects), keeps the transcript. No socket reads here.
+ * The replies on their way to one client: queued, held when an outcome waits, drops or
+ * upgrades, written in one write (writes never overlap), recorded once they were written.
+ */
+class Outbox {
+  /** Replies queued and not yet written; `then` runs once the reply is on the wire. */
+  #out: Queued[] = [];
+  /** Octets queued (see MAX_PENDING_REPLY_BYTES). */
+  bytes = 0;
+  #writing: Promise<void> = Promise.resolve();
+  hold: Hold | undefined;
+
+  constructor(readonly conn: Transport, readonly transcript: Transcript) {}
+
+  /** Queues a reply; `then` runs (and the transcript records it) only once it was written. */
+  push(reply: Reply, then?: () => void): void {
+    const text = formatReply(reply);
+    this.#out.push({ text, code: reply.code, then });
+    this.bytes += text.length;
+  }
+
+  /** Holds the replies queued from now on. */
+  holdFrom(delayMs: number, after: Hold["after"]): void {
+    this.hold = { from: this.#out.length, delayMs, after };
+  }
+
+  /** Ends the hold: the replies queued behind it come out of the queue, to be put back or never sent. */
+  takeHeld(): { hold: Hold; later: Queued[] } | undefined {
+    const hold = this.hold;
+    if (!hold) return undefined;
+    this.hold = undefined;
+    const later = this.#out.splice(hold.from);
+    this.bytes = this.#out.reduce((n, b) => n + b.text.length, 0);
+    return { hold, later };
+  }
+
+  putBack(later: Queued[]): void {
+    this.#out.push(...later);
+    this.bytes += later.reduce((n, b) => n + b.text.length, 0);
+  }
+
+  /** Writes the queued replies in one write; records them once written. */
+  async flush(): Promise<void> {
+    if (this.#out.length === 0) return;
+    const batch = this.#out;
+    this.#out = [];
+    this.bytes = 0;
+    const bytes = encoder.encode(batch.map((b) => b.text).join(""));
+    const write = this.#writing.then(() => writeAll(this.conn, bytes));
+    this.#writing = write.catch(() => {});
+    await write; // a client that left was told nothing of this batch: nothing is recorded
+    this.transcript.bytesOut += bytes.length;
+    for (const b of batch) {
+      this.transcript.reply(b.code);
+      b.then?.();
+    }
+  }
+}
+
+/**
+ * One SMTP session's I/O: reads, frames what the client sent, asks the policy, carries out
+ * its outcome (tables, replies, holds, log events), keeps the transcript. It decides nothing.
  */
 class Session implements LineSink {
   state = initialState();
@@ -2592,18 +2799,47 @@ class Session implements LineSink {
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
   #message: MessageReader | undefined;
-  /** Replies queued and not yet written; `then` runs once the reply is on the wire. */
-  #out: { text: string; code: number; then?: () => void }[] = [];
-  #outBytes = 0;
-  #writing: Promise<void> = Promise.resolve();
-  /** Set when an outcome waits, drops or upgrades: the queued replies from `from` on wait for it. */
-  #hold: { from: number; delayMs: number; after: "continue" | "drop" | "starttls" } | undefined;
+  readonly #outbox: Outbox;
 
   constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {
     this.transcript = new Transcript(client, this.started);
+    this.#outbox = new Outbox(conn, this.transcript);
   }
 
-  /** The policy's inputs now: the mode in effect, the time, the greylist table (read only). */
+  /** Runs the session to its end: the greeting, then read, frame, answer; returns why it failed, if it did. */
+  async run(shuttingDown: () => boolean): Promise<string | undefined> {
+    try {
+      this.#apply(greeting(this.deps.modes.current, this.deps.config.serverName));
+      await this.#release();
+      const buf = new Uint8Array(READ_BUFFER_BYTES);
+      while (!this.closed && !this.#closing) {
+        const n = await this.conn.read(buf);
+        if (n === null) break;
+        this.lastRead = Date.now();
+        this.transcript.bytesIn += n;
+        let rest: Uint8Array | undefined = buf.subarray(0, n);
+        // Framing stops when a reply must wait or MAX_PENDING_REPLY_BYTES wait to be written: write, then go on.
+        while (rest) {
+          const pos = this.#framer.feed(rest, this);
+          rest = !this.#closing && pos < rest.length ? rest.subarray(pos) : undefined;
+          const upgraded = await this.#release();
+          if (upgraded || this.#closing) break; // RFC 3207: bytes pipelined after STARTTLS are discarded
+        }
+        if (this.#closing) break;
+        if (shuttingDown() && this.idle) {
+          await this.goodbye(REPLIES.shutdown);
+          break;
+        }
+      }
+      return undefined;
+    } catch (err) {
+      return this.closed ? undefined : describeError(err);
+    } finally {
+      this.close();
+    }
+  }
+
+  /** The policy's inputs now: the mode in effect, the time, the tables (read only). */
   #inputs(): Inputs {
     const now = Date.now();
     return {
@@ -2617,55 +2853,6 @@ class Session implements LineSink {
     };
   }
 
-  /** Logs one attempt event per recipient of `rcpts` (address, attempt number). */
-  #logAttempts(
-    tx: Transaction,
-    rcpts: [string, number][],
-    stage: AttemptEvent["stage"],
-    code: number | undefined,
-    messageId?: string,
-  ): void {
-    for (const [rcpt, attempt] of rcpts) {
-      log({
-        event: "attempt",
-        key: attemptKey(tx.from, rcpt),
-        attempt,
-        from: tx.from,
-        rcpt,
-        stage,
-        ...(code === undefined ? { dropped: true as const } : { code }),
-        ...(messageId ? { messageId } : {}),
-        client: this.client,
-        tls: !!this.state.tls,
-        mode: tx.scenario.text,
-      });
-    }
-  }
-
-  /** Queues a reply; `then` runs (and the transcript records it) only once it was written. */
-  reply(reply: Reply, then?: () => void): void {
-    const text = formatReply(reply);
-    this.#out.push({ text, code: reply.code, then });
-    this.#outBytes += text.length;
-  }
-
-  /** Writes the queued replies in one write (writes never overlap); records them once written. */
-  async flush(): Promise<void> {
-    if (this.#out.length === 0) return;
-    const batch = this.#out;
-    this.#out = [];
-    this.#outBytes = 0;
-    const bytes = encoder.encode(batch.map((b) => b.text).join(""));
-    const write = this.#writing.then(() => writeAll(this.conn, bytes));
-    this.#writing = write.catch(() => {});
-    await write; // a client that left was told nothing of this batch: nothing is recorded
-    this.transcript.bytesOut += bytes.length;
-    for (const b of batch) {
-      this.transcript.reply(b.code);
-      b.then?.();
-    }
-  }
-
   close(): void {
     if (this.closed) return;
     this.closed = true;
@@ -2675,23 +2862,12 @@ class Session implements LineSink {
     } catch { /* already closed */ }
   }
 
-  /**
-   * Feeds bytes from the socket. Stops early when an outcome must wait or drop, or when
-   * MAX_PENDING_REPLY_BYTES of replies wait to be written, and returns the bytes not yet
-   * read, to feed again after `release()`.
-   */
-  feed(chunk: Uint8Array, counted = false): Uint8Array | undefined {
-    if (!counted) this.transcript.bytesIn += chunk.length;
-    const pos = this.#framer.feed(chunk, this);
-    return !this.#closing && pos < chunk.length ? chunk.subarray(pos) : undefined;
-  }
-
   // LineSink: what the framer calls.
   limit(): number {
     return this.#message ? MAX_TEXT_LINE : MAX_COMMAND_LINE;
   }
   more(): boolean {
-    return !this.#closing && !this.#hold && this.#outBytes < MAX_PENDING_REPLY_BYTES;
+    return !this.#closing && !this.#outbox.hold && this.#outbox.bytes < MAX_PENDING_REPLY_BYTES;
   }
   overflow(): void {
     if (!this.#message) this.#badLine("long"); // a command is answered at once; the rest is discarded to LF
@@ -2703,21 +2879,15 @@ class Session implements LineSink {
       return;
     }
     const read = this.#message.line(bytes, length, bare);
-    if (read === "end") this.#endData();
-    else if (read === "bare") this.#bareInData();
+    if (read !== "more") this.#endData(read === "bare");
   }
 
-  /** Writes the queued replies; a held reply is written after its delay, or the session dropped. */
-  async release(): Promise<boolean> {
-    const hold = this.#hold;
-    if (!hold) {
-      await this.flush();
-      return false;
-    }
-    this.#hold = undefined;
-    const later = this.#out.splice(hold.from);
-    this.#outBytes = this.#out.reduce((n, b) => n + b.text.length, 0);
-    await this.flush();
+  /** Writes the queued replies; a held reply is written after its delay, or the session dropped. True: upgraded. */
+  async #release(): Promise<boolean> {
+    const held = this.#outbox.takeHeld();
+    await this.#outbox.flush();
+    if (!held) return false;
+    const { hold, later } = held;
     if (hold.after === "starttls") {
       if (!this.conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
       await this.conn.startTls();
@@ -2738,19 +2908,9 @@ class Session implements LineSink {
       this.close();
       return false;
     }
-    this.#out.push(...later);
-    this.#outBytes += later.reduce((n, b) => n + b.text.length, 0);
-    await this.flush();
+    this.#outbox.putBack(later);
+    await this.#outbox.flush();
     return false;
-  }
-
-  get closing(): boolean {
-    return this.#closing;
-  }
-
-  /** Applies the greeting outcome (220, or the scenario's failure at connect). */
-  greet(): void {
-    this.#apply(greeting(this.deps.modes.current, this.deps.config.serverName));
   }
 
   #badLine(kind: "long" | "chars"): void {
@@ -2764,91 +2924,37 @@ class Session implements LineSink {
     this.transcript.command(splitCommand(text).verb);
     const before = this.state.tx;
     const out = respond(this.state, text, this.#inputs());
-    const ended = this.#attemptEnded(before, out);
-    this.#apply(out, () => {
-      this.transcript.record(before, out);
-      ended?.(out.reply.code);
-    });
-    if (out.after === "drop") ended?.(undefined);
+    this.#apply(out, () => this.transcript.record(before, out));
   }
 
   /**
-   * The attempts a command's outcome ends, to log once its reply is said: a recipient
-   * refused at RCPT, or every accepted recipient when DATA is refused.
+   * Carries out an outcome: the tables' writes, the reply (held when it waits), what comes
+   * after, and its log events once the reply is written (at once when nothing will be said).
    */
-  #attemptEnded(before: Transaction | undefined, out: Outcome): ((code: number | undefined) => void) | undefined {
-    if (!before) return undefined;
-    if (out.attempt && !(out.after !== "drop" && out.reply.code >= 200 && out.reply.code < 300)) {
-      const { n } = out.attempt;
-      const rcpt = out.state.tx?.lastRcpt ?? before.lastRcpt;
-      const tx = out.state.tx ?? before;
-      if (rcpt === undefined) return undefined;
-      return (code) => this.#logAttempts(tx, [[rcpt, n]], "rcpt", code);
-    }
-    if (before.acceptedCount > 0 && !out.state.tx && out.after !== "data" && out.reply.code >= 400) {
-      return (code) => this.#logAttempts(before, zip(before), "data", code);
-    }
-    return undefined;
-  }
-
-  /** Carries out an outcome: effects, the reply (held when it waits), what comes after. */
   #apply(out: Outcome, written?: () => void): void {
     this.state = out.state;
     for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
     if (out.attempt) this.deps.attempts?.count(out.attempt.key, out.attempt.first);
-    if (out.after === "drop" || out.delayMs > 0) {
-      this.#hold = { from: this.#out.length, delayMs: out.delayMs, after: out.after === "drop" ? "drop" : "continue" };
+    const events = out.events;
+    if (out.after === "drop") {
+      this.#outbox.holdFrom(out.delayMs, "drop");
+      for (const e of events ?? []) log(e);
+      return;
     }
-    if (out.after !== "drop") {
-      this.reply(out.reply, written);
-      if (out.farewell) this.reply(out.farewell);
-    }
-    switch (out.after) {
-      case "close":
-        this.#closing = true;
-        break;
-      case "data":
-        this.#message = new MessageReader(out.captureHeaders);
-        break;
-      case "starttls":
-        this.#hold = { from: this.#out.length, delayMs: 0, after: "starttls" };
-        break;
-    }
+    if (out.delayMs > 0) this.#outbox.holdFrom(out.delayMs, "continue");
+    this.#outbox.push(out.reply, events ? () => (written?.(), events.forEach(log)) : written);
+    if (out.farewell) this.#outbox.push(out.farewell);
+    if (out.after === "close") this.#closing = true;
+    else if (out.after === "data") this.#message = new MessageReader(out.captureHeaders);
+    else if (out.after === "starttls") this.#outbox.holdFrom(0, "starttls");
   }
 
-  #endData(): void {
+  /** The message's end: its lone dot, or a bare LF or CR (refused, and the session closed: no smuggling). */
+  #endData(bare: boolean): void {
     const message = this.#message!;
     this.#message = undefined;
-    const tx = this.state.tx!;
-    const helo = this.state.helo;
-    const out = endOfData(this.state, message.summary, this.#inputs());
-    const messageId = message.messageId;
-    if (out.after === "drop") this.#logAttempts(tx, zip(tx), "eod", undefined, messageId);
-    this.#apply(out, () => {
-      this.transcript.endOfData(message.size, out.reply.code);
-      this.#logAttempts(tx, zip(tx), "eod", out.reply.code, messageId);
-      // accept-log: the message is logged once the client was told it was accepted.
-      if (!out.logMessage) return;
-      log({
-        event: "message",
-        client: this.client,
-        helo,
-        from: tx.from,
-        rcpts: tx.accepted,
-        rcptCount: tx.acceptedCount,
-        ...(tx.accepted.length < tx.acceptedCount ? { rcptsTruncated: true as const } : {}),
-        size: message.size,
-        headers: message.headers,
-        truncated: message.truncated,
-      });
-    });
-  }
-
-  /** A bare LF or CR inside DATA: the message is refused and the session closed (no smuggling). */
-  #bareInData(): void {
-    const message = this.#message!;
-    this.#message = undefined;
-    const out = bareLineEnd(this.state);
+    // The reader is its own summary (size, long line, Message-ID, headers).
+    const out = bare ? bareLineEnd(this.state) : endOfData(this.state, message, this.#inputs());
     this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
   }
 
@@ -2863,9 +2969,9 @@ class Session implements LineSink {
     if (this.#saidGoodbye) return this.close(); // asked again: the last write did not finish
     this.#saidGoodbye = true;
     this.#closing = true;
-    this.reply(reply);
+    this.#outbox.push(reply);
     try {
-      await withTimeout(this.flush(), GOODBYE_WRITE_MS);
+      await withTimeout(this.#outbox.flush(), GOODBYE_WRITE_MS);
     } catch { /* the client is gone or not reading */ }
     this.close();
   }
@@ -2873,11 +2979,6 @@ class Session implements LineSink {
   event(error?: string): SessionEvent {
     return this.transcript.event(this.state.helo, Date.now(), error);
   }
-}
-
-/** A transaction's kept accepted recipients with their attempt numbers. */
-function zip(tx: Transaction): [string, number][] {
-  return tx.accepted.map((rcpt, i) => [rcpt, tx.acceptedAttempts[i] ?? 1]);
 }
 
 async function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
@@ -3035,35 +3136,9 @@ class Server {
   async #run(conn: Transport, client: string): Promise<void> {
     const session = new Session(conn, this.deps, client);
     this.sessions.add(session);
-    let failure: string | undefined;
-    try {
-      session.greet();
-      await session.release();
-      const buf = new Uint8Array(READ_BUFFER_BYTES);
-      while (!session.closed && !session.closing) {
-        const n = await conn.read(buf);
-        if (n === null) break;
-        session.lastRead = Date.now();
-        let rest = session.feed(buf.subarray(0, n));
-        for (;;) {
-          const upgraded = await session.release();
-          if (upgraded) rest = undefined; // RFC 3207: bytes pipelined after STARTTLS are discarded
-          if (!rest || session.closing) break;
-          rest = session.feed(rest, true);
-        }
-        if (session.closing) break;
-        if (this.#shuttingDown && session.idle) {
-          await session.goodbye(REPLIES.shutdown);
-          break;
-        }
-      }
-    } catch (err) {
-      if (!session.closed) failure = describeError(err);
-    } finally {
-      session.close();
-      this.sessions.delete(session);
-      if (session.transcript.worthLogging) log(session.event(failure));
-    }
+    const failure = await session.run(() => this.#shuttingDown);
+    this.sessions.delete(session);
+    if (session.transcript.worthLogging) log(session.event(failure));
   }
 
   /** Stops accepting, says 421 to idle sessions, lets DATA finish up to a bound. */

@@ -398,14 +398,12 @@ function emptyTx(sc: Scenario): Transaction {
 }
 
 Deno.test("policy: decide() is the one table of what a scenario does where", () => {
-  const tx = emptyTx(scenario("accept"));
   for (const [mode, point, want] of DECISIONS) {
     const sc = scenario(mode);
     const d = decide({
       point,
-      scenario: sc,
       inputs: { scenario: sc, serverName: SERVER },
-      tx,
+      tx: emptyTx(sc),
       rcpt: "b@sinkhole.test",
     });
     assertEquals(
@@ -423,7 +421,6 @@ Deno.test("policy: greylisting takes the time and the table's entry as inputs, a
   const ask = (entry?: { at: number; windowMs: number }) =>
     decide({
       point: "rcpt",
-      scenario: sc,
       tx,
       rcpt: "b@sinkhole.test",
       inputs: { scenario: sc, serverName: SERVER, client: "192.0.2.7", now, greylist: () => entry },
@@ -447,7 +444,6 @@ function rcptWith(mode: string, seen: AttemptEntry | undefined, now: number, rcp
   const tx = emptyTx(sc);
   return decide({
     point: "rcpt",
-    scenario: sc,
     tx,
     rcpt,
     inputs: { scenario: sc, serverName: SERVER, now, attempts: () => seen },
