@@ -778,20 +778,20 @@ export type Point = Stage | "starttls";
 
 /**
  * What the policy is deciding about: a point, the inputs (the world as the policy may read
- * it), the transaction and the recipient at RCPT. The scenario in effect is the transaction's
+ * it), the session's state before the event (its transaction, HELO name, TLS), the recipient
+ * at RCPT, the message's summary at its end. The scenario in effect is the transaction's
  * (fixed at MAIL), before MAIL the current one (`scenarioOf`).
  */
 export interface Moment {
   point: Point;
   inputs: Inputs;
-  tx?: Transaction;
+  state?: SessionState;
   rcpt?: string;
-  /** The session runs over TLS already (EHLO offers, and STARTTLS takes, no second upgrade). */
-  tls?: boolean;
+  data?: DataSummary;
 }
 
 /** The scenario a moment is decided under. */
-export const scenarioOf = (m: Moment): Scenario => m.tx?.scenario ?? m.inputs.scenario;
+export const scenarioOf = (m: Moment): Scenario => m.state?.tx?.scenario ?? m.inputs.scenario;
 
 /**
  * A decision at one point: the reply instead of the point's own (`fail`), or a drop, a delay,
@@ -811,8 +811,10 @@ export interface Decision {
   attempt?: Attempt;
   /** At HELO/EHLO and STARTTLS: STARTTLS is offered (EHLO lists it; STARTTLS is otherwise refused). */
   offersTls?: boolean;
-  /** At DATA: keep the header section for the log. At end of data: log the message. (accept-log) */
-  logMessage?: boolean;
+  /** At DATA: keep the header section for the log (accept-log). */
+  captureHeaders?: boolean;
+  /** What to log once the reply is said: the ledger's attempt events, accept-log's message line. */
+  events?: LogEvent[];
 }
 
 const PASS: Decision = { delayMs: 0 };
@@ -928,14 +930,16 @@ function scenarioRule(m: Moment, sc: Scenario): RcptRule {
   const answer = scenarioAt(sc, "rcpt");
   if (sc.stateful) return { answer, phase: sc.stateful, then: THEN[sc.then] };
   if (sc.base !== "greylist") return { answer };
-  if (sc.greylist.key === "triplet") return { answer, greylistKey: `${m.inputs.client}|${m.tx!.from}|${m.rcpt}` };
+  if (sc.greylist.key === "triplet") {
+    return { answer, greylistKey: `${m.inputs.client}|${m.state!.tx!.from}|${m.rcpt}` };
+  }
   return { answer, greylistKey: `${m.inputs.client}`, byIp: true };
 }
 
 /** The greylist's word on an answer that does not fail already: deferred (451 4.7.1) until a retry passes. */
 function greylistAt(m: Moment, sc: Scenario, rule: RcptRule, d: Decision): Decision {
   if (rule.greylistKey === undefined || d.fail || d.drop) return d;
-  const asked = rule.byIp ? m.tx!.greylist : undefined;
+  const asked = rule.byIp ? m.state!.tx!.greylist : undefined;
   const g = asked !== undefined ? { verdict: asked } : greylisted(m, sc, rule.greylistKey);
   const fail = g.verdict === "pass" ? undefined : REPLIES.greylisted;
   return rule.byIp ? { ...d, fail, greylist: g.verdict, remember: g.remember } : { ...d, fail, remember: g.remember };
@@ -943,14 +947,14 @@ function greylistAt(m: Moment, sc: Scenario, rule: RcptRule, d: Decision): Decis
 
 /** This attempt of the RCPT's message, from the attempt table's answer. */
 function attemptOf(m: Moment): Attempt {
-  const key = attemptKey(m.tx!.from, m.rcpt!);
+  const key = attemptKey(m.state!.tx!.from, m.rcpt!);
   const seen = m.inputs.attempts?.(key);
   return { key, n: (seen?.count ?? 0) + 1, first: seen?.first ?? m.inputs.now ?? 0 };
 }
 
 /** Whether STARTTLS is offered: not twice, never with starttls=off, by default when the listener has TLS. */
 function offersTls(m: Moment, sc: Scenario): boolean {
-  if (m.tls) return false;
+  if (m.state?.tls) return false;
   return sc.starttls === "refuse" || sc.starttls === "break" || (sc.starttls === "default" && !!m.inputs.tlsAvailable);
 }
 
@@ -972,17 +976,85 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
   const rule = own ? recipientRule(m, own) : scenarioRule(m, sc);
   const inPhase = !rule.phase || inFailingPhase(rule.phase, attempt, m.inputs.now ?? 0);
   const d = greylistAt(m, sc, rule, inPhase ? rule.answer : rule.then!);
-  // A dropped recipient is recorded as deferred (451): it was not delivered, and nothing was said.
-  return d.drop ? { ...d, fail: REPLIES.deferRcpt, attempt } : { ...d, attempt };
+  if (acceptsRecipient(d)) return { ...d, attempt };
+  // Refused or dropped here, this attempt of the message ends: the ledger says so. A dropped
+  // recipient is recorded as deferred (451): it was not delivered, and nothing was said.
+  const events = attemptEvents(m, [[m.rcpt!, attempt.n]], "rcpt", d.drop ? undefined : d.fail!.code);
+  return d.drop ? { ...d, fail: REPLIES.deferRcpt, attempt, events } : { ...d, attempt, events };
 }
 
-/** DATA: the scenario's failure at data; accept-log keeps the header section. */
-const dataRow = (_: Moment, sc: Scenario): Decision =>
-  sc.base === "accept-log" ? { ...scenarioAt(sc, "data"), logMessage: true } : scenarioAt(sc, "data");
+/** Whether a decision at RCPT accepts the recipient: any 2yz reply (RFC 5321 §4.2.1), and no drop. */
+export function acceptsRecipient(d: Decision): boolean {
+  const code = (d.fail ?? REPLIES.rcptOk).code;
+  return !d.drop && code >= 200 && code < 300;
+}
 
-/** End of data: the scenario's failure at eod; accept-log logs the accepted message. */
-const eodRow = (_: Moment, sc: Scenario): Decision =>
-  sc.base === "accept-log" ? { ...scenarioAt(sc, "eod"), logMessage: true } : scenarioAt(sc, "eod");
+/**
+ * DATA: the scenario's failure at data, which ends the attempt of every accepted recipient's
+ * message (the ledger); accept-log keeps the header section.
+ */
+function dataRow(m: Moment, sc: Scenario): Decision {
+  const d = scenarioAt(sc, "data");
+  if (d.fail && d.fail.code >= 400) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data", d.fail.code) };
+  return sc.base === "accept-log" ? { ...d, captureHeaders: true } : d;
+}
+
+const NO_DATA: DataSummary = { size: 0, longLine: false };
+const TOO_BIG: Decision = { fail: REPLIES.sizeExceeded, delayMs: 0 };
+const LONG_LINE: Decision = { fail: REPLIES.dataLineTooLong, delayMs: 0 };
+
+/**
+ * End of data: a message over MAX_MESSAGE_BYTES or with a line over MAX_TEXT_LINE is refused,
+ * else the scenario's failure at eod. Every accepted recipient's attempt ends here (the
+ * ledger); accept-log logs the message it accepted.
+ */
+function eodRow(m: Moment, sc: Scenario): Decision {
+  const data = m.data ?? NO_DATA;
+  const d = data.size > MAX_MESSAGE_BYTES ? TOO_BIG : data.longLine ? LONG_LINE : scenarioAt(sc, "eod");
+  const tx = m.state!.tx!;
+  const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", d.drop ? undefined : (d.fail ?? REPLIES.queued).code);
+  if (sc.base === "accept-log" && !d.fail && !d.drop) {
+    events.push({
+      event: "message",
+      client: m.inputs.client ?? "",
+      helo: m.state!.helo,
+      from: tx.from,
+      rcpts: tx.accepted,
+      rcptCount: tx.acceptedCount,
+      ...(tx.accepted.length < tx.acceptedCount ? { rcptsTruncated: true as const } : {}),
+      size: data.size,
+      headers: data.headers ?? [],
+      truncated: data.truncated ?? false,
+    });
+  }
+  return { ...d, events };
+}
+
+/**
+ * The retry ledger's events for the recipients `rcpts` (address, attempt number) of the
+ * moment's transaction, their attempt ended at `stage` with the reply `code` (none: dropped).
+ */
+function attemptEvents(m: Moment, rcpts: [string, number][], stage: AttemptEvent["stage"], code?: number) {
+  const tx = m.state!.tx!;
+  return rcpts.map(([rcpt, attempt]): AttemptEvent => ({
+    event: "attempt",
+    key: attemptKey(tx.from, rcpt),
+    attempt,
+    from: tx.from,
+    rcpt,
+    stage,
+    ...(code === undefined ? { dropped: true as const } : { code }),
+    ...(m.data?.messageId ? { messageId: m.data.messageId } : {}),
+    client: m.inputs.client ?? "",
+    tls: !!m.state!.tls,
+    mode: tx.scenario.text,
+  }));
+}
+
+/** A transaction's kept accepted recipients with their attempt numbers. */
+function zip(tx: Transaction): [string, number][] {
+  return tx.accepted.map((rcpt, i) => [rcpt, tx.acceptedAttempts[i] ?? 1]);
+}
 
 /** STARTTLS: refused (454), broken (220 and close), or the upgrade; refused as unknown where not offered. */
 function starttlsRow(m: Moment, sc: Scenario): Decision {
@@ -1021,6 +1093,7 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
     : { ...ok, after: d.after ?? ok.after, delayMs: d.delayMs };
   if (d.remember) base.remember = d.remember;
   if (d.attempt) base.attempt = d.attempt;
+  if (d.events) base.events = d.events;
   if (d.drop) return { ...base, state: failed, after: "drop" };
   if (d.close) base.after = "close";
   return base;
@@ -1034,71 +1107,14 @@ export function greeting(sc: Scenario, serverName: string): Outcome {
   return out;
 }
 
-/**
- * The retry ledger's events for the recipients `rcpts` (address, attempt number) of `tx`,
- * ended at `stage` by `out`: its reply's code, or dropped.
- */
-function attemptEvents(
-  tx: Transaction,
-  rcpts: [string, number][],
-  stage: AttemptEvent["stage"],
-  out: Outcome,
-  inputs: Inputs | undefined,
-  messageId?: string,
-): AttemptEvent[] {
-  return rcpts.map(([rcpt, attempt]) => ({
-    event: "attempt",
-    key: attemptKey(tx.from, rcpt),
-    attempt,
-    from: tx.from,
-    rcpt,
-    stage,
-    ...(out.after === "drop" ? { dropped: true as const } : { code: out.reply.code }),
-    ...(messageId ? { messageId } : {}),
-    client: inputs?.client ?? "",
-    tls: !!out.state.tls,
-    mode: tx.scenario.text,
-  }));
-}
-
-/** A transaction's kept accepted recipients with their attempt numbers. */
-function zip(tx: Transaction): [string, number][] {
-  return tx.accepted.map((rcpt, i) => [rcpt, tx.acceptedAttempts[i] ?? 1]);
-}
-
 /** The reply at end of data, and what the ledger and accept-log record; the transaction ends either way. */
 export function endOfData(state: SessionState, data: DataSummary, inputs?: Inputs): Outcome {
-  const next = { ...state, tx: undefined };
-  const tx = state.tx;
-  const done = (reply: Reply): Outcome => ({ reply, state: next, after: "continue", delayMs: 0 });
-  let out: Outcome;
-  let logMessage = false;
-  if (data.size > MAX_MESSAGE_BYTES) out = done(REPLIES.sizeExceeded);
-  else if (data.longLine) out = done(REPLIES.dataLineTooLong);
-  else if (!tx) out = done(REPLIES.queued);
-  else {
-    const d = decide({ point: "eod", tx, inputs: inputs ?? { scenario: tx.scenario, serverName: "" } });
-    out = outcome(d, done(REPLIES.queued));
-    logMessage = !!d.logMessage;
-  }
-  if (!tx) return out;
-  const events: LogEvent[] = attemptEvents(tx, zip(tx), "eod", out, inputs, data.messageId);
-  if (logMessage) {
-    events.push({
-      event: "message",
-      client: inputs?.client ?? "",
-      helo: state.helo,
-      from: tx.from,
-      rcpts: tx.accepted,
-      rcptCount: tx.acceptedCount,
-      ...(tx.accepted.length < tx.acceptedCount ? { rcptsTruncated: true as const } : {}),
-      size: data.size,
-      headers: data.headers ?? [],
-      truncated: data.truncated ?? false,
-    });
-  }
-  out.events = events;
-  return out;
+  const done: Outcome = { reply: REPLIES.queued, state: { ...state, tx: undefined }, after: "continue", delayMs: 0 };
+  if (!state.tx) return done;
+  return outcome(
+    decide({ point: "eod", state, data, inputs: inputs ?? { scenario: state.tx.scenario, serverName: "" } }),
+    done,
+  );
 }
 
 /** What the framing knew of a message at its end (a MessageReader is one). */
@@ -1241,11 +1257,11 @@ const COMMANDS: Record<string, Handler> = {
   HELO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.heloSyntax);
     const ok = answer({ ...state, helo: arg, esmtp: false, tx: undefined }, r(250, "2.0.0 Hello " + arg));
-    return outcome(decide({ point: "helo", inputs }), ok, state);
+    return outcome(decide({ point: "helo", inputs, state }), ok, state);
   },
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.ehloSyntax);
-    const d = decide({ point: "helo", inputs, tls: state.tls });
+    const d = decide({ point: "helo", inputs, state });
     const ok = answer(
       { ...state, helo: arg, esmtp: true, tx: undefined },
       ehloReply(inputs.serverName, arg, d.offersTls),
@@ -1271,7 +1287,7 @@ const COMMANDS: Record<string, Handler> = {
       acceptedBytes: 0,
     };
     const ok = answer({ ...state, tx }, REPLIES.senderOk);
-    return outcome(decide({ point: "mail", inputs }), ok, state);
+    return outcome(decide({ point: "mail", inputs, state }), ok, state);
   },
   RCPT: (state, arg, inputs) => {
     const tx = state.tx;
@@ -1282,32 +1298,24 @@ const COMMANDS: Record<string, Handler> = {
     if (box === undefined) return refuse(state, REPLIES.badRcpt);
     if (parsed.params.size > 0) return refuse(state, REPLIES.badParam);
     if (tx.rcptCount >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
-    const d = decide({ point: "rcpt", tx, rcpt: box, inputs });
+    const d = decide({ point: "rcpt", state, rcpt: box, inputs });
     const reply = d.fail ?? REPLIES.rcptOk;
-    const accepted = !d.drop && reply.code >= 200 && reply.code < 300;
-    const next = { ...state, tx: withRecipient(tx, box, accepted, d.greylist, d.attempt?.n) };
-    const out = outcome(d, answer(next, reply), next);
-    // The ledger: a recipient refused (or dropped) here ends its message's attempt.
-    if (!accepted && d.attempt) out.events = attemptEvents(next.tx, [[box, d.attempt.n]], "rcpt", out, inputs);
-    return out;
+    const next = { ...state, tx: withRecipient(tx, box, acceptsRecipient(d), d.greylist, d.attempt?.n) };
+    return outcome(d, answer(next, reply), next);
   },
   DATA: (state, arg, inputs) => {
     if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
     if (!state.tx) return refuse(state, REPLIES.needMail);
     if (state.tx.rcptCount === 0) return refuse(state, REPLIES.needRcpt);
     if (state.tx.acceptedCount === 0) return answer(state, REPLIES.noValidRcpts);
-    const tx = state.tx;
-    const d = decide({ point: "data", tx, inputs });
-    const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: !!d.logMessage };
-    const out = outcome(d, ok, { ...state, tx: undefined });
-    // The ledger: DATA refused ends the attempt of every accepted recipient's message.
-    if (out.reply.code >= 400) out.events = attemptEvents(tx, zip(tx), "data", out, inputs);
-    return out;
+    const d = decide({ point: "data", state, inputs });
+    const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: d.captureHeaders };
+    return outcome(d, ok, { ...state, tx: undefined });
   },
   RSET: (state, arg) =>
     noArgs(arg) ? answer({ ...state, tx: undefined }, REPLIES.reset) : refuse(state, REPLIES.noArgs),
   STARTTLS: (state, arg, inputs) => {
-    const d = decide({ point: "starttls", inputs, tls: state.tls });
+    const d = decide({ point: "starttls", inputs, state });
     if (!d.offersTls) return refuse(state, state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented);
     if (!noArgs(arg)) return refuse(state, REPLIES.noArgs);
     if (!state.esmtp) return refuse(state, REPLIES.needEhlo);

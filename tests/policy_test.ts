@@ -403,7 +403,7 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
     const d = decide({
       point,
       inputs: { scenario: sc, serverName: SERVER },
-      tx: emptyTx(sc),
+      state: { esmtp: true, errors: 0, tx: emptyTx(sc) },
       rcpt: "b@sinkhole.test",
     });
     assertEquals(
@@ -421,7 +421,7 @@ Deno.test("policy: greylisting takes the time and the table's entry as inputs, a
   const ask = (entry?: { at: number; windowMs: number }) =>
     decide({
       point: "rcpt",
-      tx,
+      state: { esmtp: true, errors: 0, tx },
       rcpt: "b@sinkhole.test",
       inputs: { scenario: sc, serverName: SERVER, client: "192.0.2.7", now, greylist: () => entry },
     });
@@ -444,7 +444,7 @@ function rcptWith(mode: string, seen: AttemptEntry | undefined, now: number, rcp
   const tx = emptyTx(sc);
   return decide({
     point: "rcpt",
-    tx,
+    state: { esmtp: true, errors: 0, tx },
     rcpt,
     inputs: { scenario: sc, serverName: SERVER, now, attempts: () => seen },
   });
@@ -483,6 +483,71 @@ Deno.test("policy: stateful scenarios, one table: first=N, for=, rate= with a se
   assertEquals(rcptWith("accept", undefined, t0, "x@sinkhole.test").fail, undefined);
   // Plain modes count attempts too (the ledger), without changing their answer.
   assertEquals(rcptWith("defer", { count: 4, first: t0 }, t0).attempt?.n, 5);
+});
+
+Deno.test("policy: what the ledger and accept-log record is part of the decision's answer", () => {
+  const t0 = 1_700_000_000_000;
+  const ask = (mode: string, point: Point, more: Partial<Parameters<typeof decide>[0]> = {}) => {
+    const sc = scenario(mode);
+    const tx = { ...emptyTx(sc), accepted: ["b@sinkhole.test"], acceptedAttempts: [3], acceptedCount: 1 };
+    return decide({
+      point,
+      state: { esmtp: true, errors: 0, tx, helo: "client.test", tls: true },
+      rcpt: "b@sinkhole.test",
+      inputs: {
+        scenario: sc,
+        serverName: SERVER,
+        client: "192.0.2.9",
+        now: t0,
+        attempts: () => ({ count: 1, first: t0 }),
+      },
+      ...more,
+    });
+  };
+  const attempt = (stage: string, code: number | undefined, n: number, mode: string, more = {}): unknown => ({
+    event: "attempt",
+    key: "a@origin.test > b@sinkhole.test",
+    attempt: n,
+    from: "a@origin.test",
+    rcpt: "b@sinkhole.test",
+    stage,
+    ...(code === undefined ? { dropped: true } : { code }),
+    ...more,
+    client: "192.0.2.9",
+    tls: true,
+    mode,
+  });
+  // RCPT: a refusal or a drop ends the attempt (the second, after one seen); an acceptance does not.
+  assertEquals<unknown>(ask("defer first=2", "rcpt").events, [attempt("rcpt", 421, 2, "defer first=2")]);
+  assertEquals<unknown>(ask("drop", "rcpt").events, [attempt("rcpt", undefined, 2, "drop")]);
+  assertEquals<unknown>(ask("accept", "rcpt").events, undefined);
+  // DATA refused ends every accepted recipient's attempt; DATA accepted ends none.
+  assertEquals<unknown>(ask("bounce at=data", "data").events, [attempt("data", 554, 3, "bounce at=data")]);
+  assertEquals<unknown>(ask("accept", "data").events, undefined);
+  assertEquals<unknown>(ask("accept-log", "data").captureHeaders, true);
+  // End of data: every accepted recipient's attempt, with the Message-ID; accept-log's message line after it.
+  const data = { size: 10, longLine: false, messageId: "<m@o.test>", headers: ["Subject: s"], truncated: false };
+  assertEquals<unknown>(ask("accept", "eod", { data }).events, [
+    attempt("eod", 250, 3, "accept", { messageId: "<m@o.test>" }),
+  ]);
+  assertEquals<unknown>(ask("drop at=eod", "eod", { data }).events, [
+    attempt("eod", undefined, 3, "drop at=eod", { messageId: "<m@o.test>" }),
+  ]);
+  const logged = ask("accept-log", "eod", { data }).events!;
+  assertEquals(logged.map((e) => e.event), ["attempt", "message"]);
+  assertEquals(logged[1], {
+    event: "message",
+    client: "192.0.2.9",
+    helo: "client.test",
+    from: "a@origin.test",
+    rcpts: ["b@sinkhole.test"],
+    rcptCount: 1,
+    size: 10,
+    headers: ["Subject: s"],
+    truncated: false,
+  });
+  const tooBig = ask("accept-log", "eod", { data: { ...data, size: MAX_MESSAGE_BYTES + 1 } });
+  assertEquals([tooBig.fail?.code, tooBig.events?.map((e) => e.event)], [552, ["attempt"]]);
 });
 
 Deno.test("policy: a seeded rate gives the same decisions for the same seed, others for another", () => {
