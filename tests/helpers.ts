@@ -65,10 +65,13 @@ const STOP_WAIT_MS = 60_000;
 /** Starts `listener.ts` with the given environment on `host` (port 0: any free port). */
 export async function startListener(
   env: Record<string, string>,
-  opts: { host?: string; port?: number; args?: string[]; cgroup?: MemoryCgroup } = {},
+  opts: { host?: string; port?: number; args?: string[]; cgroup?: MemoryCgroup; denoFlags?: string[] } = {},
 ): Promise<Listener> {
   const host = opts.host ?? "127.0.0.1";
-  const [cmd, ...args] = opts.cgroup ? opts.cgroup.wrap(startCommand()) : startCommand();
+  // Deno's own flags (--inspect, say) go right after `run`, before the task's.
+  const [deno, verb, ...task] = startCommand();
+  const command = [deno, verb, ...(opts.denoFlags ?? []), ...task];
+  const [cmd, ...args] = opts.cgroup ? opts.cgroup.wrap(command) : command;
   const child = new Deno.Command(cmd, {
     args: [...args, ...(opts.args ?? [])],
     cwd: ROOT,
@@ -568,5 +571,43 @@ export function prng(seed: number): () => number {
     t = Math.imul(t ^ (t >>> 15), t | 1);
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * The V8 inspector of a process started with `--inspect=127.0.0.1:0` (the URL it printed on
+ * stderr): `heap()` collects all garbage, then says what stays live: the V8 heap's objects
+ * and the ArrayBuffer backing stores outside it (typed arrays, read buffers), in octets.
+ */
+export async function inspector(
+  stderr: () => string,
+): Promise<{ heap(): Promise<{ used: number; buffers: number }>; close(): void }> {
+  const found = () => /ws:\/\/[\w.:]+\/[\w-]+/.exec(stderr())?.[0];
+  await eventually(() => found() !== undefined);
+  const ws = new WebSocket(found()!);
+  await new Promise((ok, fail) => {
+    ws.onopen = ok;
+    ws.onerror = fail;
+  });
+  const pending = new Map<number, (r: Record<string, number>) => void>();
+  ws.onmessage = (e) => {
+    const m = JSON.parse(e.data);
+    pending.get(m.id)?.(m.result ?? {});
+    pending.delete(m.id);
+  };
+  let id = 0;
+  const call = (method: string) =>
+    new Promise<Record<string, number>>((ok, fail) => {
+      const t = setTimeout(() => fail(new Error(`the inspector did not answer ${method}`)), REPLY_WAIT_MS);
+      pending.set(++id, (r) => (clearTimeout(t), ok(r)));
+      ws.send(JSON.stringify({ id, method }));
+    });
+  return {
+    heap: async () => {
+      await call("HeapProfiler.collectGarbage");
+      const usage = await call("Runtime.getHeapUsage");
+      return { used: usage.usedSize, buffers: usage.backingStorageSize };
+    },
+    close: () => ws.close(),
   };
 }

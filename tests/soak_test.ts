@@ -1,18 +1,35 @@
 /**
  * A soak run sized for CI (bounded count and time): concurrent sessions while the mode
  * flips through all five modes, with random disconnects. Afterwards the listener answers
- * normally, memory is back near its baseline, and the logs agree with what clients saw.
+ * normally, what stays live after a full garbage collection is back at its baseline (no
+ * leak), and the logs agree with what clients saw.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { eventually, type LogLine, memoryMiB, prng, RawClient, startListener, transaction } from "./helpers.ts";
+import {
+  eventually,
+  inspector,
+  type LogLine,
+  memoryMiB,
+  prng,
+  RawClient,
+  startListener,
+  transaction,
+} from "./helpers.ts";
 import { MODES } from "../listener.ts";
 
 const SESSIONS = 3000;
 const CONCURRENCY = 40;
 const SEED = Number(Deno.env.get("SOAK_SEED") ?? "20261128");
 const DISCONNECT_CHANCE = 0.12;
-/** RSS may sit this far above the warmed-up baseline after the run (V8 keeps some heap). */
-const RSS_SLACK_MIB = 32;
+/**
+ * What may stay live after the run beyond the warmed-up baseline, after a full garbage
+ * collection: V8 heap objects and ArrayBuffer backing stores together (code compiled during
+ * the run, caches). A leak of a 4 KiB read buffer a session (12 MiB over the run) is three
+ * times this; a leak of a kilobyte a session (3 MiB) still fails.
+ */
+const LIVE_SLACK_MIB = 2;
+/** Descriptors open after the run beyond the baseline (a mode file being read, say): none is a session's. */
+const FD_SLACK = 2;
 
 type Drop = "none" | "after-greeting" | "after-mail" | "after-rcpt" | "mid-data";
 
@@ -67,15 +84,24 @@ async function soakSession(port: number, id: number, rand: () => number, view: C
 Deno.test("soak: mixed modes, random disconnects; logs match what clients saw; memory returns near baseline", async () => {
   const modeFile = await Deno.makeTempFile({ prefix: "sinkhole-soak-" });
   await Deno.writeTextFile(modeFile, "accept-log");
+  // The V8 inspector (on a port of its own choosing) measures what stays live after a full collection.
   const l = await startListener({
     SINKHOLE_MODE_FILE: modeFile,
     SINKHOLE_CACHE_TTL: "0.05",
     SINKHOLE_GREYLIST_WINDOW: "0.2",
-  });
+  }, { denoFlags: ["--inspect=127.0.0.1:0"] });
+  const v8 = await inspector(l.stderr);
+  const live = async () => {
+    const { used, buffers } = await v8.heap();
+    return (used + buffers) / 1024 / 1024;
+  };
+  const fds = () => [...Deno.readDirSync(`/proc/${l.pid}/fd`)].length;
   try {
     for (let i = 0; i < 50; i++) await transaction(l.port); // warm up
     await new Promise((ok) => setTimeout(ok, 500));
     const baseline = memoryMiB(l.pid).rss;
+    const liveBefore = await live();
+    const fdsBefore = fds();
 
     const rand = prng(SEED);
     const view: ClientView = { endOfData: new Map(), sessions: 0 };
@@ -135,13 +161,21 @@ Deno.test("soak: mixed modes, random disconnects; logs match what clients saw; m
     await eventually(async () => (await transaction(l.port)).at(-2) === 250);
     await new Promise((ok) => setTimeout(ok, 1000));
     const after = memoryMiB(l.pid).rss;
+    const liveAfter = await live();
+    const fdsAfter = fds();
     console.log(
       `soak: ${SESSIONS} sessions (${view.endOfData.size} messages reached end of data, ${messages.length} logged) ` +
         `in ${elapsed} ms; RSS baseline ${baseline.toFixed(1)} MiB, peak sampled ${peak.toFixed(1)} MiB, ` +
-        `after ${after.toFixed(1)} MiB; seed ${SEED}`,
+        `after ${after.toFixed(1)} MiB; live after GC ${liveBefore.toFixed(2)} -> ${liveAfter.toFixed(2)} MiB; ` +
+        `descriptors ${fdsBefore} -> ${fdsAfter}; seed ${SEED}`,
     );
-    assert(after <= baseline + RSS_SLACK_MIB, `RSS ${after.toFixed(1)} MiB after, baseline ${baseline.toFixed(1)} MiB`);
+    assert(
+      liveAfter <= liveBefore + LIVE_SLACK_MIB,
+      `live after a full GC: ${liveAfter.toFixed(2)} MiB after the run, ${liveBefore.toFixed(2)} MiB before`,
+    );
+    assert(fdsAfter <= fdsBefore + FD_SLACK, `${fdsAfter} descriptors open after the run, ${fdsBefore} before`);
   } finally {
+    v8.close();
     const status = await l.stop();
     assertEquals(status.code, 0);
     await Deno.remove(modeFile);
