@@ -145,7 +145,8 @@ export interface CommandSpec {
 
 const COMMON: readonly OptionName[] = ["env", "environments", "json", "help"];
 
-export const COMMANDS: readonly CommandSpec[] = [
+/** Every command, in the order help lists them; ctl.ts dispatches by these names (CommandName). */
+const COMMAND_TABLE = [
   {
     name: "status",
     summary: "the tier's service, tasks, Cloud Map instances, and the mode: stored and in effect",
@@ -208,7 +209,11 @@ export const COMMANDS: readonly CommandSpec[] = [
     unwanted: "an expectation is not met",
     example: "deno task ctl expect user@example.test --attempts 3 --delivered-once --file sinkhole.log",
   },
-];
+] as const satisfies readonly CommandSpec[];
+
+/** A command's name, as the table spells it: `status`, `mode set`. */
+export type CommandName = typeof COMMAND_TABLE[number]["name"];
+export const COMMANDS: readonly CommandSpec[] = COMMAND_TABLE;
 
 function optionLine(name: OptionName): string {
   const o: OptionSpec = OPTIONS[name];

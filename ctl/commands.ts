@@ -68,27 +68,41 @@ export function subjectOf(input: Record<string, unknown>): string {
   return parts.join(", ");
 }
 
-/** A client whose failures say what they were about (AwsCallError); the SDK's error is the cause. */
-function described<C extends { send: (...a: never[]) => Promise<unknown> }>(
-  client: C,
-  service: string,
-  region: string,
-): C {
-  const send = client.send.bind(client) as (cmd: unknown) => Promise<unknown>;
-  (client as { send: unknown }).send = async (
-    cmd: { constructor: { name: string }; input?: Record<string, unknown> },
-  ) => {
-    try {
-      return await send(cmd);
-    } catch (err) {
-      const e = err as Error;
-      const call = cmd.constructor.name.replace(/Command$/, "");
-      const about = subjectOf(cmd.input ?? {});
-      throw new AwsCallError(`${service} ${call}${about ? ` (${about})` : ""} in ${region}: ${e.name}: ${e.message}`, {
-        cause: err,
-      });
-    }
-  };
+/** What is used here of an SDK client's middleware stack (the SDK's MiddlewareStack.add). */
+interface MiddlewareStack {
+  add(
+    middleware: (
+      next: (args: { input: object }) => Promise<unknown>,
+      context: { commandName?: string },
+    ) => (args: { input: object }) => Promise<unknown>,
+    options: { step: "initialize"; name: string },
+  ): void;
+}
+
+/**
+ * A client whose failures say what they were about (AwsCallError; the SDK's error is the
+ * cause), by a middleware at the first step of the SDK's stack, so it sees every failure
+ * of every command, retries included.
+ */
+function described<C extends { middlewareStack: MiddlewareStack }>(client: C, service: string, region: string): C {
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      try {
+        return await next(args);
+      } catch (err) {
+        const e = err as Error;
+        const call = (context.commandName ?? "").replace(/Command$/, "");
+        const about = subjectOf(args.input as Record<string, unknown>);
+        throw new AwsCallError(
+          `${service} ${call}${about ? ` (${about})` : ""} in ${region}: ${e.name}: ${e.message}`,
+          {
+            cause: err,
+          },
+        );
+      }
+    },
+    { step: "initialize", name: "sinkholeDescribedErrors" },
+  );
   return client;
 }
 

@@ -10,6 +10,7 @@
 import * as commands from "./commands.ts";
 import {
   commandHelp,
+  type CommandName,
   type CommandSpec,
   EXIT,
   numberOption,
@@ -105,29 +106,76 @@ async function refused(io: Io, title: string, err: unknown): Promise<number> {
   return EXIT.refused;
 }
 
+/** A command's options and argument, every one checked (cli.ts's rules) before any file is read or request made. */
+interface Checked {
+  command: CommandSpec;
+  parsed: Parsed;
+  title: string;
+  io: Io;
+  since: number;
+  timeout: number;
+  modeAge: number;
+  queueAge: number;
+  expect?: commands.Outcome;
+  mode?: commands.ValidMode;
+  ledger: LedgerOptions;
+}
+
+/** What each command of the grammar (cli.ts, COMMANDS) does with an environment: one runner a name. */
+const RUNNERS: Record<CommandName, (d: commands.Deps, c: Checked) => Promise<commands.Report>> = {
+  status: (d) => commands.status(d),
+  "mode get": (d) => commands.modeGet(d),
+  "mode set": (d, c) => commands.modeSet(d, c.mode!, c.parsed.values.wait === true),
+  probe: (d, c) => commands.probe(d, c.expect, c.timeout * 1000),
+  cleanup: (d, c) =>
+    commands.cleanup(d, {
+      scaleToZero: c.parsed.values["scale-to-zero"] === true,
+      purgeQueue: c.parsed.values["purge-queue"] === true,
+    }),
+  check: (d, c) => commands.check(d, { modeAgeMs: c.modeAge * 60_000, queueAgeMs: c.queueAge * 60_000 }),
+  report: ledgerFromLogs,
+  expect: ledgerFromLogs,
+};
+
+/** `report` and `expect` with --env: the attempt lines of the sinkhole's log group since --since. */
+async function ledgerFromLogs(d: commands.Deps, c: Checked): Promise<commands.Report> {
+  const lines = await commands.listenerLines(d, d.now() - c.since * 60_000, "attempt");
+  const events = lines.filter((l) => l.event === "attempt") as AttemptLine[];
+  const code = await ledger(c.command.name as "report" | "expect", c.ledger, events, c.io);
+  return { title: c.title, ok: code === 0, lines: [], data: { printed: true } };
+}
+
 async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: string): Promise<number> {
   const o = parsed.values;
   const json = o.json === true;
   // Every option is checked before any file is read or any request made.
-  const since = numberOption("since", o.since)!;
-  const timeout = numberOption("timeout", o.timeout)!;
-  const modeAge = numberOption("mode-age", o["mode-age"])!;
-  const queueAge = numberOption("queue-age", o["queue-age"])!;
-  const within = numberOption("within", o.within);
-  const expect = optionValue("expect", o.expect) as commands.Outcome | undefined;
+  const checked: Checked = {
+    command,
+    parsed,
+    title,
+    io,
+    since: numberOption("since", o.since)!,
+    timeout: numberOption("timeout", o.timeout)!,
+    modeAge: numberOption("mode-age", o["mode-age"])!,
+    queueAge: numberOption("queue-age", o["queue-age"])!,
+    expect: optionValue("expect", o.expect) as commands.Outcome | undefined,
+    ledger: {
+      json,
+      message: parsed.arg,
+      attempts: range("attempts", optionValue("attempts", o.attempts)),
+      interval: range("interval", optionValue("interval", o.interval)),
+      deliveredOnce: o["delivered-once"] === true,
+      within: numberOption("within", o.within),
+    },
+  };
   const tier = optionValue("tier", o.tier);
   const file = optionValue("file", o.file);
   const envName = optionValue("env", o.env);
   const environmentsFile = optionValue("environments", o.environments);
-  const ranges = {
-    attempts: range("attempts", optionValue("attempts", o.attempts)),
-    interval: range("interval", optionValue("interval", o.interval)),
-  };
-  const mode = command.name === "mode set" ? commands.validateMode(parsed.arg!) : undefined;
+  if (command.name === "mode set") checked.mode = commands.validateMode(parsed.arg!);
   if (command.target === "env-or-file" && (file === undefined) === (envName === undefined)) {
     throw new UsageError(`${command.name} reads either --file FILE|- or --env NAME, exactly one`);
   }
-  const ledgerOptions = { json, message: parsed.arg, ...ranges, deliveredOnce: o["delivered-once"] === true, within };
   if (file !== undefined) {
     let events: AttemptLine[];
     try {
@@ -141,7 +189,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
           "lines (SINKHOLE_LOG_FORMAT=json), not its text rendering",
       );
     }
-    return await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
+    return await ledger(command.name as "report" | "expect", checked.ledger, events, io);
   }
 
   // Everything that can refuse does so here, before any client or request exists.
@@ -156,24 +204,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   }
   const env = resolveEnvironment(envName, parseEnvironments(text, path));
 
-  let run: (d: commands.Deps) => Promise<commands.Report>;
-  if (command.name === "status") run = commands.status;
-  else if (command.name === "mode get") run = commands.modeGet;
-  else if (command.name === "mode set") run = (d) => commands.modeSet(d, mode!, o.wait === true);
-  else if (command.name === "probe") run = (d) => commands.probe(d, expect, timeout * 1000);
-  else if (command.name === "cleanup") {
-    run = (d) =>
-      commands.cleanup(d, { scaleToZero: o["scale-to-zero"] === true, purgeQueue: o["purge-queue"] === true });
-  } else if (command.name === "check") {
-    run = (d) => commands.check(d, { modeAgeMs: modeAge * 60_000, queueAgeMs: queueAge * 60_000 });
-  } else {
-    run = async (d) => {
-      const lines = await commands.listenerLines(d, d.now() - since * 60_000, "attempt");
-      const events = lines.filter((l) => l.event === "attempt") as AttemptLine[];
-      const code = await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
-      return { title, ok: code === 0, lines: [], data: { printed: true } };
-    };
-  }
+  const run = RUNNERS[command.name as CommandName];
 
   const token = io.env("GITHUB_TOKEN");
   const repository = io.env("GITHUB_REPOSITORY");
@@ -196,7 +227,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
     pollMs: Number(io.env("SINKHOLE_CTL_POLL_MS") ?? "2000"),
   };
   await commands.refuseProduction(deps);
-  const report = await run(deps);
+  const report = await run(deps, checked);
   if (report.data.printed) return report.ok ? EXIT.ok : EXIT.unwanted;
   io.out(render(report, json));
   await summarize(io, markdown(report));
