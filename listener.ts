@@ -119,7 +119,7 @@ export const MAX_DELAY_MS = 10 * 60_000;
 export const MAX_GREYLIST_MS = 7 * 24 * 3_600_000;
 /** The longest text of a custom reply. */
 export const MAX_REPLY_TEXT = 200;
-/** The most failing attempts `first=N` may ask for. */
+/** The largest count of attempts a stateful mode may name (`first=N`: the most failing attempts). */
 export const MAX_FIRST_ATTEMPTS = 100;
 /** The longest outage window `for=` may ask for. */
 export const MAX_OUTAGE_MS = 30 * 24 * 3_600_000;
