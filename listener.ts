@@ -352,8 +352,8 @@ export interface Scenario {
   starttls: "default" | "off" | "refuse" | "break";
   /**
    * Stateful failure (defer, bounce, drop at RCPT): the failure applies to the first N attempts
-   * of each message, or within an outage window from its first sighting, or at a seeded rate;
-   * otherwise `then` applies. A message is its sender and recipient (`attemptKey`).
+   * of each message, or to every Nth, or within an outage window from its first sighting, or at
+   * a seeded rate; otherwise `then` applies. A message is its sender and recipient (`attemptKey`).
    */
   stateful?: Stateful;
   then: "accept" | "defer" | "bounce";
@@ -363,6 +363,7 @@ export interface Scenario {
 
 export type Stateful =
   | { kind: "first"; attempts: number }
+  | { kind: "every"; attempts: number }
   | { kind: "for"; ms: number }
   | { kind: "rate"; percent: number; seed: number };
 
@@ -486,6 +487,7 @@ export function parseScenario(raw: string): Scenario | string {
         else problem = "starttls must be off, refuse or break";
         break;
       case "first":
+      case "every":
       case "for":
       case "rate": {
         if (!FAILING.includes(base)) {
@@ -493,13 +495,17 @@ export function parseScenario(raw: string): Scenario | string {
           break;
         }
         if (sc.stateful) {
-          problem = "one of first=, for= and rate= at a time";
+          problem = "one of first=, every=, for= and rate= at a time";
           break;
         }
         if (key === "first") {
           const n = /^\d{1,3}$/.test(value) ? Number(value) : NaN;
           if (!(n >= 1 && n <= MAX_FIRST_ATTEMPTS)) problem = `first must be a count from 1 to ${MAX_FIRST_ATTEMPTS}`;
           else sc.stateful = { kind: "first", attempts: n };
+        } else if (key === "every") {
+          const n = /^\d{1,3}$/.test(value) ? Number(value) : NaN;
+          if (!(n >= 2 && n <= MAX_FIRST_ATTEMPTS)) problem = `every must be a count from 2 to ${MAX_FIRST_ATTEMPTS}`;
+          else sc.stateful = { kind: "every", attempts: n };
         } else if (key === "for") {
           const ms = duration(MAX_OUTAGE_MS);
           if (typeof ms === "string") problem = ms;
@@ -522,7 +528,7 @@ export function parseScenario(raw: string): Scenario | string {
         break;
       default:
         problem = `unknown option ${JSON.stringify(key)}: ` +
-          "at, reply, delay, key, min, window, starttls, first, for, rate, seed, then";
+          "at, reply, delay, key, min, window, starttls, first, every, for, rate, seed, then";
     }
     if (problem) return problem;
   }
@@ -530,9 +536,9 @@ export function parseScenario(raw: string): Scenario | string {
     if (sc.stateful?.kind !== "rate") return "seed= goes with rate=";
     sc.stateful.seed = seed;
   }
-  if (seen.has("then") && !sc.stateful) return "then= goes with first=, for= or rate=";
+  if (seen.has("then") && !sc.stateful) return "then= goes with first=, every=, for= or rate=";
   if (sc.stateful && sc.at !== "rcpt") {
-    return "first=, for= and rate= act at rcpt (a message is known by its recipient)";
+    return "first=, every=, for= and rate= act at rcpt (a message is known by its recipient)";
   }
   if (base === "drop" && sc.at === "connect" && sc.delayMs > 0) return "drop at=connect cannot delay: nothing is sent";
   sc.text = canonical.join(" ");
@@ -735,6 +741,8 @@ export function inFailingPhase(st: Stateful, a: Attempt, now: number): boolean {
   switch (st.kind) {
     case "first":
       return a.n <= st.attempts;
+    case "every":
+      return a.n % st.attempts === 0;
     case "for":
       return now - a.first < st.ms;
     case "rate":

@@ -63,6 +63,29 @@ Deno.test("ledger: defer first=2 defers a message twice, then accepts it; every 
   }
 });
 
+Deno.test("ledger: defer every=2 defers every second attempt of each message, the others are accepted", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "defer every=2" });
+  try {
+    const body = MESSAGE("e1");
+    const accepted = [220, 250, 250, 250, 354, 250, 221];
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), accepted);
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), [220, 250, 250, 421]);
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), accepted);
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), [220, 250, 250, 421]);
+    await l.waitFor("attempt", (a) => a.attempt === 4);
+    const attempts = l.events("attempt").filter((a) => a.rcpt === TO);
+    assertEquals(attempts.map((a) => [a.attempt, a.stage, a.code]), [
+      [1, "eod", 250],
+      [2, "rcpt", 421],
+      [3, "eod", 250],
+      [4, "rcpt", 421],
+    ]);
+    assertEquals(attempts[1].mode, "defer every=2");
+  } finally {
+    await l.stop();
+  }
+});
+
 Deno.test("ledger: a dropped final reply, then an accepted retry, is flagged as a duplicate", async () => {
   const modeFile = await tempModeFile("drop at=eod");
   const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
