@@ -8,8 +8,8 @@
  *
  * Environment: BENCH_REPS (default 5), BENCH_MESSAGES (default 20000).
  */
-import { memoryMiB, privateAddress, RawClient, ROOT, run, startCommand, transaction } from "../tests/helpers.ts";
-import { faultProxy, putMode, ssmEnv, startMoto } from "../tests/aws.ts";
+import { memoryMiB, privateAddress, RawClient, ROOT, run, startCommand, transaction } from "../rig/helpers.ts";
+import { faultProxy, putMode, ssmEnv, startMoto } from "../rig/aws.ts";
 import { MAX_SESSIONS_CAP } from "../listener.ts";
 
 const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
@@ -55,7 +55,7 @@ async function postfixTools(): Promise<{ source: string; sink: string; env: Reco
   };
 }
 
-/** Where a server listens: a loopback address of this run's own (tests/helpers.ts `privateAddress`). */
+/** Where a server listens: a loopback address of this run's own (rig/helpers.ts `privateAddress`). */
 interface Addr {
   host: string;
   port: number;

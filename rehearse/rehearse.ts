@@ -10,9 +10,9 @@
  * namespaces) and Debian's sendmail.
  */
 import { parseArgs } from "node:util";
-import { eventually, type Listener, type LogLine, ROOT, run, startListener, transaction } from "../tests/helpers.ts";
+import { eventually, type Listener, type LogLine, ROOT, run, startListener, transaction } from "../rig/helpers.ts";
 import { type AttemptLine, histories, renderReport, unmet } from "../ctl/report.ts";
-import { makeSendmail, rigAddresses, SMTP_PORT } from "../tests/sendmail.ts";
+import { makeSendmail, rigAddresses, SMTP_PORT } from "../rig/sendmail.ts";
 
 export interface Step {
   name: string;

@@ -65,7 +65,7 @@ Deno.test("image: the ECS health check is the image's, and the tests run that sa
   const defs = (synthModule() as { resource: Record<string, Record<string, { container_definitions: string }>> })
     .resource.aws_ecs_task_definition.task.container_definitions;
   assertMatch(defs, /command = \["CMD", "\/sinkhole", "--healthcheck"\]/);
-  const helpers = Deno.readTextFileSync(`${ROOT}/tests/helpers.ts`);
+  const helpers = Deno.readTextFileSync(`${ROOT}/rig/helpers.ts`);
   assertMatch(helpers, /\[\.\.\.args, "--healthcheck"\]/, "the tests run the health check through tasks.start");
 });
 

@@ -1,0 +1,267 @@
+/**
+ * AWS emulation for tests and benchmarks: the real moto_server, the real aws CLI, and a
+ * small HTTP proxy in front of moto that counts GetParameter calls and injects faults
+ * (hang, delay, 5xx, throttling, access denied, connection refused).
+ */
+import { assertEquals } from "./assert.ts";
+import { assertTools, eventually, type Listener, needs, privateAddress, run, startListener } from "./helpers.ts";
+
+export const PARAM = "/cabal/sinkhole_mode";
+
+/** Static test credentials; the metadata endpoints are switched off so nothing leaves loopback. */
+export const AWS_ENV = {
+  AWS_ACCESS_KEY_ID: "testing",
+  AWS_SECRET_ACCESS_KEY: "testing",
+  AWS_REGION: "us-east-1",
+  AWS_DEFAULT_REGION: "us-east-1",
+  AWS_EC2_METADATA_DISABLED: "true",
+};
+
+/** moto's port, on a loopback address of this run's own (moto cannot report a port it chose). */
+const MOTO_PORT = 5000;
+/** moto's start-up (a Python import of every service): a hang guard, generous on a busy machine. */
+const MOTO_START_WITHIN_MS = 120_000;
+
+/** moto_server on a loopback address of its own, stopped by `close`. */
+export async function startMoto(
+  env: Record<string, string> = {},
+): Promise<{ url: string; close: () => Promise<void> }> {
+  const { host, port } = privateAddress(MOTO_PORT);
+  const child = new Deno.Command("moto_server", {
+    args: ["-H", host, "-p", String(port)],
+    env,
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  let exited: Deno.CommandStatus | undefined;
+  const status = child.status.then((s) => exited = s);
+  let stderr = "";
+  const errPump = (async () => {
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
+      if (stderr.length < 64 * 1024) stderr += chunk;
+    }
+  })();
+  const url = `http://${host}:${port}`;
+  await eventually(
+    async () => {
+      if (exited) throw new Error(`moto_server exited with ${exited.code} before it answered: ${stderr}`);
+      try {
+        const res = await fetch(`${url}/moto-api/data.json`);
+        await res.body?.cancel();
+        return res.ok;
+      } catch {
+        return false;
+      }
+    },
+    MOTO_START_WITHIN_MS,
+    100,
+  );
+  return {
+    url,
+    close: async () => {
+      if (!exited) child.kill("SIGTERM");
+      await status;
+      await errPump.catch(() => {});
+    },
+  };
+}
+
+export type Fault = "none" | "hang" | "5xx" | "throttle" | "deny";
+
+const AWS_JSON = { "content-type": "application/x-amz-json-1.1" };
+
+/** Canned AWS JSON-protocol error answers, as SSM sends them. */
+const FAULT_RESPONSES: Record<Exclude<Fault, "none" | "hang">, () => Response> = {
+  "5xx": () =>
+    new Response(JSON.stringify({ __type: "InternalServerError", message: "injected" }), {
+      status: 500,
+      headers: AWS_JSON,
+    }),
+  throttle: () =>
+    new Response(JSON.stringify({ __type: "ThrottlingException", message: "Rate exceeded" }), {
+      status: 400,
+      headers: AWS_JSON,
+    }),
+  deny: () =>
+    new Response(
+      JSON.stringify({ __type: "AccessDeniedException", message: "not authorized to perform: ssm:GetParameter" }),
+      { status: 400, headers: AWS_JSON },
+    ),
+};
+
+/** Forwards to `target`, counting GetParameter calls; `fault` and `delayMs` change its answers. */
+export function faultProxy(target: string) {
+  let getParameter = 0;
+  let total = 0;
+  const state = { fault: "none" as Fault, delayMs: 0 };
+  const hung = new Set<() => void>();
+  /** While set, requests wait here (then are forwarded as usual): an SSM that is slow on demand. */
+  let gate: PromiseWithResolvers<void> | undefined;
+  let waiting = 0;
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+    total++;
+    if (req.headers.get("x-amz-target") === "AmazonSSM.GetParameter") getParameter++;
+    if (state.fault === "hang") {
+      // Never answers until the proxy shuts down (the listener must give up on its own).
+      await new Promise<void>((ok) => hung.add(ok));
+      return new Response(null, { status: 503 });
+    }
+    if (state.delayMs > 0) await new Promise((ok) => setTimeout(ok, state.delayMs));
+    if (gate) {
+      waiting++;
+      await gate.promise.finally(() => waiting--);
+    }
+    if (state.fault !== "none") {
+      await req.body?.cancel();
+      return FAULT_RESPONSES[state.fault]();
+    }
+    const url = new URL(req.url);
+    const res = await fetch(`${target}${url.pathname}${url.search}`, {
+      method: req.method,
+      headers: req.headers,
+      body: req.body,
+    });
+    return new Response(res.body, { status: res.status, headers: res.headers });
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    get count() {
+      return getParameter;
+    },
+    /** Every request, of any service. */
+    get total() {
+      return total;
+    },
+    state,
+    /** Holds every request from now on until `release` (a slow SSM, for as long as a test needs). */
+    hold() {
+      gate ??= Promise.withResolvers<void>();
+    },
+    release() {
+      gate?.resolve();
+      gate = undefined;
+    },
+    /** Requests waiting at the gate now. */
+    get held() {
+      return waiting;
+    },
+    /** Stops answering at all: connections are refused from now on. */
+    down: async () => {
+      gate?.resolve();
+      for (const release of hung) release();
+      hung.clear();
+      await server.shutdown();
+    },
+  };
+}
+
+/** The real aws CLI against `endpoint` (moto), JSON out; fails the test on a non-zero exit. */
+export function awsCli(endpoint: string, ...args: string[]): Promise<Record<string, unknown>> {
+  return awsCliAs({}, endpoint, ...args);
+}
+
+/** The same, with credentials (or other environment) of the caller's choosing over AWS_ENV's. */
+export async function awsCliAs(
+  env: Record<string, string>,
+  endpoint: string,
+  ...args: string[]
+): Promise<Record<string, unknown>> {
+  const res = await run("aws", ["--endpoint-url", endpoint, "--output", "json", ...args], {
+    env: { ...AWS_ENV, ...env },
+  });
+  assertEquals(res.code, 0, `aws ${args.join(" ")}: ${res.stderr}`);
+  return res.stdout.trim() ? JSON.parse(res.stdout) : {};
+}
+
+/** `aws ssm …` against `endpoint`. */
+export const aws = (endpoint: string, ...args: string[]) => awsCli(endpoint, "ssm", ...args);
+
+export const putMode = (endpoint: string, value: string, name = PARAM) =>
+  aws(endpoint, "put-parameter", "--name", name, "--value", value, "--type", "String", "--overwrite");
+
+/** Environment for a listener whose mode comes from SSM at `endpoint`. */
+export function ssmEnv(endpoint: string, ttl = "1", name = PARAM): Record<string, string> {
+  return {
+    ...AWS_ENV,
+    AWS_ENDPOINT_URL: endpoint,
+    SINKHOLE_MODE: "",
+    SINKHOLE_MODE_FILE: "",
+    SINKHOLE_MODE_PARAM: name,
+    SINKHOLE_CACHE_TTL: ttl,
+  };
+}
+
+/** moto, the fault proxy in front of it, and the listeners a test started: all torn down after. */
+export interface World {
+  moto: { url: string };
+  proxy: ReturnType<typeof faultProxy>;
+  /** Starts a listener that is stopped when the test ends. */
+  listen(env: Record<string, string>, opts?: Parameters<typeof startListener>[1]): Promise<Listener>;
+}
+
+const awsTools = needs("moto_server", "aws");
+
+/** A test that needs moto and the aws CLI (skipped locally without them, failing under CI). */
+export function awsTest(
+  name: string,
+  fn: (w: World, t: Deno.TestContext) => Promise<void>,
+  opts: { ignore?: boolean; sanitize?: boolean } = {},
+): void {
+  Deno.test({
+    name,
+    ignore: awsTools.ignore || (opts.ignore ?? false),
+    sanitizeOps: opts.sanitize ?? true,
+    sanitizeResources: opts.sanitize ?? true,
+    fn: async (t) => {
+      assertTools(awsTools.missing);
+      const moto = await startMoto();
+      const proxy = faultProxy(moto.url);
+      const listeners: Listener[] = [];
+      try {
+        await fn({
+          moto,
+          proxy,
+          listen: async (env, o) => {
+            const l = await startListener(env, o);
+            listeners.push(l);
+            return l;
+          },
+        }, t);
+      } finally {
+        for (const l of listeners) await l.stop();
+        await proxy.down().catch(() => {});
+        await moto.close();
+      }
+    },
+  });
+}
+
+/** Ships a listener's log lines to CloudWatch Logs (standing in for the awslogs driver). */
+export function shipLogs(l: Listener, endpoint: string, group: string) {
+  let shipped = 0;
+  let running = true;
+  const done = (async () => {
+    const stream = `sinkhole/${crypto.randomUUID()}`;
+    await awsCli(endpoint, "logs", "create-log-stream", "--log-group-name", group, "--log-stream-name", stream);
+    while (running) {
+      const batch = l.logs.slice(shipped);
+      if (batch.length > 0) {
+        const now = Date.now();
+        await awsCli(
+          endpoint,
+          "logs",
+          "put-log-events",
+          "--log-group-name",
+          group,
+          "--log-stream-name",
+          stream,
+          "--log-events",
+          JSON.stringify(batch.map((b) => ({ timestamp: now, message: JSON.stringify(b) }))),
+        );
+        shipped += batch.length;
+      }
+      await new Promise((ok) => setTimeout(ok, 200));
+    }
+  })();
+  return { stop: async () => (running = false, await done) };
+}

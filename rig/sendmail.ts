@@ -1,0 +1,185 @@
+/**
+ * A private test MTA: Debian sendmail with its own .cf, queue, pid file and mailertable.
+ * Each sendmail runs in its own mount and UTS namespace with a qualified host name, a
+ * private /etc/hosts and a resolver on loopback, so it neither waits to qualify the
+ * machine's name nor sends a DNS query off the machine.
+ */
+import { assertEquals } from "./assert.ts";
+import { eventually, run, uniqueLoopback } from "./helpers.ts";
+
+export const MTA_NAME = "mta.sinkhole-test.test";
+/** The port every server of a rig listens on: a mailertable entry takes no port, as in production. */
+export const SMTP_PORT = 25;
+/** How long forced queue runs may take to get a message through: a hang guard, not a measure. */
+export const QUEUE_RUNS_WITHIN_MS = 120_000;
+
+/**
+ * Where one rig's servers listen, each on a loopback address of this run's own (two runs
+ * at once never share one): the sinkhole (`sinkhole.test`), the sender's domain
+ * (`origin.test`, where bounces go) and the MTA.
+ */
+export interface RigAddresses {
+  sink: string;
+  origin: string;
+  mta: { host: string; port: number };
+}
+
+export function rigAddresses(): RigAddresses {
+  return {
+    sink: uniqueLoopback([SMTP_PORT]),
+    origin: uniqueLoopback([SMTP_PORT]),
+    mta: { host: uniqueLoopback([SMTP_PORT]), port: SMTP_PORT },
+  };
+}
+
+/** The mailertable of a rig: both test domains routed by address, without a port. */
+export const rigMailertable = (a: RigAddresses) => `sinkhole.test smtp:[${a.sink}]\norigin.test smtp:[${a.origin}]\n`;
+
+/** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
+export async function makeSendmail(dir: string, listen: { host: string; port: number }, mailertable: string) {
+  const { host, port } = listen;
+  await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
+  await Deno.writeTextFile(`${dir}/mailertable`, mailertable);
+  await Deno.writeTextFile(`${dir}/service.switch`, "hosts files\naliases files\n");
+  await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 localhost\n${host} ${MTA_NAME} mta\n`);
+  await Deno.writeTextFile(`${dir}/resolv.conf`, "nameserver 127.0.0.1\n");
+  const mc = `divert(-1)dnl
+divert(0)dnl
+include(\`/usr/share/sendmail/cf/m4/cf.m4')dnl
+VERSIONID(\`sinkhole test MTA')dnl
+OSTYPE(\`debian')dnl
+define(\`confDOMAIN_NAME', \`${MTA_NAME}')dnl
+define(\`QUEUE_DIR', \`${dir}/mqueue')dnl
+define(\`confPID_FILE', \`${dir}/sendmail.pid')dnl
+define(\`STATUS_FILE', \`${dir}/statistics')dnl
+undefine(\`confHOST_STATUS_DIRECTORY')dnl
+define(\`confSERVICE_SWITCH_FILE', \`${dir}/service.switch')dnl
+define(\`confDONT_PROBE_INTERFACES', \`True')dnl
+define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
+define(\`confTO_ICONNECT', \`5s')dnl
+define(\`confTO_CONNECT', \`5s')dnl
+define(\`confTO_QUEUEWARN', \`0')dnl
+FEATURE(\`nocanonify')dnl
+FEATURE(\`accept_unresolvable_domains')dnl
+FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
+DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=${host}')dnl
+MAILER_DEFINITIONS
+MAILER(\`local')dnl
+MAILER(\`smtp')dnl
+`;
+  await Deno.writeTextFile(`${dir}/test.mc`, mc);
+  const m4 = await run("m4", [`${dir}/test.mc`]);
+  assertEquals(m4.code, 0, m4.stderr);
+  await Deno.writeTextFile(`${dir}/test.cf`, m4.stdout);
+  /** Rebuilds the mailertable map from its text file. */
+  const makemap = async () => {
+    const map = await run("makemap", ["hash", `${dir}/mailertable`], {
+      stdin: await Deno.readTextFile(`${dir}/mailertable`),
+    });
+    assertEquals(map.code, 0, map.stderr);
+  };
+  await makemap();
+
+  // `bin/sendmail` and `bin/mailq`: this MTA's commands, as they are named inside an MTA container.
+  await Deno.mkdir(`${dir}/bin`);
+  await Deno.writeTextFile(
+    `${dir}/bin/sendmail`,
+    `#!/bin/sh\nexec unshare --mount --uts sh -c 'hostname ${MTA_NAME} && ` +
+      `mount --bind "$0/hosts" /etc/hosts && mount --bind "$0/resolv.conf" /etc/resolv.conf && ` +
+      `exec /usr/sbin/sendmail -C "$0/test.cf" "$@"' '${dir}' "$@"\n`,
+    { mode: 0o755 },
+  );
+  await Deno.writeTextFile(`${dir}/bin/mailq`, `#!/bin/sh\nexec '${dir}/bin/sendmail' -bp "$@"\n`, { mode: 0o755 });
+
+  /** Runs sendmail with this .cf inside its own namespaces (`stdin`: what to type at it). */
+  const sendmailWith = (stdin: string | undefined, ...args: string[]) => run(`${dir}/bin/sendmail`, args, { stdin });
+  const sendmail = (...args: string[]) => sendmailWith(undefined, ...args);
+
+  const daemonPid = async () => Number((await Deno.readTextFile(`${dir}/sendmail.pid`)).split("\n")[0]);
+  const alive = (pid: number) => {
+    try {
+      Deno.kill(pid, "SIGCONT");
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  return {
+    host,
+    port,
+    /** Directory holding `sendmail` and `mailq` for this MTA (put it first on PATH). */
+    bin: `${dir}/bin`,
+    queueDir: `${dir}/mqueue`,
+    sendmail,
+    sendmailWith,
+    makemap,
+    /** Starts the daemon (the MTA task); background delivery, queue runs every `queueInterval` (hourly). */
+    async start(queueInterval = "1h") {
+      await Deno.remove(`${dir}/sendmail.pid`).catch(() => {});
+      const r = await sendmail("-bd", `-q${queueInterval}`);
+      assertEquals(r.code, 0, r.stderr);
+      await eventually(async () => {
+        try {
+          return alive(await daemonPid());
+        } catch {
+          return false;
+        }
+      });
+      await eventually(async () => {
+        try {
+          (await Deno.connect({ hostname: host, port })).close();
+          return true;
+        } catch {
+          return false;
+        }
+      });
+      return await daemonPid();
+    },
+    /**
+     * Kills the daemon the way a task replacement does (SIGKILL, no clean-up), with every
+     * process it forked (a queue run in progress): the daemon leads its own process group.
+     */
+    async kill() {
+      const pid = await daemonPid().catch(() => 0);
+      if (pid > 0 && alive(pid)) {
+        try {
+          Deno.kill(-pid, "SIGKILL");
+        } catch {
+          Deno.kill(pid, "SIGKILL");
+        }
+        await eventually(() => !alive(pid));
+      }
+      return pid;
+    },
+    async mailq(): Promise<string> {
+      const r = await sendmail("-bp");
+      return r.stdout + r.stderr;
+    },
+    async queueRun(): Promise<string> {
+      const r = await sendmail("-q", "-v");
+      return r.stdout + r.stderr;
+    },
+    /**
+     * Forces queue runs until `done(output of every run so far)` holds; returns that output.
+     * One run may legitimately pass a message over: the daemon's own queue run (at start,
+     * or the delivery attempt right after submission) can still hold its lock. Bounded by
+     * `ms`, which is generous: it guards against a hang, it is not what is tested.
+     */
+    async queueRunsUntil(done: (output: string) => boolean | Promise<boolean>, ms = QUEUE_RUNS_WITHIN_MS) {
+      let output = "";
+      let runs = 0;
+      await eventually(
+        async () => {
+          const r = await sendmail("-q", "-v");
+          output += r.stdout + r.stderr;
+          runs++;
+          return await done(output);
+        },
+        ms,
+        200,
+      );
+      return { output, runs };
+    },
+    alive,
+  };
+}
