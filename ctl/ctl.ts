@@ -11,6 +11,7 @@ import * as commands from "./commands.ts";
 import {
   commandHelp,
   type CommandSpec,
+  DEFAULT_SINCE_MINUTES,
   EXIT,
   numberOption,
   optionValue,
@@ -28,15 +29,7 @@ import {
 } from "./environments.ts";
 import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
-import {
-  type AttemptLine,
-  histories,
-  markdownReport,
-  parseRange,
-  readAttempts,
-  renderReport,
-  unmet,
-} from "./report.ts";
+import { Ledger, type LedgerAnswer, ledgerAnswer, parseRange, readLedger } from "./report.ts";
 
 export function render(report: commands.Report, json: boolean): string {
   if (json) return JSON.stringify({ title: report.title, ok: report.ok, ...report.data }, null, 2);
@@ -109,7 +102,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   const o = parsed.values;
   const json = o.json === true;
   // Every option is checked before any file is read or any request made.
-  const since = numberOption("since", o.since)!;
+  const since = numberOption("since", o.since);
   const timeout = numberOption("timeout", o.timeout)!;
   const modeAge = numberOption("mode-age", o["mode-age"])!;
   const queueAge = numberOption("queue-age", o["queue-age"])!;
@@ -117,6 +110,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   const expect = optionValue("expect", o.expect) as commands.Outcome | undefined;
   const tier = optionValue("tier", o.tier);
   const file = optionValue("file", o.file);
+  const messageId = optionValue("message-id", o["message-id"]);
   const envName = optionValue("env", o.env);
   const environmentsFile = optionValue("environments", o.environments);
   const ranges = {
@@ -127,21 +121,27 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   if (command.target === "env-or-file" && (file === undefined) === (envName === undefined)) {
     throw new UsageError(`${command.name} reads either --file FILE|- or --env NAME, exactly one`);
   }
-  const ledgerOptions = { json, message: parsed.arg, ...ranges, deliveredOnce: o["delivered-once"] === true, within };
+  const ledgerCommand = command.name as "report" | "expect";
+  const expectation = {
+    message: parsed.arg!,
+    attempts: ranges.attempts,
+    intervalS: ranges.interval,
+    deliveredOnce: o["delivered-once"] === true,
+    withinS: within,
+  };
   if (file !== undefined) {
-    let events: AttemptLine[];
+    const name = file === "-" ? "standard input" : file;
+    let ledger: Ledger;
     try {
-      events = await readAttempts(file);
+      // With --file, --since leaves out older attempts only when given.
+      ledger = await readLedger(file, {
+        sinceMs: since === undefined ? undefined : Date.now() - since * 60_000,
+        messageId,
+      });
     } catch (err) {
-      throw new Error(`reading ${file === "-" ? "standard input" : file}: ${(err as Error).message}`);
+      throw new Error(`reading ${name}: ${(err as Error).message}`);
     }
-    if (events.length === 0) {
-      io.err(
-        `ctl: no attempt line in ${file === "-" ? "standard input" : file}: the ledger reads the listener's JSON ` +
-          "lines (SINKHOLE_LOG_FORMAT=json), not its text rendering",
-      );
-    }
-    return await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
+    return await answer(io, ledgerAnswer(ledgerCommand, ledger, { name, isFile: true }, { json, expectation }));
   }
 
   // Everything that can refuse does so here, before any client or request exists.
@@ -168,9 +168,11 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
     run = (d) => commands.check(d, { modeAgeMs: modeAge * 60_000, queueAgeMs: queueAge * 60_000 });
   } else {
     run = async (d) => {
-      const lines = await commands.listenerLines(d, d.now() - since * 60_000, "attempt");
-      const events = lines.filter((l) => l.event === "attempt") as AttemptLine[];
-      const code = await ledger(command.name as "report" | "expect", ledgerOptions, events, io);
+      const minutes = since ?? DEFAULT_SINCE_MINUTES;
+      const ledger = new Ledger({ messageId });
+      for (const line of await commands.listenerLines(d, d.now() - minutes * 60_000, "attempt")) ledger.addEvent(line);
+      const source = { name: `${d.env.sinkholeLogGroup} (last ${minutes} min)`, isFile: false };
+      const code = await answer(io, ledgerAnswer(ledgerCommand, ledger, source, { json, expectation }));
       return { title, ok: code === 0, lines: [], data: { printed: true } };
     };
   }
@@ -205,47 +207,20 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
 
 function range(name: "attempts" | "interval", raw: string | undefined) {
   if (raw === undefined) return undefined;
-  const r = parseRange(raw);
-  if (!r) throw new UsageError(`--${name} must be N or MIN..MAX, got ${JSON.stringify(raw)}`);
+  const r = parseRange(raw, name === "attempts");
+  if (!r) {
+    const whole = name === "attempts" ? " (whole numbers)" : "";
+    throw new UsageError(`--${name} must be N or MIN..MAX, got ${JSON.stringify(raw)}${whole}`);
+  }
   return r;
 }
 
-interface LedgerOptions {
-  json: boolean;
-  message?: string;
-  attempts?: [number, number];
-  interval?: [number, number];
-  deliveredOnce: boolean;
-  within?: number;
-}
-
-/**
- * `report`: every message's attempts (text, and a Markdown summary with a Mermaid timeline
- * when GITHUB_STEP_SUMMARY is set). `expect`: 0 when every expectation holds, 1 naming each
- * that does not.
- */
-async function ledger(command: "report" | "expect", o: LedgerOptions, events: AttemptLine[], io: Io): Promise<number> {
-  const hs = histories(events);
-  if (command === "report") {
-    io.out(o.json ? JSON.stringify(hs, null, 2) : renderReport(hs).join("\n"));
-    await summarize(io, markdownReport(hs));
-    return EXIT.ok;
-  }
-  const problems = unmet(hs, {
-    message: o.message!,
-    attempts: o.attempts,
-    intervalS: o.interval,
-    deliveredOnce: o.deliveredOnce,
-    withinS: o.within,
-  });
-  const text = problems.length ? problems.map((p) => `unmet: ${p}`) : [`met: every expectation for ${o.message}`];
-  io.out(text.join("\n"));
-  await summarize(
-    io,
-    `### sinkhole expect: ${problems.length ? "⚠️ unmet" : "✅ met"}\n\n` + text.map((t) => `- ${t}`).join("\n") +
-      "\n\n",
-  );
-  return problems.length ? EXIT.unwanted : EXIT.ok;
+/** `report` or `expect`'s answer carried out: printed, said, summarized; its exit code. */
+async function answer(io: Io, a: LedgerAnswer): Promise<number> {
+  if (a.out) io.out(a.out);
+  for (const line of a.err) io.err(line);
+  await summarize(io, a.summary);
+  return a.code;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
