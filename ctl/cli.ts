@@ -114,7 +114,8 @@ export const OPTIONS = {
     kind: "value",
     arg: "MINUTES",
     number: { above: 0, atMost: MAX_SINCE_MINUTES, unit: "minutes" },
-    help: "only attempts this recent: with --env, how far back to read the log group (default 1440); " +
+    help:
+      `only attempts this recent: with --env, how far back to read the log group (default ${DEFAULT_SINCE_MINUTES}); ` +
       "with --file, older lines are left out (default: none)",
   },
   "message-id": {

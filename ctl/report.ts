@@ -556,6 +556,7 @@ export function ledgerAnswer(
   o: { json: boolean; expectation?: Expectation },
 ): LedgerAnswer {
   const err: string[] = [];
+  source = { ...source, name: printable(source.name) };
   const skipped = ledger.skippedText();
   if (skipped.length) err.push(`ctl: skipped in ${source.name}: ${skipped.join(", ")}`);
   if (source.isFile && ledger.events === 0) {
