@@ -53,6 +53,8 @@ export interface OptionSpec {
 export const MAX_PROBE_TIMEOUT_S = 3600;
 export const MAX_AGE_MINUTES = 7 * 24 * 60;
 export const MAX_SINCE_MINUTES = 14 * 24 * 60;
+/** How far back `report` and `expect` read the log group when --since is not given. */
+export const DEFAULT_SINCE_MINUTES = 24 * 60;
 
 export const OPTIONS = {
   env: { kind: "value", arg: "NAME", help: "the environment, as named in the environments file (never production)" },
@@ -111,11 +113,17 @@ export const OPTIONS = {
   since: {
     kind: "value",
     arg: "MINUTES",
-    default: "1440",
     number: { above: 0, atMost: MAX_SINCE_MINUTES, unit: "minutes" },
-    help: "with --env: how far back to read the sinkhole's log group",
+    help:
+      `only attempts this recent: with --env, how far back to read the log group (default ${DEFAULT_SINCE_MINUTES}); ` +
+      "with --file, older lines are left out (default: none)",
   },
-  attempts: { kind: "value", arg: "N|MIN..MAX", help: "the number of attempts the message must have seen" },
+  "message-id": {
+    kind: "value",
+    arg: "ID",
+    help: "only the messages that carry this Message-ID (angle brackets optional)",
+  },
+  attempts: { kind: "value", arg: "N|MIN..MAX", help: "the number of attempts the message must have seen (whole)" },
   interval: { kind: "value", arg: "S..S", help: "every interval between attempts, in seconds, must be in this range" },
   "delivered-once": { kind: "flag", help: "the message must have been accepted exactly once" },
   within: {
@@ -197,7 +205,8 @@ const COMMAND_TABLE = [
     name: "report",
     summary: "every message's attempts from the retry ledger: count, intervals, outcome",
     target: "env-or-file",
-    options: [...COMMON, "file", "since"],
+    options: [...COMMON, "file", "since", "message-id"],
+    unwanted: "no attempt in the log: no message reached the listener",
     example: "deno task ctl report --file sinkhole.log",
   },
   {
@@ -205,7 +214,7 @@ const COMMAND_TABLE = [
     arg: { name: "MESSAGE", help: 'the message: its recipient, or "sender > recipient"' },
     summary: "assert how a message was retried (attempts, intervals, exactly-once delivery)",
     target: "env-or-file",
-    options: [...COMMON, "file", "since", "attempts", "interval", "delivered-once", "within"],
+    options: [...COMMON, "file", "since", "message-id", "attempts", "interval", "delivered-once", "within"],
     unwanted: "an expectation is not met",
     example: "deno task ctl expect user@example.test --attempts 3 --delivered-once --file sinkhole.log",
   },

@@ -12,6 +12,7 @@ import {
   commandHelp,
   type CommandName,
   type CommandSpec,
+  DEFAULT_SINCE_MINUTES,
   EXIT,
   numberOption,
   optionValue,
@@ -29,15 +30,7 @@ import {
 } from "./environments.ts";
 import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
-import {
-  type AttemptLine,
-  histories,
-  markdownReport,
-  parseRange,
-  readAttempts,
-  renderReport,
-  unmet,
-} from "./report.ts";
+import { Ledger, type LedgerAnswer, ledgerAnswer, parseRange, readLedger } from "./report.ts";
 
 export function render(report: commands.Report, json: boolean): string {
   if (json) return JSON.stringify({ title: report.title, ok: report.ok, ...report.data }, null, 2);
@@ -112,12 +105,13 @@ interface Checked {
   parsed: Parsed;
   title: string;
   io: Io;
-  since: number;
+  since?: number;
   timeout: number;
   modeAge: number;
   queueAge: number;
   expect?: commands.Outcome;
   mode?: commands.ValidMode;
+  messageId?: string;
   ledger: LedgerOptions;
 }
 
@@ -139,10 +133,27 @@ const RUNNERS: Record<CommandName, (d: commands.Deps, c: Checked) => Promise<com
 
 /** `report` and `expect` with --env: the attempt lines of the sinkhole's log group since --since. */
 async function ledgerFromLogs(d: commands.Deps, c: Checked): Promise<commands.Report> {
-  const lines = await commands.listenerLines(d, d.now() - c.since * 60_000, "attempt");
-  const events = lines.filter((l) => l.event === "attempt") as AttemptLine[];
-  const code = await ledger(c.command.name as "report" | "expect", c.ledger, events, c.io);
+  const minutes = c.since ?? DEFAULT_SINCE_MINUTES;
+  const ledger = new Ledger({ messageId: c.messageId });
+  for (const line of await commands.listenerLines(d, d.now() - minutes * 60_000, "attempt")) ledger.addEvent(line);
+  const source = { name: `${d.env.sinkholeLogGroup} (last ${minutes} min)`, isFile: false };
+  const code = await answer(c.io, ledgerAnswer(ledgerCommand(c), ledger, source, ledgerOutput(c)));
   return { title: c.title, ok: code === 0, lines: [], data: { printed: true } };
+}
+
+const ledgerCommand = (c: Checked) => c.command.name as "report" | "expect";
+
+/** What report and expect print, and what expect holds the ledger to. */
+function ledgerOutput(c: Checked) {
+  const o = c.ledger;
+  const expectation = {
+    message: o.message!,
+    attempts: o.attempts,
+    intervalS: o.interval,
+    deliveredOnce: o.deliveredOnce,
+    withinS: o.within,
+  };
+  return { json: o.json, expectation };
 }
 
 async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: string): Promise<number> {
@@ -154,11 +165,12 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
     parsed,
     title,
     io,
-    since: numberOption("since", o.since)!,
+    since: numberOption("since", o.since),
     timeout: numberOption("timeout", o.timeout)!,
     modeAge: numberOption("mode-age", o["mode-age"])!,
     queueAge: numberOption("queue-age", o["queue-age"])!,
     expect: optionValue("expect", o.expect) as commands.Outcome | undefined,
+    messageId: optionValue("message-id", o["message-id"]),
     ledger: {
       json,
       message: parsed.arg,
@@ -177,19 +189,21 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
     throw new UsageError(`${command.name} reads either --file FILE|- or --env NAME, exactly one`);
   }
   if (file !== undefined) {
-    let events: AttemptLine[];
+    const name = file === "-" ? "standard input" : file;
+    let ledger: Ledger;
     try {
-      events = await readAttempts(file);
+      // With --file, --since leaves out older attempts only when given.
+      ledger = await readLedger(file, {
+        sinceMs: checked.since === undefined ? undefined : Date.now() - checked.since * 60_000,
+        messageId: checked.messageId,
+      });
     } catch (err) {
-      throw new Error(`reading ${file === "-" ? "standard input" : file}: ${(err as Error).message}`);
+      throw new Error(`reading ${name}: ${(err as Error).message}`);
     }
-    if (events.length === 0) {
-      io.err(
-        `ctl: no attempt line in ${file === "-" ? "standard input" : file}: the ledger reads the listener's JSON ` +
-          "lines (SINKHOLE_LOG_FORMAT=json), not its text rendering",
-      );
-    }
-    return await ledger(command.name as "report" | "expect", checked.ledger, events, io);
+    return await answer(
+      io,
+      ledgerAnswer(ledgerCommand(checked), ledger, { name, isFile: true }, ledgerOutput(checked)),
+    );
   }
 
   // Everything that can refuse does so here, before any client or request exists.
@@ -236,8 +250,11 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
 
 function range(name: "attempts" | "interval", raw: string | undefined) {
   if (raw === undefined) return undefined;
-  const r = parseRange(raw);
-  if (!r) throw new UsageError(`--${name} must be N or MIN..MAX, got ${JSON.stringify(raw)}`);
+  const r = parseRange(raw, name === "attempts");
+  if (!r) {
+    const whole = name === "attempts" ? " (whole numbers)" : "";
+    throw new UsageError(`--${name} must be N or MIN..MAX, got ${JSON.stringify(raw)}${whole}`);
+  }
   return r;
 }
 
@@ -250,33 +267,12 @@ interface LedgerOptions {
   within?: number;
 }
 
-/**
- * `report`: every message's attempts (text, and a Markdown summary with a Mermaid timeline
- * when GITHUB_STEP_SUMMARY is set). `expect`: 0 when every expectation holds, 1 naming each
- * that does not.
- */
-async function ledger(command: "report" | "expect", o: LedgerOptions, events: AttemptLine[], io: Io): Promise<number> {
-  const hs = histories(events);
-  if (command === "report") {
-    io.out(o.json ? JSON.stringify(hs, null, 2) : renderReport(hs).join("\n"));
-    await summarize(io, markdownReport(hs));
-    return EXIT.ok;
-  }
-  const problems = unmet(hs, {
-    message: o.message!,
-    attempts: o.attempts,
-    intervalS: o.interval,
-    deliveredOnce: o.deliveredOnce,
-    withinS: o.within,
-  });
-  const text = problems.length ? problems.map((p) => `unmet: ${p}`) : [`met: every expectation for ${o.message}`];
-  io.out(text.join("\n"));
-  await summarize(
-    io,
-    `### sinkhole expect: ${problems.length ? "⚠️ unmet" : "✅ met"}\n\n` + text.map((t) => `- ${t}`).join("\n") +
-      "\n\n",
-  );
-  return problems.length ? EXIT.unwanted : EXIT.ok;
+/** `report` or `expect`'s answer carried out: printed, said, summarized; its exit code. */
+async function answer(io: Io, a: LedgerAnswer): Promise<number> {
+  if (a.out) io.out(a.out);
+  for (const line of a.err) io.err(line);
+  await summarize(io, a.summary);
+  return a.code;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

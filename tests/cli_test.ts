@@ -25,13 +25,14 @@ const EXPECTED_OPTIONS: Record<string, string[]> = {
   "probe": ["--env", "--environments", "--json", "--expect", "--timeout", "--help"],
   "cleanup": ["--env", "--environments", "--json", "--scale-to-zero", "--purge-queue", "--help"],
   "check": ["--env", "--environments", "--json", "--tier", "--mode-age", "--queue-age", "--no-github", "--help"],
-  "report": ["--env", "--environments", "--json", "--file", "--since", "--help"],
+  "report": ["--env", "--environments", "--json", "--file", "--since", "--message-id", "--help"],
   "expect": [
     "--env",
     "--environments",
     "--json",
     "--file",
     "--since",
+    "--message-id",
     "--attempts",
     "--interval",
     "--delivered-once",
@@ -238,19 +239,22 @@ Deno.test("rehearse: --help and -h print its usage; a bad option is refused with
   }
 });
 
-Deno.test("ctl report --file: a file of text-format lines says the ledger reads JSON lines", async () => {
+Deno.test("ctl report/expect --file: a file of text-format lines is refused, saying the ledger reads JSON lines", async () => {
   const path = await Deno.makeTempFile({ suffix: ".log" });
   await Deno.writeTextFile(
     path,
     "22:42:47.937 attempt 1 of <a@x.test> → <b@y.test>: 250 at eod [accept] from 127.0.0.1\n",
   );
   try {
-    const r = await ctl(["report", "--file", path]);
-    assertEquals(r.code, EXIT.ok);
-    assertMatch(
-      r.stderr,
-      /no attempt line in .*: the ledger reads the listener's JSON lines \(SINKHOLE_LOG_FORMAT=json\)/,
-    );
+    // Not the listener's JSON log: nothing was measured, so neither 0 nor 1 (the MTA is not to blame): refused.
+    for (const argv of [["report"], ["expect", "b@y.test", "--attempts", "1"]]) {
+      const r = await ctl([...argv, "--file", path]);
+      assertEquals(r.code, EXIT.refused, argv.join(" "));
+      assertMatch(
+        r.stderr,
+        /holds no line of the listener's JSON log \(1 other line\(s\)\): the ledger reads the listener's JSON lines \(SINKHOLE_LOG_FORMAT=json\)/,
+      );
+    }
   } finally {
     await Deno.remove(path);
   }
