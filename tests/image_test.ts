@@ -3,8 +3,8 @@
  * other suites run: the binary is compiled with exactly `deno task start`'s flags, and the
  * image's entrypoint and health check are the commands the tests exercise.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { ROOT, run, startCommand, taskText } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { ROOT, run, startCommand, taskText } from "../rig/helpers.ts";
 import { compileArgs, GRAPH_ONLY, listenerGraph, TARGETS } from "../scripts/compile.ts";
 import { synthModule } from "../terraform/sinkhole.ts";
 
