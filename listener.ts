@@ -915,11 +915,14 @@ interface RcptRule {
   byIp?: boolean;
 }
 
+/** The rule of a recipient nothing refuses (a constant: no allocation on the common path). */
+const PASS_RULE: RcptRule = { answer: PASS };
+
 /** A recipient's own outcome (`bounce+x@…`): it wins over the scenario, without its delay. */
 function recipientRule(m: Moment, own: RecipientOutcome): RcptRule {
   switch (own.kind) {
     case "accept":
-      return { answer: PASS };
+      return PASS_RULE;
     case "bounce":
     case "defer":
     case "drop":
@@ -937,7 +940,7 @@ function recipientRule(m: Moment, own: RecipientOutcome): RcptRule {
 function scenarioRule(m: Moment, sc: Scenario): RcptRule {
   const answer = scenarioAt(sc, "rcpt");
   if (sc.stateful) return { answer, phase: sc.stateful, then: THEN[sc.then] };
-  if (sc.base !== "greylist") return { answer };
+  if (sc.base !== "greylist") return answer === PASS ? PASS_RULE : { answer };
   if (sc.greylist.key === "triplet") {
     return { answer, greylistKey: `${m.inputs.client}|${m.state!.tx!.from}|${m.rcpt}` };
   }

@@ -1,6 +1,6 @@
 /** Bad input against a running listener: precise replies, no crash, other sessions keep working. */
-import { assert, assertEquals } from "./assert.ts";
-import { type Listener, RawClient, transaction, withListener as withRunning } from "./helpers.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
+import { type Listener, RawClient, transaction, withListener as withRunning } from "../rig/helpers.ts";
 import { MAX_COMMAND_LINE, MAX_ERRORS_PER_SESSION, MAX_RECIPIENTS, MAX_TEXT_LINE } from "../listener.ts";
 
 /**

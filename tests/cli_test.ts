@@ -4,8 +4,8 @@
  * codes and the job summary on refusal and failure. What needs AWS is in ctl_test.ts
  * (moto); `rehearse --help` runs the task itself.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { run, taskCommand } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { run, taskCommand } from "../rig/helpers.ts";
 import { main } from "../ctl/ctl.ts";
 import { COMMANDS, EXIT, OPTIONS } from "../ctl/cli.ts";
 

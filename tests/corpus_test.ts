@@ -2,8 +2,8 @@
  * A generated bad-input corpus, all at once, against one running listener: no crash, no
  * hang, bounded memory, and healthy sessions keep succeeding while the corpus runs.
  */
-import { assert, assertEquals } from "./assert.ts";
-import { eventually, memoryMiB, prng, RawClient, startListener, transaction } from "./helpers.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
+import { eventually, memoryMiB, prng, RawClient, startListener, transaction } from "../rig/helpers.ts";
 
 /** The memory target at load (the ECS task's hard cap is 128 MB). */
 const PEAK_RSS_LIMIT_MIB = 96;

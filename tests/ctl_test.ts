@@ -5,10 +5,10 @@
  * requests (@octokit/rest with a custom base URL). Listener log lines reach CloudWatch Logs
  * through a small shipper standing in for the awslogs driver.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, eventually, needs, ROOT, run, runCtl } from "./helpers.ts";
-import { AWS_ENV, awsCli, awsTest, shipLogs } from "./aws.ts";
-import { makeSendmail, rigAddresses, SMTP_PORT } from "./sendmail.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { assertTools, eventually, needs, ROOT, run, runCtl } from "../rig/helpers.ts";
+import { AWS_ENV, awsCli, awsTest, shipLogs } from "../rig/aws.ts";
+import { makeSendmail, rigAddresses, SMTP_PORT } from "../rig/sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
 import { ecsExec, type Exec, EXEC_NO_RESULT } from "../ctl/exec.ts";

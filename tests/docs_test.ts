@@ -6,8 +6,8 @@
  * environments file, and the real AWS CLI's own operations and parameters.
  */
 import { parse } from "yaml";
-import { assert, assertEquals } from "./assert.ts";
-import { needs, ROOT, run, variablesInSource } from "./helpers.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
+import { needs, ROOT, run, variablesInSource } from "../rig/helpers.ts";
 import { commandHelp, COMMANDS, type OptionName, OPTIONS, parseCommandLine } from "../ctl/cli.ts";
 import { numberOption, optionValue } from "../ctl/cli.ts";
 import { validateMode } from "../ctl/commands.ts";

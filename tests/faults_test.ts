@@ -2,9 +2,9 @@
  * Fault injection on the SSM mode source (real SDK, moto behind a fault-injecting proxy):
  * the listener keeps serving with the last good mode and logs each change of state once.
  */
-import { assertEquals, assertMatch } from "./assert.ts";
-import { eventually, type Listener, transaction } from "./helpers.ts";
-import { aws, awsTest, type Fault, PARAM, putMode, ssmEnv } from "./aws.ts";
+import { assertEquals, assertMatch } from "../rig/assert.ts";
+import { eventually, type Listener, transaction } from "../rig/helpers.ts";
+import { aws, awsTest, type Fault, PARAM, putMode, ssmEnv } from "../rig/aws.ts";
 import { MODE_FETCH_TIMEOUT_MS } from "../listener.ts";
 
 const ACCEPTED = [220, 250, 250, 250, 354, 250, 221];

@@ -1,5 +1,5 @@
 /** The framer and the message reader, without TCP: lines, limits, dot-unstuffing, sizes, headers. */
-import { assertEquals } from "./assert.ts";
+import { assertEquals } from "../rig/assert.ts";
 import {
   LineFramer,
   type LineSink,

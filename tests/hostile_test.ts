@@ -3,7 +3,7 @@
  * that must say only what happened on the wire and fit CloudWatch, shutdown inside a
  * delay, and case in mode values. Real clients over TCP; memory is in memory_test.ts.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import {
   type EventOf,
   type Listener,
@@ -13,7 +13,7 @@ import {
   startListener,
   transaction,
   withListener,
-} from "./helpers.ts";
+} from "../rig/helpers.ts";
 import { logLine, MAX_LOG_LINE_BYTES, MAX_RECIPIENTS, MAX_TRANSCRIPT_BYTES, parseScenario } from "../listener.ts";
 
 const ACCEPTED = [220, 250, 250, 250, 354, 250, 221];

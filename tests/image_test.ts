@@ -13,8 +13,8 @@
  * embeds. When the runtime is in the local Deno cache, the first run seeds it and must
  * succeed outright.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { privateAddress, ROOT, run, startCommand, startListener, taskText, which } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { privateAddress, ROOT, run, startCommand, startListener, taskText, which } from "../rig/helpers.ts";
 import { DEFAULT_HEALTH_PORT } from "../listener.ts";
 import {
   checkArgs,

@@ -12,7 +12,7 @@
  * The "no changes" check allows exactly that replacement (by the plan's replace_paths) and
  * nothing else.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import {
   assertTools,
   eventually,
@@ -23,8 +23,8 @@ import {
   runCtl,
   startListener,
   transaction,
-} from "./helpers.ts";
-import { AWS_ENV, awsCli, shipLogs, ssmEnv, startMoto } from "./aws.ts";
+} from "../rig/helpers.ts";
+import { AWS_ENV, awsCli, shipLogs, ssmEnv, startMoto } from "../rig/aws.ts";
 import { parse } from "yaml";
 
 const tools = needs("terraform", "moto_server", "aws");

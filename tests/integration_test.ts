@@ -1,7 +1,7 @@
 /** The smtp-out integration snippet with real sendmail: routing, idempotence, removal. */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, ROOT, run } from "./helpers.ts";
-import { makeSendmail, rigAddresses } from "./sendmail.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { assertTools, needs, ROOT, run } from "../rig/helpers.ts";
+import { makeSendmail, rigAddresses } from "../rig/sendmail.ts";
 
 const SNIPPET = `${ROOT}/integration/sinkhole-mailertable.sh`;
 const OTHER = "example.test smtp:[relay.example.test]\n";

@@ -3,8 +3,8 @@
  * `attempt` events as the listener logs them, and `ctl report` / `ctl expect` reading them
  * from a JSON-lines file, as `SINKHOLE_LOG_FORMAT=json deno task dev`'s output is read.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { logsFile, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { logsFile, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "../rig/helpers.ts";
 import { type AttemptLine, histories, markdownReport, parseRange, unmet } from "../ctl/report.ts";
 
 const MESSAGE = (id: string) => `Message-ID: <${id}@origin.test>\r\nSubject: t\r\n\r\nbody`;

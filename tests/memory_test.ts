@@ -9,7 +9,7 @@
  * included) stays under 96 MiB on both transports; at the highest cap allowed
  * (MAX_SESSIONS_CAP) it stays under the task's 128 MB.
  */
-import { assert, assertEquals } from "./assert.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
 import {
   eventually,
   healthcheck,
@@ -19,9 +19,9 @@ import {
   RawClient,
   readByServer,
   transaction,
-} from "./helpers.ts";
+} from "../rig/helpers.ts";
 import { MEMORY_HARD_CAP_MB } from "../terraform/sinkhole.ts";
-import { awsTest, putMode, ssmEnv, type World } from "./aws.ts";
+import { awsTest, putMode, ssmEnv, type World } from "../rig/aws.ts";
 import {
   DEFAULT_MAX_SESSIONS,
   MAX_GREYLIST_ENTRIES,

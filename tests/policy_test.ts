@@ -1,5 +1,5 @@
 /** The pure reply logic, table-tested: every mode × every command × every state. */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { play, SERVER } from "./policy.ts";
 import {
   ATTEMPT_ENTRY_BYTES,

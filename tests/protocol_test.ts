@@ -1,5 +1,5 @@
 /** Each mode end to end over TCP with real clients: nodemailer, swaks, and raw SMTP. */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { DEFAULT_HEALTH_PORT, HEALTHCHECK_TIMEOUT_MS, MAX_LOGGED_TRANSACTIONS } from "../listener.ts";
 import {
   assertTools,
@@ -16,7 +16,7 @@ import {
   startListener,
   tempModeFile,
   transaction,
-} from "./helpers.ts";
+} from "../rig/helpers.ts";
 
 /** How long the client waits for a reply: a hang guard, generous on a busy machine. */
 const CLIENT_WAIT_MS = REPLY_WAIT_MS;

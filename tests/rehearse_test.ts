@@ -1,6 +1,6 @@
 /** The runbook and its rehearsal: same step names, and `deno task rehearse` passes with real sendmail. */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, ROOT, run, taskCommand } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { assertTools, needs, ROOT, run, taskCommand } from "../rig/helpers.ts";
 import { preflight, procedure } from "../rehearse/rehearse.ts";
 
 const runbook = Deno.readTextFileSync(`${ROOT}/docs/runbook.md`);

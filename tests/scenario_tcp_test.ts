@@ -1,6 +1,6 @@
 /** Each feature of the mode language end to end over TCP, with nodemailer and raw SMTP. */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { failure, type Listener, mailer as smtpClient, RawClient, transaction, withListener } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { failure, type Listener, mailer as smtpClient, RawClient, transaction, withListener } from "../rig/helpers.ts";
 
 /** The client's socket timeout, when a test is about the client giving up first. */
 const mailer = (port: number, socketTimeout?: number) => smtpClient(port, { socketTimeout });

@@ -1,5 +1,5 @@
 /** The mode language: every documented form, malformed values with their messages, and the pure policy. */
-import { assert, assertEquals } from "./assert.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
 import { play, SERVER } from "./policy.ts";
 import {
   greeting,

@@ -6,7 +6,7 @@
  * port 25 of a loopback address of this run's own. The mailertable lines have no port,
  * as in production.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import {
   assertTools,
   type EventOf,
@@ -19,8 +19,8 @@ import {
   startListener,
   tempModeFile,
   transaction,
-} from "./helpers.ts";
-import { makeSendmail, rigAddresses, rigMailertable, SMTP_PORT } from "./sendmail.ts";
+} from "../rig/helpers.ts";
+import { makeSendmail, rigAddresses, rigMailertable, SMTP_PORT } from "../rig/sendmail.ts";
 
 const queued = (mailq: string) => Number(/Total requests: (\d+)/.exec(mailq)?.[1] ?? "0");
 

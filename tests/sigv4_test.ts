@@ -7,10 +7,10 @@
  * and cannot run here, so a loopback HTTP server stands in for it, serving temporary
  * credentials that moto's STS issued.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, transaction } from "./helpers.ts";
-import { AWS_ENV, awsCliAs, PARAM, ssmEnv, startMoto } from "./aws.ts";
-import { startListener } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { assertTools, needs, transaction } from "../rig/helpers.ts";
+import { AWS_ENV, awsCliAs, PARAM, ssmEnv, startMoto } from "../rig/aws.ts";
+import { startListener } from "../rig/helpers.ts";
 import { credentialChain, signV4 } from "../listener.ts";
 
 const tools = needs("moto_server", "aws");

@@ -4,7 +4,7 @@
  * normally, what stays live after a full garbage collection is back at its baseline (no
  * leak), and the logs agree with what clients saw.
  */
-import { assert, assertEquals } from "./assert.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
 import {
   eventually,
   inspector,
@@ -14,7 +14,7 @@ import {
   RawClient,
   startListener,
   transaction,
-} from "./helpers.ts";
+} from "../rig/helpers.ts";
 import { MODES } from "../listener.ts";
 
 const SESSIONS = 3000;

@@ -3,10 +3,10 @@
  * A small counting proxy sits between the listener and moto to count GetParameter calls
  * and to make the endpoint unreachable on demand.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { MAX_SESSIONS_CAP } from "../listener.ts";
-import { eventually, type Listener, transaction } from "./helpers.ts";
-import { aws, awsTest, PARAM, putMode as put, ssmEnv } from "./aws.ts";
+import { eventually, type Listener, transaction } from "../rig/helpers.ts";
+import { aws, awsTest, PARAM, putMode as put, ssmEnv } from "../rig/aws.ts";
 
 const lastMode = (l: Listener) => l.logs.findLast((x) => x.event === "mode")?.mode;
 

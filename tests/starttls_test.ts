@@ -1,6 +1,6 @@
 /** STARTTLS: off by default, a real upgrade when on, and the two ways a mode can make it fail. */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, RawClient, run, transaction, withListener } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { assertTools, needs, RawClient, run, transaction, withListener } from "../rig/helpers.ts";
 import { configFromEnv, tlsMaterial } from "../listener.ts";
 
 const swaks = needs("swaks");

@@ -5,8 +5,8 @@
  * address and say what to do, with one format and the exit codes `--help` states. Real
  * processes, real TCP on loopback, the real `deno task`.
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { REPLY_WAIT_MS, ROOT, run, startCommand, transaction, variablesInSource } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { REPLY_WAIT_MS, ROOT, run, startCommand, transaction, variablesInSource } from "../rig/helpers.ts";
 import {
   absolutePath,
   bindError,

@@ -4,8 +4,8 @@
  * binary (offline: the guard is extracted onto a built-in terraform_data resource).
  */
 import { Testing } from "cdktf";
-import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { assertTools, needs, ROOT, run } from "./helpers.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
+import { assertTools, needs, ROOT, run } from "../rig/helpers.ts";
 import {
   FORGOTTEN_MAIL_PATTERN,
   GUARD_MESSAGE,

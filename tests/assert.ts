@@ -1,2 +1,0 @@
-/** Moved to rig/assert.ts (the rig bench/ and rehearse/ share): this re-export goes once the tests import it there. */
-export * from "../rig/assert.ts";

@@ -1,2 +1,0 @@
-/** Moved to rig/aws.ts (the rig bench/ and rehearse/ share): this re-export goes once the tests import it there. */
-export * from "../rig/aws.ts";
