@@ -26,8 +26,29 @@ declare -A PACKAGES=(
 
 candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
 
-mkdir -p "$dest"
 updated=false
+# Package lists: a fresh machine may have none, and an old list may name a version the archive dropped.
+update_once() {
+  $updated && return 1
+  apt-get update -qq || return 1
+  updated=true
+}
+
+# The packages of one MTA as name=version, from the package lists as they are.
+versions() {
+  local want="" v p
+  for p in "$@"; do
+    v="$(candidate "$p")"
+    if [ -z "$v" ] || [ "$v" = "(none)" ]; then
+      echo "mtas: no Debian package $p" >&2
+      return 1
+    fi
+    want+="$p=$v "
+  done
+  echo "$want"
+}
+
+mkdir -p "$dest"
 for mta in postfix exim opensmtpd; do
   dir="$dest/$mta"
   if [ -f "$dir/.stamp" ] && [ -z "${SINKHOLE_MTAS_REFRESH:-}" ]; then
@@ -35,25 +56,15 @@ for mta in postfix exim opensmtpd; do
   fi
   # shellcheck disable=SC2086
   set -- ${PACKAGES[$mta]}
-  want=""
-  for p in "$@"; do
-    v="$(candidate "$p")"
-    if [ -z "$v" ] || [ "$v" = "(none)" ]; then
-      if ! $updated; then
-        apt-get update -qq
-        updated=true
-        v="$(candidate "$p")"
-      fi
-    fi
-    [ -n "$v" ] && [ "$v" != "(none)" ] || { echo "mtas: no Debian package $p" >&2; exit 1; }
-    want+="$p=$v "
-  done
-  if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$want" ]; then
-    continue
-  fi
+  want="$(versions "$@" 2>/dev/null)" || { update_once && want="$(versions "$@")"; } || exit 1
   tmp="$(mktemp -d "$dest/.download-XXXXXX")"
   # shellcheck disable=SC2086
-  (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root $want)
+  if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root $want); then
+    update_once || exit 1
+    want="$(versions "$@")" || exit 1
+    # shellcheck disable=SC2086
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root $want) || exit 1
+  fi
   rm -rf "$dir.new"
   mkdir -p "$dir.new"
   for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$dir.new"; done

@@ -88,6 +88,9 @@ export interface Observed {
   dsnAfterS?: number;
 }
 
+/** SINKHOLE_MTAS_KEEP=DIR keeps each MTA's log (NAME.log) and what it showed (NAME.json) there: scripts/mtas-doc.ts reads them. */
+const keep = Deno.env.get("SINKHOLE_MTAS_KEEP");
+
 /** Attempts the listener logged for `rcpt`. */
 const sinkAttempts = (sink: Listener, rcpt: string) => sink.events("attempt").filter((a) => a.rcpt === rcpt);
 
@@ -198,7 +201,7 @@ async function scenarios(rig: Rig): Promise<Observed[]> {
     assert(o.bounced, `${mta.name}: the report says bounced`);
     const first = Date.parse(sinkAttempts(rig.sink, rcpt)[0].ts);
     const dsn = rig.origin.events("message").slice(before).find((m) => m.from === "")!;
-    const dsnAt = rig.origin.logs.indexOf(dsn as never) >= 0 ? Date.parse((dsn as { ts?: string }).ts ?? "") : NaN;
+    const dsnAt = Date.parse((dsn as { ts?: string }).ts ?? ""); // every log line carries its time
     seen.push({ ...o, dsnAfterS: Number.isNaN(dsnAt) ? undefined : (dsnAt - first) / 1000 });
   }
 
@@ -235,7 +238,7 @@ async function withRig<T>(name: MtaName, fn: (rig: Rig) => Promise<T>): Promise<
     mta = await makeMta(name, dir, { "sinkhole.test": sinkHost, "origin.test": originHost });
     await mta.start();
     const s = sink;
-    return await fn({
+    const result = await fn({
       mta,
       sink,
       origin,
@@ -244,6 +247,10 @@ async function withRig<T>(name: MtaName, fn: (rig: Rig) => Promise<T>): Promise<
         await eventually(() => s.logs.findLast((x) => x.event === "mode")?.mode === mode);
       },
     });
+    if (keep) {
+      await Deno.writeTextFile(`${keep}/${name}.log`, mta.log().map((l) => `${l.at} ${l.text}\n`).join(""));
+    }
+    return result;
   } catch (e) {
     // What each side saw, to tell the MTA's doing from the listener's.
     console.error(`${name}'s log:\n${mta?.log().map((l) => `${l.at} ${l.text}`).join("\n")}`);
@@ -279,6 +286,7 @@ Deno.test({
         fn: async () => {
           const seen = await withRig(name, scenarios);
           console.log(`${name}: ${JSON.stringify(seen)}`);
+          if (keep) await Deno.writeTextFile(`${keep}/${name}.json`, JSON.stringify(seen, null, 2) + "\n");
         },
       })
     ));
@@ -287,7 +295,114 @@ Deno.test({
 });
 
 Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
-  // Lines as each MTA logged them through this rig (addresses shortened).
-  const cases: [MtaName, string, ReturnType<typeof attemptInLine>][] = [];
-  for (const [name, line, want] of cases) assertEquals(attemptInLine(name, syslogText(line)), want, line);
+  // Lines as each MTA logged them through this rig (addresses and queue ids as they came), syslog prefix and all.
+  const r = "first2@sinkhole.test";
+  const cases: [MtaName, string, MtaAttempt["outcome"] | undefined][] = [
+    [
+      "sendmail",
+      "<22>Nov 29 20:34:02 sendmail[22508]: 6ATKY27P022506: to=<first2@sinkhole.test>, delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30085, relay=[127.50.210.66] [127.50.210.66], dsn=4.3.2, reply=421 4.3.2 Service temporarily unavailable, stat=Deferred: 421 4.3.2 Service temporarily unavailable",
+      "deferred",
+    ],
+    [
+      "sendmail",
+      "sendmail[23292]: 6ATKYCQc023290: to=<first2@sinkhole.test>, delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30081, relay=[127.50.210.66] [127.50.210.66], dsn=4.4.2, stat=Deferred",
+      "deferred",
+    ],
+    [
+      "sendmail",
+      "sendmail[23275]: 6ATKY27P022506: to=<first2@sinkhole.test>, delay=00:00:10, xdelay=00:00:00, mailer=smtp, pri=210085, relay=[127.50.210.66] [127.50.210.66], dsn=2.0.0, stat=Sent (Message accepted and discarded)",
+      "sent",
+    ],
+    [
+      "sendmail",
+      "sendmail[23630]: 6ATKYHRn023469: to=<first2@sinkhole.test>, delay=00:00:10, xdelay=00:00:00, mailer=smtp, pri=210085, relay=[127.50.210.66] [127.50.210.66], dsn=5.1.1, reply=550 5.1.1 User unknown, stat=User unknown",
+      "bounced",
+    ],
+    [
+      "sendmail",
+      "sendmail[22506]: 6ATKY27P022506: from=<tester@origin.test>, size=85, class=0, nrcpts=1, msgid=<first2.sendmail@origin.test>, proto=ESMTP, daemon=MTA-test, relay=localhost [127.0.0.1]",
+      undefined,
+    ],
+    [
+      "postfix",
+      "<22>Nov 29 20:34:02 postfix/smtp[22724]: 268E820C7D1: to=<first2@sinkhole.test>, relay=127.197.107.206[127.197.107.206]:25, delay=0.05, delays=0.02/0.01/0/0.02, dsn=4.3.2, status=deferred (host 127.197.107.206[127.197.107.206] said: 421 4.3.2 Service temporarily unavailable (in reply to RCPT TO command))",
+      "deferred",
+    ],
+    [
+      "postfix",
+      "postfix/smtp[22724]: 268E820C7D1: to=<first2@sinkhole.test>, relay=127.197.107.206[127.197.107.206]:25, delay=7.1, delays=7.1/0/0/0, dsn=2.0.0, status=sent (250 2.0.0 Message accepted and discarded)",
+      "sent",
+    ],
+    [
+      "postfix",
+      "postfix/smtp[22724]: 3B2DD20C009: to=<first2@sinkhole.test>, relay=127.197.107.206[127.197.107.206]:25, delay=7, delays=7/0/0/0.01, dsn=5.1.1, status=bounced (host 127.197.107.206[127.197.107.206] said: 550 5.1.1 User unknown (in reply to RCPT TO command))",
+      "bounced",
+    ],
+    [
+      "postfix",
+      "postfix/smtp[8738]: A32C520C39F: to=<first2@sinkhole.test>, relay=none, delay=0.02, delays=0.01/0.01/0/0, dsn=4.4.1, status=deferred (connect to 127.0.0.2[127.0.0.2]:25: Connection refused)",
+      undefined,
+    ],
+    [
+      "exim",
+      "exim[22513]: 1xXlb0-0005r6-2G == first2@sinkhole.test R=test_domains T=remote_smtp defer (-44) H=127.221.174.79 [127.221.174.79]: SMTP error from remote mail server after RCPT TO:<first2@sinkhole.test>: 421 4.3.2 Service temporarily unavailable",
+      "deferred",
+    ],
+    [
+      "exim",
+      'exim[23183]: 1xXlb0-0005r6-2G => first2@sinkhole.test R=test_domains T=remote_smtp H=127.221.174.79 [127.221.174.79] C="250 2.0.0 Message accepted and discarded"',
+      "sent",
+    ],
+    [
+      "exim",
+      "exim[23230]: 1xXlb9-00062f-0l ** first2@sinkhole.test R=test_domains T=remote_smtp H=127.221.174.79 [127.221.174.79]: SMTP error from remote mail server after RCPT TO:<first2@sinkhole.test>: 550 5.1.1 User unknown",
+      "bounced",
+    ],
+    [
+      "exim",
+      "exim[22619]: 1xXlb0-0005r6-2G == first2@sinkhole.test routing defer (-52): retry time not reached",
+      undefined,
+    ],
+    [
+      "exim",
+      "exim[23239]: 1xXlb9-00062f-0l == first2@sinkhole.test R=test_domains T=remote_smtp defer (-54): retry time not reached for any host for 'sinkhole.test'",
+      undefined,
+    ],
+    [
+      "opensmtpd",
+      'smtpd[22476]: 3431c8d6b22c1d7a mta delivery evpid=fec8a95a8e0f1a48 from=<tester@origin.test> to=<first2@sinkhole.test> rcpt=<-> source="127.0.0.1" relay="127.91.176.114 (127.91.176.114)" delay=0s result="TempFail" stat="421 4.3.2 Service temporarily unavailable"',
+      "deferred",
+    ],
+    [
+      "opensmtpd",
+      'smtpd[22476]: 3431c8daf21b2f51 mta delivery evpid=fec8a95a8e0f1a48 from=<tester@origin.test> to=<first2@sinkhole.test> rcpt=<-> source="127.0.0.1" relay="127.91.176.114 (127.91.176.114)" delay=15s result="Ok" stat="250 2.0.0 Message accepted and discarded"',
+      "sent",
+    ],
+    [
+      "opensmtpd",
+      'smtpd[22476]: 3431c8de4f411f4f mta delivery evpid=233f05a3891e31fd from=<tester@origin.test> to=<first2@sinkhole.test> rcpt=<-> source="127.0.0.1" relay="127.91.176.114 (127.91.176.114)" delay=10s result="PermFail" stat="550 5.1.1 User unknown"',
+      "bounced",
+    ],
+    [
+      "opensmtpd",
+      "smtpd[22476]: 3431c8d35a7bbc08 smtp envelope evpid=fec8a95a8e0f1a48 from=<tester@origin.test> to=<first2@sinkhole.test>",
+      undefined,
+    ],
+  ];
+  for (const [name, line, want] of cases) {
+    const got = attemptInLine(name, syslogText(line));
+    assertEquals(got && [got.rcpt, got.outcome], want && [r, want], `${name}: ${line}`);
+  }
+  assertEquals(syslogText("<22>Nov  9 20:34:02 postfix/smtp[1]: x\n"), "postfix/smtp[1]: x");
+  assertEquals([
+    outcomeOf({ dropped: true }),
+    outcomeOf({ code: 421 }),
+    outcomeOf({ code: 250 }),
+    outcomeOf({ code: 550 }),
+  ], [
+    "deferred",
+    "deferred",
+    "sent",
+    "bounced",
+  ]);
 });
