@@ -406,6 +406,8 @@ queue_run_delay = 2s
 minimal_backoff_time = 4s
 maximal_backoff_time = 4s
 smtp_tls_security_level = none
+alias_maps =
+alias_database =
 `,
       );
       // master.cf: Debian's master.cf.dist services this rig uses, without chroot.

@@ -66,6 +66,10 @@ define(\`confTO_ICONNECT', \`5s')dnl
 define(\`confTO_CONNECT', \`5s')dnl
 define(\`confTO_QUEUEWARN', \`0')dnl
 FEATURE(\`nocanonify')dnl
+dnl No MSA daemon: Debian's default one binds 0.0.0.0:587, which any other sendmail on the machine may hold (another
+dnl rig, another run); sendmail then retries that bind at each queue run and, after about 45 s, exits ("server SMTP
+dnl socket wedged"), taking the rig's own daemon with it. Submissions here go to port 25 of the rig's own address.
+FEATURE(\`no_default_msa')dnl
 FEATURE(\`accept_unresolvable_domains')dnl
 FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
 DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=${host}')dnl
