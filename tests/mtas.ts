@@ -26,7 +26,17 @@
  * (the processes whose /proc/PID/ns/mnt is the MTA's) and waits, bounded, until none is left.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { eventually, REPLY_WAIT_MS, ROOT, run, transaction, uniqueLoopback } from "./helpers.ts";
+import {
+  eventually,
+  type Listener,
+  REPLY_WAIT_MS,
+  ROOT,
+  run,
+  startListener,
+  tempModeFile,
+  transaction,
+  uniqueLoopback,
+} from "./helpers.ts";
 import { makeSendmail, MTA_NAME, SMTP_PORT } from "./sendmail.ts";
 
 export const MTA_NAMES = ["sendmail", "postfix", "exim", "opensmtpd"] as const;
@@ -559,4 +569,67 @@ begin retry
       await syslog.close();
     },
   };
+}
+
+/** An MTA with its sinkhole (mode from a file) and the sender's domain (accept-log), for one test or script. */
+export interface MtaRig {
+  mta: Mta;
+  sink: Listener;
+  origin: Listener;
+  /** Writes the sinkhole's mode file and waits until the sinkhole logged the new mode. */
+  setMode(mode: string): Promise<void>;
+}
+
+/**
+ * Runs `fn` with an MTA routing `sinkhole.test` to a sinkhole and `origin.test` to a second
+ * listener (where DSNs go), each on port 25 of an address of this run's own; then stops all
+ * three. `keep`: a directory to write the MTA's log to (NAME.log). On a failure, what each side
+ * saw goes to standard error.
+ */
+export async function withMtaRig<T>(
+  name: MtaName,
+  fn: (rig: MtaRig) => Promise<T>,
+  opts: { keep?: string } = {},
+): Promise<T> {
+  const dir = await Deno.makeTempDir({ prefix: `sinkhole-${name}-` });
+  const modeFile = await tempModeFile("accept");
+  const sinkHost = uniqueLoopback([SMTP_PORT]);
+  const originHost = uniqueLoopback([SMTP_PORT]);
+  let sink: Listener | undefined;
+  let origin: Listener | undefined;
+  let mta: Mta | undefined;
+  try {
+    sink = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" }, {
+      host: sinkHost,
+      port: SMTP_PORT,
+    });
+    origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: originHost, port: SMTP_PORT });
+    mta = await makeMta(name, dir, { "sinkhole.test": sinkHost, "origin.test": originHost });
+    await mta.start();
+    const s = sink;
+    const result = await fn({
+      mta,
+      sink,
+      origin,
+      setMode: async (mode) => {
+        await Deno.writeTextFile(modeFile, `${mode}\n`);
+        await eventually(() => s.logs.findLast((x) => x.event === "mode")?.mode === mode);
+      },
+    });
+    if (opts.keep) {
+      await Deno.writeTextFile(`${opts.keep}/${name}.log`, mta.log().map((l) => `${l.at} ${l.text}\n`).join(""));
+    }
+    return result;
+  } catch (e) {
+    // What each side saw, to tell the MTA's doing from the listener's.
+    console.error(`${name}'s log:\n${mta?.log().map((l) => `${l.at} ${l.text}`).join("\n")}`);
+    console.error(`sinkhole attempts:\n${sink?.events("attempt").map((a) => JSON.stringify(a)).join("\n")}`);
+    throw e;
+  } finally {
+    await mta?.stop();
+    await sink?.stop();
+    await origin?.stop();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+    await Deno.remove(modeFile).catch(() => {});
+  }
 }

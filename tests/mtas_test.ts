@@ -8,30 +8,17 @@
  * this run's own); each runs its scenarios one after the other, one recipient each.
  */
 import { assert, assertEquals } from "./assert.ts";
-import {
-  assertTools,
-  type EventOf,
-  eventually,
-  IN_CI,
-  type Listener,
-  logsFile,
-  needs,
-  runCtl,
-  startListener,
-  tempModeFile,
-  uniqueLoopback,
-} from "./helpers.ts";
+import { assertTools, type EventOf, IN_CI, type Listener, logsFile, needs, runCtl } from "./helpers.ts";
 import {
   attemptInLine,
-  makeMta,
-  type Mta,
   MTA_NAMES,
   type MtaAttempt,
   mtaBinary,
   type MtaName,
+  type MtaRig,
   syslogText,
+  withMtaRig,
 } from "./mtas.ts";
-import { SMTP_PORT } from "./sendmail.ts";
 import type { MessageHistory } from "../ctl/report.ts";
 
 /** How far the ledger's interval between two attempts may be from the MTA log's: the brief's 1 s. */
@@ -66,13 +53,6 @@ export function outcomeOf(a: { code?: number; dropped?: true }): MtaAttempt["out
 /** The intervals (s) between consecutive times (ms). */
 const intervals = (times: number[]) => times.slice(1).map((t, i) => (t - times[i]) / 1000);
 
-interface Rig {
-  mta: Mta;
-  sink: Listener;
-  origin: Listener;
-  setMode(mode: string): Promise<void>;
-}
-
 /** One scenario's evidence, for the assertions and for docs/mtas.md. */
 export interface Observed {
   mta: MtaName;
@@ -98,7 +78,7 @@ const sinkAttempts = (sink: Listener, rcpt: string) => sink.events("attempt").fi
  * The ledger's report (ctl report --json over the listener's log) for `rcpt`, checked against the
  * MTA's own log: the same number of attempts, the same outcomes, every interval within 1 s.
  */
-async function compare(rig: Rig, scenario: string, mode: string, rcpt: string): Promise<Observed> {
+async function compare(rig: MtaRig, scenario: string, mode: string, rcpt: string): Promise<Observed> {
   const file = await logsFile(rig.sink.logs);
   let history: MessageHistory | undefined;
   try {
@@ -137,7 +117,7 @@ async function compare(rig: Rig, scenario: string, mode: string, rcpt: string): 
 }
 
 /** Waits (forcing OpenSMTPD's retries) until the listener and the MTA's log both show `done`. */
-function until(rig: Rig, rcpt: string, done: (sink: EventOf<"attempt">[], mta: MtaAttempt[]) => boolean) {
+function until(rig: MtaRig, rcpt: string, done: (sink: EventOf<"attempt">[], mta: MtaAttempt[]) => boolean) {
   return rig.mta.retryUntil(() => done(sinkAttempts(rig.sink, rcpt), rig.mta.attempts(rcpt)), SCENARIO_WITHIN_MS);
 }
 
@@ -149,7 +129,7 @@ const endedWith = (outcome: MtaAttempt["outcome"]) => (sink: EventOf<"attempt">[
   sink.length > 0 && outcomeOf(sink.at(-1)!) === outcome && mta.at(-1)?.outcome === outcome;
 
 /** The scenarios, in order, against one MTA; what each showed. */
-async function scenarios(rig: Rig): Promise<Observed[]> {
+async function scenarios(rig: MtaRig): Promise<Observed[]> {
   const { mta } = rig;
   const seen: Observed[] = [];
   const submit = async (rcpt: string, id: string) => {
@@ -222,51 +202,6 @@ async function scenarios(rig: Rig): Promise<Observed[]> {
   return seen;
 }
 
-/** Runs `fn` with an MTA, its sinkhole (mode from a file) and the sender's domain (accept-log). */
-async function withRig<T>(name: MtaName, fn: (rig: Rig) => Promise<T>): Promise<T> {
-  const dir = await Deno.makeTempDir({ prefix: `sinkhole-${name}-` });
-  const modeFile = await tempModeFile("accept");
-  const sinkHost = uniqueLoopback([SMTP_PORT]);
-  const originHost = uniqueLoopback([SMTP_PORT]);
-  let sink: Listener | undefined;
-  let origin: Listener | undefined;
-  let mta: Mta | undefined;
-  try {
-    sink = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" }, {
-      host: sinkHost,
-      port: SMTP_PORT,
-    });
-    origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: originHost, port: SMTP_PORT });
-    mta = await makeMta(name, dir, { "sinkhole.test": sinkHost, "origin.test": originHost });
-    await mta.start();
-    const s = sink;
-    const result = await fn({
-      mta,
-      sink,
-      origin,
-      setMode: async (mode) => {
-        await Deno.writeTextFile(modeFile, `${mode}\n`);
-        await eventually(() => s.logs.findLast((x) => x.event === "mode")?.mode === mode);
-      },
-    });
-    if (keep) {
-      await Deno.writeTextFile(`${keep}/${name}.log`, mta.log().map((l) => `${l.at} ${l.text}\n`).join(""));
-    }
-    return result;
-  } catch (e) {
-    // What each side saw, to tell the MTA's doing from the listener's.
-    console.error(`${name}'s log:\n${mta?.log().map((l) => `${l.at} ${l.text}`).join("\n")}`);
-    console.error(`sinkhole attempts:\n${sink?.events("attempt").map((a) => JSON.stringify(a)).join("\n")}`);
-    throw e;
-  } finally {
-    await mta?.stop();
-    await sink?.stop();
-    await origin?.stop();
-    await Deno.remove(dir, { recursive: true }).catch(() => {});
-    await Deno.remove(modeFile).catch(() => {});
-  }
-}
-
 Deno.test({
   name: "mtas: sendmail, Postfix, Exim and OpenSMTPD drive the sinkhole; the ledger's report matches each MTA's log",
   ignore,
@@ -286,7 +221,7 @@ Deno.test({
         sanitizeResources: false,
         sanitizeExit: false,
         fn: async () => {
-          const seen = await withRig(name, scenarios);
+          const seen = await withMtaRig(name, scenarios, { keep });
           console.log(`${name}: ${JSON.stringify(seen)}`);
           if (keep) await Deno.writeTextFile(`${keep}/${name}.json`, JSON.stringify(seen, null, 2) + "\n");
         },
