@@ -92,6 +92,9 @@ Reading it:
   to the sender's domain.
 - \`greylist min=…s\`: a retry sooner than \`min\` is greylisted again; how many attempts that costs depends on the
   MTA's retry interval against \`min\`.
+- Not in the table yet: two different messages to one recipient one after the other. Each MTA sends the second as a
+  new message, but today's sinkhole counts both as one (issue 21, point 1: a message is \`sender > recipient\`), so under
+  \`defer first=2\` the second is accepted at once as "attempt #4"; \`scripts/mtas-same-envelope.ts\` shows it.
 - OpenSMTPD's retry schedule is fixed at build time; the rig makes it retry by \`smtpctl schedule all\`, so its
   intervals reflect that pacing and OpenSMTPD's own hold on a destination after an error, not its default backoff.
 `;

@@ -44,7 +44,7 @@ export type MtaName = typeof MTA_NAMES[number];
 
 /** Where scripts/mtas.sh unpacked Postfix, Exim and OpenSMTPD. */
 export function mtasDir(): string {
-  return Deno.env.get("SINKHOLE_MTAS_DIR") ?? `${ROOT}/.mtas`;
+  return Deno.env.get("SINKHOLE_MTAS_DIR") ?? `${ROOT.replace(/\/$/, "")}/.mtas`;
 }
 
 /** The binary each MTA needs, to tell whether it is here (sendmail is installed; the others unpacked). */
@@ -354,6 +354,12 @@ export async function makeMta(name: MtaName, dir: string, routes: Record<string,
       }),
     ]);
     ns = mountNamespace(pid);
+    main = pid;
+    out.then((o) => {
+      ended = `exited with ${o.signal ? `signal ${o.signal}` : `code ${o.code}`}: ${
+        new TextDecoder().decode(o.stderr).slice(-2000)
+      }`;
+    });
     await Promise.race([
       eventually(async () => {
         try {
@@ -373,6 +379,15 @@ export async function makeMta(name: MtaName, dir: string, routes: Record<string,
     ]);
   };
   let startIt: () => Promise<void>;
+  /** The MTA's main process (its daemon), and how it ended if it did. */
+  let main: number | undefined;
+  let ended: string | undefined;
+  /** Throws once the MTA's daemon is gone, so a wait fails at once and says so, instead of at its hang guard. */
+  const assertRunning = () => {
+    if (main === undefined) return;
+    if (ended === undefined && mountNamespace(main) === ns) return;
+    throw new Error(`${name}'s daemon (pid ${main}) ended while a test waited on it: ${ended ?? "gone"}`);
+  };
 
   switch (name) {
     case "sendmail": {
@@ -383,6 +398,7 @@ export async function makeMta(name: MtaName, dir: string, routes: Record<string,
       startIt = async () => {
         const pid = await sm.start(SENDMAIL_QUEUE_INTERVAL);
         ns = mountNamespace(pid);
+        main = pid;
       };
       break;
     }
@@ -552,7 +568,12 @@ begin retry
         to,
         body: `Message-ID: <${opts.messageId}>\r\nSubject: ${opts.subject ?? opts.messageId}\r\n\r\ntest`,
       }),
-    async retryUntil(done, ms = REPLY_WAIT_MS * 3) {
+    async retryUntil(until, ms = REPLY_WAIT_MS * 3) {
+      const done = async () => {
+        if (await until()) return true;
+        assertRunning();
+        return false;
+      };
       if (name !== "opensmtpd") return await eventually(done, ms, 100);
       const deadline = Date.now() + ms;
       while (!(await done())) {
@@ -564,7 +585,11 @@ begin retry
     log: () => lines,
     attempts,
     async stop() {
-      await endNamespace(ns);
+      // A namespace's id is reused once its last process is gone: signal its processes only while
+      // the daemon is still in it (if the daemon died on its own, assertRunning has said so).
+      const daemonIn = main !== undefined && mountNamespace(main) === ns;
+      main = undefined;
+      if (daemonIn) await endNamespace(ns);
       await exited?.catch(() => {});
       await syslog.close();
     },
