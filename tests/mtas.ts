@@ -8,10 +8,11 @@
  * installed: scripts/mtas.sh (run by .ci/run) unpacks each into a directory of its own
  * (`mtasDir()`), and this rig makes each one's compiled-in world appear inside its mount
  * namespace:
- * - users: a private /etc/passwd and /etc/group with the MTA's own users added (Postfix
- *   `postfix`/`postdrop`, Exim `Debian-exim`, OpenSMTPD `opensmtpd`/`opensmtpq`; Debian's
- *   names, from each package's maintainer scripts), so the machine's user database is not
- *   touched and each MTA drops privileges as it does in production;
+ * - users: a private /etc/passwd and /etc/group with the MTA's own users added, as Debian
+ *   builds each (Postfix: `postconf -d` mail_owner `postfix`, setgid_group `postdrop`; Exim:
+ *   `Debian-exim`, set again in its configuration; OpenSMTPD: `opensmtpd` and `opensmtpq`,
+ *   which smtpd asks for by name at start), so the machine's user database is not touched
+ *   and each of the three drops privileges to them as it does in production;
  * - /etc/hosts and /etc/resolv.conf: the MTA's qualified name, a resolver on loopback;
  * - its log: every MTA logs through syslog(3) to /dev/log; /dev is a private tmpfs whose
  *   nodes link to the real ones and whose `log` links to a socket this process serves
