@@ -251,9 +251,13 @@ async function prepareNamespace(spec: NamespaceSpec): Promise<{ setup: string; u
   return { setup: cmds.join(" && "), uid };
 }
 
-/** argv that runs `command` inside a new mount and UTS namespace after `setup`. */
+/**
+ * argv that runs `command` inside a new mount and UTS namespace after `setup`, in a session of
+ * its own (`setsid`: a daemon that signals its process group, or a sibling that does, reaches
+ * only its own processes, never another MTA's or the test's).
+ */
 function inNamespace(setup: string, command: string[]): string[] {
-  return ["unshare", "--mount", "--uts", "sh", "-c", `${setup} && exec "$@"`, "sh", ...command];
+  return ["setsid", "unshare", "--mount", "--uts", "sh", "-c", `${setup} && exec "$@"`, "sh", ...command];
 }
 
 /** The mount namespace of a process (its /proc link), or undefined once it is gone. */
