@@ -36,7 +36,13 @@ export function rigAddresses(): RigAddresses {
 export const rigMailertable = (a: RigAddresses) => `sinkhole.test smtp:[${a.sink}]\norigin.test smtp:[${a.origin}]\n`;
 
 /** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
-export async function makeSendmail(dir: string, listen: { host: string; port: number }, mailertable: string) {
+export async function makeSendmail(
+  dir: string,
+  listen: { host: string; port: number },
+  mailertable: string,
+  /** `setup`: more shell commands (no single quote) run in the namespace first (rig/mtas.ts: its users, its log). */
+  opts: { setup?: string } = {},
+) {
   const { host, port } = listen;
   await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
   await Deno.writeTextFile(`${dir}/mailertable`, mailertable);
@@ -60,6 +66,10 @@ define(\`confTO_ICONNECT', \`5s')dnl
 define(\`confTO_CONNECT', \`5s')dnl
 define(\`confTO_QUEUEWARN', \`0')dnl
 FEATURE(\`nocanonify')dnl
+dnl No MSA daemon: Debian's default one binds 0.0.0.0:587, which any other sendmail on the machine may hold (another
+dnl rig, another run); sendmail then retries that bind at each queue run and, after about 45 s, exits ("server SMTP
+dnl socket wedged"), taking the rig's own daemon with it. Submissions here go to port 25 of the rig's own address.
+FEATURE(\`no_default_msa')dnl
 FEATURE(\`accept_unresolvable_domains')dnl
 FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
 DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=${host}')dnl
@@ -84,7 +94,7 @@ MAILER(\`smtp')dnl
   await Deno.mkdir(`${dir}/bin`);
   await Deno.writeTextFile(
     `${dir}/bin/sendmail`,
-    `#!/bin/sh\nexec unshare --mount --uts sh -c 'hostname ${MTA_NAME} && ` +
+    `#!/bin/sh\nexec unshare --mount --uts sh -c '${opts.setup ? `${opts.setup} && ` : ""}hostname ${MTA_NAME} && ` +
       `mount --bind "$0/hosts" /etc/hosts && mount --bind "$0/resolv.conf" /etc/resolv.conf && ` +
       `exec /usr/sbin/sendmail -C "$0/test.cf" "$@"' '${dir}' "$@"\n`,
     { mode: 0o755 },

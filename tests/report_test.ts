@@ -7,7 +7,7 @@
  * Exit codes and scoping (--since with --file, --message-id, expect --json, whole --attempts).
  * (Time and memory are measured outside the tests: the closing note of issue 21 has the figures.)
  */
-import { assert, assertEquals, assertMatch } from "./assert.ts";
+import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { main } from "../ctl/ctl.ts";
 import { EXIT } from "../ctl/cli.ts";
 import {
