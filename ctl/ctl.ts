@@ -162,8 +162,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   else if (command.name === "mode set") run = (d) => commands.modeSet(d, mode!, o.wait === true);
   else if (command.name === "probe") run = (d) => commands.probe(d, expect, timeout * 1000);
   else if (command.name === "cleanup") {
-    run = (d) =>
-      commands.cleanup(d, { scaleToZero: o["scale-to-zero"] === true, purgeQueue: o["purge-queue"] === true });
+    run = (d) => commands.cleanup(d, { purgeQueue: o["purge-queue"] === true });
   } else if (command.name === "check") {
     run = (d) => commands.check(d, { modeAgeMs: modeAge * 60_000, queueAgeMs: queueAge * 60_000 });
   } else {

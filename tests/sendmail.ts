@@ -35,8 +35,16 @@ export function rigAddresses(): RigAddresses {
 /** The mailertable of a rig: both test domains routed by address, without a port. */
 export const rigMailertable = (a: RigAddresses) => `sinkhole.test smtp:[${a.sink}]\norigin.test smtp:[${a.origin}]\n`;
 
-/** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
-export async function makeSendmail(dir: string, listen: { host: string; port: number }, mailertable: string) {
+/**
+ * The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test.
+ * `defines`: more m4 `define`s, by name (e.g. Cabalmail's `confMIN_QUEUE_AGE`, `5m`).
+ */
+export async function makeSendmail(
+  dir: string,
+  listen: { host: string; port: number },
+  mailertable: string,
+  defines: Record<string, string> = {},
+) {
   const { host, port } = listen;
   await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
   await Deno.writeTextFile(`${dir}/mailertable`, mailertable);
@@ -59,7 +67,7 @@ define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
 define(\`confTO_ICONNECT', \`5s')dnl
 define(\`confTO_CONNECT', \`5s')dnl
 define(\`confTO_QUEUEWARN', \`0')dnl
-FEATURE(\`nocanonify')dnl
+${Object.entries(defines).map(([k, v]) => `define(\`${k}', \`${v}')dnl\n`).join("")}FEATURE(\`nocanonify')dnl
 FEATURE(\`accept_unresolvable_domains')dnl
 FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
 DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=${host}')dnl

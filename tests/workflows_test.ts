@@ -183,7 +183,6 @@ Deno.test("workflows: every `deno task ctl` a workflow runs parses by ctl's own 
     WAIT: ["--wait", ""],
     EXPECT: ["--expect=queued", ""],
     TIMEOUT: ["120"],
-    SCALE: ["--scale-to-zero", ""],
     PURGE: ["--purge-queue", ""],
     TIER: ["on", "off"],
   };
