@@ -206,7 +206,10 @@ Deno.test({
 
       // smtp-out's queue ages as Cabalmail sets them (cabal-infra docker/templates/out-sendmail.mc).
       await Deno.mkdir(`${dir}/mta`);
-      mta = await makeSendmail(`${dir}/mta`, at.mta, `sinkhole.test smtp:[${at.sink}]\n`, { confMIN_QUEUE_AGE: "5m" });
+      // The mailertable line as cabal-infra docker/shared/generate-config.sh writes it, `:25` included (sendmail
+      // reads it as a second host, tried only when the first fails), with the listener's address for the name.
+      const line = `sinkhole.test\tsmtp:[${at.sink}]:25\n`;
+      mta = await makeSendmail(`${dir}/mta`, at.mta, line, { confMIN_QUEUE_AGE: "5m" });
       await mta.start();
       listener = await startListener({
         ...AWS_ENV,
@@ -296,7 +299,12 @@ Deno.test({
       assertMatch((await sh(/^deno task ctl probe --expect queued/)).stdout, /expectation met: queued/);
       await sh(/sendmail -oi anything@sinkhole\.test/);
       await eventually(() => sessionsFor("anything@sinkhole.test").some((r) => r.code === 421), WITHIN_MS, 100);
-      // Step 4.
+      // Step 4, once the attempt is over: after the 421 sendmail still tries the line's second host, `25`.
+      await eventually(
+        async () => /\(Deferred: 421 4\.3\.2[^\n]*\n\s+anything@sinkhole\.test/.test(await queue()),
+        WITHIN_MS,
+        100,
+      );
       const before = (await sh(/--command "mailq"/)).stdout;
       assertMatch(before, /anything@sinkhole\.test/);
       assertMatch(before, /Deferred: 421 4\.3\.2/);
