@@ -85,7 +85,6 @@ export const OPTIONS = {
     number: { above: 0, atMost: MAX_PROBE_TIMEOUT_S, unit: "seconds" },
     help: "how long each probe may take to settle",
   },
-  "scale-to-zero": { kind: "flag", help: "also set the sinkhole service's desired count to 0" },
   "purge-queue": {
     kind: "flag",
     help: "also remove queued mail for sinkhole.test from every MTA task's queue (ECS Exec)",
@@ -188,9 +187,9 @@ const COMMAND_TABLE = [
   },
   {
     name: "cleanup",
-    summary: "set the mode back to the default (defer); optionally scale to zero and purge probe mail",
+    summary: "set the mode back to the default (defer); optionally purge probe mail (stopping the tier is QUIESCED)",
     target: "env",
-    options: [...COMMON, "scale-to-zero", "purge-queue"],
+    options: [...COMMON, "purge-queue"],
     example: "deno task ctl cleanup --purge-queue --env stage",
   },
   {

@@ -9,7 +9,6 @@ import {
   DescribeTasksCommand,
   ECSClient,
   ListTasksCommand,
-  UpdateServiceCommand,
 } from "@aws-sdk/client-ecs";
 import { CloudWatchLogsClient, FilterLogEventsCommand } from "@aws-sdk/client-cloudwatch-logs";
 import { ListInstancesCommand, ListServicesCommand, ServiceDiscoveryClient } from "@aws-sdk/client-servicediscovery";
@@ -458,7 +457,14 @@ export async function probe(d: Deps, expect: Outcome | undefined, timeoutMs: num
 /** A sendmail queue id (what the purge prints, one a line). */
 const QUEUE_ID = /^[A-Za-z0-9]{6,20}$/;
 
-export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue: boolean }): Promise<Report> {
+/**
+ * Sets the mode back to the default and, with `purgeQueue`, removes sinkhole.test mail from every MTA task.
+ * It does not scale the tier: the service's desired count belongs to the Terraform that owns the service
+ * (Cabalmail's `desired_count = var.quiesced ? 0 : 1`, cabal-infra terraform/infra/modules/ecs/sinkhole.tf;
+ * this project's module the same way with QUIESCED), so an UpdateService to 0 would be undone by the next
+ * apply. Stopping the tier is that flag and an apply (docs/runbook.md, docs/cabalmail.md).
+ */
+export async function cleanup(d: Deps, opts: { purgeQueue: boolean }): Promise<Report> {
   const title = `sinkhole cleanup: ${d.env.name}`;
   const lines: string[] = [];
   const data: Record<string, unknown> = {};
@@ -468,13 +474,6 @@ export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue:
   lines.push(`mode set to ${DEFAULT_MODE} (${d.env.parameter} version ${put.Version})`);
   data.mode = DEFAULT_MODE;
   try {
-    if (opts.scaleToZero) {
-      await d.ecs.send(
-        new UpdateServiceCommand({ cluster: d.env.cluster, service: d.env.sinkholeService, desiredCount: 0 }),
-      );
-      lines.push(`${d.env.sinkholeService} scaled to 0`);
-      data.scaledToZero = true;
-    }
     if (opts.purgeQueue) {
       const purged: Record<string, string[]> = {};
       const tasks = await mtaTasks(d);
@@ -499,7 +498,72 @@ export async function cleanup(d: Deps, opts: { scaleToZero: boolean; purgeQueue:
   return { title, ok: true, lines, data };
 }
 
+/**
+ * The image tag Cabalmail's Terraform seeds `/cabal/deployed_image_tag/<tier>` with, for every tier, before
+ * any image was deployed (cabal-infra terraform/infra/main.tf, `local.bootstrap_sentinel`; the ecs module's
+ * `placeholder_image_tag` in terraform/infra/modules/ecs/locals.tf runs a public nginx image in its place).
+ */
+export const BOOTSTRAP_SENTINEL = "bootstrap-placeholder";
+
+/** What `check` needs to know to say whether the tier was ever deployed. */
+export interface DeploymentFacts {
+  /** The sinkhole ECS service exists (ACTIVE or DRAINING) in the environment's cluster. */
+  service: boolean;
+  /** The image tag parameter's value; undefined when the parameter does not exist. */
+  imageTag?: string;
+}
+
+/**
+ * Whether the tier is deployed, and if not, why. Not deployed means exactly one of:
+ * - no sinkhole ECS service in the cluster (Cabalmail with `var.sinkhole` false creates none, and then no log
+ *   group and no mode parameter either: cabal-infra terraform/infra/modules/ecs/sinkhole.tf, every resource
+ *   `count = var.sinkhole ? 1 : 0`);
+ * - the service exists but the image tag parameter holds Cabalmail's bootstrap sentinel: no sinkhole image was
+ *   ever deployed, the task runs Cabalmail's placeholder image.
+ * A missing tag parameter says nothing either way (the service decides); a missing log group is not consulted.
+ */
+export function deployment(f: DeploymentFacts, env: Environment): { deployed: true } | {
+  deployed: false;
+  reason: string;
+} {
+  if (!f.service) {
+    return { deployed: false, reason: `no ECS service ${env.sinkholeService} in cluster ${env.cluster}` };
+  }
+  if (f.imageTag?.trim() === BOOTSTRAP_SENTINEL) {
+    return {
+      deployed: false,
+      reason: `${env.imageTagParameter} is ${BOOTSTRAP_SENTINEL}: no sinkhole image was ever deployed ` +
+        `(the service runs Cabalmail's placeholder image)`,
+    };
+  }
+  return { deployed: true };
+}
+
+/** The image tag parameter's value, or undefined when there is none (any other failure is an error). */
+async function imageTag(d: Deps): Promise<string | undefined> {
+  try {
+    return (await d.ssm.send(new GetParameterCommand({ Name: d.env.imageTagParameter }))).Parameter?.Value;
+  } catch (err) {
+    if ((err as Error).cause instanceof Error && ((err as Error).cause as Error).name === "ParameterNotFound") {
+      return undefined;
+    }
+    throw err;
+  }
+}
+
 export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: number }): Promise<Report> {
+  const title = `sinkhole check: ${d.env.name}`;
+  const tier = await service(d, d.env.sinkholeService);
+  const deployed = deployment({ service: tier.exists, imageTag: await imageTag(d) }, d.env);
+  if (!deployed.deployed) {
+    // Nothing of the tier to look at: no finding, and an issue left open from an earlier deployment is closed.
+    const issue = d.issue ? await d.issue(d.env.name, []) : { action: "none" as const };
+    const lines = [`not deployed: ${deployed.reason}; nothing to check`];
+    if (d.tier === true) lines.push(`the flag for ${d.env.name} is on: the tier is meant to run but is not deployed`);
+    if (issue.action !== "none") lines.push(`GitHub issue #${issue.number} ${issue.action}`);
+    else if (!d.issue) lines.push(`GitHub issue not reconciled: ${d.issueSkipped ?? "no GitHub client"}`);
+    return { title, ok: true, lines, data: { deployed: false, reason: deployed.reason, findings: [], issue } };
+  }
   const findings: string[] = [];
   const mode = await currentMode(d);
   const problem = storedProblem(mode.value);
@@ -516,7 +580,6 @@ export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: numb
         `the default is \`${DEFAULT_MODE}\``,
     );
   }
-  const tier = await service(d, d.env.sinkholeService);
   if (d.tier === false && tier.exists && (tier.desired > 0 || tier.running > 0)) {
     findings.push(
       `the tier runs (desired ${tier.desired}, running ${tier.running}) although the flag is off in ${d.env.name}`,
@@ -548,10 +611,10 @@ export async function check(d: Deps, opts: { modeAgeMs: number; queueAgeMs: numb
   else if (failure) lines.push(`failed: ${failure}`, "GitHub issue left as it was: the check did not complete");
   else if (!d.issue) lines.push(`GitHub issue not reconciled: ${d.issueSkipped ?? "no GitHub client"}`);
   return {
-    title: `sinkhole check: ${d.env.name}`,
+    title,
     ok: findings.length === 0 && !failure,
     failed: failure !== undefined,
     lines,
-    data: { findings, issue },
+    data: { deployed: true, findings, issue },
   };
 }

@@ -121,11 +121,7 @@ const RUNNERS: Record<CommandName, (d: commands.Deps, c: Checked) => Promise<com
   "mode get": (d) => commands.modeGet(d),
   "mode set": (d, c) => commands.modeSet(d, c.mode!, c.parsed.values.wait === true),
   probe: (d, c) => commands.probe(d, c.expect, c.timeout * 1000),
-  cleanup: (d, c) =>
-    commands.cleanup(d, {
-      scaleToZero: c.parsed.values["scale-to-zero"] === true,
-      purgeQueue: c.parsed.values["purge-queue"] === true,
-    }),
+  cleanup: (d, c) => commands.cleanup(d, { purgeQueue: c.parsed.values["purge-queue"] === true }),
   check: (d, c) => commands.check(d, { modeAgeMs: c.modeAge * 60_000, queueAgeMs: c.queueAge * 60_000 }),
   report: ledgerFromLogs,
   expect: ledgerFromLogs,

@@ -236,18 +236,22 @@ export function awsTest(
   });
 }
 
-/** Ships a listener's log lines to CloudWatch Logs (standing in for the awslogs driver). */
-export function shipLogs(l: Listener, endpoint: string, group: string) {
+/**
+ * Ships a listener's log lines to CloudWatch Logs (standing in for the awslogs driver); `env` over AWS_ENV
+ * (e.g. another region).
+ */
+export function shipLogs(l: Listener, endpoint: string, group: string, env: Record<string, string> = {}) {
   let shipped = 0;
   let running = true;
   const done = (async () => {
     const stream = `sinkhole/${crypto.randomUUID()}`;
-    await awsCli(endpoint, "logs", "create-log-stream", "--log-group-name", group, "--log-stream-name", stream);
+    await awsCliAs(env, endpoint, "logs", "create-log-stream", "--log-group-name", group, "--log-stream-name", stream);
     while (running) {
       const batch = l.logs.slice(shipped);
       if (batch.length > 0) {
         const now = Date.now();
-        await awsCli(
+        await awsCliAs(
+          env,
           endpoint,
           "logs",
           "put-log-events",

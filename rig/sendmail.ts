@@ -40,8 +40,11 @@ export async function makeSendmail(
   dir: string,
   listen: { host: string; port: number },
   mailertable: string,
-  /** `setup`: more shell commands (no single quote) run in the namespace first (rig/mtas.ts: its users, its log). */
-  opts: { setup?: string } = {},
+  /**
+   * `setup`: more shell commands (no single quote) run in the namespace first (rig/mtas.ts: its users, its log).
+   * `defines`: more m4 `define`s, by name (e.g. Cabalmail's `confMIN_QUEUE_AGE`, `5m`).
+   */
+  opts: { setup?: string; defines?: Record<string, string> } = {},
 ) {
   const { host, port } = listen;
   await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
@@ -65,7 +68,7 @@ define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
 define(\`confTO_ICONNECT', \`5s')dnl
 define(\`confTO_CONNECT', \`5s')dnl
 define(\`confTO_QUEUEWARN', \`0')dnl
-FEATURE(\`nocanonify')dnl
+${Object.entries(opts.defines ?? {}).map(([k, v]) => `define(\`${k}', \`${v}')dnl\n`).join("")}FEATURE(\`nocanonify')dnl
 dnl No MSA daemon: Debian's default one binds 0.0.0.0:587, which any other sendmail on the machine may hold (another
 dnl rig, another run); sendmail then retries that bind at each queue run and, after about 45 s, exits ("server SMTP
 dnl socket wedged"), taking the rig's own daemon with it. Submissions here go to port 25 of the rig's own address.

@@ -23,7 +23,7 @@ const EXPECTED_OPTIONS: Record<string, string[]> = {
   "mode get": ["--env", "--environments", "--json", "--help"],
   "mode set": ["--env", "--environments", "--json", "--wait", "--help"],
   "probe": ["--env", "--environments", "--json", "--expect", "--timeout", "--help"],
-  "cleanup": ["--env", "--environments", "--json", "--scale-to-zero", "--purge-queue", "--help"],
+  "cleanup": ["--env", "--environments", "--json", "--purge-queue", "--help"],
   "check": ["--env", "--environments", "--json", "--tier", "--mode-age", "--queue-age", "--no-github", "--help"],
   "report": ["--env", "--environments", "--json", "--file", "--since", "--message-id", "--help"],
   "expect": [

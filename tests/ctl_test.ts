@@ -7,7 +7,7 @@
  */
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { assertTools, eventually, needs, ROOT, run, runCtl } from "../rig/helpers.ts";
-import { AWS_ENV, awsCli, awsTest, shipLogs } from "../rig/aws.ts";
+import { AWS_ENV, awsCli, awsCliAs, awsTest, shipLogs } from "../rig/aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "../rig/sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
@@ -178,7 +178,7 @@ awsTest("ctl: production is refused by every command before any request (zero re
       ["mode", "get"],
       ["mode", "set", "accept", "--wait"],
       ["probe", "--expect", "queued"],
-      ["cleanup", "--scale-to-zero", "--purge-queue"],
+      ["cleanup", "--purge-queue"],
       ["check"],
     ];
     for (const c of commandsToTry) {
@@ -432,19 +432,23 @@ awsTest(
         );
       });
 
-      await t.step("cleanup --purge-queue --scale-to-zero, then check closes the issue", async () => {
-        const r = await commands.cleanup(deps, { scaleToZero: true, purgeQueue: true });
-        assert(r.ok);
-        assert(r.lines.some((x) => /removed [1-9]\d* queued sinkhole\.test message/.test(x)), r.lines.join("\n"));
-        assert(!(await mta.mailq()).includes("sinkhole.test"), "the queue holds no sinkhole.test mail");
-        assertEquals(((await commands.modeGet(deps)).data.mode as { value: string }).value, "defer");
-        assertEquals(((await commands.status(deps)).data.tier as { desired: number }).desired, 0);
-        const clean = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 0 });
-        assert(clean.ok, clean.lines.join("\n"));
-        assertEquals((clean.data.issue as { action: string }).action, "closed");
-        assertEquals(gh.issues[0].state, "closed");
-        assertEquals(gh.requests.filter((x) => x === "POST /repos/cabal/mail/issues").length, 1, "opened once");
-      });
+      await t.step(
+        "cleanup --purge-queue, then check closes the issue; the tier's desired count is left alone",
+        async () => {
+          const r = await commands.cleanup(deps, { purgeQueue: true });
+          assert(r.ok);
+          assert(r.lines.some((x) => /removed [1-9]\d* queued sinkhole\.test message/.test(x)), r.lines.join("\n"));
+          assert(!(await mta.mailq()).includes("sinkhole.test"), "the queue holds no sinkhole.test mail");
+          assertEquals(((await commands.modeGet(deps)).data.mode as { value: string }).value, "defer");
+          // The desired count belongs to the Terraform that owns the service (QUIESCED): cleanup never changes it.
+          assertEquals(((await commands.status(deps)).data.tier as { desired: number }).desired, 1);
+          const clean = await commands.check(deps, { modeAgeMs: 0, queueAgeMs: 0 });
+          assert(clean.ok, clean.lines.join("\n"));
+          assertEquals((clean.data.issue as { action: string }).action, "closed");
+          assertEquals(gh.issues[0].state, "closed");
+          assertEquals(gh.requests.filter((x) => x === "POST /repos/cabal/mail/issues").length, 1, "opened once");
+        },
+      );
     } finally {
       for (const k of ["AWS_ENDPOINT_URL", ...Object.keys(AWS_ENV)]) Deno.env.delete(k);
       await shipper?.stop();
@@ -528,11 +532,12 @@ awsTest("ctl: failures exit 3, name what they were about, and say what was done 
     assertEquals(purge.code, 0, purge.stdout + purge.stderr);
     assertMatch(purge.stdout, /no running cabal-smtp-out task: no queue purged/);
 
+    // No sinkhole service in this cluster: the tier was never deployed, which check says (exit 0).
     const noToken = await withSummary("check", "--env", "development");
     assertEquals(noToken.code, 0, noToken.stdout + noToken.stderr);
     assertMatch(
       noToken.stdout,
-      /all clean\n.*GitHub issue not reconciled: GITHUB_TOKEN or GITHUB_REPOSITORY is not set/,
+      /not deployed: no ECS service cabal-sinkhole .*\n.*GitHub issue not reconciled: GITHUB_TOKEN or GITHUB_REPOSITORY is not set/,
     );
     const noGithub = await withSummary("check", "--no-github", "--env", "development");
     assertMatch(noGithub.stdout, /GitHub issue not reconciled: --no-github given/);
@@ -576,7 +581,7 @@ awsTest("ctl: ECS Exec failures are errors, never results (cleanup, check, probe
     };
     const deps: commands.Deps = { ...base, exec: viaPlugin };
     // cleanup says what it did (the mode) and then what failed: a failed report (exit 3), never "removed".
-    const purge = await commands.cleanup(deps, { scaleToZero: false, purgeQueue: true });
+    const purge = await commands.cleanup(deps, { purgeQueue: true });
     assert(purge.failed && !purge.ok, purge.lines.join("\n"));
     assertMatch(purge.lines[0], /^mode set to defer/);
     assertMatch(
@@ -593,10 +598,123 @@ awsTest("ctl: ECS Exec failures are errors, never results (cleanup, check, probe
     const garbage: Exec = { run: () => Promise.resolve({ code: 0, output: "error: queue directory missing\n" }) };
     const count = await commands.check({ ...deps, exec: garbage }, { modeAgeMs: 0, queueAgeMs: 0 });
     assertMatch(count.lines.join("\n"), /failed: ExecError: counting queued mail in .*: not a count/);
-    const ids = await commands.cleanup({ ...deps, exec: garbage }, { scaleToZero: false, purgeQueue: true });
+    const ids = await commands.cleanup({ ...deps, exec: garbage }, { purgeQueue: true });
     assertMatch(ids.lines.at(-1)!, /^failed: ExecError: purging the queue in .*: not a queue id/);
   } finally {
     for (const k of ["AWS_ENDPOINT_URL", ...Object.keys(AWS_ENV)]) Deno.env.delete(k);
     await Deno.remove(dir, { recursive: true });
   }
 }, { sanitize: false });
+
+Deno.test("ctl: deployment() — not deployed is no service, or Cabalmail's bootstrap tag; nothing else decides", () => {
+  const env = parseEnvironments(JSON.stringify(ENVIRONMENTS)).get("development")!;
+  const cases: [commands.DeploymentFacts, boolean, RegExp?][] = [
+    [{ service: false }, false, /^no ECS service cabal-sinkhole in cluster cabal-test$/],
+    [{ service: false, imageTag: "sha-1234abcd" }, false, /^no ECS service/],
+    [{ service: true, imageTag: "bootstrap-placeholder" }, false, /is bootstrap-placeholder: no sinkhole image/],
+    [{ service: true, imageTag: " bootstrap-placeholder\n" }, false, /bootstrap-placeholder/],
+    [{ service: true, imageTag: "sha-1234abcd" }, true],
+    [{ service: true }, true],
+    [{ service: true, imageTag: "bootstrap-placeholder-2" }, true],
+  ];
+  for (const [facts, deployed, reason] of cases) {
+    const d = commands.deployment(facts, env);
+    assertEquals(d.deployed, deployed, JSON.stringify(facts));
+    if (!d.deployed) assertMatch(d.reason, reason!);
+  }
+});
+
+/** A region other than us-east-1 (the SDK's and the aws CLI's ambient region in these tests, AWS_ENV). */
+const OTHER_REGION = "eu-west-1";
+
+awsTest(
+  "ctl: check where the tier was never deployed says so and exits 0, in the environment's own region (eu-west-1)",
+  async ({ moto }) => {
+    // Everything lives in eu-west-1; the process's AWS_REGION stays us-east-1 (AWS_ENV): only the file says eu-west-1.
+    const inRegion = (...a: string[]) => awsCliAs({ AWS_DEFAULT_REGION: OTHER_REGION }, moto.url, ...a);
+    const file = await Deno.makeTempFile({ prefix: "sinkhole-envs-", suffix: ".json" });
+    const usFile = await Deno.makeTempFile({ prefix: "sinkhole-envs-", suffix: ".json" });
+    const dev = { ...ENVIRONMENTS.development, cluster: "cabal-mail" };
+    await Deno.writeTextFile(file, JSON.stringify({ development: { ...dev, region: OTHER_REGION } }));
+    await Deno.writeTextFile(usFile, JSON.stringify({ development: dev }));
+    try {
+      // Cabalmail's account with var.sinkhole false: the cluster (tagged by default_tags), and the tag parameter
+      // seeded with the sentinel for every tier, sinkhole included (cabal-infra terraform/infra/main.tf,
+      // aws_ssm_parameter.tier_image_tag); no sinkhole service, log group or mode parameter (sinkhole.tf's count).
+      await inRegion(
+        "ecs",
+        "create-cluster",
+        "--cluster-name",
+        "cabal-mail",
+        "--tags",
+        "key=environment,value=development",
+      );
+      const tag = (value: string) =>
+        inRegion(
+          "ssm",
+          "put-parameter",
+          "--name",
+          dev.imageTagParameter,
+          "--value",
+          value,
+          "--type",
+          "String",
+          "--overwrite",
+        );
+      await tag("bootstrap-placeholder");
+
+      // The region is the file's: with us-east-1 in the file the same account is not found there (refused, exit 2).
+      const elsewhere = await ctl(moto.url, usFile, "check", "--tier", "on", "--env", "development");
+      assertEquals(elsewhere.code, 2, elsewhere.stdout + elsewhere.stderr);
+      assertMatch(elsewhere.stderr, /cluster cabal-mail not found in us-east-1/);
+
+      const none = await ctl(moto.url, file, "check", "--tier", "on", "--env", "development");
+      assertEquals(none.code, 0, none.stdout + none.stderr);
+      assertMatch(none.stdout, /not deployed: no ECS service cabal-sinkhole in cluster cabal-mail; nothing to check/);
+      assertMatch(none.stdout, /the flag for development is on: the tier is meant to run but is not deployed/);
+      const json = JSON.parse((await ctl(moto.url, file, "check", "--json", "--env", "development")).stdout);
+      assertEquals([json.ok, json.deployed, json.findings], [true, false, []]);
+
+      // var.sinkhole on, no image deployed yet: the service runs Cabalmail's placeholder.
+      await inRegion(
+        "ecs",
+        "register-task-definition",
+        "--family",
+        "cabal-sinkhole",
+        "--container-definitions",
+        JSON.stringify([{ name: "sinkhole", image: "public.ecr.aws/nginx/nginx:stable", memory: 128 }]),
+      );
+      await inRegion(
+        "ecs",
+        "create-service",
+        "--cluster",
+        "cabal-mail",
+        "--service-name",
+        "cabal-sinkhole",
+        "--task-definition",
+        "cabal-sinkhole",
+        "--desired-count",
+        "1",
+      );
+      const placeholder = await ctl(moto.url, file, "check", "--tier", "on", "--env", "development");
+      assertEquals(placeholder.code, 0, placeholder.stdout + placeholder.stderr);
+      assertMatch(placeholder.stdout, /not deployed: \/cabal\/deployed_image_tag\/sinkhole is bootstrap-placeholder/);
+
+      // A deployed tag: the check runs, and a tier without its mode parameter is a failure (exit 3), not "not deployed".
+      await tag("sha-1234abcd");
+      const broken = await ctl(moto.url, file, "check", "--tier", "on", "--env", "development");
+      assertEquals(broken.code, 3, broken.stdout + broken.stderr);
+      assertMatch(broken.stderr, /SSM GetParameter \(Name \/cabal\/sinkhole_mode\) in eu-west-1: ParameterNotFound/);
+      await inRegion("ssm", "put-parameter", "--name", dev.parameter, "--value", "defer", "--type", "String");
+      const clean = await ctl(moto.url, file, "check", "--tier", "on", "--env", "development");
+      assertEquals(clean.code, 0, clean.stdout + clean.stderr);
+      assertMatch(clean.stdout, /all clean/);
+      // Nothing was made in the ambient region.
+      const usClusters = await awsCli(moto.url, "ecs", "list-clusters");
+      assertEquals(usClusters.clusterArns, []);
+    } finally {
+      await Deno.remove(file);
+      await Deno.remove(usFile);
+    }
+  },
+);

@@ -14,11 +14,14 @@ import { validateMode } from "../ctl/commands.ts";
 import { ENVIRONMENT_VARIABLES } from "../listener.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
 import { rehearseArgs } from "../rehearse/rehearse.ts";
+import { commandsShown } from "./shown.ts";
 
 const read = (path: string) => Deno.readTextFileSync(`${ROOT}/${path}`);
 const DOCS = ["README.md", ...[...Deno.readDirSync(`${ROOT}/docs`)].map((e) => `docs/${e.name}`).sort()];
 /** Files the docs name that are Cabalmail's (cabal-infra), not this repository's. */
 const CABALMAIL_FILES = new Set(["terraform/infra/modules/ecs/sinkhole.tf", "generate-config.sh"]);
+/** cabal-infra's mirror on this machine (a bare git directory); absent elsewhere, where its citations go unchecked. */
+const CABAL_INFRA_MIRROR = "/work/.mirror/cabalmail+cabal-infra/repo";
 const exists = (path: string) => {
   try {
     Deno.statSync(path);
@@ -69,6 +72,13 @@ Deno.test("docs: every file, link and anchor the README and docs/ cite exists", 
         const anchors = [...read(path).matchAll(/^#+ (.+)$/gm)].map((m) => slug(m[1]));
         if (!anchors.includes(anchor)) problems.push(`${doc}: link ${target}: no heading #${anchor} in ${path}`);
       }
+    }
+    // Cabalmail's files, cited as `cabal-infra:PATH`: each exists in cabal-infra's mirror, where there is one.
+    for (const [, path] of text.matchAll(/`cabal-infra:([^`\s]+)`/g)) {
+      if (!exists(CABAL_INFRA_MIRROR)) break;
+      const r = new Deno.Command("git", { args: ["-C", CABAL_INFRA_MIRROR, "cat-file", "-e", `HEAD:${path}`] })
+        .outputSync();
+      if (r.code !== 0) problems.push(`${doc}: \`cabal-infra:${path}\` is no file of cabal-infra`);
     }
     // Paths in code spans that name the repository's files: `docs/x.md`, `tests/y_test.ts`, `listener.ts`.
     for (const [, span] of text.matchAll(/`([^`\s]+)`/g)) {
@@ -240,7 +250,8 @@ Deno.test({
         problems.push(...checkButton(title, name, inputs));
         walked.push(`${title}: button ${name}${inputs ? ` with ${inputs}` : ""}`);
       }
-      for (const [, code] of text.matchAll(/`([^`]+)`/g)) {
+      // Every command the section shows (```sh lines and inline commands; tests/runbook_test.ts runs each).
+      for (const { text: code } of commandsShown(body)) {
         const words = shellWords(code);
         if (words[0] === "deno" && words[1] === "task") {
           problems.push(...checkDenoTask(title, words));

@@ -183,7 +183,6 @@ Deno.test("workflows: every `deno task ctl` a workflow runs parses by ctl's own 
     WAIT: ["--wait", ""],
     EXPECT: ["--expect=queued", ""],
     TIMEOUT: ["120"],
-    SCALE: ["--scale-to-zero", ""],
     PURGE: ["--purge-queue", ""],
     TIER: ["on", "off"],
   };
@@ -211,4 +210,68 @@ Deno.test("workflows: every `deno task ctl` a workflow runs parses by ctl's own 
     }
   }
   assert(parsed >= 10, `${parsed} command lines checked`);
+});
+
+const SINKHOLE_WORKFLOWS = [...BUTTONS, "sinkhole-check.yml"];
+
+Deno.test("workflows: the buttons bind the environment chosen as an input (the check: its matrix), never a branch name", () => {
+  for (const name of SINKHOLE_WORKFLOWS) {
+    const text = Deno.readTextFileSync(`${DIR}/${name}`);
+    // This repository has no stage branch: nothing may be derived from the ref the run was dispatched from.
+    assert(!/github\.ref|GITHUB_REF/.test(text), `${name}: no environment from the branch`);
+    const wf = load(name);
+    assertEquals(wf.on.push, undefined, `${name}: no push trigger`);
+    for (const [id, job] of Object.entries(wf.jobs) as [string, { environment: string; steps: { env?: object }[] }][]) {
+      const bound = name === "sinkhole-check.yml" ? "${{ matrix.environment }}" : "${{ inputs.environment }}";
+      assertEquals(job.environment, bound, `${name}/${id}`);
+      // Every step that names the environment names the same one.
+      for (const step of job.steps) {
+        const e = (step.env ?? {}) as Record<string, string>;
+        if ("ENVIRONMENT" in e) assertEquals(e.ENVIRONMENT, bound, `${name}/${id}: ${JSON.stringify(step)}`);
+      }
+    }
+    if (name !== "sinkhole-check.yml") {
+      const input = wf.on.workflow_dispatch.inputs.environment;
+      assertEquals([input.type, input.required], ["choice", true], `${name}: the environment is a required choice`);
+    }
+  }
+});
+
+Deno.test("workflows: the region step, run by bash, reads the chosen environment's region from the file (eu-west-1)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "sinkhole-region-step-" });
+  try {
+    await Deno.mkdir(`${dir}/ctl`);
+    const envs = JSON.parse(Deno.readTextFileSync(`${ROOT}/ctl/environments.json`));
+    envs.stage.region = "eu-west-1";
+    envs.development.region = "ap-southeast-2";
+    await Deno.writeTextFile(`${dir}/ctl/environments.json`, JSON.stringify(envs));
+    for (const name of SINKHOLE_WORKFLOWS) {
+      // deno-lint-ignore no-explicit-any
+      const steps = (Object.values(load(name).jobs)[0] as any).steps as { id?: string; run?: string }[];
+      const step = steps.find((s) => s.id === "env");
+      assert(step?.run, `${name}: a region step`);
+      for (const [environment, region] of [["stage", "eu-west-1"], ["development", "ap-southeast-2"]]) {
+        const output = `${dir}/output`;
+        await Deno.writeTextFile(output, "");
+        const r = await new Deno.Command("bash", {
+          args: ["-e", "-c", step.run],
+          cwd: dir,
+          env: { ENVIRONMENT: environment, GITHUB_OUTPUT: output, PATH: Deno.env.get("PATH")! },
+          clearEnv: true,
+        }).output();
+        assertEquals(r.code, 0, new TextDecoder().decode(r.stderr));
+        assertEquals(await Deno.readTextFile(output), `region=${region}\n`, `${name}: ${environment}`);
+      }
+      // An environment the file does not list fails the step (jq -e), rather than writing an empty region.
+      const missing = await new Deno.Command("bash", {
+        args: ["-e", "-c", step.run],
+        cwd: dir,
+        env: { ENVIRONMENT: "nowhere", GITHUB_OUTPUT: `${dir}/output`, PATH: Deno.env.get("PATH")! },
+        clearEnv: true,
+      }).output();
+      assert(missing.code !== 0, `${name}: an unknown environment fails`);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
