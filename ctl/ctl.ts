@@ -26,6 +26,7 @@ import {
   refuseProductionName,
   resolveEnvironment,
 } from "./environments.ts";
+import { deploy, deployTag } from "./deploy.ts";
 import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
 import {
@@ -166,6 +167,9 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
       commands.cleanup(d, { scaleToZero: o["scale-to-zero"] === true, purgeQueue: o["purge-queue"] === true });
   } else if (command.name === "check") {
     run = (d) => commands.check(d, { modeAgeMs: modeAge * 60_000, queueAgeMs: queueAge * 60_000 });
+  } else if (command.name === "deploy") {
+    const tag = deployTag(o.tag);
+    run = (d) => deploy(d, tag);
   } else {
     run = async (d) => {
       const lines = await commands.listenerLines(d, d.now() - since * 60_000, "attempt");
