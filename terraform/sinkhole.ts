@@ -287,7 +287,9 @@ export class SinkholeStack extends TerraformStack {
         },
       ],
     }).gate(on);
-    const guarded = [`terraform_data.collision_guard`];
+    /** Made only after the collision guard's preconditions held. */
+    const guarded = (...rs: Resource[]) =>
+      rs.forEach((r) => r.addOverride("depends_on", ["terraform_data.collision_guard"]));
 
     const mode = new Resource(this, "mode", "aws_ssm_parameter", {
       name: `\${${v("mode_parameter_name")}}`,
@@ -295,13 +297,11 @@ export class SinkholeStack extends TerraformStack {
       value: "defer",
       description: "sinkhole mode: defer, bounce, accept, accept-log, greylist, or a scenario (docs/modes.md)",
       tags: OWNED,
-      depends_on: guarded,
     }, { ignoreChanges: ["value"] }).gate(on);
     const logs = new Resource(this, "logs", "aws_cloudwatch_log_group", {
       name: `\${${v("log_group_name")}}`,
       retention_in_days: `\${${v("log_retention_days")}}`,
       tags: OWNED,
-      depends_on: guarded,
     }).gate(on);
 
     const assumeEcsTasks = JSON.stringify({
@@ -312,7 +312,6 @@ export class SinkholeStack extends TerraformStack {
       name: `\${${v("task_role_name")}}`,
       assume_role_policy: assumeEcsTasks,
       tags: OWNED,
-      depends_on: guarded,
     }).gate(on);
     new Resource(this, "task_policy", "aws_iam_role_policy", {
       name: "read-mode-parameter",
@@ -368,7 +367,6 @@ export class SinkholeStack extends TerraformStack {
       name: `\${${v("security_group_name")}}`,
       description: "sinkhole: SMTP from the VPC only",
       tags: OWNED,
-      depends_on: guarded,
       vpc_id: `\${${v("vpc_id")}}`,
       ingress: [{
         description: "SMTP from the VPC",
@@ -397,7 +395,6 @@ export class SinkholeStack extends TerraformStack {
     const discovery = new Resource(this, "discovery", "aws_service_discovery_service", {
       name: CLOUD_MAP_NAME,
       tags: OWNED,
-      depends_on: guarded,
       dns_config: {
         namespace_id: `\${${v("namespace_id")}}`,
         routing_policy: "MULTIVALUE",
@@ -406,6 +403,8 @@ export class SinkholeStack extends TerraformStack {
       // No health_check_custom_config (its failure_threshold is deprecated, and it forces a
       // replacement): as Cabalmail's own registration, so adopting one needs no replacement.
     }).gate(on);
+
+    guarded(mode, logs, taskRole, sg, discovery);
 
     // One deploy path in every account: ctl deploy rolls the running service to a new revision
     // (as Cabalmail's app workflow does), so the service's task definition and the container
