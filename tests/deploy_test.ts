@@ -4,7 +4,15 @@
  * in tests/infra_test.ts, on a task definition made as cabal-infra's sinkhole.tf makes it.
  */
 import { assertEquals } from "./assert.ts";
-import { deployTag, isStable, nextRevision, repositoryBasename, repositoryUri } from "../ctl/deploy.ts";
+import {
+  deploy,
+  deployTag,
+  isStable,
+  nextRevision,
+  repositoryBasename,
+  repositoryUri,
+  STABLE_WITHIN_MS,
+} from "../ctl/deploy.ts";
 import type { TaskDefinition } from "@aws-sdk/client-ecs";
 
 Deno.test("deploy: an image reference's repository basename (cabal-infra deploy-ecs-service.sh's rule)", () => {
@@ -98,4 +106,54 @@ Deno.test("deploy: stable as the services-stable waiter says", () => {
   assertEquals(isStable({ deployments: [{}], runningCount: 0, desiredCount: 0 }), true);
   assertEquals(isStable({ deployments: [{}, {}], runningCount: 1, desiredCount: 1 }), false);
   assertEquals(isStable({ deployments: [{}], runningCount: 0, desiredCount: 1 }), false);
+});
+
+/**
+ * A roll that never becomes stable. moto reports every service stable at once, so this one
+ * decision runs against a scripted ECS (a fake: nothing real here can hold a task unstarted),
+ * recording the calls the deploy makes.
+ */
+Deno.test("deploy: a roll that never becomes stable goes back to the revision that ran; the tag stays", async () => {
+  const calls: [string, Record<string, unknown>][] = [];
+  const running = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cabal-sinkhole:3";
+  const registered = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cabal-sinkhole:4";
+  let clock = 0;
+  const send = (cmd: { constructor: { name: string }; input: Record<string, unknown> }) => {
+    const name = cmd.constructor.name.replace(/Command$/, "");
+    calls.push([name, cmd.input]);
+    if (name === "DescribeServices") {
+      const onNew = calls.some(([n, i]) => n === "UpdateService" && i.taskDefinition === registered);
+      return Promise.resolve({
+        services: [{
+          status: "ACTIVE",
+          serviceArn: "arn:aws:ecs:eu-west-1:123456789012:service/cabal-mail/cabal-sinkhole",
+          taskDefinition: onNew ? registered : running,
+          desiredCount: 1,
+          runningCount: 0,
+          deployments: onNew ? [{}, {}] : [{}],
+        }],
+      });
+    }
+    if (name === "DescribeTaskDefinition") {
+      return Promise.resolve({ taskDefinition: cabalmails("x/cabal-sinkhole:sha-1") });
+    }
+    if (name === "RegisterTaskDefinition") {
+      return Promise.resolve({ taskDefinition: { taskDefinitionArn: registered } });
+    }
+    return Promise.resolve({});
+  };
+  const d = {
+    env: { name: "stage", cluster: "cabal-mail", sinkholeService: "cabal-sinkhole", imageTagParameter: "/p" },
+    ecs: { send },
+    ssm: { send },
+    now: () => clock,
+    sleep: (ms: number) => (clock += ms, Promise.resolve()),
+    pollMs: 15_000,
+  } as unknown as Parameters<typeof deploy>[0];
+  const report = await deploy(d, "sha-0123abcd");
+  assertEquals(report.failed, true);
+  const updates = calls.filter(([n]) => n === "UpdateService").map(([, i]) => i.taskDefinition);
+  assertEquals(updates, [registered, running], "rolled to the new revision, then back to the one that ran");
+  assertEquals(calls.filter(([n]) => n === "PutParameter").length, 0, "the tag parameter is left as it was");
+  assertEquals(clock >= STABLE_WITHIN_MS, true, "it waited the whole window");
 });
