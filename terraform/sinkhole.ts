@@ -322,6 +322,7 @@ export class SinkholeStack extends TerraformStack {
     const executionRole = new Data(this, "execution_role", "aws_iam_role", { name: `\${${v("execution_role_name")}}` })
       .gate(on);
 
+    new Resource(this, "image_tag_seen", "terraform_data", { input: `\${${tag}}` }).gate(on);
     const task = new Resource(this, "task", "aws_ecs_task_definition", {
       family: `\${${v("service_name")}}`,
       network_mode: "awsvpc",
@@ -358,8 +359,11 @@ export class SinkholeStack extends TerraformStack {
 }])}`,
     }, {
       // ctl deploy rolls new revisions, as Cabalmail's deploy does (its sinkhole.tf:267-268):
-      // Terraform registers the first from the image tag parameter and never rolls one back.
+      // Terraform never rolls one back. Its own revision follows the tag ctl deploy stored (a
+      // new tag replaces it, with that image), so a service Terraform (re)creates runs the
+      // deployed image too; the running service's task definition is ignored either way.
       ignoreChanges: ["container_definitions"],
+      replaceTriggeredBy: ["terraform_data.image_tag_seen"],
       precondition: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
     }).gate(on);
 

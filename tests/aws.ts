@@ -288,7 +288,8 @@ export async function recordedActions(file: string, accessKeyId: string): Promis
     const header = (name: string) => Object.entries(entry.headers).find(([k]) => k.toLowerCase() === name)?.[1] ?? "";
     const credential = /Credential=([^/]+)\/[^/]+\/[^/]+\/([^/]+)\//.exec(header("authorization"));
     if (!credential || credential[1] !== accessKeyId) continue;
-    const scope = credential[2];
+    // CloudWatch signs as "monitoring"; IAM names its actions cloudwatch:*.
+    const scope = credential[2] === "monitoring" ? "cloudwatch" : credential[2];
     const url = new URL(entry.url);
     const body = entry.body_encoded
       ? new TextDecoder().decode(Uint8Array.from(atob(entry.body ?? ""), (c) => c.charCodeAt(0)))

@@ -115,6 +115,19 @@ function motoPolicy(policy: Json, without?: string): Json {
 
 type Creds = Record<string, string>;
 
+/** Terraform's CLI configuration: the hashicorp/aws provider from the machine's mirror, nothing downloaded. */
+const cliConfig = () =>
+  `provider_installation {
+  filesystem_mirror {
+    path    = "${mirror()}"
+    include = ["registry.terraform.io/hashicorp/aws"]
+  }
+  direct {
+    exclude = ["registry.terraform.io/hashicorp/aws"]
+  }
+}
+`;
+
 /** Terraform in a workspace of its own: the CLI config (the provider mirror) and an override pointing at `endpoint`. */
 async function terraformDir(source: string, endpoint: string, creds: Creds, extra = "") {
   const dir = await Deno.makeTempDir({ prefix: "sinkhole-infra-" });
@@ -132,19 +145,7 @@ ${endpoints}
 }
 `,
   );
-  await Deno.writeTextFile(
-    `${dir}/cli.tfrc`,
-    `provider_installation {
-  filesystem_mirror {
-    path    = "${mirror()}"
-    include = ["registry.terraform.io/hashicorp/aws"]
-  }
-  direct {
-    exclude = ["registry.terraform.io/hashicorp/aws"]
-  }
-}
-`,
-  );
+  await Deno.writeTextFile(`${dir}/cli.tfrc`, cliConfig());
   return terraform(dir, `${dir}/root`, endpoint, creds);
 }
 
@@ -207,16 +208,6 @@ async function cabalmailAccount(sinkhole: boolean) {
       LEGACY_TAG,
       "--type",
       "String",
-    );
-    await awsCliAs(
-      region,
-      moto.url,
-      "s3api",
-      "create-bucket",
-      "--bucket",
-      STATE_BUCKET,
-      "--create-bucket-configuration",
-      `LocationConstraint=${REGION}`,
     );
     const cabal = await terraformDir(`${ROOT}/tests/cabal-infra`, moto.url, {});
     cleanup.push(() => Deno.remove(cabal.dir, { recursive: true }));
@@ -284,39 +275,14 @@ ${endpoints}
 }
 `,
   );
-  await Deno.writeTextFile(
-    `${dir}/cli.tfrc`,
-    `provider_installation {
-  filesystem_mirror {
-    path    = "${mirror()}"
-    include = ["registry.terraform.io/hashicorp/aws"]
-  }
-  direct {
-    exclude = ["registry.terraform.io/hashicorp/aws"]
-  }
-}
-`,
-  );
+  await Deno.writeTextFile(`${dir}/cli.tfrc`, cliConfig());
   const t = terraform(dir, live, account.moto.url, account.deploy);
-  /** `init` with the workflow's -backend-config, and the backend's own endpoint at moto. */
-  const init = () =>
-    t.tf(
-      {},
-      "init",
-      `-backend-config=bucket=${STATE_BUCKET}`,
-      `-backend-config=key=sinkhole/${ENVIRONMENT}.tfstate`,
-      `-backend-config=region=${REGION}`,
-      // The backend's own endpoint and checks: moto instead of S3 (not set by the workflow).
-      `-backend-config=endpoints={s3="${account.moto.url}"}`,
-      "-backend-config=use_path_style=true",
-      "-backend-config=skip_credentials_validation=true",
-      "-backend-config=skip_requesting_account_id=true",
-      // moto's S3 signature check fails on any query value holding ':' or '/' (SignatureDoesNotMatch; the aws
-      // CLI's own list-objects-v2 --prefix env:/ fails the same), and the backend lists its workspaces with the
-      // prefix env:/ on every init: the state's calls run as the administrator, the provider's as the deploy user.
-      `-backend-config=access_key=${account.admin.AWS_ACCESS_KEY_ID}`,
-      `-backend-config=secret_key=${account.admin.AWS_SECRET_ACCESS_KEY}`,
-    );
+  // The state in a local file: moto's S3 signature check fails on any query value holding ':' or '/'
+  // (SignatureDoesNotMatch; the aws CLI's own list-objects-v2 --prefix env:/ fails the same), and the S3
+  // backend lists its workspaces with the prefix env:/ on every init, whoever signs. The S3 backend with
+  // the workflow's -backend-config is tested without enforcement (the test after these).
+  await Deno.writeTextFile(`${live}/backend_override.tf`, 'terraform {\n  backend "local" {}\n}\n');
+  const init = () => t.tf({}, "init");
   const outputs = async () => {
     const res = await t.tf({}, "output", "-json");
     assertEquals(res.code, 0, res.out);
@@ -536,28 +502,10 @@ Deno.test({
     const ctl = ctlAs(account, envFile);
     const { aws } = account;
     try {
-      await t.step("init from the mirror into the S3 backend, with the workflow's -backend-config", async () => {
+      await t.step("init from the mirror", async () => {
         const res = await root.init();
         assertEquals(res.code, 0, res.out);
-        const lock = await Deno.readTextFile(`${root.live}/.terraform.lock.hcl`);
-        const committed = await Deno.readTextFile(`${ROOT}/terraform/live/.terraform.lock.hcl`);
-        assertEquals(lock, committed, "init agrees with the committed lock file (the pinned provider's checksum)");
       });
-
-      await t.step(
-        "a plan without the DescribeParameters statement is denied (the provider reads parameters)",
-        async () => {
-          const creds = await userWithPolicy(
-            account.moto.url,
-            "sinkhole-deploy-without-describe",
-            motoPolicy(documentedPolicy(), "DescribeParameters"),
-            { ...account.admin, ...account.region },
-          );
-          const plan = await root.tf(creds, "plan");
-          assertEquals(plan.code, 1, plan.out);
-          assertMatch(plan.out, /DescribeParameters/);
-        },
-      );
 
       await t.step(
         "apply, tier on, no image yet: made from what is missing, under Cabalmail's execution role",
@@ -579,6 +527,21 @@ Deno.test({
           const td = await taskDefinition(account, svc!.taskDefinition);
           assertEquals(td.executionRoleArn, `arn:aws:iam::${ACCOUNT}:role/cabal-ecs-execution-role`);
           assertEquals(await account.cabalChanges(), [], "Cabalmail's plan: no change");
+        },
+      );
+
+      await t.step(
+        "a plan without the DescribeParameters statement is denied (the provider reads the mode parameter it made)",
+        async () => {
+          const creds = await userWithPolicy(
+            account.moto.url,
+            "sinkhole-deploy-without-describe",
+            motoPolicy(documentedPolicy(), "DescribeParameters"),
+            { ...account.admin, ...account.region },
+          );
+          const plan = await root.tf({ ...creds, ...vars(true) }, "plan");
+          assertEquals(plan.code, 1, plan.out);
+          assertMatch(plan.out, /DescribeParameters/);
         },
       );
 
@@ -698,14 +661,63 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "infra: init from the mirror into the S3 backend, with the workflow's -backend-config; the committed lock file",
+  ignore: tools.ignore,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    assertTools(tools.missing);
+    const moto = await startMoto();
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-init-" });
+    try {
+      const region = { AWS_REGION: REGION, AWS_DEFAULT_REGION: REGION };
+      await awsCliAs(
+        region,
+        moto.url,
+        "s3api",
+        "create-bucket",
+        "--bucket",
+        STATE_BUCKET,
+        "--create-bucket-configuration",
+        `LocationConstraint=${REGION}`,
+      );
+      await run("cp", ["-r", `${ROOT}/terraform`, `${dir}/terraform`]);
+      await Deno.remove(`${dir}/terraform/live/.terraform`, { recursive: true }).catch(() => {});
+      await Deno.writeTextFile(`${dir}/cli.tfrc`, cliConfig());
+      const t = terraform(dir, `${dir}/terraform/live`, moto.url, {});
+      const res = await t.tf(
+        {},
+        "init",
+        `-backend-config=bucket=${STATE_BUCKET}`,
+        `-backend-config=key=sinkhole/${ENVIRONMENT}.tfstate`,
+        `-backend-config=region=${REGION}`,
+        // The backend's own endpoint and checks: moto instead of S3 (not set by the workflow).
+        `-backend-config=endpoints={s3="${moto.url}"}`,
+        "-backend-config=use_path_style=true",
+        "-backend-config=skip_credentials_validation=true",
+        "-backend-config=skip_requesting_account_id=true",
+      );
+      assertEquals(res.code, 0, res.out);
+      assertMatch(res.out, /Successfully configured the backend "s3"/);
+      const lock = await Deno.readTextFile(`${dir}/terraform/live/.terraform.lock.hcl`);
+      const committed = await Deno.readTextFile(`${ROOT}/terraform/live/.terraform.lock.hcl`);
+      assertEquals(lock, committed, "init agrees with the committed lock file (the pinned provider's checksum)");
+    } finally {
+      await moto.close();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
 /**
  * Statements whose actions moto cannot show a need for, and why. Every other statement must
  * grant an action the runs above called that no other statement grants: without it, that call
  * is denied (the two removal steps above show moto denying).
  */
 const NOT_SHOWN_IN_MOTO: Record<string, string> = {
-  TerraformState: "the state's calls run as the administrator: moto's S3 signature check fails the backend's listing",
-  TerraformStateObjects: "the same: the state's calls run as the administrator (see sinkholeRoot's init)",
+  TerraformState: "the state is a local file under enforcement: moto's S3 signature check fails the backend's listing",
+  TerraformStateObjects: "the same (see sinkholeRoot)",
   EcsExec: "moto has no ECS Exec: the probe, cleanup --purge-queue and check's queue look run commands in smtp-out",
   PassTaskRoles: "moto does not check iam:PassRole (RegisterTaskDefinition and CreateService need it in AWS)",
   EcrLogin: "no docker engine here: the image job's docker login calls ecr:GetAuthorizationToken",

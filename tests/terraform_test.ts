@@ -96,6 +96,15 @@ Deno.test("terraform: task definition: EC2, awsvpc, 64/128 MB, health check with
   const task = res("aws_ecs_task_definition", "task");
   assertEquals(task.count, GATED);
   assertEquals(task.lifecycle.ignore_changes, ["container_definitions"], "ctl deploy rolls; an apply never rolls back");
+  assertEquals(
+    task.lifecycle.replace_triggered_by,
+    ["terraform_data.image_tag_seen"],
+    "its own revision follows the tag",
+  );
+  assertEquals(
+    res("terraform_data", "image_tag_seen").input,
+    "${nonsensitive(data.aws_ssm_parameter.image_tag.value)}",
+  );
   assertEquals(res("aws_ecs_service", "service").lifecycle, { ignore_changes: ["task_definition"] });
   assertEquals(task.execution_role_arn, "${one(data.aws_iam_role.execution_role[*].arn)}");
   assertEquals(
