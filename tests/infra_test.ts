@@ -100,7 +100,8 @@ function documentedPolicy(): Json {
 /**
  * That policy as moto can hold it: ACCOUNT and STATE_BUCKET filled in; every non-S3 statement's
  * resource "*" and no condition (moto authorizes those actions against "*" only, so a scoped
- * statement would grant nothing there); S3 statements as printed (moto checks their resources).
+ * statement would grant nothing there); S3 statements as printed (moto checks their resources);
+ * each cloudwatch:X also as monitoring:X, the name moto checks.
  */
 function motoPolicy(policy: Json, without?: string): Json {
   const text = JSON.stringify(policy).replaceAll("ACCOUNT", ACCOUNT).replaceAll("STATE_BUCKET", STATE_BUCKET);
@@ -108,7 +109,11 @@ function motoPolicy(policy: Json, without?: string): Json {
     const actions = [s.Action].flat() as string[];
     if (actions.every((a) => a.startsWith("s3:"))) return s;
     const { Condition: _, ...rest } = s;
-    return { ...rest, Resource: "*" };
+    // moto names CloudWatch's actions by its signing name, monitoring:*, where IAM says cloudwatch:*.
+    const named = actions.flatMap((a) =>
+      a.startsWith("cloudwatch:") ? [a, a.replace("cloudwatch:", "monitoring:")] : [a]
+    );
+    return { ...rest, Action: named, Resource: "*" };
   });
   return { Version: "2012-10-17", Statement: statements };
 }
