@@ -131,6 +131,11 @@ export const OPTIONS = {
     number: { above: -1, atMost: 30 * 24 * 3600, unit: "seconds" },
     help: "the delivery must come within this long of the first attempt",
   },
+  tag: {
+    kind: "value",
+    arg: "sha-XXXXXXXX",
+    help: "the image tag already pushed to cabal-sinkhole, to roll the tier to",
+  },
   help: { kind: "flag", help: "print this help" },
 } as const satisfies Record<string, OptionSpec>;
 
@@ -216,6 +221,13 @@ const COMMAND_TABLE = [
     options: [...COMMON, "file", "since", "message-id", "attempts", "interval", "delivered-once", "within"],
     unwanted: "an expectation is not met",
     example: "deno task ctl expect user@example.test --attempts 3 --delivered-once --file sinkhole.log",
+  },
+  {
+    name: "deploy",
+    summary: "roll the tier's service to a pushed image (a new task-definition revision), wait, store the tag",
+    target: "env",
+    options: [...COMMON, "tag"],
+    example: "deno task ctl deploy --tag sha-0123abcd --env stage",
   },
 ] as const satisfies readonly CommandSpec[];
 

@@ -28,6 +28,7 @@ import {
   refuseProductionName,
   resolveEnvironment,
 } from "./environments.ts";
+import { deploy, deployTag } from "./deploy.ts";
 import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
 import { Ledger, type LedgerAnswer, ledgerAnswer, parseRange, readLedger } from "./report.ts";
@@ -112,6 +113,8 @@ interface Checked {
   expect?: commands.Outcome;
   mode?: commands.ValidMode;
   messageId?: string;
+  /** deploy's image tag, checked (deploy.ts's pattern). */
+  tag?: string;
   ledger: LedgerOptions;
 }
 
@@ -123,6 +126,7 @@ const RUNNERS: Record<CommandName, (d: commands.Deps, c: Checked) => Promise<com
   probe: (d, c) => commands.probe(d, c.expect, c.timeout * 1000),
   cleanup: (d, c) => commands.cleanup(d, { purgeQueue: c.parsed.values["purge-queue"] === true }),
   check: (d, c) => commands.check(d, { modeAgeMs: c.modeAge * 60_000, queueAgeMs: c.queueAge * 60_000 }),
+  deploy: (d, c) => deploy(d, c.tag!),
   report: ledgerFromLogs,
   expect: ledgerFromLogs,
 };
@@ -181,6 +185,7 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   const envName = optionValue("env", o.env);
   const environmentsFile = optionValue("environments", o.environments);
   if (command.name === "mode set") checked.mode = commands.validateMode(parsed.arg!);
+  if (command.name === "deploy") checked.tag = deployTag(o.tag);
   if (command.target === "env-or-file" && (file === undefined) === (envName === undefined)) {
     throw new UsageError(`${command.name} reads either --file FILE|- or --env NAME, exactly one`);
   }

@@ -269,3 +269,87 @@ export function shipLogs(l: Listener, endpoint: string, group: string, env: Reco
   })();
   return { stop: async () => (running = false, await done) };
 }
+
+/**
+ * The AWS actions a caller made, as IAM names them (`ecs:DescribeServices`), read from moto's
+ * own request recording (MOTO_RECORDER_FILEPATH, started by startRecording): the caller by the
+ * access key in each request's SigV4 credential, the service from its credential scope, the
+ * action from X-Amz-Target (JSON protocols), the Action parameter (query protocols) or, for S3,
+ * the method and path (GetObject, PutObject, DeleteObject, ListBucket).
+ */
+export async function recordedActions(file: string, accessKeyId: string): Promise<Set<string>> {
+  const actions = new Set<string>();
+  const text = await Deno.readTextFile(file).catch(() => "");
+  for (const line of text.split("\n").filter(Boolean)) {
+    const entry = JSON.parse(line) as {
+      headers: Record<string, string>;
+      method: string;
+      url: string;
+      body?: string;
+      body_encoded?: boolean;
+    };
+    const header = (name: string) => Object.entries(entry.headers).find(([k]) => k.toLowerCase() === name)?.[1] ?? "";
+    const credential = /Credential=([^/]+)\/[^/]+\/[^/]+\/([^/]+)\//.exec(header("authorization"));
+    if (!credential || credential[1] !== accessKeyId) continue;
+    // CloudWatch signs as "monitoring"; IAM names its actions cloudwatch:*.
+    const scope = credential[2] === "monitoring" ? "cloudwatch" : credential[2];
+    const url = new URL(entry.url);
+    const body = entry.body_encoded
+      ? new TextDecoder().decode(Uint8Array.from(atob(entry.body ?? ""), (c) => c.charCodeAt(0)))
+      : entry.body ?? "";
+    let action: string | undefined;
+    if (scope === "s3") {
+      const key = url.pathname.split("/").slice(2).join("/");
+      action = key
+        ? ({ GET: "GetObject", HEAD: "GetObject", PUT: "PutObject", DELETE: "DeleteObject" } as Record<string, string>)[
+          entry.method
+        ]
+        : ["GET", "HEAD"].includes(entry.method)
+        ? "ListBucket"
+        : `${entry.method}Bucket`;
+    } else if (header("x-amz-target")) action = header("x-amz-target").split(".").pop();
+    else {action = new URLSearchParams(body).get("Action") ?? url.searchParams.get("Action") ??
+        `${entry.method} ${url.pathname}`;}
+    actions.add(`${scope}:${action}`);
+  }
+  return actions;
+}
+
+/** moto records every request from now on (into its MOTO_RECORDER_FILEPATH). */
+export async function startRecording(endpoint: string): Promise<void> {
+  const res = await fetch(`${endpoint}/moto-api/recorder/start-recording`, { method: "POST" });
+  assertEquals(res.status, 200, await res.text());
+}
+
+/** Credentials of a new IAM user in moto whose only policy is `policy`, made with the credentials in `as`. */
+export async function userWithPolicy(
+  endpoint: string,
+  name: string,
+  policy: unknown,
+  as: Record<string, string> = {},
+): Promise<{ AWS_ACCESS_KEY_ID: string; AWS_SECRET_ACCESS_KEY: string }> {
+  await awsCliAs(as, endpoint, "iam", "create-user", "--user-name", name);
+  await awsCliAs(
+    as,
+    endpoint,
+    "iam",
+    "put-user-policy",
+    "--user-name",
+    name,
+    "--policy-name",
+    "only",
+    "--policy-document",
+    JSON.stringify(policy),
+  );
+  const key = (await awsCliAs(as, endpoint, "iam", "create-access-key", "--user-name", name)).AccessKey as {
+    AccessKeyId: string;
+    SecretAccessKey: string;
+  };
+  return { AWS_ACCESS_KEY_ID: key.AccessKeyId, AWS_SECRET_ACCESS_KEY: key.SecretAccessKey };
+}
+
+/** From now on moto checks every request's signature and the caller's policies (moto's reset-auth). */
+export async function enforceIam(endpoint: string): Promise<void> {
+  const res = await fetch(`${endpoint}/moto-api/reset-auth`, { method: "POST", body: "0" });
+  assertEquals(res.status, 200, await res.text());
+}

@@ -5,7 +5,14 @@
  * No prebuilt provider bindings: resources are declared by their Terraform type with
  * snake_case attributes (`Resource` below), so the module needs only `hashicorp/aws`.
  */
-import { TerraformOutput, TerraformResource, TerraformStack, TerraformVariable, Testing } from "cdktf";
+import {
+  TerraformDataSource,
+  TerraformOutput,
+  TerraformResource,
+  TerraformStack,
+  TerraformVariable,
+  Testing,
+} from "cdktf";
 import type { TerraformResourceLifecycle } from "cdktf";
 import { Construct } from "constructs";
 
@@ -37,6 +44,24 @@ export const GUARD_MESSAGE =
   "prod-eu, any case or punctuation), and not when the target cluster is tagged as production (its environment " +
   "tag, which Cabalmail's default_tags put on every resource of the account). Nothing can allow it: the tier " +
   "answers mail with operator-chosen failures and would defer, bounce or swallow real mail.";
+
+/**
+ * Cabalmail's own sinkhole tier, by the names only it uses (cabal-infra
+ * terraform/infra/modules/ecs/sinkhole.tf:29 and :89): when either exists, this module must not
+ * make a tier beside it; the image goes into that one (ctl deploy, docs/deploy.md).
+ */
+export const CABALMAIL_TIER_SECURITY_GROUP = "cabal-ecs-sinkhole-sg";
+export const CABALMAIL_TIER_TASK_ROLE = "cabal-ecs-sinkhole-task-role";
+/** Cabalmail's execution role: the only task role its cabal-sinkhole repository policy lets pull (cabal-infra terraform/infra/main.tf:315-328, modules/ecr/main.tf:104-133). */
+export const CABALMAIL_EXECUTION_ROLE = "cabal-ecs-execution-role";
+/** The tag this module puts on what it creates, so a plan can tell its own resources from another state's of the same name. */
+export const OWNER_TAG = { key: "sinkhole-module", value: "owned" } as const;
+const OWNED = { [OWNER_TAG.key]: OWNER_TAG.value };
+export const CABALMAIL_TIER_MESSAGE =
+  `Cabalmail's own sinkhole tier is in this account (${CABALMAIL_TIER_TASK_ROLE} or ${CABALMAIL_TIER_SECURITY_GROUP}: ` +
+  "cabal-infra's modules/ecs/sinkhole.tf, var.sinkhole). This module would make a second tier under the same " +
+  "names. Leave SINKHOLE unset here and deliver the image into Cabalmail's tier: the image workflow pushes it " +
+  'and runs `deno task ctl deploy` (docs/deploy.md, "Cabalmail\'s tier exists").';
 
 /** The HCL test for "this name says production": lower case, letters only, starting with prod. */
 export const prodName = (expr: string) => `startswith(replace(lower(${expr}), "/[^a-z]/", ""), "prod")`;
@@ -75,6 +100,32 @@ export class Resource extends TerraformResource {
   }
 }
 
+/** A Terraform data source by type, with its arguments as Terraform spells them. */
+export class Data extends TerraformDataSource {
+  constructor(scope: Construct, id: string, type: string, private readonly attributes: Record<string, unknown>) {
+    super(scope, id, { terraformResourceType: type });
+  }
+
+  protected override synthesizeAttributes(): Record<string, unknown> {
+    return this.attributes;
+  }
+
+  gate(condition: string): this {
+    this.addOverride("count", `\${${condition} ? 1 : 0}`);
+    return this;
+  }
+
+  expr(attribute: string, gated = false): string {
+    const address = `data.${this.terraformResourceType}.${this.friendlyUniqueId}`;
+    return gated ? `one(${address}[*].${attribute})` : `${address}.${attribute}`;
+  }
+
+  /** A list attribute of a gated data source, flattened (empty while the gate is off). */
+  all(attribute: string): string {
+    return `flatten(data.${this.terraformResourceType}.${this.friendlyUniqueId}[*].${attribute})`;
+  }
+}
+
 const v = (name: string) => `var.${name}`;
 
 /** The guard, in HCL: neither the environment's name nor the cluster's environment tag says production. */
@@ -110,7 +161,8 @@ export class SinkholeStack extends TerraformStack {
     variable("sinkhole", {
       type: "bool",
       default: false,
-      description: "Run the sinkhole tier. The ECR repository and the SSM parameters exist either way.",
+      description: "Make the sinkhole tier here: only where Cabalmail's own tier is not (the plan stops otherwise). " +
+        "The ECR repository and the image tag parameter are Cabalmail's, looked up, never created.",
     });
     variable("quiesced", {
       type: "bool",
@@ -164,55 +216,92 @@ export class SinkholeStack extends TerraformStack {
     name("log_group_name", `/ecs/${SERVICE_NAME}`, "The sinkhole's log group");
     name("security_group_name", SERVICE_NAME, "The task's security group");
     name("task_role_name", `${SERVICE_NAME}-task`, "The task role (reads the mode parameter)");
-    name("execution_role_name", `${SERVICE_NAME}-execution`, "The execution role (pulls the image, writes logs)");
+    variable("execution_role_name", {
+      type: "string",
+      default: CABALMAIL_EXECUTION_ROLE,
+      description: "The existing execution role the task pulls and logs under: Cabalmail's, the one its " +
+        "cabal-sinkhole repository policy lets pull (a role of this module's own would be denied).",
+    });
 
-    // --- Always: the guard, the repository and the parameters ----------------------------
+    // --- Always: the guard, and what Cabalmail's Terraform always makes, looked up ---------
     // One more layer for a root that skips the variables' validation (e.g. passes no tags):
     // every plan fails here, before anything is created, in production.
     new Resource(this, "production_guard", "terraform_data", { input: `\${${v("environment")}}` }, {
       precondition: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
     });
-    const repo = new Resource(this, "repository", "aws_ecr_repository", {
-      name: REPOSITORY_NAME,
-      image_tag_mutability: "IMMUTABLE",
-      image_scanning_configuration: { scan_on_push: true },
-    }, { preventDestroy: true });
-    new Resource(this, "repository_expiry", "aws_ecr_lifecycle_policy", {
-      repository: repo.ref("name"),
-      // Only untagged images (a re-pushed manifest's leftovers) expire: every tagged image,
-      // the running one among them, stays until someone deletes it (docs/deploy.md).
-      policy: JSON.stringify({
-        rules: [
-          {
-            rulePriority: 1,
-            description: "Expire untagged images after 7 days; tagged images, the running one among them, never",
-            selection: { tagStatus: "untagged", countType: "sinceImagePushed", countUnit: "days", countNumber: 7 },
-            action: { type: "expire" },
-          },
-        ],
-      }),
-    });
-    const mode = new Resource(this, "mode", "aws_ssm_parameter", {
-      name: `\${${v("mode_parameter_name")}}`,
-      type: "String",
-      value: "defer",
-      description: "sinkhole mode: defer, bounce, accept, accept-log, greylist, or a scenario (docs/modes.md)",
-    }, { ignoreChanges: ["value"] });
-    const imageTag = new Resource(this, "image_tag", "aws_ssm_parameter", {
-      name: `\${${v("image_tag_parameter_name")}}`,
-      type: "String",
-      value: PLACEHOLDER_IMAGE_TAG,
-      description:
-        `sinkhole image tag to run, written by the image workflow; ${PLACEHOLDER_IMAGE_TAG}: none pushed yet`,
-    }, { ignoreChanges: ["value"] });
+    // cabal-infra creates both in every account, whatever its var.sinkhole says
+    // (terraform/infra/modules/ecr/main.tf:51-67; terraform/infra/main.tf:62-72): never a second.
+    const repo = new Data(this, "repository", "aws_ecr_repository", { name: REPOSITORY_NAME });
+    const imageTag = new Data(this, "image_tag", "aws_ssm_parameter", { name: `\${${v("image_tag_parameter_name")}}` });
 
     // --- Gated on var.sinkhole ------------------------------------------------------------
     const on = v("sinkhole");
     const tag = `nonsensitive(${imageTag.expr("value")})`;
     const hasImage = `${tag} != "${PLACEHOLDER_IMAGE_TAG}"`;
+
+    // What would collide, read before anything is made: Cabalmail's tier by the names only it
+    // uses, and the same-named log group and mode parameter when they are not this module's
+    // (its own carry OWNER_TAG; a parameter is taken as this module's when its log group is).
+    const cabalRoles = new Data(this, "cabalmail_tier_role", "aws_iam_roles", {
+      name_regex: `^${CABALMAIL_TIER_TASK_ROLE}$`,
+    }).gate(on);
+    const cabalGroups = new Data(this, "cabalmail_tier_security_group", "aws_security_groups", {
+      filter: [
+        { name: "group-name", values: [CABALMAIL_TIER_SECURITY_GROUP] },
+        { name: "vpc-id", values: [`\${${v("vpc_id")}}`] },
+      ],
+    }).gate(on);
+    const groups = new Data(this, "existing_log_groups", "aws_cloudwatch_log_groups", {
+      log_group_name_prefix: `\${${v("log_group_name")}}`,
+    }).gate(on);
+    const existingGroup = new Data(this, "existing_log_group", "aws_cloudwatch_log_group", {
+      name: "${each.key}",
+    });
+    existingGroup.addOverride(
+      "for_each",
+      `\${toset([for n in ${groups.all("log_group_names")} : n if n == ${v("log_group_name")}])}`,
+    );
+    const ownGroup = `alltrue([for g in values(data.aws_cloudwatch_log_group.${existingGroup.friendlyUniqueId}) : ` +
+      `lookup(g.tags, "${OWNER_TAG.key}", "") == "${OWNER_TAG.value}"])`;
+    const noGroup = `length(data.aws_cloudwatch_log_group.${existingGroup.friendlyUniqueId}) == 0`;
+    const parameters = new Data(this, "existing_parameters", "aws_ssm_parameters_by_path", {
+      path: `\${replace(${v("mode_parameter_name")}, "/[/][^/]*$/", "")}`,
+    }).gate(on);
+    const paramExists = `contains(${parameters.all("names")}, ${v("mode_parameter_name")})`;
+    new Resource(this, "collision_guard", "terraform_data", { input: `\${${v("service_name")}}` }, {
+      precondition: [
+        {
+          condition: `\${length(${cabalRoles.all("names")}) == 0 && ` +
+            `length(${cabalGroups.all("ids")}) == 0}`,
+          errorMessage: CABALMAIL_TIER_MESSAGE,
+        },
+        {
+          condition: `\${${ownGroup}}`,
+          errorMessage: `The log group \${${v("log_group_name")}} exists and is not this module's (no ` +
+            `${OWNER_TAG.key} tag): another state owns it. ${CABALMAIL_TIER_MESSAGE}`,
+        },
+        {
+          condition: `\${!${paramExists} || (!(${noGroup}) && ${ownGroup})}`,
+          errorMessage: `The parameter \${${v("mode_parameter_name")}} exists and this module's tier does ` +
+            `not: another state owns it. ${CABALMAIL_TIER_MESSAGE}`,
+        },
+      ],
+    }).gate(on);
+    /** Made only after the collision guard's preconditions held. */
+    const guarded = (...rs: Resource[]) =>
+      rs.forEach((r) => r.addOverride("depends_on", ["terraform_data.collision_guard"]));
+
+    const mode = new Resource(this, "mode", "aws_ssm_parameter", {
+      name: `\${${v("mode_parameter_name")}}`,
+      type: "String",
+      value: "defer",
+      description: "sinkhole mode: defer, bounce, accept, accept-log, greylist, or a scenario (docs/modes.md)",
+      tags: OWNED,
+    }, { ignoreChanges: ["value"] }).gate(on);
     const logs = new Resource(this, "logs", "aws_cloudwatch_log_group", {
       name: `\${${v("log_group_name")}}`,
       retention_in_days: `\${${v("log_retention_days")}}`,
+      tags: OWNED,
     }).gate(on);
 
     const assumeEcsTasks = JSON.stringify({
@@ -222,35 +311,25 @@ export class SinkholeStack extends TerraformStack {
     const taskRole = new Resource(this, "task_role", "aws_iam_role", {
       name: `\${${v("task_role_name")}}`,
       assume_role_policy: assumeEcsTasks,
+      tags: OWNED,
     }).gate(on);
     new Resource(this, "task_policy", "aws_iam_role_policy", {
       name: "read-mode-parameter",
       role: taskRole.ref("id", true),
       policy: `\${jsonencode({Version = "2012-10-17", Statement = [{Effect = "Allow", Action = "ssm:GetParameter", ` +
-        `Resource = ${mode.expr("arn")}}]})}`,
+        `Resource = ${mode.expr("arn", true)}}]})}`,
     }).gate(on);
+    const executionRole = new Data(this, "execution_role", "aws_iam_role", { name: `\${${v("execution_role_name")}}` })
+      .gate(on);
 
-    const executionRole = new Resource(this, "execution_role", "aws_iam_role", {
-      name: `\${${v("execution_role_name")}}`,
-      assume_role_policy: assumeEcsTasks,
-    }).gate(on);
-    new Resource(this, "execution_policy", "aws_iam_role_policy", {
-      name: "pull-image-write-logs",
-      role: executionRole.ref("id", true),
-      policy: `\${jsonencode({Version = "2012-10-17", Statement = [` +
-        `{Effect = "Allow", Action = "ecr:GetAuthorizationToken", Resource = "*"}, ` +
-        `{Effect = "Allow", Action = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"], ` +
-        `Resource = ${repo.expr("arn")}}, ` +
-        `{Effect = "Allow", Action = ["logs:CreateLogStream", "logs:PutLogEvents"], ` +
-        `Resource = "\${${logs.expr("arn", true)}}:*"}]})}`,
-    }).gate(on);
-
+    new Resource(this, "image_tag_seen", "terraform_data", { input: `\${${tag}}` }).gate(on);
     const task = new Resource(this, "task", "aws_ecs_task_definition", {
       family: `\${${v("service_name")}}`,
       network_mode: "awsvpc",
       requires_compatibilities: ["EC2"],
       task_role_arn: taskRole.ref("arn", true),
-      execution_role_arn: executionRole.ref("arn", true),
+      execution_role_arn: `\${${executionRole.expr("arn", true)}}`,
+      tags: OWNED,
       container_definitions: `\${jsonencode([{
   name = "${CONTAINER_NAME}"
   image = "\${${repo.expr("repository_url")}}:\${${tag}}"
@@ -261,7 +340,7 @@ export class SinkholeStack extends TerraformStack {
   portMappings = [{ containerPort = ${SMTP_PORT}, protocol = "tcp" }]
   systemControls = [{ namespace = "net.ipv4.ip_unprivileged_port_start", value = "${SMTP_PORT}" }]
   environment = [
-    { name = "SINKHOLE_MODE_PARAM", value = ${mode.expr("name")} },
+    { name = "SINKHOLE_MODE_PARAM", value = ${v("mode_parameter_name")} },
     { name = "SINKHOLE_SERVER_NAME", value = "${CLOUD_MAP_NAME}.\${${v("namespace_name")}}" },
     { name = "SINKHOLE_CACHE_TTL", value = tostring(${v("cache_ttl_seconds")}) },
     { name = "AWS_REGION", value = ${v("region")} },
@@ -279,12 +358,19 @@ export class SinkholeStack extends TerraformStack {
   }
 }])}`,
     }, {
+      // ctl deploy rolls new revisions, as Cabalmail's deploy does (its sinkhole.tf:267-268):
+      // Terraform never rolls one back. Its own revision follows the tag ctl deploy stored (a
+      // new tag replaces it, with that image), so a service Terraform (re)creates runs the
+      // deployed image too; the running service's task definition is ignored either way.
+      ignoreChanges: ["container_definitions"],
+      replaceTriggeredBy: ["terraform_data.image_tag_seen"],
       precondition: [{ condition: `\${${GUARD_CONDITION}}`, errorMessage: GUARD_MESSAGE }],
     }).gate(on);
 
     const sg = new Resource(this, "security_group", "aws_security_group", {
       name: `\${${v("security_group_name")}}`,
       description: "sinkhole: SMTP from the VPC only",
+      tags: OWNED,
       vpc_id: `\${${v("vpc_id")}}`,
       ingress: [{
         description: "SMTP from the VPC",
@@ -312,6 +398,7 @@ export class SinkholeStack extends TerraformStack {
 
     const discovery = new Resource(this, "discovery", "aws_service_discovery_service", {
       name: CLOUD_MAP_NAME,
+      tags: OWNED,
       dns_config: {
         namespace_id: `\${${v("namespace_id")}}`,
         routing_policy: "MULTIVALUE",
@@ -321,9 +408,13 @@ export class SinkholeStack extends TerraformStack {
       // replacement): as Cabalmail's own registration, so adopting one needs no replacement.
     }).gate(on);
 
-    // Terraform is the one deploy path: a new tag in the image tag parameter makes a new task
-    // definition revision and rolls the service to it; nothing is ignored, so an apply never
-    // rolls a deploy back. No task runs until an image was pushed.
+    guarded(mode, logs, taskRole, sg, discovery);
+
+    // One deploy path in every account: ctl deploy rolls the running service to a new revision
+    // (as Cabalmail's app workflow does), so the service's task definition and the container
+    // definitions are Terraform's only at creation. No task is asked for until an image was
+    // pushed: a service that cannot pull stays at 0 and stable, so it never holds Cabalmail's
+    // pipeline, which waits for every cabal-* service (its refresh-ssm-from-running.sh).
     const desired = `${v("quiesced")} || !(${hasImage}) ? 0 : 1`;
     const service = new Resource(this, "service", "aws_ecs_service", {
       name: `\${${v("service_name")}}`,
@@ -339,7 +430,8 @@ export class SinkholeStack extends TerraformStack {
         assign_public_ip: false,
       },
       service_registries: { registry_arn: discovery.ref("arn", true) },
-    }).gate(on);
+      tags: OWNED,
+    }, { ignoreChanges: ["task_definition"] }).gate(on);
 
     // Drain before deregister (the pattern of Cabalmail's service_discovery.tf): keyed on the
     // Cloud Map service and the quiesce flag, so replacing the Cloud Map service or quiescing
@@ -406,7 +498,7 @@ export class SinkholeStack extends TerraformStack {
     // --- Outputs ------------------------------------------------------------------------
     const hostname = `${CLOUD_MAP_NAME}.\${${v("namespace_name")}}`;
     new TerraformOutput(this, "repository_url", {
-      value: repo.ref("repository_url"),
+      value: `\${${repo.expr("repository_url")}}`,
       description: "ECR repository the image workflow pushes to.",
     });
     new TerraformOutput(this, "hostname", {
@@ -414,15 +506,15 @@ export class SinkholeStack extends TerraformStack {
       description: "The name smtp-out routes sinkhole.test to (Cloud Map).",
     });
     new TerraformOutput(this, "parameter_name", {
-      value: mode.ref("name"),
+      value: `\${${v("mode_parameter_name")}}`,
       description: "SSM parameter holding the mode: what ctl mode set writes.",
     });
     new TerraformOutput(this, "parameter_arn", {
-      value: mode.ref("arn"),
-      description: "ARN of that parameter, for IAM policies.",
+      value: `\${${on} ? ${mode.expr("arn", true)} : ""}`,
+      description: "ARN of that parameter when this module made it (empty otherwise), for IAM policies.",
     });
     new TerraformOutput(this, "image_tag_parameter", {
-      value: imageTag.ref("name"),
+      value: `\${${v("image_tag_parameter_name")}}`,
       description: "SSM parameter the image workflow writes the pushed tag to.",
     });
     new TerraformOutput(this, "image", {

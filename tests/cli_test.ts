@@ -39,6 +39,7 @@ const EXPECTED_OPTIONS: Record<string, string[]> = {
     "--within",
     "--help",
   ],
+  "deploy": ["--env", "--environments", "--json", "--tag", "--help"],
 };
 
 Deno.test("ctl: --help and -h, for the CLI and for every command, list every option and the exit codes", async () => {

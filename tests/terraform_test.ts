@@ -7,6 +7,9 @@ import { Testing } from "cdktf";
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { assertTools, needs, ROOT, run } from "../rig/helpers.ts";
 import {
+  CABALMAIL_TIER_MESSAGE,
+  CABALMAIL_TIER_SECURITY_GROUP,
+  CABALMAIL_TIER_TASK_ROLE,
   FORGOTTEN_MAIL_PATTERN,
   GUARD_MESSAGE,
   IMAGE_TAG_PARAMETER,
@@ -14,6 +17,7 @@ import {
   MEMORY_RESERVATION_MB,
   MODULE_PATH,
   moduleText,
+  OWNER_TAG,
   PLACEHOLDER_IMAGE_TAG,
   SinkholeStack,
   synthModule,
@@ -29,32 +33,56 @@ const has = (type: string, props: Record<string, unknown>) =>
   assert(Testing.toHaveResourceWithProperties(synthesized, type, props), `${type} with ${JSON.stringify(props)}`);
 const GATED = "${var.sinkhole ? 1 : 0}";
 
-Deno.test("terraform: ECR repository exists whatever the flag, protected, immutable, scanned, expiring", () => {
-  has("aws_ecr_repository", {
-    name: "cabal-sinkhole",
-    image_tag_mutability: "IMMUTABLE",
-    image_scanning_configuration: { scan_on_push: true },
-  });
-  const repo = res("aws_ecr_repository", "repository");
-  assertEquals(repo.lifecycle, { prevent_destroy: true });
-  assertEquals(repo.count, undefined, "not gated: toggling the flag never destroys images");
-  const policy = JSON.parse(res("aws_ecr_lifecycle_policy", "repository_expiry").policy);
-  assert(
-    policy.rules.every((r: Json) => r.selection.tagStatus === "untagged"),
-    "only untagged images expire: the running (tagged) image never does",
-  );
+const data = (type: string, name: string) => mod.data[type][name] as Json;
+
+Deno.test("terraform: Cabalmail's repository and image tag parameter are looked up, never created", () => {
+  // cabal-infra makes both in every account (terraform/infra/modules/ecr/main.tf:51-67, terraform/infra/main.tf:62-72).
+  assertEquals(mod.resource.aws_ecr_repository, undefined, "no repository");
+  assertEquals(mod.resource.aws_ecr_lifecycle_policy, undefined, "Cabalmail's lifecycle policy stands");
+  assertEquals(data("aws_ecr_repository", "repository"), { name: "cabal-sinkhole" });
+  assertEquals(data("aws_ssm_parameter", "image_tag"), { name: "${var.image_tag_parameter_name}" });
+  assertEquals(Object.keys(mod.resource.aws_ssm_parameter), ["mode"], "the mode parameter is the only one made");
+  assertEquals(mod.variable.image_tag_parameter_name.default, IMAGE_TAG_PARAMETER);
 });
 
-Deno.test("terraform: SSM parameters: the mode defaults to defer, the image tag to the placeholder; both outlive the tier", () => {
+Deno.test("terraform: the mode parameter defaults to defer, made with the tier, written by operators", () => {
   has("aws_ssm_parameter", { name: "${var.mode_parameter_name}", type: "String", value: "defer" });
-  for (const name of ["mode", "image_tag"]) {
-    const p = res("aws_ssm_parameter", name);
-    assertEquals(p.lifecycle, { ignore_changes: ["value"] }, `${name}: written by operators and workflows`);
-    assertEquals(p.count, undefined);
-  }
+  const p = res("aws_ssm_parameter", "mode");
+  assertEquals(p.lifecycle, { ignore_changes: ["value"] });
+  assertEquals(p.count, GATED, "made with the tier, as Cabalmail's own (its sinkhole.tf:70-80)");
   assertEquals(mod.variable.mode_parameter_name.default, "/cabal/sinkhole_mode");
-  assertEquals(mod.variable.image_tag_parameter_name.default, IMAGE_TAG_PARAMETER);
-  has("aws_ssm_parameter", { name: "${var.image_tag_parameter_name}", value: PLACEHOLDER_IMAGE_TAG });
+});
+
+Deno.test("terraform: a tier of Cabalmail's, or another state's log group or mode parameter, stops the plan", () => {
+  const guard = res("terraform_data", "collision_guard");
+  assertEquals(guard.count, GATED);
+  const [cabal, group, param] = guard.lifecycle.precondition as Json[];
+  assertMatch(cabal.condition, /aws_iam_roles\.cabalmail_tier_role\[\*\]\.names/);
+  assertMatch(cabal.condition, /aws_security_groups\.cabalmail_tier_security_group\[\*\]\.ids/);
+  assertEquals(cabal.error_message, CABALMAIL_TIER_MESSAGE);
+  assertEquals(data("aws_iam_roles", "cabalmail_tier_role").name_regex, `^${CABALMAIL_TIER_TASK_ROLE}$`);
+  assertEquals(data("aws_security_groups", "cabalmail_tier_security_group").filter[0], {
+    name: "group-name",
+    values: [CABALMAIL_TIER_SECURITY_GROUP],
+  });
+  assertMatch(group.condition, new RegExp(`lookup\\(g\\.tags, "${OWNER_TAG.key}", ""\\) == "${OWNER_TAG.value}"`));
+  assertMatch(
+    param.condition,
+    /contains\(flatten\(data\.aws_ssm_parameters_by_path\.existing_parameters\[\*\]\.names\)/,
+  );
+  for (
+    const [type, name] of [
+      ["aws_ssm_parameter", "mode"],
+      ["aws_cloudwatch_log_group", "logs"],
+      ["aws_iam_role", "task_role"],
+      ["aws_security_group", "security_group"],
+      ["aws_service_discovery_service", "discovery"],
+    ]
+  ) {
+    const r = res(type, name);
+    assertEquals(r.depends_on, ["terraform_data.collision_guard"], `${type}.${name} waits for the guard`);
+    assertEquals(r.tags, { [OWNER_TAG.key]: OWNER_TAG.value }, `${type}.${name} is tagged as this module's`);
+  }
 });
 
 Deno.test("terraform: task definition: EC2, awsvpc, 64/128 MB, health check without a shell, port-25 sysctl, awslogs", () => {
@@ -67,8 +95,23 @@ Deno.test("terraform: task definition: EC2, awsvpc, 64/128 MB, health check with
   });
   const task = res("aws_ecs_task_definition", "task");
   assertEquals(task.count, GATED);
-  assertEquals(task.lifecycle.ignore_changes, undefined, "a new tag makes a new revision: Terraform deploys");
-  assertEquals(res("aws_ecs_service", "service").lifecycle, undefined, "no deploy is rolled back by an apply");
+  assertEquals(task.lifecycle.ignore_changes, ["container_definitions"], "ctl deploy rolls; an apply never rolls back");
+  assertEquals(
+    task.lifecycle.replace_triggered_by,
+    ["terraform_data.image_tag_seen"],
+    "its own revision follows the tag",
+  );
+  assertEquals(
+    res("terraform_data", "image_tag_seen").input,
+    "${nonsensitive(data.aws_ssm_parameter.image_tag.value)}",
+  );
+  assertEquals(res("aws_ecs_service", "service").lifecycle, { ignore_changes: ["task_definition"] });
+  assertEquals(task.execution_role_arn, "${one(data.aws_iam_role.execution_role[*].arn)}");
+  assertEquals(
+    mod.variable.execution_role_name.default,
+    "cabal-ecs-execution-role",
+    "the role its repository lets pull",
+  );
   const defs: string = task.container_definitions;
   assertMatch(defs, new RegExp(`memory = ${MEMORY_HARD_CAP_MB}\\n`));
   assertMatch(defs, new RegExp(`memoryReservation = ${MEMORY_RESERVATION_MB}\\n`));
@@ -78,10 +121,10 @@ Deno.test("terraform: task definition: EC2, awsvpc, 64/128 MB, health check with
   assertMatch(defs, /"mode" = "non-blocking"/, "a slow CloudWatch never blocks the listener's writes");
   assertMatch(
     defs,
-    /image = "\$\{aws_ecr_repository\.repository\.repository_url\}:\$\{nonsensitive\(aws_ssm_parameter\.image_tag\.value\)\}"/,
+    /image = "\$\{data\.aws_ecr_repository\.repository\.repository_url\}:\$\{nonsensitive\(data\.aws_ssm_parameter\.image_tag\.value\)\}"/,
   );
   assertMatch(defs, /"awslogs-group" = one\(aws_cloudwatch_log_group\.logs\[\*\]\.name\)/);
-  assertMatch(defs, /SINKHOLE_MODE_PARAM", value = aws_ssm_parameter\.mode\.name/);
+  assertMatch(defs, /SINKHOLE_MODE_PARAM", value = var\.mode_parameter_name/);
   has("aws_cloudwatch_log_group", { name: "${var.log_group_name}", retention_in_days: "${var.log_retention_days}" });
 });
 
@@ -90,15 +133,17 @@ Deno.test("terraform: task role may do exactly ssm:GetParameter on exactly the m
   assertEquals(
     policy,
     '${jsonencode({Version = "2012-10-17", Statement = [{Effect = "Allow", Action = "ssm:GetParameter", ' +
-      "Resource = aws_ssm_parameter.mode.arn}]})}",
+      "Resource = one(aws_ssm_parameter.mode[*].arn)}]})}",
   );
   assertEquals((policy.match(/Action/g) ?? []).length, 1, "one statement, one action");
   assertEquals(JSON.parse(res("aws_iam_role", "task_role").assume_role_policy).Statement[0].Principal, {
     Service: "ecs-tasks.amazonaws.com",
   });
-  const exec: string = res("aws_iam_role_policy", "execution_policy").policy;
-  assertMatch(exec, /ecr:BatchGetImage.*Resource = aws_ecr_repository\.repository\.arn/);
-  assertMatch(exec, /logs:PutLogEvents.*aws_cloudwatch_log_group\.logs/);
+  assertEquals(
+    mod.resource.aws_iam_role.execution_role,
+    undefined,
+    "no execution role of its own: it would be denied the pull",
+  );
 });
 
 Deno.test("terraform: service, Cloud Map, security group, drain-before-deregister", () => {
@@ -106,7 +151,7 @@ Deno.test("terraform: service, Cloud Map, security group, drain-before-deregiste
   assertEquals(svc.count, GATED);
   assertEquals(
     svc.desired_count,
-    `\${var.quiesced || !(nonsensitive(aws_ssm_parameter.image_tag.value) != "${PLACEHOLDER_IMAGE_TAG}") ? 0 : 1}`,
+    `\${var.quiesced || !(nonsensitive(data.aws_ssm_parameter.image_tag.value) != "${PLACEHOLDER_IMAGE_TAG}") ? 0 : 1}`,
     "no task until an image was pushed; none while quiesced",
   );
   assertEquals(svc.load_balancer, undefined, "no load balancer");

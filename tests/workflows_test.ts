@@ -150,14 +150,20 @@ Deno.test("workflows: every action pinned by commit, Deno from npm, no download 
 Deno.test("workflows: infra applies by hand behind the environment; the image deploys through it, never production", () => {
   const infra = load("infra.yml");
   assertEquals(infra.on.workflow_dispatch.inputs.apply.type, "boolean");
-  assertEquals(infra.on.push.branches, ["development", "stage"], "main (production) is no trigger");
+  assertEquals(infra.on.push, undefined, "no branch binds an environment: it is an input");
   const steps = infra.jobs.terraform.steps as Record<string, string>[];
-  assertEquals(steps.find((s) => s.name === "apply")?.if, "github.event_name == 'push' || inputs.apply");
+  assertEquals(steps.find((s) => s.name === "apply")?.if, "inputs.apply");
   assert(/prod\*\)/.test(steps[0].run), "refuses any spelling of production first");
   const image = load("image.yml");
-  assertEquals(image.on.push.branches, ["development", "stage"]);
+  assertEquals(image.on.push, undefined, "no branch binds an environment: it is an input");
+  assertEquals(image.on.workflow_dispatch.inputs.environment.options, environments);
+  assertEquals(image.jobs.build.environment, "${{ inputs.environment }}");
   assertEquals(image.jobs.build["runs-on"], "ubuntu-24.04-arm", "arm64 images on arm64 runners");
-  assertEquals(image.jobs.deploy.uses, "./.github/workflows/infra.yml");
+  assertEquals(image.jobs.infra.uses, "./.github/workflows/infra.yml");
+  assert(
+    /deno task ctl deploy --tag "\$TAG"/.test(Deno.readTextFileSync(`${DIR}/image.yml`)),
+    "ctl deploy rolls the tier",
+  );
   const text = Deno.readTextFileSync(`${DIR}/image.yml`);
   assert(/describe-images/.test(text), "a re-run finds the immutable tag and does not push again");
   assert(/sha-\$\{GITHUB_SHA::8\}/.test(text), "Cabalmail's tag form");
