@@ -333,3 +333,93 @@ Deno.test({
     }
   },
 });
+
+// ---------------------------------------------------------------------------
+// `deno task dev` as a user runs it: fixed ports (2525, 2580), so in a network namespace of
+// the test's own (`unshare --net`: its own loopback), never shared with another run.
+// ---------------------------------------------------------------------------
+
+const netns = needs("unshare", "ip", "swaks");
+
+/** Runs a bash script in a network namespace of its own, from the repository; what it printed. */
+function inPrivateNetwork(script: string, args: string[] = []) {
+  return run("unshare", ["--net", "bash", "-c", `ip link set lo up\ncd '${ROOT}'\n${script}`, "netns", ...args], {
+    env: { PATH: Deno.env.get("PATH")!, HOME: Deno.env.get("HOME") ?? "/root", NO_COLOR: "1" },
+  });
+}
+
+/** Bash: start `$cmd` in the background logging to `$log`, and wait (bounded) for its start line. */
+const START_DEV = `
+start_dev() { # log, then the command's words
+  local log=$1; shift
+  "$@" > "$log" 2>&1 &
+  for _ in $(seq 1 1200); do grep -q " start: " "$log" && return 0; kill -0 $! 2>/dev/null || break; sleep 0.05; done
+  echo "no start line in $log:"; cat "$log"; return 1
+}
+`;
+
+Deno.test({
+  name: "control: the README's quick start, run exactly as printed and as one block, succeeds",
+  ignore: netns.ignore || Deno.uid() !== 0,
+  fn: async () => {
+    assertTools(netns.missing);
+    const readme = await Deno.readTextFile(`${ROOT}/README.md`);
+    const quick = readme.slice(readme.indexOf("## Quick start"), readme.indexOf("## Using it in your tests"));
+    const blocks = [...quick.matchAll(/```sh\n([\s\S]*?)```/g)].map((m) => m[1]);
+    assertEquals(blocks.length, 2, "the listener's terminal, then the other terminal's block");
+    const devLine = blocks[0].split("\n")[0].replace(/#.*$/, "").trim();
+    assertEquals(devLine, "deno task dev");
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-quickstart-" });
+    try {
+      const r = await inPrivateNetwork(
+        `${START_DEV}
+start_dev "$1/dev.log" ${devLine} || exit 99
+bash -e -c "$2" > "$1/block.log" 2>&1; rc=$?
+kill -INT %1; wait %1
+exit $rc`,
+        [dir, blocks[1]],
+      );
+      const block = await Deno.readTextFile(`${dir}/block.log`).catch(() => "");
+      const dev = await Deno.readTextFile(`${dir}/dev.log`).catch(() => "");
+      assertEquals(r.code, 0, `${r.stdout}${r.stderr}\n--- block:\n${block}\n--- dev:\n${dev}`);
+      assertMatch(block, /<- {2}250 2\.0\.0 Message accepted/, "swaks delivered in accept, first time");
+      assertMatch(dev, / mode "accept" \(was "defer"\) from control\n/);
+      assertMatch(dev, / attempt 1 of <[^>]+> → <anything@sinkhole\.test>: 250 at eod \[accept\]/);
+      assertMatch(dev, / mode "defer reply="451 4\.7\.1 try later"" \(was "accept"\) from control\n/);
+      assertMatch(dev, /control on http:\/\/127\.0\.0\.1:2580,/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "control: two deno task dev on different SMTP ports start side by side (free liveness and control ports)",
+  ignore: netns.ignore || Deno.uid() !== 0,
+  fn: async () => {
+    assertTools(netns.missing);
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-twodev-" });
+    try {
+      const r = await inPrivateNetwork(
+        `${START_DEV}
+start_dev "$1/a.log" deno task dev || exit 98
+SINKHOLE_BIND_PORT=2600 start_dev "$1/b.log" deno task dev || exit 99
+kill -INT %1 %2; wait`,
+        [dir],
+      );
+      const [a, b] = [await Deno.readTextFile(`${dir}/a.log`), await Deno.readTextFile(`${dir}/b.log`)];
+      assertEquals(r.code, 0, `${r.stdout}${r.stderr}\n--- a:\n${a}\n--- b:\n${b}`);
+      const start = (log: string) =>
+        / start: SMTP on ([\d.:]+), health on ([\d.:]+), control on http:\/\/([\d.:]+),/.exec(log);
+      const [sa, sb] = [start(a), start(b)];
+      assert(sa && sb, `both started:\n${a}\n${b}`);
+      assertEquals([sa[1], sa[3]], ["127.0.0.1:2525", "127.0.0.1:2580"], "the first: dev's ports");
+      assertEquals(sb[1], "127.0.0.1:2600");
+      assert(sb[3] !== sa[3] && sb[2] !== sa[2], `its own liveness and control ports: ${sb[2]}, ${sb[3]}`);
+      assert(!/ 8025\b/.test(a + b), "never the image's fixed liveness port");
+      for (const log of [a, b]) assertMatch(log, / stopped signal="SIGINT"/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
