@@ -8,6 +8,7 @@
 import {
   type AttemptEvent,
   bodyTooLarge,
+  configFromEnv,
   controlAllows,
   type ControlAttempt,
   controlHistories,
@@ -16,6 +17,7 @@ import {
   MAX_CONTROL_BODY_BYTES,
   parseScenario,
 } from "../listener.ts";
+import { parse } from "yaml";
 import { histories } from "../ctl/report.ts";
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import {
@@ -26,6 +28,7 @@ import {
   REPLY_WAIT_MS,
   ROOT,
   run,
+  startCommand,
   startListener,
   tempModeFile,
   transaction,
@@ -418,6 +421,52 @@ kill -INT %1 %2; wait`,
       assert(sb[3] !== sa[3] && sb[2] !== sa[2], `its own liveness and control ports: ${sb[2]}, ${sb[3]}`);
       assert(!/ 8025\b/.test(a + b), "never the image's fixed liveness port");
       for (const log of [a, b]) assertMatch(log, / stopped signal="SIGINT"/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "control: the container examples' environment works with the image's entrypoint command (tasks.start)",
+  ignore: netns.ignore || Deno.uid() !== 0,
+  fn: async () => {
+    assertTools(netns.missing);
+    const doc = await Deno.readTextFile(`${ROOT}/docs/control.md`);
+    const yaml = /```yaml\n([\s\S]*?)```/.exec(doc)?.[1];
+    const docker = /^docker run .*$/m.exec(doc)?.[0];
+    assert(yaml && docker, "docs/control.md has the services block and the docker run line");
+    const service = parse(yaml).services.sinkhole as { env: Record<string, string>; ports: string[] };
+    const dockerEnv = Object.fromEntries([...docker.matchAll(/ -e ([A-Z_]+)=(\S+)/g)].map((m) => [m[1], m[2]]));
+    assertEquals(dockerEnv, service.env, "the two examples set the same environment");
+    assertEquals(service.ports, ["127.0.0.1:2525:2525", "127.0.0.1:2580:2580"]);
+    // Off in the image's own environment: the Dockerfile sets none of it, and no variable means no port.
+    assert(!(await Deno.readTextFile(`${ROOT}/Dockerfile`)).includes("SINKHOLE_CONTROL"), "the image leaves it off");
+    assertEquals(configFromEnv(() => undefined).controlPort, undefined);
+    // The image runs the compiled tasks.start with no argument (ENTRYPOINT ["/sinkhole"]) and only this environment.
+    const entry = startCommand().map((w) => `'${w}'`).join(" ");
+    const envArgs = Object.entries(service.env).map(([k, v]) => `'${k}=${v}'`).join(" ");
+    const dir = await Deno.makeTempDir({ prefix: "sinkhole-container-" });
+    try {
+      const r = await inPrivateNetwork(
+        `env -i ${envArgs} ${entry} > "$1/listener.log" 2>&1 &
+for _ in $(seq 1 1200); do grep -q '"event":"start"' "$1/listener.log" && break; sleep 0.05; done
+set -e
+curl -sf -X PUT --data 'defer first=1' http://127.0.0.1:2580/mode
+swaks --server 127.0.0.1:2525 --to ci@sinkhole.test > /dev/null || true
+swaks --server 127.0.0.1:2525 --to ci@sinkhole.test > /dev/null
+curl -sf 'http://127.0.0.1:2580/attempts?rcpt=ci@sinkhole.test' > "$1/attempts.json"
+env -i ${envArgs} ${entry} --healthcheck
+kill -TERM %1; wait %1`,
+        [dir],
+      );
+      const log = await Deno.readTextFile(`${dir}/listener.log`).catch(() => "");
+      assertEquals(r.code, 0, `${r.stdout}${r.stderr}\n--- listener:\n${log}`);
+      const start = log.split("\n").map((l) => JSON.parse(l || "null")).find((e) => e?.event === "start");
+      assertEquals([start.bind, start.control, start.health], ["0.0.0.0:2525", "0.0.0.0:2580", "127.0.0.1:8025"]);
+      assertEquals(start.source, "static:defer", "the mode from the environment, no SSM");
+      const attempts = JSON.parse(await Deno.readTextFile(`${dir}/attempts.json`));
+      assertEquals(attempts[0].attempts.map((a: { code: number }) => a.code), [421, 250]);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
