@@ -887,6 +887,41 @@ export function recipientOutcome(address: string): RecipientOutcome | undefined 
   return { kind: "reply", reply: r(Number(m[1]), `${status} Per-recipient reply ${m[1]} from sinkhole`) };
 }
 
+/**
+ * Why a recipient that looks like a per-recipient form is not taken as one (then the mode
+ * answers it), or undefined: it is one (`recipientOutcome`), or an ordinary `user+tag@` that
+ * names no form. Only tags shaped like a form get a reason: a reply code, or a kind with a count.
+ */
+export function recipientFormProblem(address: string): string | undefined {
+  if (recipientOutcome(address) !== undefined) return undefined;
+  const local = address.slice(0, address.lastIndexOf("@"));
+  const plus = local.indexOf("+");
+  if (plus <= 0) return undefined;
+  const tag = local.slice(0, plus).toLowerCase();
+  const counted = /^(accept|bounce|defer|greylist|drop)(\d+)$/.exec(tag);
+  if (counted) {
+    return counted[1] === "accept" || counted[1] === "greylist"
+      ? `${tag}: only defer, bounce and drop take an attempt count`
+      : `${tag}: the attempt count is 1 to 99`;
+  }
+  if (!/^\d/.test(tag)) return undefined;
+  const m = /^(\d+)(?:-(.*))?$/.exec(tag);
+  if (!m || !/^[245]\d\d$/.test(m[1])) return `${tag}: a reply code is three digits, 2yz, 4yz or 5yz`;
+  if (!/^[245]\.\d{1,3}\.\d{1,3}$/.test(m[2]!)) {
+    return `${tag}: the enhanced status is class.subject.detail (RFC 3463), e.g. ${m[1][0]}.7.1`;
+  }
+  return `${tag}: the code's class (${m[1][0]}) and the status's (${m[2]![0]}) disagree (RFC 3463 §2)`;
+}
+
+/** RCPT's row, and the reason a recipient form that was not taken was not (it gets the mode's answer). */
+function rcptWithFormReason(m: Moment, sc: Scenario): Decision {
+  const d = rcptRow(m, sc);
+  const reason = recipientFormProblem(m.rcpt!);
+  if (reason === undefined) return d;
+  const e: RcptFormEvent = { event: "rcpt_form", client: m.inputs.client ?? "", rcpt: m.rcpt!, reason };
+  return { ...d, events: [...(d.events ?? []), e] };
+}
+
 // The rows of the table. Each is a constant or a pure function of the moment; decide() picks
 // and composes them, and nothing outside this section says what the fixture answers.
 
@@ -1110,7 +1145,7 @@ const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
   connect: stageRow,
   helo: heloRow,
   mail: stageRow,
-  rcpt: rcptRow,
+  rcpt: rcptWithFormReason,
   data: dataRow,
   eod: eodRow,
   starttls: starttlsRow,
@@ -1731,8 +1766,17 @@ export interface StoppedEvent {
   signal: string;
 }
 
+/** A recipient shaped like a per-recipient form (`452-5.2.2+q@…`) that is not one: why; the mode answered it. */
+export interface RcptFormEvent {
+  event: "rcpt_form";
+  client: string;
+  rcpt: string;
+  reason: string;
+}
+
 /** Every event the listener logs: one JSON line each on stdout (CloudWatch Logs via awslogs). */
 export type LogEvent =
+  | RcptFormEvent
   | SessionEvent
   | AttemptEvent
   | MessageEvent
