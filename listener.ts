@@ -2477,7 +2477,8 @@ function awsError(status: number, text: string): AwsError {
  * start gives; an unreachable SSM, which says nothing of the operator's wish, keeps the last.
  */
 export class AbsentSource extends Error {
-  override name = "AbsentSource";
+  /** Named as the error it stands for (Deno.errors.NotFound), so the log reads as before. */
+  override name = "NotFound";
 }
 
 /** Where the mode comes from: returns the raw value, or throws. */

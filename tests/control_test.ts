@@ -28,6 +28,7 @@ import {
   REPLY_WAIT_MS,
   ROOT,
   run,
+  runCtl,
   startCommand,
   startListener,
   tempModeFile,
@@ -272,6 +273,48 @@ Deno.test({
     } finally {
       await l.stop();
       await Deno.remove(modeFile).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "control: ctl report, expect and mode get --local read the listener's control port",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const l = await startListener({ SINKHOLE_MODE: "accept", SINKHOLE_CONTROL_PORT: "0" });
+    try {
+      const url = controlUrl(l);
+      const set = await runCtl(["mode", "set", "defer first=1", "--local", "--url", url]);
+      assertEquals(set.code, 0, set.stderr);
+      assertMatch(set.stdout, /in effect: defer first=1 \(from control\)/);
+      for (let i = 0; i < 2; i++) await transaction(l.port, { host: l.host, to: ["ctl@sinkhole.test"] });
+      const served = (await call(url, "GET", "/attempts")).body;
+      const report = await runCtl(["report", "--local", "--url", url, "--json"]);
+      assertEquals(report.code, 0, report.stderr);
+      assertEquals(JSON.parse(report.stdout), served, "ctl report --json --local prints what GET /attempts serves");
+      const met = await runCtl([
+        "expect",
+        "ctl@sinkhole.test",
+        "--attempts",
+        "2",
+        "--delivered-once",
+        "--local",
+        "--url",
+        url,
+      ]);
+      assertEquals(met.code, 0, met.stdout + met.stderr);
+      const unmet = await runCtl(["expect", "ctl@sinkhole.test", "--attempts", "3", "--local", "--url", url]);
+      assertEquals(unmet.code, 1, unmet.stdout + unmet.stderr);
+      const got = await runCtl(["mode", "get", "--local", "--url", url]);
+      assertMatch(got.stdout, /stored: {4}accept/);
+      const both = await runCtl(["report", "--local", "--file", "x.jsonl"]);
+      assertEquals(both.code, 2, "one source only");
+      const nobody = await runCtl(["mode", "get", "--local", "--url", "http://127.0.0.1:1"]);
+      assertEquals(nobody.code, 3);
+      assertMatch(nobody.stderr, /no control port answers at http:\/\/127\.0\.0\.1:1/);
+    } finally {
+      await l.stop();
     }
   },
 });
