@@ -19,7 +19,8 @@
  *  11. Transports                 Deno TCP, or node:net upgradable with STARTTLS
  *  12. The STARTTLS certificate   a self-signed X.509 certificate, its DER written here
  *  13. Session and server         the I/O: carries out what the policy decided
- *  14. Health check and main
+ *  14. The control port           optional JSON over HTTP: the mode set and confirmed, the ledger, a clean slate
+ *  15. Health check and main
  *
  * "How the listener is built" in docs/design.md walks through these layers.
  */
@@ -110,6 +111,19 @@ export const HEALTHCHECK_TIMEOUT_MS = 3_000;
 export const DEFAULT_HEALTH_PORT = 8025;
 /** The longest answer the liveness port gives (`ok 1000/1000`, or `down`). */
 export const MAX_HEALTH_ANSWER = 64;
+/** The control port `deno task dev` opens on 127.0.0.1 (SINKHOLE_CONTROL_PORT; off in every other default). */
+export const DEV_CONTROL_PORT = 2580;
+/**
+ * Octets of a control request's body read at most (a mode value is at most MAX_SCENARIO_LENGTH
+ * characters): a longer body is answered 413 as soon as its length says so, never read whole.
+ */
+export const MAX_CONTROL_BODY_BYTES = 4 * 1024;
+/**
+ * Octets of attempt events the control port keeps for `GET /attempts` (each charged
+ * KEPT_ENTRY_COST more; two octets a character when not Latin-1); past it the oldest go.
+ * Kept only while the control port is on. The answer is built from them: about four times this.
+ */
+export const MAX_CONTROL_LEDGER_BYTES = 256 * 1024;
 
 /** The longest mode value (scenario) accepted. */
 export const MAX_SCENARIO_LENGTH = 512;
@@ -166,6 +180,9 @@ export interface Config {
   tlsKeyFile: string;
   /** `json` (one JSON object a line: CloudWatch, ctl, the tests) or `text` (one readable line an event: a terminal). */
   logFormat: LogFormat;
+  /** The control port (section 14): off when undefined; 0 is any free port, said in the start line. */
+  controlHost: string;
+  controlPort?: number;
 }
 
 export type LogFormat = "json" | "text";
@@ -204,6 +221,16 @@ export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; he
   { name: "SINKHOLE_TLS_CERT", default: "", help: "PEM certificate for STARTTLS (with the key; else generated)" },
   { name: "SINKHOLE_TLS_KEY", default: "", help: "PEM private key for STARTTLS (with the certificate)" },
   { name: "SINKHOLE_LOG_FORMAT", default: "json", help: "json (CloudWatch, ctl) or text (a terminal; --dev's)" },
+  {
+    name: "SINKHOLE_CONTROL_PORT",
+    default: "",
+    help: `HTTP control port (docs/control.md); off when unset (--dev: ${DEV_CONTROL_PORT}; 0: any free port)`,
+  },
+  {
+    name: "SINKHOLE_CONTROL_HOST",
+    default: "127.0.0.1",
+    help: "control port's address; another than loopback lets other hosts in (a container: 0.0.0.0)",
+  },
   { name: "SINKHOLE_HEALTHCHECK_MEMORY", default: "", help: "1: --healthcheck prints its own peak memory (tests)" },
   { name: "AWS_REGION", default: "", help: "SSM's region (else AWS_DEFAULT_REGION)" },
   { name: "AWS_DEFAULT_REGION", default: "", help: "SSM's region when AWS_REGION is unset" },
@@ -227,8 +254,10 @@ export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; he
 export const DEV_DEFAULTS: Readonly<Record<string, string>> = {
   SINKHOLE_BIND_HOST: "127.0.0.1",
   SINKHOLE_BIND_PORT: "2525",
+  SINKHOLE_HEALTH_PORT: "0",
   SINKHOLE_CACHE_TTL: "1",
   SINKHOLE_LOG_FORMAT: "text",
+  SINKHOLE_CONTROL_PORT: String(DEV_CONTROL_PORT),
 };
 /** `--dev`'s mode file, in the repository, when neither SINKHOLE_MODE nor SINKHOLE_MODE_FILE is set. */
 export const DEV_MODE_FILE = "sinkhole.mode";
@@ -242,6 +271,8 @@ export function devEnvironment(
     const set = env(name);
     if (set !== undefined) return set;
     if (name === "SINKHOLE_MODE_FILE" && env("SINKHOLE_MODE") === undefined) return `${repository}/${DEV_MODE_FILE}`;
+    // Another SMTP port is another listener beside the first: its control port is a free one, said at start.
+    if (name === "SINKHOLE_CONTROL_PORT" && env("SINKHOLE_BIND_PORT") !== undefined) return "0";
     return DEV_DEFAULTS[name];
   };
 }
@@ -319,6 +350,10 @@ export function configFromEnv(env: (name: string) => string | undefined, cwd = "
     tlsCertFile: env("SINKHOLE_TLS_CERT") ?? "",
     tlsKeyFile: env("SINKHOLE_TLS_KEY") ?? "",
     logFormat,
+    controlHost: env("SINKHOLE_CONTROL_HOST") || "127.0.0.1",
+    controlPort: (env("SINKHOLE_CONTROL_PORT") ?? "") === ""
+      ? undefined
+      : integer("SINKHOLE_CONTROL_PORT", 0, 65535, 0),
   };
 }
 
@@ -852,6 +887,41 @@ export function recipientOutcome(address: string): RecipientOutcome | undefined 
   return { kind: "reply", reply: r(Number(m[1]), `${status} Per-recipient reply ${m[1]} from sinkhole`) };
 }
 
+/**
+ * Why a recipient that looks like a per-recipient form is not taken as one (then the mode
+ * answers it), or undefined: it is one (`recipientOutcome`), or an ordinary `user+tag@` that
+ * names no form. Only tags shaped like a form get a reason: a reply code, or a kind with a count.
+ */
+export function recipientFormProblem(address: string): string | undefined {
+  if (recipientOutcome(address) !== undefined) return undefined;
+  const local = address.slice(0, address.lastIndexOf("@"));
+  const plus = local.indexOf("+");
+  if (plus <= 0) return undefined;
+  const tag = local.slice(0, plus).toLowerCase();
+  const counted = /^(accept|bounce|defer|greylist|drop)(\d+)$/.exec(tag);
+  if (counted) {
+    return counted[1] === "accept" || counted[1] === "greylist"
+      ? `${tag}: only defer, bounce and drop take an attempt count`
+      : `${tag}: the attempt count is 1 to 99`;
+  }
+  if (!/^\d/.test(tag)) return undefined;
+  const m = /^(\d+)(?:-(.*))?$/.exec(tag);
+  if (!m || !/^[245]\d\d$/.test(m[1])) return `${tag}: a reply code is three digits, 2yz, 4yz or 5yz`;
+  if (!/^[245]\.\d{1,3}\.\d{1,3}$/.test(m[2]!)) {
+    return `${tag}: the enhanced status is class.subject.detail (RFC 3463), e.g. ${m[1][0]}.7.1`;
+  }
+  return `${tag}: the code's class (${m[1][0]}) and the status's (${m[2]![0]}) disagree (RFC 3463 §2)`;
+}
+
+/** RCPT's row, and the reason a recipient form that was not taken was not (it gets the mode's answer). */
+function rcptWithFormReason(m: Moment, sc: Scenario): Decision {
+  const d = rcptRow(m, sc);
+  const reason = recipientFormProblem(m.rcpt!);
+  if (reason === undefined) return d;
+  const e: RcptFormEvent = { event: "rcpt_form", client: m.inputs.client ?? "", rcpt: m.rcpt!, reason };
+  return { ...d, events: [...(d.events ?? []), e] };
+}
+
 // The rows of the table. Each is a constant or a pure function of the moment; decide() picks
 // and composes them, and nothing outside this section says what the fixture answers.
 
@@ -1078,7 +1148,7 @@ const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
   connect: stageRow,
   helo: heloRow,
   mail: stageRow,
-  rcpt: rcptRow,
+  rcpt: rcptWithFormReason,
   data: dataRow,
   eod: eodRow,
   starttls: starttlsRow,
@@ -1646,6 +1716,8 @@ export interface StartEvent {
   maxSessions: number;
   starttls: string;
   pid: number;
+  /** The control port (section 14), when on. */
+  control?: string;
 }
 
 /** The mode in effect changed (also at start, from the default `defer`). */
@@ -1697,8 +1769,17 @@ export interface StoppedEvent {
   signal: string;
 }
 
+/** A recipient shaped like a per-recipient form (`452-5.2.2+q@…`) that is not one: why; the mode answered it. */
+export interface RcptFormEvent {
+  event: "rcpt_form";
+  client: string;
+  rcpt: string;
+  reason: string;
+}
+
 /** Every event the listener logs: one JSON line each on stdout (CloudWatch Logs via awslogs). */
 export type LogEvent =
+  | RcptFormEvent
   | SessionEvent
   | AttemptEvent
   | MessageEvent
@@ -1797,7 +1878,9 @@ export function textLine(e: LogEvent, now = new Date()): string {
           e.rcptsTruncated ? " …" : ""
         } (${e.size} B, ${e.headers.length} header lines${e.truncated ? ", more not kept" : ""})`;
       case "start":
-        return `start: SMTP on ${e.bind}, health on ${e.health}, mode ${quoted(e.mode)} from ${e.source} ` +
+        return `start: SMTP on ${e.bind}, health on ${e.health}${
+          e.control ? `, control on http://${e.control}` : ""
+        }, mode ${quoted(e.mode)} from ${e.source} ` +
           `(read every ${
             e.cacheTtlMs / 1000
           } s), STARTTLS ${e.starttls}, at most ${e.maxSessions} sessions, pid ${e.pid}`;
@@ -1822,6 +1905,12 @@ export function textLine(e: LogEvent, now = new Date()): string {
   return line.length <= max ? line : `${line.slice(0, max - 1)}…`;
 }
 
+/** Where attempt events also go as they are logged: the control port's ledger (section 14), when it is on. */
+let attemptTap: ((e: AttemptEvent) => void) | undefined;
+export function setAttemptTap(tap: ((e: AttemptEvent) => void) | undefined): void {
+  attemptTap = tap;
+}
+
 /** How lines are written (SINKHOLE_LOG_FORMAT): JSON unless main says otherwise. */
 let logFormat: LogFormat = "json";
 export function setLogFormat(format: LogFormat): void {
@@ -1839,6 +1928,7 @@ let logFlushTimer: Timer | undefined;
  * write, not one per attempt line. Order is kept; `flushLog` before every exit.
  */
 export function log(e: LogEvent): void {
+  if (e.event === "attempt") attemptTap?.(e);
   const bytes = logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n");
   logBuffer.push(bytes);
   logBuffered += bytes.length;
@@ -2102,6 +2192,12 @@ export class DigestTable {
     return { digest: this.#digest[slot], a: this.#a[slot], b: this.#b[slot] };
   }
 
+  /** Forgets every entry (DELETE /attempts). */
+  clear(): void {
+    this.#head = this.#tail = this.#live = 0;
+    this.#index.fill(0);
+  }
+
   /** Moves the live slots to the front of the ring, in order, and rebuilds the index. */
   #compact(): void {
     let to = 0;
@@ -2161,6 +2257,11 @@ export class GreylistTable {
     return greylistVerdict(entry, now, minMs);
   }
 
+  /** Forgets every entry. */
+  clear(): void {
+    this.#entries.clear();
+  }
+
   /** Forgets expired entries, oldest first, up to the first live one (the cap bounds the rest). */
   #sweep(now: number): void {
     for (let e = this.#entries.oldest(); e !== undefined; e = this.#entries.oldest()) {
@@ -2199,6 +2300,11 @@ export class AttemptTable {
     const found = this.#entries.get(digest);
     if (found === undefined) this.#entries.set(digest, Math.floor(now), 1);
     else if (found[1] < ATTEMPT_COUNT_SPAN - 1) this.#entries.update(digest, found[0], found[1] + 1);
+  }
+
+  /** Forgets every count: every message's next attempt is its first. */
+  clear(): void {
+    this.#entries.clear();
   }
 }
 
@@ -2368,6 +2474,16 @@ function awsError(status: number, text: string): AwsError {
 // 10. Mode sources and the mode cache
 // ---------------------------------------------------------------------------
 
+/**
+ * The source says there is no mode (the mode file does not exist): the default is in effect
+ * until there is one, not the last mode. A test that removes its file gets what a fresh
+ * start gives; an unreachable SSM, which says nothing of the operator's wish, keeps the last.
+ */
+export class AbsentSource extends Error {
+  /** Named as the error it stands for (Deno.errors.NotFound), so the log reads as before. */
+  override name = "NotFound";
+}
+
 /** Where the mode comes from: returns the raw value, or throws. */
 export interface ModeSource {
   readonly describe: string;
@@ -2383,7 +2499,9 @@ function fileSource(path: string): ModeSource {
   return {
     describe: `file:${path}`,
     fetch: async () => {
-      const file = await Deno.open(path);
+      const file = await Deno.open(path).catch((err) => {
+        throw err instanceof Deno.errors.NotFound ? new AbsentSource(`no file ${path}`) : err;
+      });
       try {
         const buf = new Uint8Array(MAX_MODE_FILE_BYTES + 1);
         let n = 0;
@@ -2448,6 +2566,12 @@ function sourceFor(config: Config, env: (k: string) => string | undefined): Mode
  */
 export class ModeCache {
   current: Scenario = scenario(DEFAULT_MODE);
+  /** What the source last gave: its mode, or why there is none (GET /mode shows it beside the mode in effect). */
+  stored: { mode?: string; error?: string } = {};
+  /** A mode set over the control port: in effect, whatever the source says, until `release`. */
+  #override: Scenario | undefined;
+  /** The source's mode, in effect again once the override is released. */
+  #fromSource: Scenario = this.current;
   /** Last logged state (mode or error); a new line is logged only on change. */
   #state = "";
   #timer: Timer | undefined;
@@ -2479,21 +2603,51 @@ export class ModeCache {
           reason: parsed,
         });
       } else {
+        this.stored = { mode: parsed.text };
+        this.#fromSource = parsed;
+        if (this.#override) return;
         const previous = this.current.text;
         this.current = parsed;
         this.#report(`ok:${parsed.text}`, { event: "mode", source, mode: parsed.text, previous });
       }
     } catch (err) {
       const reason = describeError(err);
+      this.stored = { error: reason };
+      if (err instanceof AbsentSource) this.#fromSource = scenario(DEFAULT_MODE);
+      if (this.#override) return;
+      if (err instanceof AbsentSource) this.current = this.#fromSource;
       this.#report(`error:${reason}`, {
         event: "mode_error",
         source: this.source.describe,
         keeping: this.current.text,
-        reason,
+        reason: err instanceof AbsentSource ? `${reason}: ${DEFAULT_MODE} until it exists` : reason,
       });
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /** Where the mode in effect comes from: `control` while overridden, else the source. */
+  get from(): string {
+    return this.#override ? "control" : this.source.describe;
+  }
+
+  /** PUT /mode: in effect from this call on (the next session reads it), until `release`. */
+  override(sc: Scenario): void {
+    const previous = this.current.text;
+    this.#override = this.current = sc;
+    this.#state = "control";
+    this.logger({ event: "mode", source: "control", mode: sc.text, previous });
+  }
+
+  /** DELETE /mode: the source's mode again, as last read. */
+  release(): void {
+    if (!this.#override) return;
+    const previous = this.current.text;
+    this.#override = undefined;
+    this.current = this.#fromSource;
+    this.#state = `ok:${this.current.text}`;
+    this.logger({ event: "mode", source: this.source.describe, mode: this.current.text, previous });
   }
 
   /** Logs an event when the state changed since the last one. */
@@ -3184,7 +3338,254 @@ class Server {
 }
 
 // ---------------------------------------------------------------------------
-// 14. Health check and main
+// 14. The control port: JSON over HTTP (docs/control.md)
+// ---------------------------------------------------------------------------
+
+/** An attempt event as the control port serves it (and `ctl report --json` prints it): with its time. */
+export type ControlAttempt = AttemptEvent & { ts: string; intervalS?: number };
+
+/** One message's attempts, the shape of `ctl report --json` (ctl/report.ts, MessageHistory). */
+export interface ControlHistory {
+  key: string;
+  from: string;
+  rcpt: string;
+  attempts: ControlAttempt[];
+  deliveries: number;
+  duplicate: boolean;
+  bounced: boolean;
+}
+
+/** What `GET /attempts` keeps: `rcpt` (exact), attempts at or after `sinceMs`, messages that carry `messageId`. */
+export interface AttemptFilter {
+  rcpt?: string;
+  sinceMs?: number;
+  messageId?: string;
+}
+
+/**
+ * The attempts grouped per message, in time order, with intervals and outcomes: what
+ * ctl/report.ts's `histories` makes of the same events (tests/control_test.ts holds the two
+ * equal; the listener cannot import ctl, whose module reads the listener's at load).
+ */
+export function controlHistories(events: readonly ControlAttempt[], f: AttemptFilter = {}): ControlHistory[] {
+  const byKey = new Map<string, ControlAttempt[]>();
+  for (const e of events) {
+    if (f.rcpt !== undefined && e.rcpt !== f.rcpt) continue;
+    if (f.sinceMs !== undefined && Date.parse(e.ts) < f.sinceMs) continue;
+    const list = byKey.get(e.key);
+    if (list) list.push(e);
+    else byKey.set(e.key, [e]);
+  }
+  const want = f.messageId === undefined
+    ? undefined
+    : f.messageId.trim().startsWith("<")
+    ? f.messageId.trim()
+    : `<${f.messageId.trim()}>`;
+  const out: ControlHistory[] = [];
+  for (const [key, list] of byKey) {
+    if (want !== undefined && !list.some((a) => a.messageId === want)) continue;
+    const sorted = list.map((a) => ({ a, t: Date.parse(a.ts) })).sort((x, y) => x.t - y.t);
+    const attempts = sorted.map(({ a, t }, i) => {
+      const { intervalS: _, ...rest } = a;
+      return { ...rest, key, ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}) };
+    });
+    const seen = new Set<string>();
+    let deliveries = 0;
+    let duplicate = false;
+    for (const a of attempts) {
+      if (a.stage !== "eod" || !(a.dropped || (a.code !== undefined && a.code < 300))) continue;
+      deliveries++;
+      if (seen.has(a.messageId ?? "")) duplicate = true;
+      seen.add(a.messageId ?? "");
+    }
+    const last = attempts.at(-1)!;
+    const { from, rcpt } = attempts[0];
+    out.push({ key, from, rcpt, attempts, deliveries, duplicate, bounced: (last.code ?? 0) >= 500 });
+  }
+  return out.sort((a, b) => Date.parse(a.attempts[0].ts) - Date.parse(b.attempts[0].ts));
+}
+
+/**
+ * The attempt events the control port serves, newest kept: bounded by MAX_CONTROL_LEDGER_BYTES
+ * (each held as its JSON text), the oldest forgotten past it.
+ */
+export class ControlLedger {
+  #lines: string[] = [];
+  #sizes: number[] = [];
+  #head = 0;
+  bytes = 0;
+  /** Attempts forgotten for room since the last clear (GET /attempts says so). */
+  forgotten = 0;
+
+  constructor(readonly maxBytes = MAX_CONTROL_LEDGER_BYTES) {}
+
+  get size(): number {
+    return this.#lines.length - this.#head;
+  }
+
+  add(e: AttemptEvent, now = new Date()): void {
+    const line = JSON.stringify({ ...e, ts: now.toISOString() });
+    // deno-lint-ignore no-control-regex -- Latin-1 is one octet a character in V8
+    const size = line.length * (/^[\x00-\xff]*$/.test(line) ? 1 : 2) + KEPT_ENTRY_COST;
+    if (size > this.maxBytes) return void this.forgotten++;
+    this.#lines.push(line);
+    this.#sizes.push(size);
+    this.bytes += size;
+    while (this.bytes > this.maxBytes) {
+      this.bytes -= this.#sizes[this.#head];
+      this.#head++;
+      this.forgotten++;
+    }
+    if (this.#head > 1024 && this.#head * 2 > this.#lines.length) {
+      this.#lines = this.#lines.slice(this.#head);
+      this.#sizes = this.#sizes.slice(this.#head);
+      this.#head = 0;
+    }
+  }
+
+  events(): ControlAttempt[] {
+    return this.#lines.slice(this.#head).map((l) => JSON.parse(l));
+  }
+
+  clear(): void {
+    this.#lines = [];
+    this.#sizes = [];
+    this.#head = this.bytes = this.forgotten = 0;
+  }
+}
+
+/** A loopback address (127.0.0.0/8, ::1, an IPv4-mapped loopback) or `localhost`. */
+export function isLoopback(host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, "").toLowerCase().replace(/^::ffff:/, "");
+  return h === "localhost" || h === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
+}
+
+/** Whether the control port answers a client: bound to loopback (the default), loopback clients only. */
+export function controlAllows(bindHost: string, client: string): boolean {
+  return !isLoopback(bindHost) || isLoopback(client);
+}
+
+/** A control answer: its status and JSON body. */
+export interface ControlAnswer {
+  status: number;
+  body: unknown;
+}
+
+/** A request body's length as its header says, and whether it is over the bound (413 before any of it is read). */
+export function bodyTooLarge(contentLength: string | null): boolean {
+  return contentLength !== null && !(Number(contentLength) <= MAX_CONTROL_BODY_BYTES);
+}
+
+/** What the control port can change: the mode cache, the decision state, the served ledger. */
+export interface ControlDeps {
+  modes: ModeCache;
+  greylist: GreylistTable;
+  attempts: AttemptTable;
+  ledger: ControlLedger;
+}
+
+const CONTROL_ROUTES: Record<string, readonly string[]> = {
+  "/mode": ["GET", "PUT", "DELETE"],
+  "/attempts": ["GET", "DELETE"],
+};
+
+/**
+ * One control request, its body already read (at most MAX_CONTROL_BODY_BYTES): the answer.
+ * `PUT /mode` puts the value in effect before it answers, so a session opened after the 200
+ * reads it (sessions read `ModeCache.current` when they start, on the same thread).
+ */
+export function controlAnswer(d: ControlDeps, method: string, url: URL, body: string): ControlAnswer {
+  const allowed = CONTROL_ROUTES[url.pathname];
+  if (!allowed) return { status: 404, body: { error: `no ${url.pathname}: /mode, /attempts (docs/control.md)` } };
+  if (!allowed.includes(method)) {
+    return { status: 405, body: { error: `${method} ${url.pathname}: one of ${allowed.join(", ")}` } };
+  }
+  const mode = () => ({ mode: d.modes.current.text, source: d.modes.from, stored: d.modes.stored });
+  switch (`${method} ${url.pathname}`) {
+    case "GET /mode":
+      return { status: 200, body: mode() };
+    case "PUT /mode": {
+      const parsed = parseScenario(body.trim());
+      if (typeof parsed === "string") return { status: 400, body: { error: parsed, mode: d.modes.current.text } };
+      d.modes.override(parsed);
+      return { status: 200, body: mode() };
+    }
+    case "DELETE /mode":
+      d.modes.release();
+      return { status: 200, body: mode() };
+    case "GET /attempts": {
+      const q = url.searchParams;
+      const since = q.get("since");
+      const sinceMs = since === null ? undefined : Date.parse(since);
+      if (sinceMs !== undefined && !Number.isFinite(sinceMs)) {
+        return { status: 400, body: { error: `since must be an ISO 8601 time, got ${JSON.stringify(since)}` } };
+      }
+      const filter = { rcpt: q.get("rcpt") ?? undefined, sinceMs, messageId: q.get("messageId") ?? undefined };
+      return { status: 200, body: controlHistories(d.ledger.events(), filter) };
+    }
+    default: { // DELETE /attempts
+      const forgot = { attempts: d.attempts.size, greylist: d.greylist.size, events: d.ledger.size };
+      d.attempts.clear();
+      d.greylist.clear();
+      d.ledger.clear();
+      return { status: 200, body: { forgot } };
+    }
+  }
+}
+
+/** Reads a request body up to MAX_CONTROL_BODY_BYTES: its text, or undefined once it is longer (then cancelled). */
+async function boundedBody(req: Request): Promise<string | undefined> {
+  if (!req.body) return "";
+  const reader = req.body.getReader();
+  const parts: Uint8Array[] = [];
+  let n = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    n += value.length;
+    if (n > MAX_CONTROL_BODY_BYTES) {
+      reader.cancel().catch(() => {});
+      return undefined;
+    }
+    parts.push(value);
+  }
+  const all = new Uint8Array(n);
+  let at = 0;
+  for (const p of parts) all.set(p, (at += p.length) - p.length);
+  return new TextDecoder().decode(all);
+}
+
+/** Starts the control port (Deno.serve): its address, and how to stop it. Throws a StartError when it cannot bind. */
+export function serveControl(
+  host: string,
+  port: number,
+  d: ControlDeps,
+): { addr: Deno.NetAddr; shutdown: () => Promise<void> } {
+  const json = (a: ControlAnswer) =>
+    new Response(JSON.stringify(a.body, null, 2) + "\n", {
+      status: a.status,
+      headers: { "content-type": "application/json" },
+    });
+  let server: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    server = Deno.serve({ hostname: host, port, onListen: () => {} }, async (req, info) => {
+      if (!controlAllows(host, info.remoteAddr.hostname)) {
+        return json({ status: 403, body: { error: "the control port answers loopback clients only" } });
+      }
+      const tooLarge = { status: 413, body: { error: `a body is at most ${MAX_CONTROL_BODY_BYTES} octets` } };
+      if (bodyTooLarge(req.headers.get("content-length"))) return json(tooLarge);
+      const body = await boundedBody(req).catch(() => "");
+      if (body === undefined) return json(tooLarge);
+      return json(controlAnswer(d, req.method, new URL(req.url), body));
+    });
+  } catch (err) {
+    throw bindError("the control port", host, port, "SINKHOLE_CONTROL_PORT", err);
+  }
+  return { addr: server.addr, shutdown: () => server.shutdown() };
+}
+
+// ---------------------------------------------------------------------------
+// 15. Health check and main
 // ---------------------------------------------------------------------------
 
 /**
@@ -3307,12 +3708,10 @@ async function main(): Promise<void> {
   if (args.includes("--healthcheck")) Deno.exit(await healthcheck(config));
   setLogFormat(config.logFormat);
   const modes = new ModeCache(sourceFor(config, env), config.cacheTtlMs);
-  const server = new Server({
-    config,
-    modes,
-    greylist: new GreylistTable(config.greylistWindowMs),
-    attempts: new AttemptTable(),
-  });
+  const greylist = new GreylistTable(config.greylistWindowMs);
+  const attempts = new AttemptTable();
+  const server = new Server({ config, modes, greylist, attempts });
+  let control: ReturnType<typeof serveControl> | undefined;
   await modes.start();
   let tls: Awaited<ReturnType<typeof tlsMaterial>> | undefined;
   try {
@@ -3328,6 +3727,11 @@ async function main(): Promise<void> {
       });
     }
     await server.listen(tls);
+    if (config.controlPort !== undefined) {
+      const ledger = new ControlLedger();
+      control = serveControl(config.controlHost, config.controlPort, { modes, greylist, attempts, ledger });
+      setAttemptTap((e) => ledger.add(e));
+    }
   } catch (err) {
     refuseStart(
       err instanceof StartError ? err : new StartError(describeError(err), "see sinkhole --help", 3),
@@ -3345,6 +3749,7 @@ async function main(): Promise<void> {
     maxSessions: config.maxSessions,
     starttls: tls ? (tls.generated ? "on, generated certificate" : "on, certificate from files") : "off",
     pid: Deno.pid,
+    ...(control ? { control: `${control.addr.hostname}:${control.addr.port}` } : {}),
   });
   let stopping = false;
   const stop = async (signal: string) => {
@@ -3352,6 +3757,7 @@ async function main(): Promise<void> {
     stopping = true;
     log({ event: "stop", signal, sessions: server.sessions.size });
     modes.stop();
+    await control?.shutdown();
     await server.shutdown();
     log({ event: "stopped", signal });
     flushLog();

@@ -136,6 +136,11 @@ export const OPTIONS = {
     arg: "sha-XXXXXXXX",
     help: "the image tag already pushed to cabal-sinkhole, to roll the tier to",
   },
+  local: {
+    kind: "flag",
+    help: "a listener on this machine, over its control port (docs/control.md) instead of an environment",
+  },
+  url: { kind: "value", arg: "URL", help: "with --local: the control port (default http://127.0.0.1:2580)" },
   help: { kind: "flag", help: "print this help" },
 } as const satisfies Record<string, OptionSpec>;
 
@@ -147,8 +152,9 @@ export interface CommandSpec {
   /** The positional argument it takes, if any. */
   arg?: { name: string; help: string };
   summary: string;
-  /** Where it reads from: an environment (AWS), or an environment or a log file. */
+  /** Where it reads from: an environment (AWS), or an environment or a log file; `local`: or --local too. */
   target: "env" | "env-or-file";
+  local?: true;
   options: readonly OptionName[];
   /** What "done, but not as wanted" (exit 1) means for this command, if it can happen. */
   unwanted?: string;
@@ -170,7 +176,8 @@ const COMMAND_TABLE = [
     name: "mode get",
     summary: "the mode stored in SSM and the mode the listener last logged as in effect",
     target: "env",
-    options: COMMON,
+    local: true,
+    options: [...COMMON, "local", "url"],
     example: "deno task ctl mode get --env stage",
   },
   {
@@ -178,7 +185,8 @@ const COMMAND_TABLE = [
     arg: { name: "VALUE", help: "the new mode, checked by the listener's own parser before it is stored" },
     summary: "store a new mode in SSM; the listener picks it up within its cache TTL",
     target: "env",
-    options: [...COMMON, "wait"],
+    local: true,
+    options: [...COMMON, "wait", "local", "url"],
     unwanted: "with --wait, the listener did not log the new mode in time (the mode was stored)",
     example: "deno task ctl mode set 'defer reply=\"451 4.7.1 try later\"' --wait --env stage",
   },
@@ -209,7 +217,8 @@ const COMMAND_TABLE = [
     name: "report",
     summary: "every message's attempts from the retry ledger: count, intervals, outcome",
     target: "env-or-file",
-    options: [...COMMON, "file", "since", "message-id"],
+    local: true,
+    options: [...COMMON, "file", "since", "message-id", "local", "url"],
     unwanted: "no attempt in the log: no message reached the listener",
     example: "deno task ctl report --file sinkhole.log",
   },
@@ -218,7 +227,19 @@ const COMMAND_TABLE = [
     arg: { name: "MESSAGE", help: 'the message: its recipient, or "sender > recipient"' },
     summary: "assert how a message was retried (attempts, intervals, exactly-once delivery)",
     target: "env-or-file",
-    options: [...COMMON, "file", "since", "message-id", "attempts", "interval", "delivered-once", "within"],
+    local: true,
+    options: [
+      ...COMMON,
+      "file",
+      "since",
+      "message-id",
+      "attempts",
+      "interval",
+      "delivered-once",
+      "within",
+      "local",
+      "url",
+    ],
     unwanted: "an expectation is not met",
     example: "deno task ctl expect user@example.test --attempts 3 --delivered-once --file sinkhole.log",
   },
@@ -243,7 +264,9 @@ function optionLine(name: OptionName): string {
 }
 
 function synopsis(c: CommandSpec): string {
-  const target = c.target === "env" ? "--env NAME" : "(--env NAME | --file FILE|-)";
+  const target = c.target === "env"
+    ? (c.local ? "(--env NAME | --local)" : "--env NAME")
+    : `(--env NAME | --file FILE|-${c.local ? " | --local" : ""})`;
   return `deno task ctl ${c.name}${c.arg ? ` ${c.arg.name}` : ""} ${target} [options]`;
 }
 

@@ -32,6 +32,7 @@ import { deploy, deployTag } from "./deploy.ts";
 import { ecsExec } from "./exec.ts";
 import { github } from "./github.ts";
 import { Ledger, type LedgerAnswer, ledgerAnswer, parseRange, readLedger } from "./report.ts";
+import { DEFAULT_LOCAL_URL, localLedger, localModeGet, localModeSet } from "./local.ts";
 
 export function render(report: commands.Report, json: boolean): string {
   if (json) return JSON.stringify({ title: report.title, ok: report.ok, ...report.data }, null, 2);
@@ -186,6 +187,9 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   const environmentsFile = optionValue("environments", o.environments);
   if (command.name === "mode set") checked.mode = commands.validateMode(parsed.arg!);
   if (command.name === "deploy") checked.tag = deployTag(o.tag);
+  const url = optionValue("url", o.url);
+  if (url !== undefined && o.local !== true) throw new UsageError("--url goes with --local");
+  if (o.local === true) return await runLocal(checked, url ?? DEFAULT_LOCAL_URL, [file, envName]);
   if (command.target === "env-or-file" && (file === undefined) === (envName === undefined)) {
     throw new UsageError(`${command.name} reads either --file FILE|- or --env NAME, exactly one`);
   }
@@ -247,6 +251,25 @@ async function runCommand(command: CommandSpec, parsed: Parsed, io: Io, title: s
   io.out(render(report, json));
   await summarize(io, markdown(report));
   return report.failed ? EXIT.failed : report.ok ? EXIT.ok : EXIT.unwanted;
+}
+
+/** A command with --local: over the control port of a listener on this machine (ctl/local.ts). */
+async function runLocal(c: Checked, url: string, others: (string | undefined)[]): Promise<number> {
+  if (others.some((x) => x !== undefined)) {
+    throw new UsageError(`${c.command.name} reads exactly one of --env NAME, --file FILE|- and --local`);
+  }
+  if (c.command.name === "report" || c.command.name === "expect") {
+    const since = c.since === undefined ? undefined : Date.now() - c.since * 60_000;
+    const ledger = await localLedger(url, { sinceMs: since, messageId: c.messageId });
+    const source = { name: `the listener at ${url}`, isFile: false };
+    return await answer(c.io, ledgerAnswer(ledgerCommand(c), ledger, source, ledgerOutput(c)));
+  }
+  const report = c.command.name === "mode set"
+    ? await localModeSet(url, c.mode!, `${c.title}: local`)
+    : await localModeGet(url, `${c.title}: local`);
+  c.io.out(render(report, c.ledger.json));
+  await summarize(c.io, markdown(report));
+  return EXIT.ok;
 }
 
 function range(name: "attempts" | "interval", raw: string | undefined) {

@@ -43,5 +43,9 @@ ${Object.entries(DEV_DEFAULTS).map(([k, v]) => `| \`${k}\` | \`${v}\` |`).join("
 | \`SINKHOLE_MODE_FILE\` | \`${DEV_MODE_FILE}\` in the repository, when neither it nor \`SINKHOLE_MODE\` is set |
 
 So \`SINKHOLE_BIND_PORT=2600 deno task dev\` listens on 2600, and \`SINKHOLE_LOG_FORMAT=json deno task dev\` prints JSON.
+The liveness port is any free one (\`0\`), so two dev listeners never collide on it; the image keeps \`8025\`. The
+control port ([control.md](control.md)) is \`2580\`; with \`SINKHOLE_BIND_PORT\` set (another listener beside the
+first) it is any free one unless \`SINKHOLE_CONTROL_PORT\` says which. The start line says every port it took:
+\`start: SMTP on 127.0.0.1:2600, health on 127.0.0.1:41234, control on http://127.0.0.1:39817, …\`.
 `;
 await Deno.writeTextFile(new URL("../docs/environment.md", import.meta.url), doc.trimStart());

@@ -20,12 +20,12 @@ async function ctl(argv: string[], env: Record<string, string> = {}) {
 /** What each command must offer, written out here rather than read from the table it tests. */
 const EXPECTED_OPTIONS: Record<string, string[]> = {
   "status": ["--env", "--environments", "--json", "--tier", "--help"],
-  "mode get": ["--env", "--environments", "--json", "--help"],
-  "mode set": ["--env", "--environments", "--json", "--wait", "--help"],
+  "mode get": ["--env", "--environments", "--json", "--local", "--url", "--help"],
+  "mode set": ["--env", "--environments", "--json", "--wait", "--local", "--url", "--help"],
   "probe": ["--env", "--environments", "--json", "--expect", "--timeout", "--help"],
   "cleanup": ["--env", "--environments", "--json", "--purge-queue", "--help"],
   "check": ["--env", "--environments", "--json", "--tier", "--mode-age", "--queue-age", "--no-github", "--help"],
-  "report": ["--env", "--environments", "--json", "--file", "--since", "--message-id", "--help"],
+  "report": ["--env", "--environments", "--json", "--file", "--since", "--message-id", "--local", "--url", "--help"],
   "expect": [
     "--env",
     "--environments",
@@ -37,6 +37,8 @@ const EXPECTED_OPTIONS: Record<string, string[]> = {
     "--interval",
     "--delivered-once",
     "--within",
+    "--local",
+    "--url",
     "--help",
   ],
   "deploy": ["--env", "--environments", "--json", "--tag", "--help"],

@@ -237,6 +237,8 @@ Deno.test("docs: docs/protocol.md's limits and memory budget name every bound wi
     ["MAX_MODE_FILE_BYTES", kib(lim.MAX_MODE_FILE_BYTES)],
     ["MAX_SESSIONS_CAP", `${lim.MAX_SESSIONS_CAP}`],
     ["RING_SLACK", `${lim.RING_SLACK}`],
+    ["MAX_CONTROL_LEDGER_BYTES", kib(lim.MAX_CONTROL_LEDGER_BYTES)],
+    ["MAX_CONTROL_BODY_BYTES", kib(lim.MAX_CONTROL_BODY_BYTES)],
   ];
   assertMatch(readme, new RegExp(`${lim.DEFAULT_MAX_SESSIONS} by default\\s+\\(\`DEFAULT_MAX_SESSIONS\`\\)`));
   for (const [name, value] of said) {

@@ -123,7 +123,8 @@ async function worstCase(
   const cgroup = memoryCgroup(ECS_MEMORY_MIB);
   if (!cgroup) console.log(`${label}: no memory cgroup can be made here; the cgroup checks are skipped`);
   const l = await w.listen(
-    { ...ssmEnv(w.moto.url, "0.2"), SINKHOLE_MAX_SESSIONS: String(sessions), ...env },
+    // The control port on (any free port): the fill's attempts fill what it keeps (MAX_CONTROL_LEDGER_BYTES).
+    { ...ssmEnv(w.moto.url, "0.2"), SINKHOLE_MAX_SESSIONS: String(sessions), SINKHOLE_CONTROL_PORT: "0", ...env },
     { cgroup },
   );
   const clients: RawClient[] = [];
@@ -142,6 +143,11 @@ async function worstCase(
     // Every session is at its worst once the listener has read everything its client sent
     // (for node:net, once the kernel buffer is drained into the transport's bounded queue).
     await Promise.all(clients.map((c) => readByServer(c, l.port)));
+    // At the peak, the control port's largest answer (every attempt it keeps, as JSON) and a body refused unread.
+    const control = `http://${l.events("start")[0].control}`;
+    const served = await (await fetch(`${control}/attempts`)).text();
+    const refused = await fetch(`${control}/mode`, { method: "PUT", body: new Uint8Array(1024 * 1024) });
+    assertEquals([refused.status, await refused.text() !== ""], [413, true]);
     const worst = memoryMiB(l.pid);
     const anonPeak = worst.peak - atStart.file;
     console.log(
@@ -153,7 +159,7 @@ async function worstCase(
         `(anonymous ${worst.anon.toFixed(1)}, mapped files ${worst.file.toFixed(1)}); VmHWM ${
           worst.peak.toFixed(1)
         } MiB, ` +
-        `of it anonymous at most ${anonPeak.toFixed(1)} MiB`,
+        `of it anonymous at most ${anonPeak.toFixed(1)} MiB; GET /attempts answered ${served.length} octets`,
     );
     // ECS's health check at the peak: a second Deno runtime in the same cgroup, three times.
     for (let i = 0; i < 3; i++) {

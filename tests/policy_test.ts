@@ -652,3 +652,40 @@ Deno.test("digest table: the same answers as an insertion-ordered Map with evict
     for (const [k, v] of model) assertEquals(t.get(k), v);
   }
 });
+
+Deno.test("policy: a recipient shaped like a per-recipient form that is not one gets the mode's answer and a logged reason", async () => {
+  const { recipientFormProblem } = await import("../listener.ts");
+  const rows: [string, RegExp | undefined][] = [
+    ["452-5.2.2+q@sinkhole.test", /452-5\.2\.2: the code's class \(4\) and the status's \(5\) disagree/],
+    ["552-4.2.2+q@sinkhole.test", /class \(5\) and the status's \(4\) disagree/],
+    ["652+q@sinkhole.test", /a reply code is three digits, 2yz, 4yz or 5yz/],
+    ["45+q@sinkhole.test", /a reply code is three digits/],
+    ["451-4.7+q@sinkhole.test", /class\.subject\.detail/],
+    ["defer0+q@sinkhole.test", /the attempt count is 1 to 99/],
+    ["bounce100+q@sinkhole.test", /the attempt count is 1 to 99/],
+    ["accept2+q@sinkhole.test", /only defer, bounce and drop take an attempt count/],
+    // Taken as forms, or no form at all: no reason.
+    ["452-4.2.2+q@sinkhole.test", undefined],
+    ["defer2+q@sinkhole.test", undefined],
+    ["bounce+q@sinkhole.test", undefined],
+    ["user+newsletter@sinkhole.test", undefined],
+    ["plain@sinkhole.test", undefined],
+  ];
+  for (const [rcpt, want] of rows) {
+    const got = recipientFormProblem(rcpt);
+    if (want === undefined) assertEquals(got, undefined, rcpt);
+    else assertMatch(got ?? "(none)", want, rcpt);
+  }
+  // Through the table: the mode answers (accept: 250), and the reason is among the events to log.
+  const { outs } = play("accept", ["EHLO c", "MAIL FROM:<a@o.test>", "RCPT TO:<452-5.2.2+q@sinkhole.test>"]);
+  assertEquals(outs[2].reply.code, 250);
+  const e = outs[2].events?.find((x) => x.event === "rcpt_form");
+  assertEquals(e, {
+    event: "rcpt_form",
+    client: "192.0.2.1",
+    rcpt: "452-5.2.2+q@sinkhole.test",
+    reason: "452-5.2.2: the code's class (4) and the status's (5) disagree (RFC 3463 §2)",
+  });
+  const plain = play("accept", ["EHLO c", "MAIL FROM:<a@o.test>", "RCPT TO:<user+news@sinkhole.test>"]);
+  assert(!plain.outs[2].events?.some((x) => x.event === "rcpt_form"), "an ordinary subaddress says nothing");
+});
