@@ -53,8 +53,10 @@ export const DEFAULT_IDLE_TIMEOUT_S = 120;
 /** Seconds a whole session may last, whatever the client does. */
 export const DEFAULT_SESSION_TIMEOUT_S = 600;
 /**
- * Header section logged in accept-log mode (the body is never logged): octets kept, each
- * line charged KEPT_ENTRY_COST more.
+ * Header section logged in accept-log mode (the body is never logged): octets kept in one
+ * buffer of this size while the message is read (whatever the header's shape: folded, many
+ * short lines, one long field), each field charged one octet more for its separator. Fields
+ * are kept whole, in order, up to the first one that does not fit.
  */
 export const MAX_LOGGED_HEADER_BYTES = 4 * 1024;
 /** Transactions and replies kept for one session's log line. */
@@ -1493,15 +1495,29 @@ const headerDecoder = new TextDecoder();
 export class MessageReader {
   size = 0;
   longLine = false;
-  headers: string[] = [];
-  /** Header lines were left out (over the cap, or a header line over MAX_TEXT_LINE). */
+  /** Header fields were left out (over MAX_LOGGED_HEADER_BYTES, or a header line over MAX_TEXT_LINE). */
   truncated = false;
   /** The Message-ID header's value (whatever the mode), at most MAX_MESSAGE_ID_LENGTH characters. */
   messageId?: string;
   #inHeaders = true;
-  #headerBytes = 0;
+  /**
+   * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, allocated
+   * at the first header line (outside the V8 heap); no string is made before `headers` is read.
+   */
+  #kept: Uint8Array | undefined;
+  /** Octets of #kept in use, and where the field being read began in it. */
+  #keptEnd = 0;
+  #fieldStart = 0;
+  /** Capture has stopped: a field did not fit (it and every field after it are left out). */
+  #full = false;
 
   constructor(readonly captureHeaders = false) {}
+
+  /** The captured header fields, whole and apart, each unfolded. */
+  get headers(): string[] {
+    if (!this.#kept || this.#keptEnd === 0) return [];
+    return headerDecoder.decode(this.#kept.subarray(0, this.#keptEnd)).split("\n");
+  }
 
   /**
    * One line with its line end (undefined when it was over MAX_TEXT_LINE): "end" at the
@@ -1514,7 +1530,7 @@ export class MessageReader {
     if (bytes === undefined) {
       this.size += length;
       this.longLine = true;
-      if (this.#inHeaders) this.truncated = true;
+      if (this.#inHeaders) this.#stopCapture(true); // it may continue the last field: taken back
       return "more";
     }
     if (bytes[0] === DOT && bytes.length === 3) return "end"; // ".\r\n" (not bare: CR LF)
@@ -1531,18 +1547,40 @@ export class MessageReader {
       const m = /^message-id:\s*(\S.*)$/i.exec(head);
       if (m) this.messageId = m[1].trim().slice(0, MAX_MESSAGE_ID_LENGTH);
     }
-    if (!this.captureHeaders) return "more";
-    const folded = (bytes[stuffed] === 32 || bytes[stuffed] === 9) && this.headers.length > 0;
-    const cost = len + (folded ? 0 : KEPT_ENTRY_COST);
-    if (this.#headerBytes + cost > MAX_LOGGED_HEADER_BYTES) {
-      this.truncated = true;
-      return "more";
-    }
-    this.#headerBytes += cost;
-    const text = headerDecoder.decode(bytes.subarray(stuffed, len));
-    if (folded) this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
-    else this.headers.push(text);
+    if (this.captureHeaders && !this.#full) this.#capture(bytes.subarray(stuffed, len));
     return "more";
+  }
+
+  /**
+   * Keeps one header line: a field's first line after an LF, a continuation line (it starts
+   * with WSP, RFC 5322 §2.2.3) appended to its field as " " and its text trimmed. A field
+   * that does not fit is taken back whole, and capture stops there.
+   */
+  #capture(text: Uint8Array): void {
+    const folded = (text[0] === 32 || text[0] === 9) && this.#keptEnd > 0;
+    let from = 0, to = text.length;
+    if (folded) {
+      while (from < to && (text[from] === 32 || text[from] === 9)) from++;
+      while (to > from && (text[to - 1] === 32 || text[to - 1] === 9)) to--;
+    }
+    const sep = this.#keptEnd > 0 ? 1 : 0; // LF between fields, or the space of an unfolded line
+    if (this.#keptEnd + sep + (to - from) > MAX_LOGGED_HEADER_BYTES) return this.#stopCapture(folded);
+    const kept = this.#kept ??= new Uint8Array(MAX_LOGGED_HEADER_BYTES);
+    if (!folded) this.#fieldStart = this.#keptEnd + sep;
+    if (sep) kept[this.#keptEnd++] = folded ? 32 : LF;
+    kept.set(text.subarray(from, to), this.#keptEnd);
+    this.#keptEnd += to - from;
+  }
+
+  /**
+   * A field did not fit, or a header line was over MAX_TEXT_LINE: nothing more is kept, and the
+   * last field kept is taken back whole when the line may have continued it (`takeBack`).
+   */
+  #stopCapture(takeBack: boolean): void {
+    this.truncated = true;
+    if (this.#full || !this.captureHeaders) return;
+    this.#full = true;
+    if (takeBack) this.#keptEnd = Math.max(0, this.#fieldStart - 1); // the field and the LF before it
   }
 
   get summary(): DataSummary {
