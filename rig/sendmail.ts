@@ -35,8 +35,17 @@ export function rigAddresses(): RigAddresses {
 /** The mailertable of a rig: both test domains routed by address, without a port. */
 export const rigMailertable = (a: RigAddresses) => `sinkhole.test smtp:[${a.sink}]\norigin.test smtp:[${a.origin}]\n`;
 
-/** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
-export async function makeSendmail(dir: string, listen: { host: string; port: number }, mailertable: string) {
+/**
+ * The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test.
+ * `datafinal`: sendmail's Timeout.datafinal (`confTO_DATAFINAL`; its default is 1h), for a test of a
+ * client that gives up waiting for the end-of-data reply.
+ */
+export async function makeSendmail(
+  dir: string,
+  listen: { host: string; port: number },
+  mailertable: string,
+  opts: { datafinal?: string } = {},
+) {
   const { host, port } = listen;
   await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
   await Deno.writeTextFile(`${dir}/mailertable`, mailertable);
@@ -59,7 +68,7 @@ define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
 define(\`confTO_ICONNECT', \`5s')dnl
 define(\`confTO_CONNECT', \`5s')dnl
 define(\`confTO_QUEUEWARN', \`0')dnl
-FEATURE(\`nocanonify')dnl
+${opts.datafinal ? `define(\`confTO_DATAFINAL', \`${opts.datafinal}')dnl\n` : ""}FEATURE(\`nocanonify')dnl
 FEATURE(\`accept_unresolvable_domains')dnl
 FEATURE(\`mailertable', \`hash -o ${dir}/mailertable')dnl
 DAEMON_OPTIONS(\`Family=inet, Name=MTA-test, Port=${port}, Addr=${host}')dnl
