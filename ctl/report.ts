@@ -62,7 +62,7 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
   if (v.dropped !== undefined && v.dropped !== true) return SKIP.field("dropped");
   if (v.unheard !== undefined && v.unheard !== true) return SKIP.field("unheard");
   if ([code, v.dropped, v.unheard].filter((x) => x !== undefined).length !== 1) {
-    return SKIP.field("code (or dropped, or unheard)");
+    return SKIP.field("code (or dropped or unheard)");
   }
   if (v.messageId !== undefined && typeof v.messageId !== "string") return SKIP.field("messageId");
   if (v.tls !== undefined && typeof v.tls !== "boolean") return SKIP.field("tls");
