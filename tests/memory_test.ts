@@ -216,8 +216,8 @@ const BODY_LINE = "b".repeat(998) + "\r\n";
 const TLS_SCRIPTS: Record<TlsShape, Uint8Array> = {
   // A held reply (the mode's delay at end of data), then commands pipelined behind it, 1 MiB of them.
   pipelined: enc.encode(ENVELOPE + "Subject: x\r\n\r\nbody\r\n.\r\n" + "NOOP\r\n".repeat(MiB / 6)),
-  // 4 MiB of a command line without LF.
-  longline: enc.encode("EHLO tls.test\r\nNOOP " + "x".repeat(4 * MiB)),
+  // 1 MiB of a command line without LF (a thousand times MAX_TEXT_LINE).
+  longline: enc.encode("EHLO tls.test\r\nNOOP " + "x".repeat(MiB)),
   // A 1 MiB message, its reply held.
   message: enc.encode(ENVELOPE + "Subject: big\r\n\r\n" + BODY_LINE.repeat(MiB / BODY_LINE.length) + ".\r\n"),
   // accept-log's header capture at its worst shape: one field folded over thousands of short lines, and more.
@@ -354,7 +354,7 @@ async function tlsWorstCase(label: string, sessions: number, peakMiB: number, sh
  * the task's cap, and no OOM kill in its cgroup.
  */
 Deno.test(
-  "memory: TLS-upgraded sessions at the default cap, each at its worst (pipelining behind a held reply, a 4 MiB line, 1 MiB messages, folded headers in accept-log): bounded, no OOM kill, under the task's cap",
+  "memory: TLS-upgraded sessions at the default cap, each at its worst (pipelining behind a held reply, a 1 MiB line, 1 MiB messages, folded headers in accept-log): bounded, no OOM kill, under the task's cap",
   () => tlsWorstCase("tls", DEFAULT_MAX_SESSIONS, TASK_CAP_MIB),
 );
 
