@@ -54,8 +54,10 @@ export const DEFAULT_IDLE_TIMEOUT_S = 120;
 /** Seconds a whole session may last, whatever the client does. */
 export const DEFAULT_SESSION_TIMEOUT_S = 600;
 /**
- * Header section logged in accept-log mode (the body is never logged): octets kept, each
- * line charged KEPT_ENTRY_COST more.
+ * Header section logged in accept-log mode (the body is never logged): octets kept in one
+ * buffer of this size while the message is read (whatever the header's shape: folded, many
+ * short lines, one long field), each field charged one octet more for its separator. Fields
+ * are kept whole, in order, up to the first one that does not fit.
  */
 export const MAX_LOGGED_HEADER_BYTES = 4 * 1024;
 /** Transactions and replies kept for one session's log line. */
@@ -814,6 +816,11 @@ export interface Outcome {
   captureHeaders?: boolean;
   /** What to log once the reply is said: the ledger's attempt events, accept-log's message event. */
   events?: LogEvent[];
+  /**
+   * What to log instead when the client leaves (its FIN) while the reply is held: the reply
+   * was never given, so nothing was delivered (`unheard`).
+   */
+  unheard?: LogEvent[];
 }
 
 /** The points where the policy decides: the scenario's stages, and STARTTLS. */
@@ -858,6 +865,8 @@ export interface Decision {
   captureHeaders?: boolean;
   /** What to log once the reply is said: the ledger's attempt events, accept-log's message line. */
   events?: LogEvent[];
+  /** What to log instead if the client leaves while the reply is held (`unheard`). */
+  unheard?: LogEvent[];
 }
 
 const PASS: Decision = { delayMs: 0 };
@@ -1161,7 +1170,21 @@ const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
  */
 export function decide(m: Moment): Decision {
   const d = TABLE[m.point](m, scenarioOf(m));
-  return d.fail?.code === 421 ? { ...d, close: true } : d;
+  const held = d.delayMs > 0 && d.events && !d.drop ? { ...d, unheard: unheard(d.events) } : d;
+  return held.fail?.code === 421 ? { ...held, close: true } : held;
+}
+
+/**
+ * A held reply's events for a client that left before it was said (its FIN during the delay:
+ * e.g. sendmail's `Timeout.datafinal` expired; it keeps the message and tries again): each
+ * attempt ends with no reply given (`unheard`, not delivered), and no message was accepted.
+ */
+export function unheard(events: LogEvent[]): LogEvent[] {
+  return events.flatMap((e): LogEvent[] => {
+    if (e.event !== "attempt") return [];
+    const { code: _code, dropped: _dropped, ...rest } = e;
+    return [{ ...rest, unheard: true }];
+  });
 }
 
 /**
@@ -1175,6 +1198,7 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
   if (d.remember) base.remember = d.remember;
   if (d.attempt) base.attempt = d.attempt;
   if (d.events) base.events = d.events;
+  if (d.unheard) base.unheard = d.unheard;
   if (d.drop) return { ...base, state: failed, after: "drop" };
   if (d.close) base.after = "close";
   return base;
@@ -1566,15 +1590,29 @@ const headerDecoder = new TextDecoder();
 export class MessageReader {
   size = 0;
   longLine = false;
-  headers: string[] = [];
-  /** Header lines were left out (over the cap, or a header line over MAX_TEXT_LINE). */
+  /** Header fields were left out (over MAX_LOGGED_HEADER_BYTES, or a header line over MAX_TEXT_LINE). */
   truncated = false;
   /** The Message-ID header's value (whatever the mode), at most MAX_MESSAGE_ID_LENGTH characters. */
   messageId?: string;
   #inHeaders = true;
-  #headerBytes = 0;
+  /**
+   * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, allocated
+   * at the first header line (outside the V8 heap); no string is made before `headers` is read.
+   */
+  #kept: Uint8Array | undefined;
+  /** Octets of #kept in use, and where the field being read began in it. */
+  #keptEnd = 0;
+  #fieldStart = 0;
+  /** Capture has stopped: a field did not fit (it and every field after it are left out). */
+  #full = false;
 
   constructor(readonly captureHeaders = false) {}
+
+  /** The captured header fields, whole and apart, each unfolded. */
+  get headers(): string[] {
+    if (!this.#kept || this.#keptEnd === 0) return [];
+    return headerDecoder.decode(this.#kept.subarray(0, this.#keptEnd)).split("\n");
+  }
 
   /**
    * One line with its line end (undefined when it was over MAX_TEXT_LINE): "end" at the
@@ -1587,7 +1625,7 @@ export class MessageReader {
     if (bytes === undefined) {
       this.size += length;
       this.longLine = true;
-      if (this.#inHeaders) this.truncated = true;
+      if (this.#inHeaders) this.#stopCapture(true); // it may continue the last field: taken back
       return "more";
     }
     if (bytes[0] === DOT && bytes.length === 3) return "end"; // ".\r\n" (not bare: CR LF)
@@ -1604,18 +1642,40 @@ export class MessageReader {
       const m = /^message-id:\s*(\S.*)$/i.exec(head);
       if (m) this.messageId = m[1].trim().slice(0, MAX_MESSAGE_ID_LENGTH);
     }
-    if (!this.captureHeaders) return "more";
-    const folded = (bytes[stuffed] === 32 || bytes[stuffed] === 9) && this.headers.length > 0;
-    const cost = len + (folded ? 0 : KEPT_ENTRY_COST);
-    if (this.#headerBytes + cost > MAX_LOGGED_HEADER_BYTES) {
-      this.truncated = true;
-      return "more";
-    }
-    this.#headerBytes += cost;
-    const text = headerDecoder.decode(bytes.subarray(stuffed, len));
-    if (folded) this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
-    else this.headers.push(text);
+    if (this.captureHeaders && !this.#full) this.#capture(bytes.subarray(stuffed, len));
     return "more";
+  }
+
+  /**
+   * Keeps one header line: a field's first line after an LF, a continuation line (it starts
+   * with WSP, RFC 5322 §2.2.3) appended to its field as " " and its text trimmed. A field
+   * that does not fit is taken back whole, and capture stops there.
+   */
+  #capture(text: Uint8Array): void {
+    const folded = (text[0] === 32 || text[0] === 9) && this.#keptEnd > 0;
+    let from = 0, to = text.length;
+    if (folded) {
+      while (from < to && (text[from] === 32 || text[from] === 9)) from++;
+      while (to > from && (text[to - 1] === 32 || text[to - 1] === 9)) to--;
+    }
+    const sep = this.#keptEnd > 0 ? 1 : 0; // LF between fields, or the space of an unfolded line
+    if (this.#keptEnd + sep + (to - from) > MAX_LOGGED_HEADER_BYTES) return this.#stopCapture(folded);
+    const kept = this.#kept ??= new Uint8Array(MAX_LOGGED_HEADER_BYTES);
+    if (!folded) this.#fieldStart = this.#keptEnd + sep;
+    if (sep) kept[this.#keptEnd++] = folded ? 32 : LF;
+    kept.set(text.subarray(from, to), this.#keptEnd);
+    this.#keptEnd += to - from;
+  }
+
+  /**
+   * A field did not fit, or a header line was over MAX_TEXT_LINE: nothing more is kept, and the
+   * last field kept is taken back whole when the line may have continued it (`takeBack`).
+   */
+  #stopCapture(takeBack: boolean): void {
+    this.truncated = true;
+    if (this.#full || !this.captureHeaders) return;
+    this.#full = true;
+    if (takeBack) this.#keptEnd = Math.max(0, this.#fieldStart - 1); // the field and the LF before it
   }
 
   get summary(): DataSummary {
@@ -1676,9 +1736,11 @@ export interface AttemptEvent {
   rcpt: string;
   /** Where the attempt ended: refused at rcpt or data, or answered at the end of data. */
   stage: "rcpt" | "data" | "eod";
-  /** The reply the client was given; absent when the connection was dropped instead. */
+  /** The reply the client was given; absent when the connection was dropped instead, or the client left first. */
   code?: number;
   dropped?: true;
+  /** The client left (its FIN) while the reply was held: no reply was given, nothing was delivered. */
+  unheard?: true;
   /** The Message-ID header, when the attempt reached the message (at most MAX_MESSAGE_ID_LENGTH). */
   messageId?: string;
   client: string;
@@ -2690,34 +2752,54 @@ export interface Transport {
   startTls?(): Promise<void>;
 }
 
-/** Input held per session before the socket is paused (node sockets push; Deno's are pulled). */
+/**
+ * Input held per session before the socket is paused (node sockets push; Deno's are pulled).
+ * Plain or upgraded, the pause is on the TCP socket itself, the only reader of the kernel's
+ * buffer: past it a session holds one more read of ciphertext and the TLS record it decrypts.
+ */
 const NODE_READ_HIGH_WATER = READ_BUFFER_BYTES;
 /** A TLS handshake must finish within this long. */
 export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 
 type NodeSocket = import("node:net").Socket;
 type NodeTls = typeof import("node:tls");
+type NodeDuplex = typeof import("node:stream").Duplex;
 
 /**
  * A node:net socket as a pull-style Transport, upgradable in place with node:tls (Deno's own
  * TCP connections cannot be upgraded server-side; node:tls can, see docs/modes.md, "STARTTLS").
+ * After the upgrade the TLS socket reads its ciphertext from a stream of ours that the TCP
+ * socket feeds, never the TCP handle itself: node:tls in Deno reads its handle whether paused
+ * or not, so pausing the TCP socket is what holds an upgraded session to the byte budget.
  */
 class NodeTransport implements Transport {
+  /** What the session reads and writes: the TCP socket, then the TLS socket over it. */
   #sock!: NodeSocket;
+  /** The TCP socket: the one reader of the kernel's buffer, paused and resumed for backpressure. */
+  readonly #wire: NodeSocket;
+  #secure: import("node:tls").TLSSocket | undefined;
+  /** The handshake is over: closing sends close_notify (before it, the connection is closed silently). */
+  #upgraded = false;
   #queue: Uint8Array[] = [];
   #queued = 0;
   #ended = false;
   #error: Error | undefined;
   #wake: (() => void) | undefined;
 
-  constructor(sock: NodeSocket, readonly tls: NodeTls, readonly context: import("node:tls").SecureContext) {
+  constructor(
+    sock: NodeSocket,
+    readonly tls: NodeTls,
+    readonly context: import("node:tls").SecureContext,
+    readonly Duplex: NodeDuplex,
+  ) {
+    this.#wire = sock;
     this.#attach(sock);
   }
 
   #onData = (d: Uint8Array) => {
     this.#queue.push(d);
     this.#queued += d.length;
-    if (this.#queued > NODE_READ_HIGH_WATER) this.#sock.pause();
+    if (this.#queued > NODE_READ_HIGH_WATER) this.#wire.pause();
     this.#wake?.();
   };
   #onEnd = () => {
@@ -2757,7 +2839,7 @@ class NodeTransport implements Transport {
     if (n === head.length) this.#queue.shift();
     else this.#queue[0] = head.subarray(n);
     this.#queued -= n;
-    if (this.#queued <= NODE_READ_HIGH_WATER / 2 && this.#sock.isPaused()) this.#sock.resume();
+    if (this.#queued <= NODE_READ_HIGH_WATER / 2 && this.#wire.isPaused()) this.#wire.resume();
     return n;
   }
 
@@ -2765,18 +2847,50 @@ class NodeTransport implements Transport {
     return new Promise((ok, fail) => this.#sock.write(bytes, (e) => e ? fail(e) : ok(bytes.length)));
   }
 
+  /**
+   * Closes: a TLS session with close_notify first (RFC 8446 §6.1), then the connection,
+   * within GOODBYE_WRITE_MS whether or not the client reads it.
+   */
   close(): void {
-    this.#sock.destroy();
+    const secure = this.#secure;
+    if (secure && this.#upgraded && !secure.destroyed && !this.#ended) {
+      const done = () => {
+        clearTimeout(timer);
+        secure.destroy();
+        this.#wire.destroy();
+      };
+      const timer = setTimeout(done, GOODBYE_WRITE_MS);
+      secure.once("error", done);
+      secure.end(done);
+    } else {
+      secure?.destroy();
+      this.#wire.destroy();
+    }
     this.#ended = true;
     this.#wake?.();
   }
 
   async startTls(): Promise<void> {
-    const plain = this.#sock;
+    const plain = this.#wire;
     this.#detach();
     this.#queue = []; // RFC 3207 §4.2: nothing sent before the handshake counts
     this.#queued = 0;
-    const secure = new this.tls.TLSSocket(plain, { isServer: true, secureContext: this.context });
+    // The ciphertext's way in: pushed as the TCP socket reads it; the TCP socket alone is paused.
+    const cipher = new this.Duplex({
+      read() {},
+      write: (chunk: Uint8Array, _enc: string, done: (e?: Error | null) => void) => plain.write(chunk, done),
+      final: (done: () => void) => (plain.end(), done()),
+    });
+    plain.on("data", (d: Uint8Array) => cipher.push(d));
+    plain.on("end", () => cipher.push(null));
+    plain.on("error", (e: Error) => cipher.destroy(e));
+    plain.on("close", () => cipher.destroy());
+    const secure = new this.tls.TLSSocket(cipher as unknown as NodeSocket, {
+      isServer: true,
+      secureContext: this.context,
+    });
+    this.#secure = secure;
+    if (plain.isPaused()) plain.resume();
     await withTimeout(
       new Promise<void>((ok, fail) => {
         secure.once("secure", () => ok());
@@ -2787,8 +2901,8 @@ class NodeTransport implements Transport {
     );
     secure.removeAllListeners("error");
     secure.removeAllListeners("close");
+    this.#upgraded = true;
     this.#attach(secure);
-    if (plain.isPaused()) plain.resume();
   }
 }
 
@@ -2892,8 +3006,8 @@ interface Hold {
   after: "continue" | "drop" | "starttls";
 }
 
-/** A reply queued: its text, its code for the transcript, what runs once it is written. */
-type Queued = { text: string; code: number; then?: () => void };
+/** A reply queued: its text, its code for the transcript, what runs once it is written, or if it never can be. */
+type Queued = { text: string; code: number; then?: () => void; unheard?: () => void };
 
 /**
  * The replies on their way to one client: queued, held when an outcome waits, drops or
@@ -2909,10 +3023,13 @@ class Outbox {
 
   constructor(readonly conn: Transport, readonly transcript: Transcript) {}
 
-  /** Queues a reply; `then` runs (and the transcript records it) only once it was written. */
-  push(reply: Reply, then?: () => void): void {
+  /**
+   * Queues a reply; `then` runs (and the transcript records it) only once it was written;
+   * `unheard` if the client left while it was held.
+   */
+  push(reply: Reply, then?: () => void, unheard?: () => void): void {
     const text = formatReply(reply);
-    this.#out.push({ text, code: reply.code, then });
+    this.#out.push({ text, code: reply.code, then, unheard });
     this.bytes += text.length;
   }
 
@@ -2955,6 +3072,44 @@ class Outbox {
 }
 
 /**
+ * A session's reads: into one READ_BUFFER_BYTES buffer, and, while a reply is held, one read
+ * ahead into a second (made then), so the client's FIN is seen during the delay while the
+ * bytes left in the first wait to be framed. At most one read is in flight.
+ */
+class Reads {
+  #bufs: Uint8Array[] = [new Uint8Array(READ_BUFFER_BYTES)];
+  /** The buffer whose bytes are being framed. */
+  #cur = 0;
+  #pending: { at: number; read: Promise<Uint8Array | null> } | undefined;
+
+  constructor(readonly conn: Transport) {}
+
+  /** Reads ahead into the other buffer (once; the read in flight if there is one): its bytes, or null at the client's end. */
+  ahead(): Promise<Uint8Array | null> {
+    if (!this.#pending) {
+      const at = this.#cur ^ 1;
+      const buf = this.#bufs[at] ??= new Uint8Array(READ_BUFFER_BYTES);
+      const read = this.conn.read(buf).then((n) => n === null ? null : buf.subarray(0, n));
+      read.catch(() => {}); // a session closed meanwhile: nobody asks for it
+      this.#pending = { at, read };
+    }
+    return this.#pending.read;
+  }
+
+  /** The next bytes from the client (the read ahead, if one was made), or null at its end. */
+  next(): Promise<Uint8Array | null> {
+    const pending = this.#pending;
+    if (pending) {
+      this.#pending = undefined;
+      this.#cur = pending.at;
+      return pending.read;
+    }
+    const buf = this.#bufs[this.#cur];
+    return this.conn.read(buf).then((n) => n === null ? null : buf.subarray(0, n));
+  }
+}
+
+/**
  * One SMTP session's I/O: reads, frames what the client sent, asks the policy, carries out
  * its outcome (tables, replies, holds, log events), keeps the transcript. It decides nothing.
  */
@@ -2967,16 +3122,22 @@ class Session implements LineSink {
   lastRead = this.started;
   #closing = false;
   #saidGoodbye = false;
+  /** Between `220 Ready to start TLS` and the handshake's end: no plaintext may be written (RFC 3207 §4). */
+  #handshaking = false;
+  /** The client closed its side while a reply was held: that reply was never given. */
+  #left = false;
   /** Settles when the session is closed: a delay in progress ends there. */
   #gone = Promise.withResolvers<void>();
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
   #message: MessageReader | undefined;
   readonly #outbox: Outbox;
+  readonly #reads: Reads;
 
   constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {
     this.transcript = new Transcript(client, this.started);
     this.#outbox = new Outbox(conn, this.transcript);
+    this.#reads = new Reads(conn);
   }
 
   /** Runs the session to its end: the greeting, then read, frame, answer; returns why it failed, if it did. */
@@ -2984,13 +3145,12 @@ class Session implements LineSink {
     try {
       this.#apply(greeting(this.deps.modes.current, this.deps.config.serverName));
       await this.#release();
-      const buf = new Uint8Array(READ_BUFFER_BYTES);
       while (!this.closed && !this.#closing) {
-        const n = await this.conn.read(buf);
-        if (n === null) break;
+        const chunk = await this.#reads.next();
+        if (chunk === null) break;
         this.lastRead = Date.now();
-        this.transcript.bytesIn += n;
-        let rest: Uint8Array | undefined = buf.subarray(0, n);
+        this.transcript.bytesIn += chunk.length;
+        let rest: Uint8Array | undefined = chunk;
         // Framing stops when a reply must wait or MAX_PENDING_REPLY_BYTES wait to be written: write, then go on.
         while (rest) {
           const pos = this.#framer.feed(rest, this);
@@ -3004,9 +3164,9 @@ class Session implements LineSink {
           break;
         }
       }
-      return undefined;
+      return this.#left ? CLIENT_LEFT : undefined;
     } catch (err) {
-      return this.closed ? undefined : describeError(err);
+      return this.#left ? CLIENT_LEFT : this.closed ? undefined : describeError(err);
     } finally {
       this.close();
     }
@@ -3063,16 +3223,36 @@ class Session implements LineSink {
     const { hold, later } = held;
     if (hold.after === "starttls") {
       if (!this.conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
-      await this.conn.startTls();
+      this.#handshaking = true;
+      try {
+        await this.conn.startTls();
+      } finally {
+        this.#handshaking = false;
+      }
       this.transcript.tls = true;
       return true;
     }
     if (hold.delayMs > 0) {
       this.lastRead = Date.now() + hold.delayMs; // our own wait is not the client's idleness
       let timer: Timer | undefined;
-      await Promise.race([new Promise((ok) => timer = setTimeout(ok, hold.delayMs)), this.#gone.promise]);
+      // The client's FIN ends the wait: a reply it can no longer hear is not given (bytes it
+      // pipelines instead wait, read ahead, for the framer; then its FIN is seen at the next read).
+      let left = false;
+      const fin = this.#reads.ahead().then((b) => left = b === null, () => left = true);
+      await Promise.race([
+        new Promise((ok) => timer = setTimeout(ok, hold.delayMs)),
+        this.#gone.promise,
+        fin.then((end) => end ? undefined : new Promise(() => {})),
+      ]);
       clearTimeout(timer);
       this.lastRead = Date.now();
+      if (!this.closed && left) {
+        this.#left = true;
+        for (const q of later) q.unheard?.();
+        this.#closing = true;
+        this.close();
+        return false;
+      }
       if (this.closed) return false; // shut down, or timed out, during the delay: nothing was said
     }
     if (hold.after === "drop") {
@@ -3108,14 +3288,18 @@ class Session implements LineSink {
     this.state = out.state;
     for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
     if (out.attempt) this.deps.attempts?.count(out.attempt.key, out.attempt.first);
-    const events = out.events;
+    const { events, unheard } = out;
     if (out.after === "drop") {
       this.#outbox.holdFrom(out.delayMs, "drop");
       for (const e of events ?? []) log(e);
       return;
     }
     if (out.delayMs > 0) this.#outbox.holdFrom(out.delayMs, "continue");
-    this.#outbox.push(out.reply, events ? () => (written?.(), events.forEach(log)) : written);
+    this.#outbox.push(
+      out.reply,
+      events ? () => (written?.(), events.forEach(log)) : written,
+      unheard ? () => unheard.forEach(log) : undefined,
+    );
     if (out.farewell) this.#outbox.push(out.farewell);
     if (out.after === "close") this.#closing = true;
     else if (out.after === "data") this.#message = new MessageReader(out.captureHeaders);
@@ -3139,6 +3323,7 @@ class Session implements LineSink {
   /** Sends a final reply and closes, after any write in progress (bounded). */
   async goodbye(reply: Reply): Promise<void> {
     if (this.closed) return;
+    if (this.#handshaking) return this.close(); // RFC 3207 §4: only the handshake's bytes may follow 220
     if (this.#saidGoodbye) return this.close(); // asked again: the last write did not finish
     this.#saidGoodbye = true;
     this.#closing = true;
@@ -3153,6 +3338,9 @@ class Session implements LineSink {
     return this.transcript.event(this.state.helo, Date.now(), error);
   }
 }
+
+/** The session line's error when the client left while its reply was held. */
+const CLIENT_LEFT = "the client closed the connection while its reply was held";
 
 async function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
   let off = 0;
@@ -3199,9 +3387,10 @@ class Server {
     if (tls) {
       const net = await import("node:net");
       const nodeTls = await import("node:tls");
+      const nodeStream = await import("node:stream");
       const context = nodeTls.createSecureContext({ cert: tls.cert, key: tls.key });
       const server = net.createServer((sock) => {
-        const transport = new NodeTransport(sock, nodeTls, context);
+        const transport = new NodeTransport(sock, nodeTls, context, nodeStream.Duplex);
         const client = (sock.remoteAddress ?? "unknown").replace(/^::ffff:/, "");
         if (this.#shuttingDown) return transport.close();
         if (this.sessions.size >= this.deps.config.maxSessions) return this.#refuse(transport, client);

@@ -60,7 +60,10 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
     return SKIP.field("code");
   }
   if (v.dropped !== undefined && v.dropped !== true) return SKIP.field("dropped");
-  if ((code === undefined) === (v.dropped === undefined)) return SKIP.field("code (or dropped)");
+  if (v.unheard !== undefined && v.unheard !== true) return SKIP.field("unheard");
+  if ([code, v.dropped, v.unheard].filter((x) => x !== undefined).length !== 1) {
+    return SKIP.field("code (or dropped or unheard)");
+  }
   if (v.messageId !== undefined && typeof v.messageId !== "string") return SKIP.field("messageId");
   if (v.tls !== undefined && typeof v.tls !== "boolean") return SKIP.field("tls");
   if (v.mode !== undefined && typeof v.mode !== "string") return SKIP.field("mode");
@@ -72,7 +75,11 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
     from: v.from as string,
     rcpt: v.rcpt as string,
     stage: v.stage as AttemptLine["stage"],
-    ...(code !== undefined ? { code: code as number } : { dropped: true as const }),
+    ...(code !== undefined
+      ? { code: code as number }
+      : v.unheard
+      ? { unheard: true as const }
+      : { dropped: true as const }),
     ...(v.messageId !== undefined ? { messageId: v.messageId as string } : {}),
     client: v.client as string,
     tls: v.tls === true,
@@ -154,6 +161,7 @@ export class Ledger {
       stage: a.stage,
       code: a.code,
       dropped: a.dropped,
+      unheard: a.unheard,
       messageId: a.messageId,
       client: this.#once(a.client),
       tls: a.tls,
@@ -220,6 +228,7 @@ interface Message {
     stage: AttemptLine["stage"];
     code?: number;
     dropped?: true;
+    unheard?: true;
     messageId?: string;
     client: string;
     tls: boolean;
@@ -230,7 +239,7 @@ interface Message {
 /** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
 function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
   const sorted = [...kept].sort((a, b) => a.t - b.t);
-  const attempts = sorted.map(({ t, code, dropped, messageId, ...rest }, i) => ({
+  const attempts = sorted.map(({ t, code, dropped, unheard, messageId, ...rest }, i) => ({
     event: "attempt" as const,
     key,
     from,
@@ -238,6 +247,7 @@ function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
     ...rest,
     ...(code !== undefined ? { code } : {}),
     ...(dropped ? { dropped } : {}),
+    ...(unheard ? { unheard } : {}),
     ...(messageId !== undefined ? { messageId } : {}),
     ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}),
   }));
@@ -332,6 +342,8 @@ export function mermaidText(s: string): string {
 const outcomeOf = (a: AttemptLine) =>
   a.dropped
     ? `dropped at ${a.stage} (no reply${a.stage === "eod" ? ": received, not confirmed" : ""})`
+    : a.unheard
+    ? `client left at ${a.stage} before the reply (not delivered)`
     : `${a.code} at ${a.stage}`;
 
 function fate(h: MessageHistory): string {
@@ -377,7 +389,9 @@ export function markdownReport(hs: MessageHistory[], skipped: string[] = []): st
     if (h.attempts.length > shown.length) out.push("", `… and ${h.attempts.length - shown.length} more attempt(s).`);
     out.push("", "```mermaid", "gantt", "  dateFormat x", "  axisFormat %H:%M:%S", `  section ${mermaidText(h.rcpt)}`);
     for (const a of shown) {
-      out.push(`  #${a.attempt} ${a.dropped ? "drop" : a.code} :milestone, ${Date.parse(a.ts)}, 0d`);
+      out.push(
+        `  #${a.attempt} ${a.dropped ? "drop" : a.unheard ? "left" : a.code} :milestone, ${Date.parse(a.ts)}, 0d`,
+      );
     }
     out.push("```", "");
   }

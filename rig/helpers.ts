@@ -512,48 +512,87 @@ export async function logsFile(lines: LogLine[]): Promise<string> {
   return path;
 }
 
-/** A memory cgroup (v1) of a test's own, limited as ECS limits a container: both processes of a task run in it. */
+/**
+ * A memory cgroup of a test's own, limited as ECS limits a container: both processes of a task
+ * run in it. cgroup v1 (this machine) or v2 (GitHub's runners).
+ */
 export interface MemoryCgroup {
   dir: string;
+  version: "v1" | "v2";
   /** `cmd args…` → the same, started inside the cgroup. */
   wrap(command: string[]): string[];
-  /** The highest charge seen (memory.max_usage_in_bytes: anonymous memory and page cache), in MiB. */
+  /**
+   * The highest charge seen (anonymous memory and page cache), in MiB: v1 memory.max_usage_in_bytes,
+   * v2 memory.peak (Linux 5.19+; NaN where the kernel has no such file).
+   */
   peakMiB(): number;
-  /** Times the kernel killed a process of the cgroup for memory (0 where the kernel does not say). */
+  /** Times the kernel killed a process of the cgroup for memory: v1 memory.oom_control, v2 memory.events. */
   oomKills(): number;
   remove(): Promise<void>;
 }
 
 /**
  * A child of this process's memory cgroup with a hard limit, where the machine lets tests
- * make one (cgroup v1, writable); undefined elsewhere, and the caller says so.
+ * make one (v1 or v2, writable); undefined elsewhere, and the caller says so.
  */
 export function memoryCgroup(limitMiB: number): MemoryCgroup | undefined {
   try {
-    const line = Deno.readTextFileSync("/proc/self/cgroup").split("\n").find((l) => /^\d+:memory:/.test(l));
-    if (!line) return undefined;
-    const dir = `/sys/fs/cgroup/memory${line.split(":")[2].replace(/\/$/, "")}/sinkhole-${crypto.randomUUID()}`;
-    Deno.mkdirSync(dir);
-    Deno.writeTextFileSync(`${dir}/memory.limit_in_bytes`, String(limitMiB * 1024 * 1024));
-    const read = (f: string) => Deno.readTextFileSync(`${dir}/${f}`);
-    return {
-      dir,
-      wrap: (command) => ["sh", "-c", `echo $$ > '${dir}/cgroup.procs' && exec "$@"`, "sh", ...command],
-      peakMiB: () => Number(read("memory.max_usage_in_bytes")) / 1024 / 1024,
-      oomKills: () => Number(/^oom_kill (\d+)/m.exec(read("memory.oom_control"))?.[1] ?? 0),
-      remove: async () => {
-        for (let i = 0; i < 100; i++) {
-          try {
-            return Deno.removeSync(dir);
-          } catch {
-            await new Promise((ok) => setTimeout(ok, 50)); // its last process is still exiting
-          }
-        }
-      },
-    };
+    return memoryCgroupIn(Deno.readTextFileSync("/proc/self/cgroup"), "/sys/fs/cgroup", limitMiB);
   } catch {
     return undefined;
   }
+}
+
+/**
+ * The same, from the text of /proc/self/cgroup and where the cgroup file systems are mounted
+ * (`root`: /sys/fs/cgroup, or a fake directory in a test): v1 when a `N:memory:/path` line is
+ * there (the memory hierarchy at root/memory), else v2's `0::/path` (one hierarchy at root,
+ * the memory controller enabled for children through cgroup.subtree_control if it is not).
+ */
+export function memoryCgroupIn(procSelfCgroup: string, root: string, limitMiB: number): MemoryCgroup | undefined {
+  const lines = procSelfCgroup.split("\n");
+  const v1 = lines.find((l) => /^\d+:(?:[^:]*,)?memory(?:,[^:]*)?:/.test(l));
+  const v2 = lines.find((l) => l.startsWith("0::"));
+  const own = (v1 ?? v2)?.split(":")[2]?.replace(/\/$/, "");
+  if (own === undefined) return undefined;
+  const parent = v1 ? `${root}/memory${own}` : `${root}${own}`;
+  const dir = `${parent}/sinkhole-${crypto.randomUUID()}`;
+  Deno.mkdirSync(dir);
+  const read = (f: string) => Deno.readTextFileSync(`${dir}/${f}`);
+  const bytes = String(limitMiB * 1024 * 1024);
+  if (v1) Deno.writeTextFileSync(`${dir}/memory.limit_in_bytes`, bytes);
+  else {
+    try {
+      Deno.writeTextFileSync(`${dir}/memory.max`, bytes, { create: false });
+    } catch {
+      // No memory.max: the controller is not enabled for the parent's children yet.
+      Deno.writeTextFileSync(`${parent}/cgroup.subtree_control`, "+memory");
+      Deno.writeTextFileSync(`${dir}/memory.max`, bytes); // the kernel made it (a fake directory: made here)
+    }
+  }
+  const counter = (text: string, key: string) => Number(new RegExp(`^${key} (\\d+)`, "m").exec(text)?.[1] ?? 0);
+  return {
+    dir,
+    version: v1 ? "v1" : "v2",
+    wrap: (command) => ["sh", "-c", `echo $$ > '${dir}/cgroup.procs' && exec "$@"`, "sh", ...command],
+    peakMiB: () => {
+      try {
+        return Number(read(v1 ? "memory.max_usage_in_bytes" : "memory.peak")) / 1024 / 1024;
+      } catch {
+        return NaN;
+      }
+    },
+    oomKills: () => counter(read(v1 ? "memory.oom_control" : "memory.events"), "oom_kill"),
+    remove: async () => {
+      for (let i = 0; i < 100; i++) {
+        try {
+          return Deno.removeSync(dir, { recursive: !root.startsWith("/sys/") }); // a fake one holds files
+        } catch {
+          await new Promise((ok) => setTimeout(ok, 50)); // its last process is still exiting
+        }
+      }
+    },
+  };
 }
 
 export function memoryMiB(pid: number): { rss: number; peak: number; anon: number; file: number } {

@@ -35,7 +35,11 @@ export function rigAddresses(): RigAddresses {
 /** The mailertable of a rig: both test domains routed by address, without a port. */
 export const rigMailertable = (a: RigAddresses) => `sinkhole.test smtp:[${a.sink}]\norigin.test smtp:[${a.origin}]\n`;
 
-/** The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test. */
+/**
+ * The test MTA: a sendmail .cf from m4, like Cabalmail's smtp-out but private to this test.
+ * `datafinal`: sendmail's Timeout.datafinal (`confTO_DATAFINAL`; its default is 1h), for a test of a
+ * client that gives up waiting for the end-of-data reply.
+ */
 export async function makeSendmail(
   dir: string,
   listen: { host: string; port: number },
@@ -44,7 +48,7 @@ export async function makeSendmail(
    * `setup`: more shell commands (no single quote) run in the namespace first (rig/mtas.ts: its users, its log).
    * `defines`: more m4 `define`s, by name (e.g. Cabalmail's `confMIN_QUEUE_AGE`, `5m`).
    */
-  opts: { setup?: string; defines?: Record<string, string> } = {},
+  opts: { setup?: string; defines?: Record<string, string>; datafinal?: string } = {},
 ) {
   const { host, port } = listen;
   await Deno.mkdir(`${dir}/mqueue`, { mode: 0o700 });
@@ -68,7 +72,9 @@ define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
 define(\`confTO_ICONNECT', \`5s')dnl
 define(\`confTO_CONNECT', \`5s')dnl
 define(\`confTO_QUEUEWARN', \`0')dnl
-${Object.entries(opts.defines ?? {}).map(([k, v]) => `define(\`${k}', \`${v}')dnl\n`).join("")}FEATURE(\`nocanonify')dnl
+${opts.datafinal ? `define(\`confTO_DATAFINAL', \`${opts.datafinal}')dnl\n` : ""}${
+    Object.entries(opts.defines ?? {}).map(([k, v]) => `define(\`${k}', \`${v}')dnl\n`).join("")
+  }FEATURE(\`nocanonify')dnl
 dnl No MSA daemon: Debian's default one binds 0.0.0.0:587, which any other sendmail on the machine may hold (another
 dnl rig, another run); sendmail then retries that bind at each queue run and, after about 45 s, exits ("server SMTP
 dnl socket wedged"), taking the rig's own daemon with it. Submissions here go to port 25 of the rig's own address.

@@ -125,6 +125,58 @@ Deno.test("message reader: headers unfolded, capped and flagged; not kept unless
   assertEquals([off.headers, off.truncated], [[], false]);
 });
 
+/** The header section cut to `MAX_LOGGED_HEADER_BYTES`: whole fields, in order, LF between them (one octet each). */
+const H = MAX_LOGGED_HEADER_BYTES;
+const fill = (n: number) => "f".repeat(n);
+/** Fields of 994 octets: four and "A: 1" fit (3984 octets), a fifth does not. */
+const bs = (n: number) => Array.from({ length: n }, (_, i) => `B${i}: ${fill(990)}`);
+const abs = (n: number) => Array.from({ length: n }, () => "a:b");
+/** [what, header lines, fields logged, truncated] */
+const CAPTURES: [string, string[], string[], boolean][] = [
+  [
+    "folded fields are unfolded",
+    ["Subject: a", "  folded", "\tagain ", "X: y"],
+    ["Subject: a folded again", "X: y"],
+    false,
+  ],
+  // 1023 fields "a:b" and their separators are 4091 octets: "a:bc" and its LF make 4096.
+  ["fields that fill the capture exactly: all kept", [...abs(1023), "a:bc"], [...abs(1023), "a:bc"], false],
+  ["one octet more: the last field is left out whole", [...abs(1023), "a:bcd"], abs(1023), true],
+  [
+    "many short lines: whole fields up to the cap",
+    Array.from({ length: 2000 }, () => "a:b"),
+    abs(Math.floor((H + 1) / 4)),
+    true,
+  ],
+  [
+    "a folded field over the cap is left out whole, and the fields after it",
+    ["A: 1", "B: start", ...Array.from({ length: 10 }, () => ` ${fill(900)}`), "C: 3"],
+    ["A: 1"],
+    true,
+  ],
+  [
+    "a skipped field's continuation lines are never added to another field",
+    ["A: 1", ...bs(4), `B5: ${fill(990)}`, " short", " cont", "C: 3"],
+    ["A: 1", ...bs(4)],
+    true,
+  ],
+  [
+    "folding made of many one-octet lines costs its octets, not its lines",
+    ["A: x", ...Array.from({ length: 5000 }, () => " y")],
+    [],
+    true,
+  ],
+  ["a header line over 1000 octets: its field is left out", ["A: 1", `B: ${fill(MAX_TEXT_LINE)}`, "C: 3"], [], true],
+];
+
+Deno.test("message reader: the header capture keeps whole fields, apart, up to its octets, whatever their shape", () => {
+  for (const [what, lines, fields, truncated] of CAPTURES) {
+    const { m } = read([...lines, "", "body"]);
+    assertEquals([m.headers, m.truncated], [fields, truncated], what);
+    assertEquals(m.headers.join("\n").length <= H, true, what);
+  }
+});
+
 Deno.test("message reader: a line over 1000 octets is counted and flagged, not kept", () => {
   const { m } = read(["Subject: x", "", "L".repeat(MAX_TEXT_LINE * 2), "."]);
   assertEquals(m.longLine, true);

@@ -4,7 +4,16 @@
  * from a JSON-lines file, as `SINKHOLE_LOG_FORMAT=json deno task dev`'s output is read.
  */
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
-import { logsFile, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "../rig/helpers.ts";
+import {
+  logsFile,
+  RawClient,
+  run,
+  runCtl,
+  startListener,
+  taskCommand,
+  tempModeFile,
+  transaction,
+} from "../rig/helpers.ts";
 import { type AttemptLine, histories, markdownReport, parseRange, unmet } from "../ctl/report.ts";
 
 const MESSAGE = (id: string) => `Message-ID: <${id}@origin.test>\r\nSubject: t\r\n\r\nbody`;
@@ -147,4 +156,48 @@ Deno.test("ledger: expectations are precise; ranges parse", () => {
   assertMatch(md, /\| 2 \| \S+ \| \+10\.0 s \| 421 at rcpt \| 192\.0\.2\.1 \|/);
   assertMatch(md, /```mermaid\ngantt\n {2}dateFormat x\n {2}axisFormat %H:%M:%S\n {2}section someone@sinkhole\.test\n/);
   assert(md.includes(`  #3 250 :milestone, ${Date.parse(at(40))}, 0d\n` + "```"), md);
+});
+
+Deno.test("ledger: a client that closes its side during the end-of-data delay was not served: unheard, no message line; both transports", async () => {
+  for (const env of [{}, { SINKHOLE_STARTTLS: "on" }] as Record<string, string>[]) {
+    const modeFile = await tempModeFile("accept-log delay=60s");
+    const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2", ...env });
+    try {
+      const c = await RawClient.connect(l.port);
+      await c.reply();
+      for (const cmd of ["EHLO c.test", `MAIL FROM:<${FROM}>`, `RCPT TO:<${TO}>`, "DATA"]) await c.cmd(cmd);
+      await c.send(MESSAGE("gone") + "\r\n.\r\n");
+      await c.conn.closeWrite(); // the client's Timeout.datafinal: it gives up, keeps the message
+      assert(await c.closedByServer(), "the listener closes at the client's FIN, before its delay is over");
+      c.close();
+      const attempt = await l.waitFor("attempt", (a) => a.rcpt === TO);
+      assertEquals([attempt.stage, attempt.code, attempt.unheard, attempt.dropped], [
+        "eod",
+        undefined,
+        true,
+        undefined,
+      ]);
+      const session = await l.waitFor("session", () => true);
+      assertMatch(session.error ?? "", /closed the connection while its reply was held/);
+      assertEquals(session.replies, [220, 250, 250, 250, 354], "nothing said at the end of data");
+      // The retry is delivered; the ledger says delivered once, not twice.
+      await Deno.writeTextFile(modeFile, "accept-log");
+      await l.waitFor("mode", (m) => m.mode === "accept-log");
+      assertEquals((await transaction(l.port, { from: FROM, to: [TO], body: MESSAGE("gone") })).slice(-2), [250, 221]);
+      await l.waitFor("attempt", (a) => a.rcpt === TO && a.code === 250);
+      await l.waitFor("message", () => true);
+      assertEquals(l.events("message").length, 1, "one message line: the retry's");
+      const file = await logsFile(l.logs);
+      try {
+        const report = await ctl("report", "--file", file);
+        assertMatch(report.stdout, /2 attempt\(s\), delivered once/);
+        assertMatch(report.stdout, /client left at eod before the reply \(not delivered\)/);
+      } finally {
+        await Deno.remove(file);
+      }
+    } finally {
+      await l.stop();
+      await Deno.remove(modeFile);
+    }
+  }
 });

@@ -15,14 +15,18 @@ import {
   healthcheck,
   type Listener,
   memoryCgroup,
+  memoryCgroupIn,
   memoryMiB,
   RawClient,
   readByServer,
+  REPLY_WAIT_MS,
+  startListener,
   transaction,
 } from "../rig/helpers.ts";
 import { MEMORY_HARD_CAP_MB } from "../terraform/sinkhole.ts";
 import { awsTest, putMode, ssmEnv, type World } from "../rig/aws.ts";
 import {
+  configFromEnv,
   DEFAULT_MAX_SESSIONS,
   MAX_GREYLIST_ENTRIES,
   MAX_KEPT_RCPT_BYTES,
@@ -30,6 +34,7 @@ import {
   MAX_RECIPIENTS,
   MAX_SESSIONS_CAP,
   MAX_TRANSCRIPT_BYTES,
+  tlsMaterial,
 } from "../listener.ts";
 
 /** The ECS task's hard cap, 128 MB (122 MiB): the peak RSS, mapped code included, stays under it. */
@@ -206,3 +211,191 @@ awsTest(
     await worstCase(w, { SINKHOLE_STARTTLS: "on" }, "starttls at the cap", MAX_SESSIONS_CAP, TASK_CAP_MIB);
   },
 );
+
+/** TLS-upgraded sessions: a shape a client can hold a session in, over TLS, and what it sends to get there. */
+type TlsShape = "pipelined" | "longline" | "message" | "folded";
+const TLS_SHAPES: TlsShape[] = ["pipelined", "longline", "message", "folded"];
+const MiB = 1024 * 1024;
+/** What each shape writes after the upgrade (shared buffers: the client's own memory stays small). */
+const ENVELOPE = "EHLO tls.test\r\nMAIL FROM:<a@origin.test>\r\nRCPT TO:<b@sinkhole.test>\r\nDATA\r\n";
+const BODY_LINE = "b".repeat(998) + "\r\n";
+const TLS_SCRIPTS: Record<TlsShape, Uint8Array> = {
+  // A held reply (the mode's delay at end of data), then commands pipelined behind it, 1 MiB of them.
+  pipelined: enc.encode(ENVELOPE + "Subject: x\r\n\r\nbody\r\n.\r\n" + "NOOP\r\n".repeat(MiB / 6)),
+  // 1 MiB of a command line without LF (a thousand times MAX_TEXT_LINE).
+  longline: enc.encode("EHLO tls.test\r\nNOOP " + "x".repeat(MiB)),
+  // A 1 MiB message, its reply held.
+  message: enc.encode(ENVELOPE + "Subject: big\r\n\r\n" + BODY_LINE.repeat(MiB / BODY_LINE.length) + ".\r\n"),
+  // accept-log's header capture at its worst shape: one field folded over thousands of short lines, and more.
+  folded: enc.encode(ENVELOPE + "Subject: folded\r\n" + " y\r\n".repeat(20_000) + "X-More: z\r\n".repeat(2_000)),
+};
+
+/** The kernel's queues of the loopback connection from `local` to `remote` (/proc/net/tcp): octets unsent, unread. */
+function tcpQueues(local: number, remote: number): { tx: number; rx: number } | undefined {
+  const hex = (n: number) => n.toString(16).toUpperCase().padStart(4, "0");
+  for (const line of Deno.readTextFileSync("/proc/net/tcp").split("\n").slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length > 4 && f[1].endsWith(`:${hex(local)}`) && f[2].endsWith(`:${hex(remote)}`)) {
+      const [tx, rx] = f[4].split(":").map((h) => parseInt(h, 16));
+      return { tx, rx };
+    }
+  }
+  return undefined;
+}
+
+/** One TLS session at its worst shape: upgraded, then writing its script without reading; resolves once it is sent or the server stopped reading. */
+async function tlsSession(port: number, caCert: string, shape: TlsShape): Promise<{ close(): void }> {
+  const tcp = await Deno.connect({ hostname: "127.0.0.1", port });
+  const plain = new RawClient(tcp);
+  await plain.reply();
+  await plain.cmd("EHLO tls.test");
+  assertEquals((await plain.cmd("STARTTLS")).code, 220);
+  const tls = await Deno.startTls(tcp, { hostname: "localhost", caCerts: [caCert] });
+  let sent = false;
+  const sending = (async () => {
+    // One TLS record at a time: Deno's TLS client panics on some larger writes (rustls-tokio-stream 0.8).
+    for (let bytes = TLS_SCRIPTS[shape]; bytes.length > 0;) {
+      bytes = bytes.subarray(await tls.write(bytes.subarray(0, 16384)));
+    }
+    sent = true;
+  })().catch(() => {});
+  const clientPort = (tcp.localAddr as Deno.NetAddr).port;
+  // Settled: everything was sent and read (a listener without backpressure reads it all), or the listener
+  // stopped reading: what it has not read stays the same at three looks in a row while there is more to read.
+  let stuck = 0;
+  let lastRx = -1;
+  await eventually(
+    () => {
+      const server = tcpQueues(port, clientPort);
+      const client = tcpQueues(clientPort, port);
+      if (!server || !client) return true; // closed by the server
+      if (sent && server.rx === 0) return true;
+      stuck = server.rx > 0 && server.rx === lastRx && (sent || client.tx > 0) ? stuck + 1 : 0;
+      lastRx = server.rx;
+      return stuck >= 3;
+    },
+    REPLY_WAIT_MS * 5,
+    200,
+  );
+  return {
+    close() {
+      try {
+        tls.close();
+      } catch { /* closed */ }
+      sending.catch(() => {});
+    },
+  };
+}
+
+/**
+ * TLS-upgraded sessions at the session cap, each at its worst (issue 22.1, 22.3): `accept-log`
+ * with the end-of-data reply held, a quarter of the sessions in each shape. The upgraded
+ * sessions must hold the same byte budget as plain ones: whole peak under `peakMiB`, and
+ * nothing killed in the task's cgroup.
+ */
+async function tlsWorstCase(label: string, sessions: number, peakMiB: number, shapes = TLS_SHAPES): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "sinkhole-memtls-" });
+  const { cert, key } = await tlsMaterial(
+    configFromEnv((k) => ({ SINKHOLE_SERVER_NAME: "localhost" } as Record<string, string>)[k]),
+  );
+  await Deno.writeTextFile(`${dir}/cert.pem`, cert);
+  await Deno.writeTextFile(`${dir}/key.pem`, key);
+  const cgroup = memoryCgroup(ECS_MEMORY_MIB);
+  if (!cgroup) console.log(`${label}: no memory cgroup can be made here; the cgroup checks are skipped`);
+  const l = await startListener({
+    SINKHOLE_MODE: "accept-log delay=10m",
+    SINKHOLE_STARTTLS: "on",
+    SINKHOLE_TLS_CERT: `${dir}/cert.pem`,
+    SINKHOLE_TLS_KEY: `${dir}/key.pem`,
+    SINKHOLE_SERVER_NAME: "localhost",
+    SINKHOLE_MAX_SESSIONS: String(sessions),
+    SINKHOLE_IDLE_TIMEOUT: "1200",
+    SINKHOLE_SESSION_TIMEOUT: "1800",
+  }, { cgroup });
+  const clients: { close(): void }[] = [];
+  try {
+    const atStart = memoryMiB(l.pid);
+    for (let i = 0; i < sessions; i += 50) {
+      const batch = Math.min(50, sessions - i);
+      clients.push(
+        ...await Promise.all(
+          Array.from({ length: batch }, (_, j) => tlsSession(l.port, cert, shapes[(i + j) % shapes.length])),
+        ),
+      );
+    }
+    const worst = memoryMiB(l.pid);
+    console.log(
+      `${label}: ${clients.length} TLS sessions (${shapes.join(", ")}): RSS at start ${atStart.rss.toFixed(1)} MiB, ` +
+        `with the sessions ${worst.rss.toFixed(1)} (anonymous ${worst.anon.toFixed(1)}); VmHWM ${
+          worst.peak.toFixed(1)
+        } MiB`,
+    );
+    for (let i = 0; i < 3; i++) {
+      const check = await healthcheck(l, cgroup);
+      assertEquals(check.code, 0, `${label}: health check at the peak: ${check.stderr}`);
+    }
+    if (cgroup) {
+      console.log(
+        `${label}: cgroup (${cgroup.version}) limited to ${ECS_MEMORY_MIB} MiB: peak charge ${
+          cgroup.peakMiB().toFixed(1)
+        } MiB, OOM kills ${cgroup.oomKills()}`,
+      );
+      assertEquals(cgroup.oomKills(), 0, `${label}: the kernel killed nothing for memory`);
+    }
+    assert(worst.peak <= peakMiB, `${label}: VmHWM ${worst.peak.toFixed(1)} MiB over ${peakMiB}`);
+  } finally {
+    for (const c of clients) c.close();
+    const status = await l.stop();
+    await cgroup?.remove();
+    await Deno.remove(dir, { recursive: true });
+    assertEquals(status.code, 0, `${label}: exit ${status.code}; ${l.stderr().slice(-2000)}`);
+  }
+}
+
+/**
+ * TLS sessions are held to the byte budget (before, each grew with what its client sent: 100
+ * sessions pipelining 1 MiB took the process to 146 MiB, 100 sending a 4 MiB line to 171 MiB),
+ * but at the default cap their whole peak was 105 MiB in the one run at 400 sessions, over the
+ * budget's 96 MiB target (TARGET_MIB; not met yet, see issue 22): asserted here is what holds,
+ * the task's cap, and no OOM kill in its cgroup.
+ */
+Deno.test(
+  "memory: TLS-upgraded sessions at the default cap, each at its worst (pipelining behind a held reply, a 1 MiB line, 1 MiB messages, folded headers in accept-log): bounded, no OOM kill, under the task's cap",
+  () => tlsWorstCase("tls", DEFAULT_MAX_SESSIONS, TASK_CAP_MIB),
+);
+
+Deno.test("memory cgroup: v1 and v2 files, against a fake cgroup directory (the kernel's own v2 runs on GitHub's runners only)", async () => {
+  const root = await Deno.makeTempDir({ prefix: "sinkhole-fakecg-" });
+  try {
+    // v2: one hierarchy; this process in /runner.slice/job; memory.max written, memory.peak and memory.events read.
+    Deno.mkdirSync(`${root}/runner.slice/job`, { recursive: true });
+    const v2 = memoryCgroupIn("0::/runner.slice/job\n", root, 128)!;
+    assertEquals(v2.version, "v2");
+    assert(v2.dir.startsWith(`${root}/runner.slice/job/sinkhole-`), v2.dir);
+    assertEquals(Deno.readTextFileSync(`${v2.dir}/memory.max`), String(128 * 1024 * 1024));
+    assertEquals(
+      Deno.readTextFileSync(`${root}/runner.slice/job/cgroup.subtree_control`),
+      "+memory",
+      "no memory.max in the new cgroup: the controller was enabled for the parent's children",
+    );
+    assertEquals(v2.peakMiB(), NaN, "no memory.peak (a kernel before 5.19): said, not zero");
+    Deno.writeTextFileSync(`${v2.dir}/memory.peak`, String(60 * 1024 * 1024));
+    Deno.writeTextFileSync(`${v2.dir}/memory.events`, "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n");
+    assertEquals([v2.peakMiB(), v2.oomKills()], [60, 1]);
+    assertEquals(v2.wrap(["deno", "run"]).slice(-2), ["deno", "run"]);
+    await v2.remove();
+    assert(![...Deno.readDirSync(`${root}/runner.slice/job`)].some((e) => e.name.startsWith("sinkhole-")), "removed");
+    // v1: the memory hierarchy at root/memory (a combined controller line too).
+    Deno.mkdirSync(`${root}/memory/user/1`, { recursive: true });
+    const v1 = memoryCgroupIn("12:pids:/x\n9:memory:/user/1\n0::/\n", root, 128)!;
+    assertEquals(v1.version, "v1");
+    assertEquals(Deno.readTextFileSync(`${v1.dir}/memory.limit_in_bytes`), String(128 * 1024 * 1024));
+    Deno.writeTextFileSync(`${v1.dir}/memory.max_usage_in_bytes`, String(64 * 1024 * 1024));
+    Deno.writeTextFileSync(`${v1.dir}/memory.oom_control`, "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n");
+    assertEquals([v1.peakMiB(), v1.oomKills()], [64, 3]);
+    await v1.remove();
+    assertEquals(memoryCgroupIn("1:name=systemd:/x\n", root, 128), undefined, "no memory controller: none");
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});

@@ -4,6 +4,7 @@ import { play, SERVER } from "./policy.ts";
 import {
   ATTEMPT_ENTRY_BYTES,
   type AttemptEntry,
+  type AttemptEvent,
   attemptKey,
   AttemptTable,
   configFromEnv,
@@ -688,4 +689,33 @@ Deno.test("policy: a recipient shaped like a per-recipient form that is not one 
   });
   const plain = play("accept", ["EHLO c", "MAIL FROM:<a@o.test>", "RCPT TO:<user+news@sinkhole.test>"]);
   assert(!plain.outs[2].events?.some((x) => x.event === "rcpt_form"), "an ordinary subaddress says nothing");
+});
+
+Deno.test("policy: a held reply's events, and what is logged instead if the client leaves first (unheard)", () => {
+  const rows: [string, string[], { unheard?: unknown[]; codes: (number | undefined)[] }][] = [
+    // accept-log delay: the 250 is held; if the client leaves, its attempt is unheard and no message line.
+    ["accept-log delay=20s", [...STATES.rcpt, "DATA"], { unheard: [true], codes: [250] }],
+    // No delay: nothing is held, nothing to say instead.
+    ["accept-log", [...STATES.rcpt, "DATA"], { codes: [250] }],
+    // A drop logs its events at once (nothing is said either way).
+    ["drop at=eod delay=5s", [...STATES.rcpt, "DATA"], { codes: [undefined] }],
+  ];
+  for (const [mode, lines, want] of rows) {
+    const state = play(mode, lines).state;
+    const out = endOfData(state, { size: 10, longLine: false }, {
+      scenario: state.tx!.scenario,
+      serverName: SERVER,
+      client: "192.0.2.1",
+    });
+    const attempts = (out.events ?? []).filter((e) => e.event === "attempt") as AttemptEvent[];
+    assertEquals(attempts.map((a) => a.code), want.codes, mode);
+    if (!want.unheard) {
+      assertEquals(out.unheard, undefined, mode);
+      continue;
+    }
+    const unheard = out.unheard ?? [];
+    assertEquals(unheard.map((e) => e.event), ["attempt"], `${mode}: no message line for a message not accepted`);
+    const a = unheard[0] as AttemptEvent;
+    assertEquals([a.unheard, a.code, a.dropped, a.stage], [true, undefined, undefined, "eod"], mode);
+  }
 });

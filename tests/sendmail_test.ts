@@ -45,7 +45,12 @@ interface Rig {
   sessionFor(rcpt: string): EventOf<"session"> | undefined;
 }
 
-function mtaTest(name: string, initialMode: string, fn: (rig: Rig, t: Deno.TestContext) => Promise<void>): void {
+function mtaTest(
+  name: string,
+  initialMode: string,
+  fn: (rig: Rig, t: Deno.TestContext) => Promise<void>,
+  opts: { datafinal?: string } = {},
+): void {
   Deno.test({
     name,
     ignore: tools.ignore || (!isRoot && !Deno.env.get("CI")),
@@ -57,7 +62,7 @@ function mtaTest(name: string, initialMode: string, fn: (rig: Rig, t: Deno.TestC
       const dir = await Deno.makeTempDir({ prefix: "sinkhole-sendmail-" });
       const modeFile = await tempModeFile(initialMode);
       const at = rigAddresses();
-      const mta = await makeSendmail(dir, at.mta, rigMailertable(at));
+      const mta = await makeSendmail(dir, at.mta, rigMailertable(at), opts);
       const startSink = (env: Record<string, string> = {}) =>
         startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2", ...env }, {
           host: at.sink,
@@ -371,4 +376,40 @@ mtaTest(
       },
     );
   },
+);
+
+/** sendmail's Timeout.datafinal for the test below, and an end-of-data delay well past it. */
+const DATAFINAL_S = 3;
+const EOD_DELAY_S = 20;
+
+mtaTest(
+  "sendmail: a client that gives up during the end-of-data delay is not logged as served; its retry is delivered once",
+  `accept delay=${EOD_DELAY_S}s`,
+  async ({ mta, sink, setMode, submit }) => {
+    await mta.start(`${QUEUE_INTERVAL_S}s`);
+    const rcpt = "patient@sinkhole.test";
+    assertEquals((await submit([rcpt], "gave up")).at(-2), 250);
+    // sendmail's Timeout.datafinal expires first: it closes the connection, keeps the message.
+    await sink.waitFor("attempt", (a) => a.rcpt === rcpt && a.unheard === true, HISTORY_WITHIN_MS);
+    await setMode("accept");
+    await sink.waitFor("attempt", (a) => a.rcpt === rcpt && a.code === 250, HISTORY_WITHIN_MS);
+    const attempts = sink.events("attempt").filter((a) => a.rcpt === rcpt);
+    assertEquals(attempts.map((a) => [a.attempt, a.code, a.unheard]), [[1, undefined, true], [2, 250, undefined]]);
+    assertEquals(
+      sink.events("session").filter((s) => s.error?.includes("reply was held")).length,
+      1,
+      "the first session says the client left",
+    );
+    const file = await logsFile(sink.logs);
+    try {
+      const report = await runCtl(["report", "--file", file]);
+      assertMatch(report.stdout, /patient@sinkhole\.test: 2 attempt\(s\), delivered once/);
+      const once = await runCtl(["expect", rcpt, "--delivered-once", "--attempts", "2", "--file", file]);
+      assertEquals(once.code, 0, once.stdout + once.stderr);
+      console.log(`sendmail Timeout.datafinal=${DATAFINAL_S}s against accept delay=${EOD_DELAY_S}s:\n${report.stdout}`);
+    } finally {
+      await Deno.remove(file);
+    }
+  },
+  { datafinal: `${DATAFINAL_S}s` },
 );

@@ -98,3 +98,74 @@ Deno.test({
     });
   },
 });
+
+/**
+ * Python's ssl as the client (a TLS stack other than the listener's): STARTTLS, EHLO, QUIT,
+ * then what ends the connection. `suppress_ragged_eofs=False`: a TCP close without
+ * close_notify is an error (SSLEOFError), a close_notify an orderly end (RFC 8446 §6.1).
+ */
+const PY_QUIT = `
+import socket, ssl, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = s.makefile("rb")
+def reply():
+    while True:
+        line = f.readline()
+        if line[3:4] != b"-":
+            return line
+reply(); s.sendall(b"EHLO py.test\\r\\n"); reply()
+s.sendall(b"STARTTLS\\r\\n"); assert reply().startswith(b"220 ")
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+t = ctx.wrap_socket(s, suppress_ragged_eofs=False)
+g = t.makefile("rb")
+t.sendall(b"EHLO py.test\\r\\n")
+while True:
+    line = g.readline()
+    if line[3:4] != b"-": break
+t.sendall(b"QUIT\\r\\n"); print(g.readline().decode().strip())
+try:
+    rest = t.recv(100)
+    print("close_notify" if rest == b"" else "more: %r" % rest)
+except ssl.SSLEOFError:
+    print("no close_notify")
+`;
+
+Deno.test("starttls: after QUIT's 221 the session ends with close_notify (Python's ssl)", () =>
+  withListener({ SINKHOLE_MODE: "accept", SINKHOLE_STARTTLS: "on" }, async (l) => {
+    const py = await run("python3", ["-c", PY_QUIT, String(l.port)]);
+    assertEquals(py.stdout.trim().split("\n"), ["221 2.0.0 Bye", "close_notify"], py.stderr);
+  }));
+
+/** After `220 Ready to start TLS`, sends no ClientHello; returns every byte the server sends until it closes. */
+async function afterReady(port: number, then: () => Promise<unknown>): Promise<string> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  const c = new RawClient(conn);
+  await c.reply();
+  await c.cmd("EHLO c.test");
+  assertEquals((await c.cmd("STARTTLS")).lines, ["220 2.0.0 Ready to start TLS"]);
+  await then();
+  const got: number[] = [];
+  const buf = new Uint8Array(1024);
+  for (;;) {
+    const n = await conn.read(buf).catch(() => null);
+    if (n === null) break;
+    got.push(...buf.subarray(0, n));
+  }
+  conn.close();
+  return new TextDecoder().decode(new Uint8Array(got));
+}
+
+Deno.test("starttls: between 220 Ready and the handshake, the idle timeout and SIGTERM close without a plaintext 421", async () => {
+  await withListener({ SINKHOLE_MODE: "accept", SINKHOLE_STARTTLS: "on", SINKHOLE_IDLE_TIMEOUT: "1" }, async (l) => {
+    assertEquals(await afterReady(l.port, async () => {}), "", "idle timeout: closed, nothing written");
+  });
+  await withListener({ SINKHOLE_MODE: "accept", SINKHOLE_STARTTLS: "on" }, async (l) => {
+    let stopped: Promise<Deno.CommandStatus> | undefined;
+    const seen = await afterReady(l.port, async () => {
+      stopped = l.stop();
+      await l.waitForLog((x) => x.event === "session" || x.event === "stop");
+    });
+    assertEquals(seen, "", "SIGTERM: closed, nothing written");
+    assertEquals((await stopped!).code, 0);
+  });
+});
