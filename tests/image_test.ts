@@ -404,11 +404,12 @@ Deno.test("image: embeddedProblems names a binary that would not run as tasks.st
   assertEquals(embeddedMetadata(new TextEncoder().encode("d3n0l4nd is not followed by metadata")), undefined);
 });
 
-Deno.test("image: runtime stage is distroless, non-root, the binary alone, exec-form entrypoint and health check", () => {
-  assertMatch(runtime, /^\nFROM gcr\.io\/distroless\/cc-debian12:nonroot\n/);
+Deno.test("image: runtime stage is distroless, root (port 25 in Cabalmail's task definition), the binary alone, exec-form entrypoint and health check", () => {
+  assertMatch(runtime, /^\nFROM gcr\.io\/distroless\/cc-debian12\n/);
   assertMatch(runtime, /\nCOPY --from=build \/out\/sinkhole \/sinkhole\n/);
   assertEquals((runtime.match(/\nCOPY /g) ?? []).length, 1, "only the binary");
-  assertMatch(runtime, /\nUSER nonroot\n/);
+  // Cabalmail's task definition binds 25 with no systemControls and no user: only root may (docs/cabalmail.md).
+  assertMatch(runtime, /\nUSER root\n/);
   assertMatch(runtime, /\nENTRYPOINT \["\/sinkhole"\]\n/);
   assertMatch(runtime, /HEALTHCHECK [^\n]*CMD \["\/sinkhole", "--healthcheck"\]/);
   assert(!/\nRUN /.test(runtime), "no RUN in the runtime stage: it has no shell");
