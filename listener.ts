@@ -3118,16 +3118,13 @@ class Session implements LineSink {
   closed = false;
   readonly transcript: Transcript;
   readonly started = Date.now();
-  /** When the client last sent anything (for the idle timeout sweep). */
-  lastRead = this.started;
+  lastRead = this.started; // when the client last sent anything (the idle timeout's sweep reads it)
   #closing = false;
   #saidGoodbye = false;
   /** Between `220 Ready to start TLS` and the handshake's end: no plaintext may be written (RFC 3207 §4). */
   #handshaking = false;
-  /** The client closed its side while a reply was held: that reply was never given. */
-  #left = false;
-  /** Settles when the session is closed: a delay in progress ends there. */
-  #gone = Promise.withResolvers<void>();
+  #left = false; // the client closed its side while a reply was held: that reply was never given
+  #gone = Promise.withResolvers<void>(); // settles when the session is closed: a delay in progress ends there
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
   #message: MessageReader | undefined;
@@ -3170,20 +3167,6 @@ class Session implements LineSink {
     } finally {
       this.close();
     }
-  }
-
-  /** The policy's inputs now: the mode in effect, the time, the tables (read only). */
-  #inputs(): Inputs {
-    const now = Date.now();
-    return {
-      scenario: this.deps.modes.current,
-      serverName: this.deps.config.serverName,
-      client: this.client,
-      now,
-      greylist: (key) => this.deps.greylist.lookup(key, now),
-      tlsAvailable: this.deps.config.startTls,
-      attempts: (key) => this.deps.attempts?.lookup(key),
-    };
   }
 
   close(): void {
@@ -3234,17 +3217,7 @@ class Session implements LineSink {
     }
     if (hold.delayMs > 0) {
       this.lastRead = Date.now() + hold.delayMs; // our own wait is not the client's idleness
-      let timer: Timer | undefined;
-      // The client's FIN ends the wait: a reply it can no longer hear is not given (bytes it
-      // pipelines instead wait, read ahead, for the framer; then its FIN is seen at the next read).
-      let left = false;
-      const fin = this.#reads.ahead().then((b) => left = b === null, () => left = true);
-      await Promise.race([
-        new Promise((ok) => timer = setTimeout(ok, hold.delayMs)),
-        this.#gone.promise,
-        fin.then((end) => end ? undefined : new Promise(() => {})),
-      ]);
-      clearTimeout(timer);
+      const left = await holdUnlessLeft(this.#reads, this.#gone.promise, hold.delayMs);
       this.lastRead = Date.now();
       if (!this.closed && left) {
         this.#left = true;
@@ -3276,7 +3249,7 @@ class Session implements LineSink {
     if (text === undefined) return this.#badLine("chars");
     this.transcript.command(splitCommand(text).verb);
     const before = this.state.tx;
-    const out = respond(this.state, text, this.#inputs());
+    const out = respond(this.state, text, policyInputs(this.deps, this.client));
     this.#apply(out, () => this.transcript.record(before, out));
   }
 
@@ -3311,7 +3284,7 @@ class Session implements LineSink {
     const message = this.#message!;
     this.#message = undefined;
     // The reader is its own summary (size, long line, Message-ID, headers).
-    const out = bare ? bareLineEnd(this.state) : endOfData(this.state, message, this.#inputs());
+    const out = bare ? bareLineEnd(this.state) : endOfData(this.state, message, policyInputs(this.deps, this.client));
     this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
   }
 
@@ -3337,6 +3310,38 @@ class Session implements LineSink {
   event(error?: string): SessionEvent {
     return this.transcript.event(this.state.helo, Date.now(), error);
   }
+}
+
+/** The policy's inputs now: the mode in effect, the time, the tables (read only). */
+function policyInputs(deps: ServerDeps, client: string): Inputs {
+  const now = Date.now();
+  return {
+    scenario: deps.modes.current,
+    serverName: deps.config.serverName,
+    client,
+    now,
+    greylist: (key) => deps.greylist.lookup(key, now),
+    tlsAvailable: deps.config.startTls,
+    attempts: (key) => deps.attempts?.lookup(key),
+  };
+}
+
+/**
+ * Waits out a held reply's delay, or until the session is gone, or until the client's FIN:
+ * true when the client left first (a reply it can no longer hear is not given). Bytes it
+ * pipelines instead wait, read ahead, for the framer; its FIN is then seen at the next read.
+ */
+async function holdUnlessLeft(reads: Reads, gone: Promise<void>, delayMs: number): Promise<boolean> {
+  let timer: Timer | undefined;
+  let left = false;
+  const fin = reads.ahead().then((b) => left = b === null, () => left = true);
+  await Promise.race([
+    new Promise((ok) => timer = setTimeout(ok, delayMs)),
+    gone,
+    fin.then((end) => end ? undefined : new Promise(() => {})),
+  ]);
+  clearTimeout(timer);
+  return left;
 }
 
 /** The session line's error when the client left while its reply was held. */
