@@ -677,6 +677,8 @@ export interface SessionState {
   refused?: boolean;
   /** The session runs over TLS (after STARTTLS). */
   tls?: boolean;
+  /** The client said QUIT: a transaction still open was abandoned so (the ledger). */
+  quit?: boolean;
 }
 
 export const initialState = (): SessionState => ({ esmtp: false, errors: 0 });
@@ -781,8 +783,18 @@ export interface Outcome {
   events?: LogEvent[];
 }
 
-/** The points where the policy decides: the scenario's stages, and STARTTLS. */
-export type Point = Stage | "starttls";
+/**
+ * The points where the policy decides: the scenario's stages, STARTTLS, and `abandon`: a
+ * transaction with accepted recipients ends without its end of data (RSET, HELO/EHLO, QUIT,
+ * the connection closed), which ends those recipients' attempts.
+ */
+export type Point = Stage | "starttls" | "abandon";
+
+/**
+ * How a transaction was abandoned after its recipients were accepted: the client said RSET,
+ * HELO/EHLO or QUIT, or the connection closed (the client left, a timeout, a drop or a 421).
+ */
+export type Abandon = "rset" | "helo" | "quit" | "close";
 
 /**
  * What the policy is deciding about: a point, the inputs (the world as the policy may read
@@ -796,6 +808,8 @@ export interface Moment {
   state?: SessionState;
   rcpt?: string;
   data?: DataSummary;
+  /** At `abandon`: how the transaction ended. */
+  how?: Abandon;
 }
 
 /** The scenario a moment is decided under. */
@@ -1003,12 +1017,19 @@ export function acceptsRecipient(d: Decision): boolean {
  */
 function dataRow(m: Moment, sc: Scenario): Decision {
   const d = scenarioAt(sc, "data");
+  if (d.drop) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data") };
   if (d.fail && d.fail.code >= 400) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data", d.fail.code) };
   return sc.base === "accept-log" ? { ...d, captureHeaders: true } : d;
 }
 
 const NO_DATA: DataSummary = { size: 0, longLine: false };
 const TOO_BIG: Decision = { fail: REPLIES.sizeExceeded, delayMs: 0 };
+/**
+ * A bare LF or CR in message content (RFC 5321 §2.3.8): the message is refused and the
+ * session closed, as Postfix's smtpd_forbid_bare_newline=reject and sendmail's 'g'/'u'
+ * do, so nothing after it can be read as a command (SMTP smuggling, CVE-2023-51764/5).
+ */
+const BARE: Decision = { fail: REPLIES.bareLineEnd, delayMs: 0, after: "close" };
 const LONG_LINE: Decision = { fail: REPLIES.dataLineTooLong, delayMs: 0 };
 
 /**
@@ -1018,7 +1039,13 @@ const LONG_LINE: Decision = { fail: REPLIES.dataLineTooLong, delayMs: 0 };
  */
 function eodRow(m: Moment, sc: Scenario): Decision {
   const data = m.data ?? NO_DATA;
-  const d = data.size > MAX_MESSAGE_BYTES ? TOO_BIG : data.longLine ? LONG_LINE : scenarioAt(sc, "eod");
+  const d = data.bare
+    ? BARE
+    : data.size > MAX_MESSAGE_BYTES
+    ? TOO_BIG
+    : data.longLine
+    ? LONG_LINE
+    : scenarioAt(sc, "eod");
   const tx = m.state!.tx!;
   const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", d.drop ? undefined : (d.fail ?? REPLIES.queued).code);
   if (sc.base === "accept-log" && !d.fail && !d.drop) {
@@ -1039,10 +1066,35 @@ function eodRow(m: Moment, sc: Scenario): Decision {
 }
 
 /**
- * The retry ledger's events for the recipients `rcpts` (address, attempt number) of the
- * moment's transaction, their attempt ended at `stage` with the reply `code` (none: dropped).
+ * A transaction abandoned after its recipients were accepted (`Abandon`): every accepted
+ * recipient's attempt ends here, at the stage it reached (`data` once 354 was said, else
+ * `rcpt`) with the last reply it was given (354, or its RCPT's 2yz), and how it ended.
  */
-function attemptEvents(m: Moment, rcpts: [string, number][], stage: AttemptEvent["stage"], code?: number) {
+function abandonRow(m: Moment): Decision {
+  const tx = m.state?.tx;
+  if (!tx || tx.acceptedCount === 0) return PASS;
+  const how = m.how ?? "close";
+  if (m.data) return { delayMs: 0, events: attemptEvents(m, zip(tx), "data", REPLIES.dataGo.code, how) };
+  const events = zip(tx).map(([rcpt, n]) => {
+    const own = recipientOutcome(rcpt);
+    const code = own?.kind === "reply" ? own.reply.code : REPLIES.rcptOk.code;
+    return attemptEvents(m, [[rcpt, n]], "rcpt", code, how)[0];
+  });
+  return { delayMs: 0, events };
+}
+
+/**
+ * The retry ledger's events for the recipients `rcpts` (address, attempt number) of the
+ * moment's transaction, their attempt ended at `stage` with the reply `code` (none: dropped),
+ * or abandoned after it (`how`).
+ */
+function attemptEvents(
+  m: Moment,
+  rcpts: [string, number][],
+  stage: AttemptEvent["stage"],
+  code?: number,
+  how?: Abandon,
+) {
   const tx = m.state!.tx!;
   return rcpts.map(([rcpt, attempt]): AttemptEvent => ({
     event: "attempt",
@@ -1052,6 +1104,7 @@ function attemptEvents(m: Moment, rcpts: [string, number][], stage: AttemptEvent
     rcpt,
     stage,
     ...(code === undefined ? { dropped: true as const } : { code }),
+    ...(how ? { abandoned: how } : {}),
     ...(m.data?.messageId ? { messageId: m.data.messageId } : {}),
     client: m.inputs.client ?? "",
     tls: !!m.state!.tls,
@@ -1079,6 +1132,7 @@ const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
   data: dataRow,
   eod: eodRow,
   starttls: starttlsRow,
+  abandon: abandonRow,
 };
 
 /**
@@ -1125,8 +1179,18 @@ export function endOfData(state: SessionState, data: DataSummary, inputs?: Input
   );
 }
 
+/**
+ * The retry ledger's events for a transaction that ends without its end of data (`how`),
+ * `data` the message when one was being read: none when no recipient was accepted.
+ */
+export function abandoned(state: SessionState, inputs: Inputs, how: Abandon, data?: DataSummary): LogEvent[] {
+  return decide({ point: "abandon", state, inputs, how, data }).events ?? [];
+}
+
 /** What the framing knew of a message at its end (a MessageReader is one). */
 export interface DataSummary {
+  /** The message ended in a bare LF or CR (refused, and the session closed). */
+  bare?: boolean;
   size: number;
   /** A line of the message exceeded MAX_TEXT_LINE. */
   longLine: boolean;
@@ -1257,6 +1321,13 @@ function withRecipient(
   };
 }
 
+/** An outcome that ends the transaction open before it (RSET, HELO/EHLO): its accepted recipients' attempts end. */
+function ending(out: Outcome, before: SessionState, inputs: Inputs, how: Abandon): Outcome {
+  if (!before.tx || out.state.tx || out.after === "drop") return out;
+  const events = abandoned(before, inputs, how);
+  return events.length === 0 ? out : { ...out, events: [...out.events ?? [], ...events] };
+}
+
 /**
  * The per-command action table, as in Postfix's smtp-sink: each handler checks syntax and
  * sequence, and hands what passed to `decide` at its point.
@@ -1265,7 +1336,7 @@ const COMMANDS: Record<string, Handler> = {
   HELO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.heloSyntax);
     const ok = answer({ ...state, helo: arg, esmtp: false, tx: undefined }, r(250, "2.0.0 Hello " + arg));
-    return outcome(decide({ point: "helo", inputs, state }), ok, state);
+    return ending(outcome(decide({ point: "helo", inputs, state }), ok, state), state, inputs, "helo");
   },
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.ehloSyntax);
@@ -1274,7 +1345,7 @@ const COMMANDS: Record<string, Handler> = {
       { ...state, helo: arg, esmtp: true, tx: undefined },
       ehloReply(inputs.serverName, arg, d.offersTls),
     );
-    return outcome(d, ok, state);
+    return ending(outcome(d, ok, state), state, inputs, "helo");
   },
   MAIL: (state, arg, inputs) => {
     if (state.helo === undefined) return refuse(state, REPLIES.needHelo);
@@ -1320,8 +1391,10 @@ const COMMANDS: Record<string, Handler> = {
     const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: d.captureHeaders };
     return outcome(d, ok, { ...state, tx: undefined });
   },
-  RSET: (state, arg) =>
-    noArgs(arg) ? answer({ ...state, tx: undefined }, REPLIES.reset) : refuse(state, REPLIES.noArgs),
+  RSET: (state, arg, inputs) =>
+    noArgs(arg)
+      ? ending(answer({ ...state, tx: undefined }, REPLIES.reset), state, inputs, "rset")
+      : refuse(state, REPLIES.noArgs),
   STARTTLS: (state, arg, inputs) => {
     const d = decide({ point: "starttls", inputs, state });
     if (!d.offersTls) return refuse(state, state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented);
@@ -1333,7 +1406,8 @@ const COMMANDS: Record<string, Handler> = {
     return outcome(d, answer(fresh, REPLIES.tlsReady), state);
   },
   NOOP: (state) => answer(state, REPLIES.ok),
-  QUIT: (state) => answer(state, REPLIES.bye, "close"),
+  // A transaction still open is abandoned when the session closes (the ledger's `abandoned()`).
+  QUIT: (state) => answer({ ...state, quit: true }, REPLIES.bye, "close"),
   VRFY: (state, arg) => arg === "" ? refuse(state, r(501, "5.5.4 Syntax: VRFY address")) : answer(state, REPLIES.vrfy),
   HELP: (state) => answer(state, REPLIES.help),
 };
@@ -1357,15 +1431,6 @@ export function respond(state: SessionState, line: string, inputs: Inputs): Outc
 function limitErrors(out: Outcome): Outcome {
   if (out.state.errors < MAX_ERRORS_PER_SESSION || out.after === "close" || out.after === "drop") return out;
   return { ...out, after: "close", farewell: REPLIES.tooManyErrors };
-}
-
-/**
- * A bare LF or CR in message content (RFC 5321 §2.3.8): the message is refused and the
- * session closed, as Postfix's smtpd_forbid_bare_newline=reject and sendmail's 'g'/'u'
- * do, so nothing after it can be read as a command (SMTP smuggling, CVE-2023-51764/5).
- */
-export function bareLineEnd(state: SessionState): Outcome {
-  return { reply: REPLIES.bareLineEnd, state: { ...state, tx: undefined }, after: "close", delayMs: 0 };
 }
 
 /** A command line the engine could not even read: too long or not ASCII. */
@@ -1606,6 +1671,11 @@ export interface AttemptEvent {
   /** The reply the client was given; absent when the connection was dropped instead. */
   code?: number;
   dropped?: true;
+  /**
+   * The attempt was abandoned after that reply, before its end of data: the client said
+   * RSET, HELO/EHLO or QUIT, or the connection closed (`Abandon`).
+   */
+  abandoned?: Abandon;
   /** The Message-ID header, when the attempt reached the message (at most MAX_MESSAGE_ID_LENGTH). */
   messageId?: string;
   client: string;
@@ -1788,7 +1858,9 @@ export function textLine(e: LogEvent, now = new Date()): string {
       case "attempt":
         return `attempt ${e.attempt} of <${printable(e.from)}> → <${printable(e.rcpt)}>: ${
           e.dropped ? "dropped" : e.code
-        } at ${e.stage} [${e.mode}] from ${e.client}${e.messageId ? ` ${printable(e.messageId)}` : ""}`;
+        } at ${e.stage}${e.abandoned ? `, then ${e.abandoned}` : ""} [${e.mode}] from ${e.client}${
+          e.messageId ? ` ${printable(e.messageId)}` : ""
+        }`;
       case "message":
         return `message <${printable(e.from)}> → ${e.rcpts.map(printable).join(", ")}${
           e.rcptsTruncated ? " …" : ""
@@ -2872,10 +2944,20 @@ class Session implements LineSink {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.#abandon();
     this.#gone.resolve();
     try {
       this.conn.close();
     } catch { /* already closed */ }
+  }
+
+  /** The session ends with a transaction open: the ledger logs the attempts it abandons (the policy says which). */
+  #abandon(): void {
+    if (!this.state.tx) return;
+    const how = this.state.quit ? "quit" : "close";
+    const events = abandoned(this.state, this.#inputs(), how, this.#message);
+    this.state = { ...this.state, tx: undefined };
+    for (const e of events) log(e);
   }
 
   // LineSink: what the framer calls.
@@ -2970,7 +3052,8 @@ class Session implements LineSink {
     const message = this.#message!;
     this.#message = undefined;
     // The reader is its own summary (size, long line, Message-ID, headers).
-    const out = bare ? bareLineEnd(this.state) : endOfData(this.state, message, this.#inputs());
+    const summary: DataSummary = bare ? { ...message.summary, messageId: message.messageId, bare } : message;
+    const out = endOfData(this.state, summary, this.#inputs());
     this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
   }
 

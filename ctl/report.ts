@@ -12,7 +12,7 @@
  * terminal (`printable`), the Markdown summary (`markdownText`) or Mermaid (`mermaidText`).
  * Pure but for `readLedger`.
  */
-import { type AttemptEvent, MAX_LOG_LINE_BYTES } from "../listener.ts";
+import { type Abandon, type AttemptEvent, MAX_LOG_LINE_BYTES } from "../listener.ts";
 import { EXIT } from "./cli.ts";
 
 export type AttemptLine = AttemptEvent & { ts: string };
@@ -41,6 +41,7 @@ export const SKIP = {
 /** ISO 8601 in UTC, as the listener writes `ts` (`Date.toISOString`). */
 const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$/;
 const STAGES: readonly string[] = ["rcpt", "data", "eod"];
+const ABANDONS: readonly unknown[] = ["rset", "helo", "quit", "close"] satisfies Abandon[];
 
 /**
  * A parsed `attempt` event, checked field by field: the attempt (only its known fields), or
@@ -62,6 +63,7 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
   if (v.dropped !== undefined && v.dropped !== true) return SKIP.field("dropped");
   if ((code === undefined) === (v.dropped === undefined)) return SKIP.field("code (or dropped)");
   if (v.messageId !== undefined && typeof v.messageId !== "string") return SKIP.field("messageId");
+  if (v.abandoned !== undefined && !ABANDONS.includes(v.abandoned as string)) return SKIP.field("abandoned");
   if (v.tls !== undefined && typeof v.tls !== "boolean") return SKIP.field("tls");
   if (v.mode !== undefined && typeof v.mode !== "string") return SKIP.field("mode");
   return {
@@ -73,6 +75,7 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
     rcpt: v.rcpt as string,
     stage: v.stage as AttemptLine["stage"],
     ...(code !== undefined ? { code: code as number } : { dropped: true as const }),
+    ...(v.abandoned !== undefined ? { abandoned: v.abandoned as Abandon } : {}),
     ...(v.messageId !== undefined ? { messageId: v.messageId as string } : {}),
     client: v.client as string,
     tls: v.tls === true,
@@ -154,6 +157,7 @@ export class Ledger {
       stage: a.stage,
       code: a.code,
       dropped: a.dropped,
+      abandoned: a.abandoned,
       messageId: a.messageId,
       client: this.#once(a.client),
       tls: a.tls,
@@ -220,6 +224,7 @@ interface Message {
     stage: AttemptLine["stage"];
     code?: number;
     dropped?: true;
+    abandoned?: Abandon;
     messageId?: string;
     client: string;
     tls: boolean;
@@ -230,7 +235,7 @@ interface Message {
 /** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
 function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
   const sorted = [...kept].sort((a, b) => a.t - b.t);
-  const attempts = sorted.map(({ t, code, dropped, messageId, ...rest }, i) => ({
+  const attempts = sorted.map(({ t, code, dropped, abandoned, messageId, ...rest }, i) => ({
     event: "attempt" as const,
     key,
     from,
@@ -238,6 +243,7 @@ function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
     ...rest,
     ...(code !== undefined ? { code } : {}),
     ...(dropped ? { dropped } : {}),
+    ...(abandoned ? { abandoned } : {}),
     ...(messageId !== undefined ? { messageId } : {}),
     ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}),
   }));
@@ -332,7 +338,7 @@ export function mermaidText(s: string): string {
 const outcomeOf = (a: AttemptLine) =>
   a.dropped
     ? `dropped at ${a.stage} (no reply${a.stage === "eod" ? ": received, not confirmed" : ""})`
-    : `${a.code} at ${a.stage}`;
+    : `${a.code} at ${a.stage}${a.abandoned ? `, then ${a.abandoned}` : ""}`;
 
 function fate(h: MessageHistory): string {
   if (h.duplicate) return `DELIVERED ${h.deliveries} TIMES (duplicate)`;

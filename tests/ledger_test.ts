@@ -4,7 +4,7 @@
  * from a JSON-lines file, as `SINKHOLE_LOG_FORMAT=json deno task dev`'s output is read.
  */
 import { assert, assertEquals, assertMatch } from "./assert.ts";
-import { logsFile, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
+import { logsFile, RawClient, run, runCtl, startListener, taskCommand, tempModeFile, transaction } from "./helpers.ts";
 import { type AttemptLine, histories, markdownReport, parseRange, unmet } from "../ctl/report.ts";
 
 const MESSAGE = (id: string) => `Message-ID: <${id}@origin.test>\r\nSubject: t\r\n\r\nbody`;
@@ -147,4 +147,84 @@ Deno.test("ledger: expectations are precise; ranges parse", () => {
   assertMatch(md, /\| 2 \| \S+ \| \+10\.0 s \| 421 at rcpt \| 192\.0\.2\.1 \|/);
   assertMatch(md, /```mermaid\ngantt\n {2}dateFormat x\n {2}axisFormat %H:%M:%S\n {2}section someone@sinkhole\.test\n/);
   assert(md.includes(`  #3 250 :milestone, ${Date.parse(at(40))}, 0d\n` + "```"), md);
+});
+
+Deno.test("ledger: an attempt cut after its RCPT was accepted is one attempt line, counted as the next one shows", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  const d = await startListener({ SINKHOLE_MODE: "drop at=data" });
+  try {
+    /** Opens a transaction to `to` (each RCPT's reply code), then ends it by `end`. */
+    const cut = async (port: number, to: string[], end: (c: RawClient) => Promise<void>) => {
+      const c = await RawClient.connect(port);
+      try {
+        assertEquals((await c.reply()).code, 220);
+        assertEquals((await c.cmd("EHLO client.test")).code, 250);
+        assertEquals((await c.cmd(`MAIL FROM:<${FROM}>`)).code, 250);
+        for (const rcpt of to) {
+          if (!rcpt.startsWith("drop+")) assertEquals((await c.cmd(`RCPT TO:<${rcpt}>`)).code, 250);
+        }
+        await end(c);
+      } finally {
+        c.close();
+      }
+    };
+    const rcpts = ["quit", "rset", "gone", "beside", "indata"].map((n) => `${n}@sinkhole.test`);
+    await cut(l.port, [rcpts[0]], async (c) => assertEquals((await c.cmd("QUIT")).code, 221));
+    await cut(l.port, [rcpts[1]], async (c) => {
+      assertEquals((await c.cmd("RSET")).code, 250);
+      assertEquals((await c.cmd("QUIT")).code, 221);
+    });
+    await cut(l.port, [rcpts[2]], async () => {}); // the client disconnects
+    await cut(l.port, [rcpts[3]], async (c) => {
+      await c.send("RCPT TO:<drop+x@sinkhole.test>\r\n"); // dropped: no reply, the connection closed
+      assert(await c.closedByServer());
+    });
+    await cut(l.port, [rcpts[4]], async (c) => {
+      assertEquals((await c.cmd("DATA")).code, 354);
+      await c.send("Subject: half a message\r\n"); // and gone
+    });
+    for (const port of [d.port, d.port]) {
+      await cut(port, [TO], async (c) => {
+        await c.send("DATA\r\n");
+        assert(await c.closedByServer());
+      });
+    }
+    // The next attempt of each is numbered from what was counted: the cut one was counted once.
+    for (const to of rcpts) {
+      assertEquals(await transaction(l.port, { from: FROM, to: [to], body: MESSAGE(to) }), [
+        220,
+        250,
+        250,
+        250,
+        354,
+        250,
+        221,
+      ]);
+    }
+    // Each is logged when its session ends, which may come after the next one: wait for both, compare in order.
+    for (const rcpt of rcpts) {
+      for (const n of [1, 2]) {
+        await l.waitFor("attempt", (a) => a.rcpt === rcpt && a.attempt === n);
+      }
+    }
+    await d.waitFor("attempt", (a) => a.attempt === 2);
+    const lines = (rcpt: string, from = l) =>
+      from.events("attempt").filter((a) => a.rcpt === rcpt).map((a) => [
+        a.attempt,
+        a.stage,
+        a.dropped ? "dropped" : a.code,
+        a.abandoned,
+      ]).sort((a, b) => Number(a[0]) - Number(b[0]));
+    const delivered = [2, "eod", 250, undefined];
+    assertEquals(lines(rcpts[0]), [[1, "rcpt", 250, "quit"], delivered]);
+    assertEquals(lines(rcpts[1]), [[1, "rcpt", 250, "rset"], delivered]);
+    assertEquals(lines(rcpts[2]), [[1, "rcpt", 250, "close"], delivered]);
+    assertEquals(lines(rcpts[3]), [[1, "rcpt", 250, "close"], delivered]);
+    assertEquals(lines("drop+x@sinkhole.test"), [[1, "rcpt", "dropped", undefined]]);
+    assertEquals(lines(rcpts[4]), [[1, "data", 354, "close"], delivered]);
+    assertEquals(lines(TO, d), [[1, "data", "dropped", undefined], [2, "data", "dropped", undefined]]);
+  } finally {
+    await l.stop();
+    await d.stop();
+  }
 });

@@ -2,6 +2,8 @@
 import { assert, assertEquals, assertMatch } from "./assert.ts";
 import { play, SERVER } from "./policy.ts";
 import {
+  type Abandon,
+  abandoned,
   ATTEMPT_ENTRY_BYTES,
   type AttemptEntry,
   attemptKey,
@@ -559,6 +561,76 @@ Deno.test("policy: what the ledger and accept-log record is part of the decision
   });
   const tooBig = ask("accept-log", "eod", { data: { ...data, size: MAX_MESSAGE_BYTES + 1 } });
   assertEquals([tooBig.fail?.code, tooBig.events?.map((e) => e.event)], [552, ["attempt"]]);
+});
+
+Deno.test("policy: every attempt the table counts ends in one event: drops at data, abandoned transactions", () => {
+  const t0 = 1_700_000_000_000;
+  const inputs = { scenario: scenario("accept"), serverName: SERVER, client: "192.0.2.9", now: t0 };
+  const tx = (mode: string): Transaction => ({
+    ...emptyTx(scenario(mode)),
+    accepted: ["b@sinkhole.test", "250-2.1.5+c@sinkhole.test"],
+    acceptedAttempts: [3, 1],
+    acceptedCount: 2,
+  });
+  const state = (mode: string) => ({ esmtp: true, errors: 0, tx: tx(mode), helo: "client.test" });
+  const ev = (rcpt: string, n: number, stage: string, end: Record<string, unknown>, mode = "accept") => ({
+    event: "attempt",
+    key: `a@origin.test > ${rcpt}`,
+    attempt: n,
+    from: "a@origin.test",
+    rcpt,
+    stage,
+    ...end,
+    client: "192.0.2.9",
+    tls: false,
+    mode,
+  });
+  // [point, mode, how, data, the events: one per accepted recipient]
+  const rows: [Point, string, Abandon | undefined, boolean, unknown[]][] = [
+    ["data", "drop at=data", undefined, false, [
+      ev("b@sinkhole.test", 3, "data", { dropped: true }, "drop at=data"),
+      ev("250-2.1.5+c@sinkhole.test", 1, "data", { dropped: true }, "drop at=data"),
+    ]],
+    ["abandon", "accept", "quit", false, [
+      ev("b@sinkhole.test", 3, "rcpt", { code: 250, abandoned: "quit" }),
+      ev("250-2.1.5+c@sinkhole.test", 1, "rcpt", { code: 250, abandoned: "quit" }),
+    ]],
+    ["abandon", "accept", "close", true, [
+      ev("b@sinkhole.test", 3, "data", { code: 354, abandoned: "close" }),
+      ev("250-2.1.5+c@sinkhole.test", 1, "data", { code: 354, abandoned: "close" }),
+    ]],
+  ];
+  for (const [point, mode, how, data, events] of rows) {
+    const d = decide({ point, state: state(mode), inputs, how, data: data ? { size: 5, longLine: false } : undefined });
+    assertEquals<unknown>(d.events, events, `${point} ${mode} ${how}`);
+  }
+  // A recipient's own 2yz reply is the reply its abandoned attempt got.
+  const own = { ...state("accept"), tx: { ...tx("accept"), accepted: ["251+c@sinkhole.test"], acceptedAttempts: [1] } };
+  assertEquals(abandoned(own, inputs, "rset").map((e) => (e as { code?: number }).code), [251]);
+  // Nothing accepted, nothing abandoned.
+  assertEquals(abandoned({ ...own, tx: emptyTx(scenario("accept")) }, inputs, "close"), []);
+  // A bare line end is the end of data refused (550), and it ends the attempt too.
+  const bare = endOfData(state("accept"), { size: 5, longLine: false, bare: true }, inputs);
+  assertEquals([bare.reply.code, bare.after, bare.state.tx, bare.events?.length], [550, "close", undefined, 2]);
+  // Over the protocol: RSET and HELO/EHLO abandon the transaction's accepted recipients; QUIT is said in the state.
+  const lines = [
+    "EHLO c.test",
+    "MAIL FROM:<a@origin.test>",
+    "RCPT TO:<b@sinkhole.test>",
+    "RCPT TO:<bounce+x@sinkhole.test>",
+  ];
+  for (const [end, how] of [["RSET", "rset"], ["EHLO c.test", "helo"], ["HELO c.test", "helo"]]) {
+    const { last } = play("accept", [...lines, end]);
+    assertEquals(
+      last.events?.map((e) => [(e as { rcpt: string }).rcpt, (e as { abandoned?: string }).abandoned]),
+      [["b@sinkhole.test", how]],
+      end,
+    );
+  }
+  const quit = play("accept", [...lines, "QUIT"]).last;
+  assertEquals([quit.state.quit, quit.state.tx?.acceptedCount, quit.events], [true, 1, undefined]);
+  // A refused HELO (defer at=helo) keeps the transaction: nothing is abandoned yet.
+  assertEquals(play("defer at=helo", ["HELO c.test"]).last.events, undefined);
 });
 
 Deno.test("policy: a seeded rate gives the same decisions for the same seed, others for another", () => {
