@@ -127,8 +127,13 @@ export const MAX_OUTAGE_MS = 30 * 24 * 3_600_000;
 export const MAX_ATTEMPT_ENTRIES = 100_000;
 /** What one counted message holds in memory, whatever its addresses (a digest, a time, a count, an index slot). */
 export const ATTEMPT_ENTRY_BYTES = 48;
-/** Attempts counted per message at most (then the count stays at ATTEMPT_COUNT_SPAN - 1). */
+/** Attempts counted per message at most (then the count stays at ATTEMPT_COUNT_SPAN - 1): 11 bits of an entry. */
 export const ATTEMPT_COUNT_SPAN = 2048;
+/**
+ * Times an attempt entry can hold (ms since the epoch, below 2^42: until the year 2109): the
+ * first sighting shares its 53 bits with the envelope's earlier attempts (below ATTEMPT_COUNT_SPAN).
+ */
+export const FIRST_SEEN_SPAN = 2 ** 42;
 /** The longest Message-ID kept for an attempt event. */
 export const MAX_MESSAGE_ID_LENGTH = 256;
 
@@ -700,29 +705,62 @@ export interface Inputs {
   attempts?: AttemptLookup;
 }
 
-/** What the attempt table knows of a message: attempts so far, and when it was first seen (ms). */
+/**
+ * What the attempt table knows of a message (an envelope, `attemptKey`): its attempts so far,
+ * and when it was first seen (ms). A message ends when it is delivered (handed over at the end
+ * of data: 2yz, or dropped there) or bounced (5yz): `ended`. The next attempt with its envelope
+ * opens a new message, counted from 1; `before` keeps the envelope's attempts before it, so
+ * the log numbers every attempt with the envelope in one sequence and `every=` counts them.
+ */
 export interface AttemptEntry {
   count: number;
   first: number;
+  ended?: true;
+  /** The envelope's attempts before this message opened (its ended messages'), up to ATTEMPT_COUNT_SPAN - 1. */
+  before?: number;
 }
 export type AttemptLookup = (key: string) => AttemptEntry | undefined;
 
 /**
  * A message's identity across attempts, sessions, client addresses and MTA tasks: its sender
  * and one recipient, as the envelope gives them (case folded). Known at RCPT, so a message
- * refused before DATA is still recognised on its retry. Two messages with the same sender
- * and recipient in flight at once count as one (their Message-IDs, logged when DATA is
- * reached, tell them apart in the report).
+ * refused before DATA is still recognised on its retry. A message ends when it is delivered or
+ * bounced (`AttemptEntry`); two messages with the same sender and recipient in flight at once
+ * count as one until one of them ends (docs/ledger.md, "What stays ambiguous").
  */
 export function attemptKey(from: string, rcpt: string): string {
   return `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
 }
 
-/** This attempt of a message: its number (1 for the first) and when the message was first seen. */
+/**
+ * This attempt of a message: its number (1 for the first), when the message was first seen, and
+ * the envelope's attempts before the message opened (`every=` counts the envelope's attempts).
+ */
 export interface Attempt {
   key: string;
   n: number;
   first: number;
+  before?: number;
+}
+
+/**
+ * The attempt table's entry once one more attempt is counted at `now`: the first opens it; after
+ * an end a new message opens, counted from 1 (the envelope's attempts so far kept in `before`);
+ * else the count goes on (up to ATTEMPT_COUNT_SPAN - 1).
+ */
+export function counted(seen: AttemptEntry | undefined, now: number): AttemptEntry {
+  if (seen === undefined) return { count: 1, first: now };
+  if (seen.ended) return { count: 1, first: now, before: envelopeAttempts(seen) };
+  return { ...seen, count: Math.min(seen.count + 1, ATTEMPT_COUNT_SPAN - 1) };
+}
+
+/** The attempts made with a message's envelope: its ended messages' and its own (up to ATTEMPT_COUNT_SPAN - 1). */
+export const envelopeAttempts = (e: { count?: number; n?: number; before?: number }): number =>
+  Math.min((e.before ?? 0) + (e.count ?? e.n ?? 0), ATTEMPT_COUNT_SPAN - 1);
+
+/** The attempt table's entry once its message ended (delivered or bounced). */
+export function ended(seen: AttemptEntry | undefined, now: number): AttemptEntry {
+  return { ...(seen ?? { count: 1, first: now }), ended: true };
 }
 
 /** A reproducible number in [0, 1) for (seed, message, attempt): FNV-1a over the three. */
@@ -743,8 +781,8 @@ export function inFailingPhase(st: Stateful, a: Attempt, now: number): boolean {
   switch (st.kind) {
     case "first":
       return a.n <= st.attempts;
-    case "every":
-      return a.n % st.attempts === 0;
+    case "every": // the envelope's attempts: a message ends at its delivery, so its own attempt 1 always passes
+      return envelopeAttempts(a) % st.attempts === 0;
     case "for":
       return now - a.first < st.ms;
     case "rate":
@@ -777,6 +815,8 @@ export interface Outcome {
   remember?: GreylistRecord[];
   /** At RCPT: the attempt of the recipient's message, for the attempt table. */
   attempt?: Attempt;
+  /** The messages (`attemptKey`) that ended, delivered or bounced, for the attempt table. */
+  ends?: string[];
   /** At DATA: keep the message's header section for the log (accept-log). */
   captureHeaders?: boolean;
   /** What to log once the reply is said: the ledger's attempt events, accept-log's message event. */
@@ -831,6 +871,8 @@ export interface Decision {
   remember?: GreylistRecord[];
   /** At RCPT: which attempt of the recipient's message this is. */
   attempt?: Attempt;
+  /** The messages (`attemptKey`) this ends, delivered or bounced, for the attempt table. */
+  ends?: string[];
   /** At HELO/EHLO and STARTTLS: STARTTLS is offered (EHLO lists it; STARTTLS is otherwise refused). */
   offersTls?: boolean;
   /** At DATA: keep the header section for the log (accept-log). */
@@ -967,11 +1009,11 @@ function greylistAt(m: Moment, sc: Scenario, rule: RcptRule, d: Decision): Decis
   return rule.byIp ? { ...d, fail, greylist: g.verdict, remember: g.remember } : { ...d, fail, remember: g.remember };
 }
 
-/** This attempt of the RCPT's message, from the attempt table's answer. */
+/** This attempt of the RCPT's message, from the attempt table's answer (`counted`: an ended message's envelope opens a new one). */
 function attemptOf(m: Moment): Attempt {
   const key = attemptKey(m.state!.tx!.from, m.rcpt!);
-  const seen = m.inputs.attempts?.(key);
-  return { key, n: (seen?.count ?? 0) + 1, first: seen?.first ?? m.inputs.now ?? 0 };
+  const next = counted(m.inputs.attempts?.(key), m.inputs.now ?? 0);
+  return { key, n: next.count, first: next.first, ...(next.before ? { before: next.before } : {}) };
 }
 
 /** Whether STARTTLS is offered: not twice, never with starttls=off, by default when the listener has TLS. */
@@ -1001,8 +1043,10 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
   if (acceptsRecipient(d)) return { ...d, attempt };
   // Refused or dropped here, this attempt of the message ends: the ledger says so. A dropped
   // recipient is recorded as deferred (451): it was not delivered, and nothing was said.
-  const events = attemptEvents(m, [[m.rcpt!, attempt.n]], "rcpt", d.drop ? undefined : d.fail!.code);
-  return d.drop ? { ...d, fail: REPLIES.deferRcpt, attempt, events } : { ...d, attempt, events };
+  // The log numbers the envelope's attempts in one sequence (its messages split where one ended).
+  const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", d.drop ? undefined : d.fail!.code);
+  if (d.drop) return { ...d, fail: REPLIES.deferRcpt, attempt, events };
+  return d.fail!.code >= 500 ? { ...d, attempt, events, ends: [attempt.key] } : { ...d, attempt, events };
 }
 
 /** Whether a decision at RCPT accepts the recipient: any 2yz reply (RFC 5321 §4.2.1), and no drop. */
@@ -1018,7 +1062,12 @@ export function acceptsRecipient(d: Decision): boolean {
 function dataRow(m: Moment, sc: Scenario): Decision {
   const d = scenarioAt(sc, "data");
   if (d.drop) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data") };
-  if (d.fail && d.fail.code >= 400) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data", d.fail.code) };
+  if (d.fail && d.fail.code >= 400) {
+    const rcpts = zip(m.state!.tx!);
+    const events = attemptEvents(m, rcpts, "data", d.fail.code);
+    const tx = m.state!.tx!;
+    return d.fail.code >= 500 ? { ...d, events, ends: rcpts.map(([r]) => attemptKey(tx.from, r)) } : { ...d, events };
+  }
   return sc.base === "accept-log" ? { ...d, captureHeaders: true } : d;
 }
 
@@ -1047,7 +1096,9 @@ function eodRow(m: Moment, sc: Scenario): Decision {
     ? LONG_LINE
     : scenarioAt(sc, "eod");
   const tx = m.state!.tx!;
-  const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", d.drop ? undefined : (d.fail ?? REPLIES.queued).code);
+  const code = d.drop ? undefined : (d.fail ?? REPLIES.queued).code;
+  const ends = messagesEnded(tx, code);
+  const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", code);
   if (sc.base === "accept-log" && !d.fail && !d.drop) {
     events.push({
       event: "message",
@@ -1062,7 +1113,16 @@ function eodRow(m: Moment, sc: Scenario): Decision {
       truncated: data.truncated ?? false,
     });
   }
-  return { ...d, events };
+  return ends.length > 0 ? { ...d, events, ends } : { ...d, events };
+}
+
+/**
+ * The end of data ends each accepted recipient's message when it was handed over (2yz, or
+ * dropped: the sinkhole has it) or bounced (5yz); a 4yz leaves it to its retry.
+ */
+function messagesEnded(tx: Transaction, code: number | undefined): string[] {
+  if (code !== undefined && code >= 300 && code < 500) return [];
+  return tx.accepted.map((rcpt) => attemptKey(tx.from, rcpt));
 }
 
 /**
@@ -1155,6 +1215,7 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
     : { ...ok, after: d.after ?? ok.after, delayMs: d.delayMs };
   if (d.remember) base.remember = d.remember;
   if (d.attempt) base.attempt = d.attempt;
+  if (d.ends) base.ends = d.ends;
   if (d.events) base.events = d.events;
   if (d.drop) return { ...base, state: failed, after: "drop" };
   if (d.close) base.after = "close";
@@ -1379,7 +1440,8 @@ const COMMANDS: Record<string, Handler> = {
     if (tx.rcptCount >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
     const d = decide({ point: "rcpt", state, rcpt: box, inputs });
     const reply = d.fail ?? REPLIES.rcptOk;
-    const next = { ...state, tx: withRecipient(tx, box, acceptsRecipient(d), d.greylist, d.attempt?.n) };
+    const n = d.attempt && envelopeAttempts(d.attempt);
+    const next = { ...state, tx: withRecipient(tx, box, acceptsRecipient(d), d.greylist, n) };
     return outcome(d, answer(next, reply), next);
   },
   DATA: (state, arg, inputs) => {
@@ -1662,7 +1724,11 @@ export interface AttemptEvent {
   event: "attempt";
   /** The message's identity across attempts (`attemptKey`: sender > recipient). */
   key: string;
-  /** 1 for the first attempt this listener saw since it started. */
+  /**
+   * The envelope's attempt number since the listener started (1 for the first), one sequence
+   * across its messages: a message ends at its delivery or bounce, and `ctl report` splits the
+   * sequence there (docs/ledger.md).
+   */
   attempt: number;
   from: string;
   rcpt: string;
@@ -2259,16 +2325,47 @@ export class AttemptTable {
 
   lookup(key: string): AttemptEntry | undefined {
     const found = this.#entries.get(keyDigest(key));
-    return found === undefined ? undefined : { count: found[1], first: found[0] };
+    return found === undefined ? undefined : unpackAttempt(found[0], found[1]);
   }
 
-  /** Counts one attempt of a message at `now` (the count stops at ATTEMPT_COUNT_SPAN - 1). */
+  /** Counts one attempt of a message at `now` (`counted`: after an end, a new message opens). */
   count(key: string, now: number): void {
+    this.#write(key, (seen) => counted(seen, Math.floor(now)));
+  }
+
+  /** Marks a message ended (delivered or bounced, `ended`). */
+  end(key: string, now: number): void {
+    this.#write(key, (seen) => ended(seen, Math.floor(now)));
+  }
+
+  /** Writes a message's next entry in place (its age stays), or as the newest when it had none. */
+  #write(key: string, next: (seen: AttemptEntry | undefined) => AttemptEntry): void {
     const digest = keyDigest(key);
     const found = this.#entries.get(digest);
-    if (found === undefined) this.#entries.set(digest, Math.floor(now), 1);
-    else if (found[1] < ATTEMPT_COUNT_SPAN - 1) this.#entries.update(digest, found[0], found[1] + 1);
+    const [a, b] = packAttempt(next(found === undefined ? undefined : unpackAttempt(found[0], found[1])));
+    if (found === undefined) this.#entries.set(digest, a, b);
+    else this.#entries.update(digest, a, b);
   }
+}
+
+/**
+ * An attempt entry in the DigestTable's two numbers (each an integer below 2^53, exact in a
+ * float64): the first sighting (below FIRST_SEEN_SPAN) and the envelope's earlier attempts
+ * (below ATTEMPT_COUNT_SPAN); the count and the ended flag.
+ */
+export function packAttempt(e: AttemptEntry): [number, number] {
+  const first = Math.min(Math.max(0, e.first), FIRST_SEEN_SPAN - 1);
+  return [(e.before ?? 0) * FIRST_SEEN_SPAN + first, (e.ended ? ATTEMPT_COUNT_SPAN : 0) + e.count];
+}
+
+export function unpackAttempt(a: number, b: number): AttemptEntry {
+  const before = Math.floor(a / FIRST_SEEN_SPAN);
+  return {
+    count: b % ATTEMPT_COUNT_SPAN,
+    first: a % FIRST_SEEN_SPAN,
+    ...(b >= ATTEMPT_COUNT_SPAN ? { ended: true as const } : {}),
+    ...(before ? { before } : {}),
+  };
 }
 
 // ---------------------------------------------------------------------------
@@ -3033,6 +3130,7 @@ class Session implements LineSink {
     this.state = out.state;
     for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
     if (out.attempt) this.deps.attempts?.count(out.attempt.key, out.attempt.first);
+    for (const key of out.ends ?? []) this.deps.attempts?.end(key, Date.now());
     const events = out.events;
     if (out.after === "drop") {
       this.#outbox.holdFrom(out.delayMs, "drop");

@@ -176,9 +176,11 @@ export class Ledger {
   histories(): MessageHistory[] {
     const want = this.#filter.messageId === undefined ? undefined : normalMessageId(this.#filter.messageId);
     const out: MessageHistory[] = [];
-    for (const message of this.#byKey.values()) {
-      if (want !== undefined && !message.attempts.some((a) => a.messageId === want)) continue;
-      out.push(history(message));
+    for (const envelope of this.#byKey.values()) {
+      for (const message of messagesOf(envelope)) {
+        if (want !== undefined && !message.attempts.some((a) => a.messageId === want)) continue;
+        out.push(history(message));
+      }
     }
     return out.sort((a, b) => Date.parse(a.attempts[0].ts) - Date.parse(b.attempts[0].ts));
   }
@@ -212,8 +214,8 @@ export interface MessageHistory {
   bounced: boolean;
 }
 
-/** One message as kept: its envelope once, each attempt's own fields (strings shared). */
-interface Message {
+/** One message (or, as read, one envelope) as kept: its envelope once, each attempt's own fields (strings shared). */
+export interface Message {
   key: string;
   from: string;
   rcpt: string;
@@ -230,6 +232,35 @@ interface Message {
     tls: boolean;
     mode: string;
   }[];
+}
+
+/**
+ * An envelope's attempts (any order) as its messages, as the listener counts them: in time order,
+ * a message ends at an attempt that handed it over (2yz or dropped at the end of data) or bounced
+ * it (5yz); the next attempt opens a new one. A message handed over with the Message-ID the one
+ * that ended before it was delivered with is that one sent again (the final reply lost): its
+ * attempts join it, a duplicate. Linear but the sort.
+ */
+export function messagesOf(envelope: Message): Message[] {
+  const sorted = [...envelope.attempts].sort((a, b) => a.t - b.t);
+  const messages: Message[] = [];
+  let open: Message["attempts"] = [];
+  let last: { message: Message; deliveredId?: string } | undefined;
+  for (const a of sorted) {
+    open.push(a);
+    const delivered = handedOver(a);
+    if (!delivered && !(a.code !== undefined && a.code >= 500)) continue;
+    if (delivered && a.messageId !== undefined && last?.deliveredId === a.messageId) {
+      for (const b of open) last.message.attempts.push(b);
+    } else {
+      const message = { ...envelope, attempts: open };
+      messages.push(message);
+      last = { message, deliveredId: delivered ? a.messageId : undefined };
+    }
+    open = [];
+  }
+  if (open.length > 0) messages.push({ ...envelope, attempts: open });
+  return messages;
 }
 
 /** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
@@ -277,7 +308,8 @@ export function histories(events: Iterable<unknown>): MessageHistory[] {
 }
 
 /** The message reached the sinkhole whole at this attempt (said 2yz, or dropped after the final dot). */
-const handedOver = (a: AttemptLine) => a.stage === "eod" && (a.dropped || (a.code !== undefined && a.code < 300));
+const handedOver = (a: Pick<AttemptLine, "stage" | "dropped" | "code">) =>
+  a.stage === "eod" && (a.dropped || (a.code !== undefined && a.code < 300));
 
 // ---------------------------------------------------------------------------------------
 // Text from the input, made safe for where it is shown.
@@ -422,9 +454,15 @@ export function parseRange(text: string, integer = false): [number, number] | un
 /** Every expectation that is not met, said precisely (input text escaped); empty when all are. */
 export function unmet(hs: MessageHistory[], x: Expectation): string[] {
   const want = x.message.toLowerCase();
-  const h = hs.find((m) => m.key.toLowerCase() === want || m.rcpt.toLowerCase() === want);
-  if (!h) return [`no attempt logged for ${printable(x.message)}`];
-  const key = printable(h.key);
+  const matched = hs.filter((m) => m.key.toLowerCase() === want || m.rcpt.toLowerCase() === want);
+  if (matched.length === 0) return [`no attempt logged for ${printable(x.message)}`];
+  // Each message with the envelope (one ends where it was delivered or bounced) must meet them.
+  return matched.flatMap((h, i) =>
+    unmetBy(h, x, matched.length > 1 ? `${printable(h.key)} (message ${i + 1} of ${matched.length})` : printable(h.key))
+  );
+}
+
+function unmetBy(h: MessageHistory, x: Expectation, key: string): string[] {
   const problems: string[] = [];
   const n = h.attempts.length;
   const range = (r: [number, number]) => r[0] === r[1] ? `${r[0]}` : `${r[0]}..${r[1] === Infinity ? "" : r[1]}`;

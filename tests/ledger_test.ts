@@ -228,3 +228,76 @@ Deno.test("ledger: an attempt cut after its RCPT was accepted is one attempt lin
     await d.stop();
   }
 });
+
+Deno.test("ledger: two messages with one envelope, one after the other, are two messages, each counted from 1", async () => {
+  const modeFile = await tempModeFile("defer first=2");
+  const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
+  try {
+    const deferred = [220, 250, 250, 421];
+    const accepted = [220, 250, 250, 250, 354, 250, 221];
+    for (const id of ["first", "second"]) {
+      const body = MESSAGE(id);
+      assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), deferred, `${id}: #1`);
+      assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), deferred, `${id}: #2`);
+      assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), accepted, `${id}: #3`);
+    }
+    // A lost final reply: the third message's retry carries its Message-ID, a duplicate of it.
+    await Deno.writeTextFile(modeFile, "drop at=eod");
+    await l.waitFor("mode", (m) => m.mode === "drop at=eod");
+    assertEquals(
+      await transaction(l.port, { from: FROM, to: [TO], body: MESSAGE("third") }).catch(() => "dropped"),
+      "dropped",
+    );
+    await Deno.writeTextFile(modeFile, "accept");
+    await l.waitFor("mode", (m) => m.mode === "accept");
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body: MESSAGE("third") }), accepted);
+    await l.waitFor("attempt", (a) => a.attempt === 8);
+    const attempts = l.events("attempt");
+    // The log numbers the envelope's attempts in one sequence; the report splits it into messages.
+    assertEquals(attempts.map((a) => a.attempt), [1, 2, 3, 4, 5, 6, 7, 8]);
+    const hs = histories(attempts as AttemptLine[]);
+    assertEquals(hs.map((h) => [h.attempts.length, h.deliveries, h.duplicate]), [[3, 1, false], [3, 1, false], [
+      2,
+      2,
+      true,
+    ]]);
+    assertEquals(hs.map((h) => h.attempts.at(-1)!.messageId), [
+      "<first@origin.test>",
+      "<second@origin.test>",
+      "<third@origin.test>",
+    ]);
+    const file = await logsFile(l.logs);
+    try {
+      const report = await ctl("report", "--file", file);
+      assertEquals(report.code, 0, report.stderr);
+      assertMatch(
+        report.stdout,
+        /someone@sinkhole\.test: 3 attempt\(s\), delivered once[^]*someone@sinkhole\.test: 3 attempt\(s\), delivered once[^]*someone@sinkhole\.test: 2 attempt\(s\), DELIVERED 2 TIMES \(duplicate\)/,
+      );
+      const first = await ctl(
+        "expect",
+        TO,
+        "--attempts",
+        "3",
+        "--delivered-once",
+        "--file",
+        file,
+        "--message-id",
+        "second@origin.test",
+      );
+      assertEquals(first.code, 0, first.stdout + first.stderr);
+      const all = await ctl("expect", TO, "--delivered-once", "--file", file);
+      assertEquals(all.code, 1);
+      assertMatch(
+        all.stdout,
+        /unmet: sender@origin\.test > someone@sinkhole\.test \(message 3 of 3\): DELIVERED 2 TIMES \(duplicate\)/,
+      );
+      assert(!/message [12] of 3/.test(all.stdout), all.stdout);
+    } finally {
+      await Deno.remove(file);
+    }
+  } finally {
+    await l.stop();
+    await Deno.remove(modeFile);
+  }
+});

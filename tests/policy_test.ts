@@ -4,14 +4,18 @@ import { play, SERVER } from "./policy.ts";
 import {
   type Abandon,
   abandoned,
+  ATTEMPT_COUNT_SPAN,
   ATTEMPT_ENTRY_BYTES,
   type AttemptEntry,
   attemptKey,
   AttemptTable,
   configFromEnv,
+  counted,
   decide,
   DigestTable,
+  ended,
   endOfData,
+  FIRST_SEEN_SPAN,
   formatReply,
   GREYLIST_ENTRY_BYTES,
   GreylistTable,
@@ -25,6 +29,7 @@ import {
   MAX_RECIPIENTS,
   ModeCache,
   MODES,
+  packAttempt,
   parseMailbox,
   parsePathArg,
   type Point,
@@ -35,6 +40,7 @@ import {
   seededUnit,
   type Stateful,
   type Transaction,
+  unpackAttempt,
 } from "../listener.ts";
 
 /** What each mode answers to RCPT and then to DATA. */
@@ -661,6 +667,97 @@ Deno.test("attempt table: counts per message, first sighting kept, bounded by it
   assertEquals(table.size, 3);
   assertEquals(table.lookup("m1"), undefined, "the least recently first seen is forgotten");
   assertEquals(table.lookup("m4"), { count: 1, first: 500 });
+});
+
+Deno.test("policy: a message ends when delivered or bounced; the next attempt with its envelope is a new message", () => {
+  const t0 = 1_700_000_000_000;
+  const key = attemptKey("a@origin.test", "b@sinkhole.test");
+  // The table's entry after one more attempt, and after an end (pure: what the table writes).
+  assertEquals(counted(undefined, t0), { count: 1, first: t0 });
+  assertEquals(counted({ count: 2, first: t0 }, t0 + 5), { count: 3, first: t0 });
+  assertEquals(counted({ count: 3, first: t0, ended: true }, t0 + 9), { count: 1, first: t0 + 9, before: 3 });
+  assertEquals(counted({ count: 2, first: t0, ended: true, before: 3 }, t0 + 9), {
+    count: 1,
+    first: t0 + 9,
+    before: 5,
+  });
+  assertEquals(ended({ count: 3, first: t0, before: 2 }, t0 + 9), { count: 3, first: t0, before: 2, ended: true });
+  // [mode, the table's entry, the reply (0: accepted), the attempt counted, the number logged, ends the message]
+  const delivered: AttemptEntry = { count: 3, first: t0, ended: true };
+  const ROWS: [string, AttemptEntry | undefined, number, number, number, boolean][] = [
+    ["defer first=2", delivered, 421, 1, 4, false], // a second message: deferred from its own first attempt
+    ["defer first=2", { count: 2, first: t0, before: 3 }, 0, 3, 6, false],
+    ["defer first=2", { count: 3, first: t0 }, 0, 4, 4, false], // not ended: the same message's retry
+    ["defer every=2", { count: 1, first: t0, ended: true }, 421, 1, 2, false], // every= counts the envelope
+    ["defer every=2", { count: 1, first: t0, before: 1 }, 0, 2, 3, false],
+    ["bounce", undefined, 550, 1, 1, true], // a bounce at RCPT ends it
+    ["defer first=1 then=bounce", { count: 1, first: t0 }, 550, 2, 2, true],
+    ["defer", delivered, 421, 1, 4, false],
+  ];
+  for (const [mode, seen, code, n, logged, ends] of ROWS) {
+    const d = rcptWith(mode, seen, t0 + 1);
+    const what = `${mode} after ${JSON.stringify(seen)}`;
+    assertEquals(d.fail?.code ?? 0, code, what);
+    assertEquals(d.attempt?.n, n, what);
+    if (d.events) assertEquals((d.events[0] as { attempt: number }).attempt, logged, what);
+    assertEquals(d.ends, ends ? [key] : undefined, what);
+  }
+  // The end of data: a message handed over (2yz, or dropped: the sinkhole has it) or bounced ends; a 4yz does not.
+  const sc = (mode: string) => scenario(mode);
+  const tx = (mode: string): Transaction => ({
+    ...emptyTx(sc(mode)),
+    accepted: ["b@sinkhole.test"],
+    acceptedAttempts: [4],
+    acceptedCount: 1,
+  });
+  const data = { size: 10, longLine: false, messageId: "<m@o.test>" };
+  const eod = (mode: string, d = data) =>
+    decide({
+      point: "eod",
+      state: { esmtp: true, errors: 0, tx: tx(mode) },
+      data: d,
+      inputs: { scenario: sc(mode), serverName: SERVER },
+    });
+  assertEquals(eod("accept").ends, [key]);
+  assertEquals(eod("drop at=eod").ends, [key]);
+  assertEquals(eod("bounce at=eod").ends, [key]);
+  assertEquals(eod("defer at=eod").ends, undefined);
+  assertEquals(eod("accept", { ...data, size: MAX_MESSAGE_BYTES + 1 }).ends, [key], "552: bounced");
+  assertEquals((eod("accept").events![0] as { attempt: number }).attempt, 4, "logged with the envelope's number");
+  // DATA: a 5yz ends every accepted recipient's message, a 4yz none.
+  const data5 = decide({
+    point: "data",
+    state: { esmtp: true, errors: 0, tx: tx("bounce at=data") },
+    inputs: { scenario: sc("bounce at=data"), serverName: SERVER },
+  });
+  assertEquals(data5.ends, [key]);
+  const data4 = decide({
+    point: "data",
+    state: { esmtp: true, errors: 0, tx: tx("defer at=data") },
+    inputs: { scenario: sc("defer at=data"), serverName: SERVER },
+  });
+  assertEquals(data4.ends, undefined);
+});
+
+Deno.test("attempt table: an entry packs into the DigestTable's two numbers, and a message ends in it", () => {
+  const t0 = 1_700_000_000_000;
+  const entries: AttemptEntry[] = [
+    { count: 1, first: t0 },
+    { count: ATTEMPT_COUNT_SPAN - 1, first: FIRST_SEEN_SPAN - 1, ended: true, before: ATTEMPT_COUNT_SPAN - 1 },
+    { count: 7, first: 0, before: 3 },
+  ];
+  for (const e of entries) {
+    const [a, b] = packAttempt(e);
+    assert(Number.isSafeInteger(a) && Number.isSafeInteger(b), JSON.stringify(e));
+    assertEquals(unpackAttempt(a, b), e);
+  }
+  const table = new AttemptTable(3);
+  table.count("m1", t0);
+  table.count("m1", t0 + 1);
+  table.end("m1", t0 + 2);
+  assertEquals(table.lookup("m1"), { count: 2, first: t0, ended: true });
+  table.count("m1", t0 + 3);
+  assertEquals(table.lookup("m1"), { count: 1, first: t0 + 3, before: 2 }, "a new message, counted from 1");
 });
 
 Deno.test("attempt and greylist tables: an entry costs at most its ENTRY_BYTES, whatever the addresses", () => {
