@@ -1272,8 +1272,8 @@ const LOCAL = String
 const MAILBOX_RE = new RegExp(`^${LOCAL}@${DOMAIN}$`);
 /** Source route prefix (`@a,@b:`), which RFC 5321 §4.1.2 says to accept and ignore. */
 const SOURCE_ROUTE_RE = new RegExp(`^@${DOMAIN}(?:,@${DOMAIN})*:`);
-/** `FROM:<path> params` or `TO:<path> params`, a space after the colon tolerated. */
-const PATH_ARG_RE = /^(FROM|TO):\s?<([^<>]*)>(?:\s+(.*))?$/i;
+/** `FROM:<` or `TO:<`, a space after the colon tolerated; the path and its parameters follow. */
+const PATH_HEAD_RE = /^(FROM|TO):\s?</i;
 
 /** Validates a mailbox; returns it without a source route, or undefined. */
 export function parseMailbox(raw: string): string | undefined {
@@ -1285,20 +1285,44 @@ export function parseMailbox(raw: string): string | undefined {
   return box;
 }
 
-/** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters. */
+/**
+ * Where a path's closing `>` is, from `from` (just after its `<`), by RFC 5321 §4.1.2: inside a
+ * Quoted-string (`"x > y"@…`) `>` and `<` are text and `\` quotes the next character; outside
+ * one `<` cannot occur. -1 when the path does not close.
+ */
+export function pathEnd(arg: string, from: number): number {
+  let quoted = false;
+  for (let i = from; i < arg.length; i++) {
+    const c = arg[i];
+    if (quoted) {
+      if (c === "\\") i++;
+      else if (c === '"') quoted = false;
+    } else if (c === '"') quoted = true;
+    else if (c === ">") return i;
+    else if (c === "<") return -1;
+  }
+  return -1;
+}
+
+/** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters (the path by `pathEnd`, checked by `parseMailbox`). */
 export function parsePathArg(
   arg: string,
   keyword: "FROM" | "TO",
 ): { path: string; params: Map<string, string> } | undefined {
-  const m = PATH_ARG_RE.exec(arg);
-  if (!m || m[1].toUpperCase() !== keyword) return undefined;
+  const head = PATH_HEAD_RE.exec(arg);
+  if (!head || head[1].toUpperCase() !== keyword) return undefined;
+  const start = head[0].length;
+  const end = pathEnd(arg, start);
+  if (end < 0) return undefined;
+  const rest = arg.slice(end + 1);
+  if (rest !== "" && !/^\s/.test(rest)) return undefined;
   const params = new Map<string, string>();
-  for (const p of (m[3] ?? "").split(" ")) {
+  for (const p of rest.trim().split(" ")) {
     if (p === "") continue;
     const eq = p.indexOf("=");
     params.set((eq < 0 ? p : p.slice(0, eq)).toUpperCase(), eq < 0 ? "" : p.slice(eq + 1));
   }
-  return { path: m[2], params };
+  return { path: arg.slice(start, end), params };
 }
 
 /** Checks MAIL parameters: SIZE and BODY are implemented, nothing else. */

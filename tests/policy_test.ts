@@ -277,6 +277,45 @@ Deno.test("policy: mailbox and path parsing", () => {
   assertEquals(parsePathArg("TO:<a@b.test>", "FROM"), undefined);
 });
 
+Deno.test("policy: paths by the RFC 5321 grammar: quoted local parts hold > and <, MAIL FROM and RCPT TO alike", () => {
+  // [argument after the keyword, the path parsed (undefined: a syntax error), the mailbox (undefined: refused)]
+  const PATHS: [string, string | undefined, string | undefined][] = [
+    ["<a@b.test>", "a@b.test", "a@b.test"],
+    ['<"x > y"@sinkhole.test>', '"x > y"@sinkhole.test', '"x > y"@sinkhole.test'],
+    ['<"x < y"@sinkhole.test>', '"x < y"@sinkhole.test', '"x < y"@sinkhole.test'],
+    ['<"a\\"b>"@sinkhole.test>', '"a\\"b>"@sinkhole.test', '"a\\"b>"@sinkhole.test'], // a quoted-pair: \"
+    ['<"x@y"@sinkhole.test>', '"x@y"@sinkhole.test', '"x@y"@sinkhole.test'],
+    ['<"">', '""', undefined], // no domain
+    ["<@r.test,@s.test:a@b.test>", "@r.test,@s.test:a@b.test", "a@b.test"], // a source route, ignored
+    ["<a.b@[192.0.2.1]>", "a.b@[192.0.2.1]", "a.b@[192.0.2.1]"],
+    ["<x > y@sinkhole.test>", "x ", undefined], // unquoted: > ends the path, which is no mailbox
+    ["<x < y@sinkhole.test>", undefined, undefined],
+    ['<"x > y@sinkhole.test>', undefined, undefined], // the quote never closes
+    ['<"x\\">', undefined, undefined], // the escaped quote leaves the string open
+    ["<a@b.test", undefined, undefined],
+    ["a@b.test", undefined, undefined],
+    ["<a@b.test>x", undefined, undefined],
+    ['<x"y"@b.test>', 'x"y"@b.test', undefined], // a quote inside a dot-atom
+    ['<"\x01"@b.test>', '"\x01"@b.test', undefined], // a control character is no qtext
+  ];
+  for (const [arg, path, box] of PATHS) {
+    for (const keyword of ["FROM", "TO"] as const) {
+      const parsed = parsePathArg(`${keyword}:${arg}`, keyword);
+      assertEquals(parsed?.path, path, `${keyword}:${arg}`);
+      if (parsed) assertEquals(parseMailbox(parsed.path), box, `${keyword}:${arg}`);
+    }
+  }
+  assertEquals(parsePathArg('TO:<"x > y"@sinkhole.test> NOTIFY=NEVER', "TO")?.params.get("NOTIFY"), "NEVER");
+  // Over the protocol: both are accepted (250), an unclosed quote is a syntax error (501).
+  const { codes } = play("accept", [
+    "EHLO c.test",
+    'MAIL FROM:<"a > b"@origin.test>',
+    'RCPT TO:<"x > y"@sinkhole.test>',
+    'RCPT TO:<"x > y@sinkhole.test>',
+  ]);
+  assertEquals(codes, [250, 250, 250, 501]);
+});
+
 Deno.test("greylist table: first attempt deferred, retries in the window pass, expired entries forgotten", () => {
   const t = new GreylistTable(1000, 3);
   assertEquals(t.check("10.0.0.1", 0), "defer");
