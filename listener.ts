@@ -136,6 +136,10 @@ export const ATTEMPT_COUNT_SPAN = 2048;
 export const FIRST_SEEN_SPAN = 2 ** 42;
 /** The longest Message-ID kept for an attempt event. */
 export const MAX_MESSAGE_ID_LENGTH = 256;
+/** Characters of a Message-ID field read at most, folded lines unfolded (past it no ID is taken). */
+export const MAX_MESSAGE_ID_FIELD = 1000;
+/** Comments nested inside a Message-ID field at most (RFC 5322 §3.2.2 sets none). */
+export const MAX_COMMENT_DEPTH = 16;
 
 export const MODES = [
   "defer",
@@ -1636,6 +1640,96 @@ function decodeCommand(bytes: Uint8Array): string | undefined {
 
 const headerDecoder = new TextDecoder();
 
+/** RFC 5322 §3.2.3 atext, with RFC 6532's UTF-8 (any character past U+007F, U+2028 and U+2029 too). */
+const isAtext = (c: number): boolean =>
+  (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) ||
+  "!#$%&'*+-/=?^_`{|}~".includes(String.fromCharCode(c)) || c > 0x7f;
+/** qtext (§3.2.4) and dtext (§3.4.1), with RFC 6532's UTF-8. */
+const isQtext = (c: number): boolean => c === 33 || (c >= 35 && c <= 91) || (c >= 93 && c <= 126) || c > 0x7f;
+const isDtext = (c: number): boolean => (c >= 33 && c <= 90) || (c >= 94 && c <= 126) || c > 0x7f;
+const isWsp = (c: number): boolean => c === 32 || c === 9 || c === 13 || c === 10;
+
+/**
+ * A Message-ID field's value by RFC 5322's grammar (§3.6.4 and the obsolete forms of §4.5.4):
+ * `[CFWS] "<" id-left "@" id-right ">" [CFWS]`, id-left a dot-atom, a quoted-string or words
+ * with CFWS around their dots, id-right a dot-atom, a no-fold-literal (`[…]`) or atoms with
+ * CFWS; comments nest (at most MAX_COMMENT_DEPTH) and take quoted-pairs; RFC 6532's UTF-8 is
+ * text. The answer is `<id-left@id-right>` without the CFWS, at most MAX_MESSAGE_ID_LENGTH
+ * characters; undefined when the value is no msg-id. Pure, linear in the value.
+ */
+export function parseMessageId(value: string): string | undefined {
+  if (value.length > MAX_MESSAGE_ID_FIELD) return undefined;
+  let i = 0;
+  const at = (): number => (i < value.length ? value.charCodeAt(i) : -1);
+  /** Skips whitespace and comments; false on a comment that does not close or nests too deep. */
+  const cfws = (): boolean => {
+    for (;;) {
+      while (isWsp(at())) i++;
+      if (at() !== 40) return true; // "("
+      let depth = 0;
+      do {
+        const c = at();
+        if (c < 0) return false;
+        i++;
+        if (c === 92) i++; // a quoted-pair
+        else if (c === 40 && ++depth > MAX_COMMENT_DEPTH) return false;
+        else if (c === 41) depth--;
+      } while (depth > 0);
+    }
+  };
+  const atom = (): string | undefined => {
+    const from = i;
+    while (isAtext(at())) i++;
+    return i > from ? value.slice(from, i) : undefined;
+  };
+  /** A quoted-string as written (its quotes and quoted-pairs), folding whitespace inside kept. */
+  const quotedString = (): string | undefined => {
+    const from = i;
+    i++;
+    for (let c = at(); c !== 34; c = at()) {
+      if (c === 92 && i + 1 < value.length && value.charCodeAt(i + 1) >= 32) i += 2;
+      else if (isQtext(c) || c === 32 || c === 9) i++;
+      else return undefined;
+    }
+    i++;
+    return value.slice(from, i);
+  };
+  /** Words (atoms, or quoted-strings when `quoted`) joined by dots, CFWS allowed around each. */
+  const dotted = (quoted: boolean): string | undefined => {
+    const words: string[] = [];
+    for (;;) {
+      if (!cfws()) return undefined;
+      const word = quoted && at() === 34 ? quotedString() : atom();
+      if (word === undefined || !cfws()) return undefined;
+      words.push(word);
+      if (at() !== 46) return words.join(".");
+      i++;
+    }
+  };
+  const literal = (): string | undefined => {
+    const from = i;
+    i++;
+    for (let c = at(); c !== 93; c = at()) {
+      if (c === 92 && i + 1 < value.length) i += 2;
+      else if (isDtext(c)) i++;
+      else return undefined;
+    }
+    i++;
+    return value.slice(from, i);
+  };
+  if (!cfws() || at() !== 60) return undefined; // "<"
+  i++;
+  const left = dotted(true);
+  if (left === undefined || at() !== 64) return undefined; // "@"
+  i++;
+  if (!cfws()) return undefined;
+  const right = at() === 91 ? literal() : dotted(false);
+  if (right === undefined || !cfws() || at() !== 62) return undefined; // ">"
+  i++;
+  if (!cfws() || i !== value.length) return undefined;
+  return `<${left}@${right}>`.slice(0, MAX_MESSAGE_ID_LENGTH);
+}
+
 /**
  * A message being received after DATA: the end-of-data line, dot-unstuffing (RFC 5321
  * §4.5.2), the size, whether a line was over MAX_TEXT_LINE, and the header section (up to
@@ -1647,8 +1741,10 @@ export class MessageReader {
   headers: string[] = [];
   /** Header lines were left out (over the cap, or a header line over MAX_TEXT_LINE). */
   truncated = false;
-  /** The Message-ID header's value (whatever the mode), at most MAX_MESSAGE_ID_LENGTH characters. */
-  messageId?: string;
+  /** The first Message-ID field's value as read so far (folded lines unfolded), until it is parsed. */
+  #idField: string | undefined;
+  #idSeen = false;
+  #messageId: string | undefined;
   #inHeaders = true;
   #headerBytes = 0;
 
@@ -1666,6 +1762,7 @@ export class MessageReader {
       this.size += length;
       this.longLine = true;
       if (this.#inHeaders) this.truncated = true;
+      if (this.#idField !== undefined) this.#idField = "\0"; // a part of the field was not read: no msg-id
       return "more";
     }
     if (bytes[0] === DOT && bytes.length === 3) return "end"; // ".\r\n" (not bare: CR LF)
@@ -1677,23 +1774,44 @@ export class MessageReader {
       this.#inHeaders = false;
       return "more";
     }
-    if (this.messageId === undefined && len > 11 && (bytes[stuffed] | 0x20) === 0x6d) {
+    const folded = bytes[stuffed] === 32 || bytes[stuffed] === 9;
+    if (this.#idField !== undefined) {
+      // The Message-ID field goes on in a folded line (unfolded: its CRLF removed), or it ended.
+      if (folded && this.#idField.length <= MAX_MESSAGE_ID_FIELD) {
+        this.#idField += headerDecoder.decode(bytes.subarray(stuffed, len));
+      } else if (!folded) this.#parseId();
+    }
+    if (!this.#idSeen && len >= 11 && (bytes[stuffed] | 0x20) === 0x6d) {
       const head = headerDecoder.decode(bytes.subarray(stuffed, len));
-      const m = /^message-id:\s*(\S.*)$/i.exec(head);
-      if (m) this.messageId = m[1].trim().slice(0, MAX_MESSAGE_ID_LENGTH);
+      if (/^message-id:/i.test(head)) {
+        this.#idSeen = true;
+        this.#idField = head.slice(11);
+      }
     }
     if (!this.captureHeaders) return "more";
-    const folded = (bytes[stuffed] === 32 || bytes[stuffed] === 9) && this.headers.length > 0;
-    const cost = len + (folded ? 0 : KEPT_ENTRY_COST);
+    const unfolds = folded && this.headers.length > 0;
+    const cost = len + (unfolds ? 0 : KEPT_ENTRY_COST);
     if (this.#headerBytes + cost > MAX_LOGGED_HEADER_BYTES) {
       this.truncated = true;
       return "more";
     }
     this.#headerBytes += cost;
     const text = headerDecoder.decode(bytes.subarray(stuffed, len));
-    if (folded) this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
+    if (unfolds) this.headers[this.headers.length - 1] += " " + text.trim(); // unfold
     else this.headers.push(text);
     return "more";
+  }
+
+  /** The first Message-ID field's msg-id (`parseMessageId`), whatever the mode; undefined when there is none. */
+  get messageId(): string | undefined {
+    if (this.#idField !== undefined) this.#parseId();
+    return this.#messageId;
+  }
+
+  #parseId(): void {
+    const field = this.#idField!;
+    this.#idField = undefined;
+    this.#messageId = parseMessageId(field);
   }
 
   get summary(): DataSummary {
