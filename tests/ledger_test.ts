@@ -301,3 +301,30 @@ Deno.test("ledger: two messages with one envelope, one after the other, are two 
     await Deno.remove(modeFile);
   }
 });
+
+Deno.test("ledger: two messages with one envelope in flight at once share a count until one is delivered, as the docs say", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "defer first=2" });
+  try {
+    const deferred = [220, 250, 250, 421];
+    const accepted = [220, 250, 250, 250, 354, 250, 221];
+    const send = (id: string) => transaction(l.port, { from: FROM, to: [TO], body: MESSAGE(id) });
+    // A and B queued together, tried in turn: they share the first two deferrals; A, back third, is accepted.
+    assertEquals(await send("a"), deferred);
+    assertEquals(await send("b"), deferred);
+    assertEquals(await send("a"), accepted);
+    // A's delivery ended the message: B's next attempt opens a new one, deferred twice again.
+    assertEquals(await send("b"), deferred);
+    assertEquals(await send("b"), deferred);
+    assertEquals(await send("b"), accepted);
+    await l.waitFor("attempt", (a) => a.attempt === 6);
+    const hs = histories(l.events("attempt") as AttemptLine[]);
+    // The report: A's message holds B's first attempt (no Message-ID before DATA to tell them apart).
+    assertEquals(hs.map((h) => h.attempts.map((a) => a.attempt)), [[1, 2, 3], [4, 5, 6]]);
+    assertEquals(hs.map((h) => [h.deliveries, h.duplicate, h.attempts.at(-1)!.messageId]), [
+      [1, false, "<a@origin.test>"],
+      [1, false, "<b@origin.test>"],
+    ]);
+  } finally {
+    await l.stop();
+  }
+});
