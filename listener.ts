@@ -669,7 +669,7 @@ export interface Transaction {
    * their octets stay within MAX_KEPT_RCPT_BYTES; past it they are only counted.
    */
   accepted: string[];
-  /** The attempt number of each kept accepted recipient's message (same order as `accepted`). */
+  /** The attempt number (the envelope's, as logged) of each kept accepted recipient (same order as `accepted`). */
   acceptedAttempts: number[];
   acceptedCount: number;
   acceptedBytes: number;
