@@ -141,7 +141,7 @@ async function worstCase(
     }
     // Every session is at its worst once the listener has read everything its client sent
     // (for node:net, once the kernel buffer is drained into the transport's bounded queue).
-    await Promise.all(clients.map((c) => readByServer(c, l.port)));
+    await readByServer(clients, l.port);
     const worst = memoryMiB(l.pid);
     const anonPeak = worst.peak - atStart.file;
     console.log(
