@@ -143,10 +143,19 @@ export const MAX_OUTAGE_MS = 30 * 24 * 3_600_000;
 export const MAX_ATTEMPT_ENTRIES = 100_000;
 /** What one counted message holds in memory, whatever its addresses (a digest, a time, a count, an index slot). */
 export const ATTEMPT_ENTRY_BYTES = 48;
-/** Attempts counted per message at most (then the count stays at ATTEMPT_COUNT_SPAN - 1). */
+/** Attempts counted per message at most (then the count stays at ATTEMPT_COUNT_SPAN - 1): 11 bits of an entry. */
 export const ATTEMPT_COUNT_SPAN = 2048;
+/**
+ * Times an attempt entry can hold (ms since the epoch, below 2^42: until the year 2109): the
+ * first sighting shares its 53 bits with the envelope's earlier attempts (below ATTEMPT_COUNT_SPAN).
+ */
+export const FIRST_SEEN_SPAN = 2 ** 42;
 /** The longest Message-ID kept for an attempt event. */
 export const MAX_MESSAGE_ID_LENGTH = 256;
+/** Characters of a Message-ID field read at most, folded lines unfolded (past it no ID is taken). */
+export const MAX_MESSAGE_ID_FIELD = 1000;
+/** Comments nested inside a Message-ID field at most (RFC 5322 §3.2.2 sets none). */
+export const MAX_COMMENT_DEPTH = 16;
 
 export const MODES = [
   "defer",
@@ -697,7 +706,7 @@ export interface Transaction {
    * their octets stay within MAX_KEPT_RCPT_BYTES; past it they are only counted.
    */
   accepted: string[];
-  /** The attempt number of each kept accepted recipient's message (same order as `accepted`). */
+  /** The attempt number (the envelope's, as logged) of each kept accepted recipient (same order as `accepted`). */
   acceptedAttempts: number[];
   acceptedCount: number;
   acceptedBytes: number;
@@ -714,6 +723,8 @@ export interface SessionState {
   refused?: boolean;
   /** The session runs over TLS (after STARTTLS). */
   tls?: boolean;
+  /** The client said QUIT: a transaction still open was abandoned so (the ledger). */
+  quit?: boolean;
 }
 
 export const initialState = (): SessionState => ({ esmtp: false, errors: 0 });
@@ -735,29 +746,62 @@ export interface Inputs {
   attempts?: AttemptLookup;
 }
 
-/** What the attempt table knows of a message: attempts so far, and when it was first seen (ms). */
+/**
+ * What the attempt table knows of a message (an envelope, `attemptKey`): its attempts so far,
+ * and when it was first seen (ms). A message ends when it is delivered (handed over at the end
+ * of data: 2yz, or dropped there) or bounced (5yz): `ended`. The next attempt with its envelope
+ * opens a new message, counted from 1; `before` keeps the envelope's attempts before it, so
+ * the log numbers every attempt with the envelope in one sequence and `every=` counts them.
+ */
 export interface AttemptEntry {
   count: number;
   first: number;
+  ended?: true;
+  /** The envelope's attempts before this message opened (its ended messages'), up to ATTEMPT_COUNT_SPAN - 1. */
+  before?: number;
 }
 export type AttemptLookup = (key: string) => AttemptEntry | undefined;
 
 /**
  * A message's identity across attempts, sessions, client addresses and MTA tasks: its sender
  * and one recipient, as the envelope gives them (case folded). Known at RCPT, so a message
- * refused before DATA is still recognised on its retry. Two messages with the same sender
- * and recipient in flight at once count as one (their Message-IDs, logged when DATA is
- * reached, tell them apart in the report).
+ * refused before DATA is still recognised on its retry. A message ends when it is delivered or
+ * bounced (`AttemptEntry`); two messages with the same sender and recipient in flight at once
+ * count as one until one of them ends (docs/ledger.md, "What stays ambiguous").
  */
 export function attemptKey(from: string, rcpt: string): string {
   return `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
 }
 
-/** This attempt of a message: its number (1 for the first) and when the message was first seen. */
+/**
+ * This attempt of a message: its number (1 for the first), when the message was first seen, and
+ * the envelope's attempts before the message opened (`every=` counts the envelope's attempts).
+ */
 export interface Attempt {
   key: string;
   n: number;
   first: number;
+  before?: number;
+}
+
+/**
+ * The attempt table's entry once one more attempt is counted at `now`: the first opens it; after
+ * an end a new message opens, counted from 1 (the envelope's attempts so far kept in `before`);
+ * else the count goes on (up to ATTEMPT_COUNT_SPAN - 1).
+ */
+export function counted(seen: AttemptEntry | undefined, now: number): AttemptEntry {
+  if (seen === undefined) return { count: 1, first: now };
+  if (seen.ended) return { count: 1, first: now, before: envelopeAttempts(seen) };
+  return { ...seen, count: Math.min(seen.count + 1, ATTEMPT_COUNT_SPAN - 1) };
+}
+
+/** The attempts made with a message's envelope: its ended messages' and its own (up to ATTEMPT_COUNT_SPAN - 1). */
+export const envelopeAttempts = (e: { count?: number; n?: number; before?: number }): number =>
+  Math.min((e.before ?? 0) + (e.count ?? e.n ?? 0), ATTEMPT_COUNT_SPAN - 1);
+
+/** The attempt table's entry once its message ended (delivered or bounced). */
+export function ended(seen: AttemptEntry | undefined, now: number): AttemptEntry {
+  return { ...(seen ?? { count: 1, first: now }), ended: true };
 }
 
 /** A reproducible number in [0, 1) for (seed, message, attempt): FNV-1a over the three. */
@@ -778,8 +822,8 @@ export function inFailingPhase(st: Stateful, a: Attempt, now: number): boolean {
   switch (st.kind) {
     case "first":
       return a.n <= st.attempts;
-    case "every":
-      return a.n % st.attempts === 0;
+    case "every": // the envelope's attempts: a message ends at its delivery, so its own attempt 1 always passes
+      return envelopeAttempts(a) % st.attempts === 0;
     case "for":
       return now - a.first < st.ms;
     case "rate":
@@ -812,6 +856,8 @@ export interface Outcome {
   remember?: GreylistRecord[];
   /** At RCPT: the attempt of the recipient's message, for the attempt table. */
   attempt?: Attempt;
+  /** The messages (`attemptKey`) that ended, delivered or bounced, for the attempt table. */
+  ends?: string[];
   /** At DATA: keep the message's header section for the log (accept-log). */
   captureHeaders?: boolean;
   /** What to log once the reply is said: the ledger's attempt events, accept-log's message event. */
@@ -823,8 +869,18 @@ export interface Outcome {
   unheard?: LogEvent[];
 }
 
-/** The points where the policy decides: the scenario's stages, and STARTTLS. */
-export type Point = Stage | "starttls";
+/**
+ * The points where the policy decides: the scenario's stages, STARTTLS, and `abandon`: a
+ * transaction with accepted recipients ends without its end of data (RSET, HELO/EHLO, QUIT,
+ * the connection closed), which ends those recipients' attempts.
+ */
+export type Point = Stage | "starttls" | "abandon";
+
+/**
+ * How a transaction was abandoned after its recipients were accepted: the client said RSET,
+ * HELO/EHLO or QUIT, or the connection closed (the client left, a timeout, a drop or a 421).
+ */
+export type Abandon = "rset" | "helo" | "quit" | "close";
 
 /**
  * What the policy is deciding about: a point, the inputs (the world as the policy may read
@@ -838,6 +894,8 @@ export interface Moment {
   state?: SessionState;
   rcpt?: string;
   data?: DataSummary;
+  /** At `abandon`: how the transaction ended. */
+  how?: Abandon;
 }
 
 /** The scenario a moment is decided under. */
@@ -859,6 +917,8 @@ export interface Decision {
   remember?: GreylistRecord[];
   /** At RCPT: which attempt of the recipient's message this is. */
   attempt?: Attempt;
+  /** The messages (`attemptKey`) this ends, delivered or bounced, for the attempt table. */
+  ends?: string[];
   /** At HELO/EHLO and STARTTLS: STARTTLS is offered (EHLO lists it; STARTTLS is otherwise refused). */
   offersTls?: boolean;
   /** At DATA: keep the header section for the log (accept-log). */
@@ -1035,11 +1095,11 @@ function greylistAt(m: Moment, sc: Scenario, rule: RcptRule, d: Decision): Decis
   return rule.byIp ? { ...d, fail, greylist: g.verdict, remember: g.remember } : { ...d, fail, remember: g.remember };
 }
 
-/** This attempt of the RCPT's message, from the attempt table's answer. */
+/** This attempt of the RCPT's message, from the attempt table's answer (`counted`: an ended message's envelope opens a new one). */
 function attemptOf(m: Moment): Attempt {
   const key = attemptKey(m.state!.tx!.from, m.rcpt!);
-  const seen = m.inputs.attempts?.(key);
-  return { key, n: (seen?.count ?? 0) + 1, first: seen?.first ?? m.inputs.now ?? 0 };
+  const next = counted(m.inputs.attempts?.(key), m.inputs.now ?? 0);
+  return { key, n: next.count, first: next.first, ...(next.before ? { before: next.before } : {}) };
 }
 
 /** Whether STARTTLS is offered: not twice, never with starttls=off, by default when the listener has TLS. */
@@ -1069,8 +1129,10 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
   if (acceptsRecipient(d)) return { ...d, attempt };
   // Refused or dropped here, this attempt of the message ends: the ledger says so. A dropped
   // recipient is recorded as deferred (451): it was not delivered, and nothing was said.
-  const events = attemptEvents(m, [[m.rcpt!, attempt.n]], "rcpt", d.drop ? undefined : d.fail!.code);
-  return d.drop ? { ...d, fail: REPLIES.deferRcpt, attempt, events } : { ...d, attempt, events };
+  // The log numbers the envelope's attempts in one sequence (its messages split where one ended).
+  const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", d.drop ? undefined : d.fail!.code);
+  if (d.drop) return { ...d, fail: REPLIES.deferRcpt, attempt, events };
+  return d.fail!.code >= 500 ? { ...d, attempt, events, ends: [attempt.key] } : { ...d, attempt, events };
 }
 
 /** Whether a decision at RCPT accepts the recipient: any 2yz reply (RFC 5321 §4.2.1), and no drop. */
@@ -1085,12 +1147,24 @@ export function acceptsRecipient(d: Decision): boolean {
  */
 function dataRow(m: Moment, sc: Scenario): Decision {
   const d = scenarioAt(sc, "data");
-  if (d.fail && d.fail.code >= 400) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data", d.fail.code) };
+  if (d.drop) return { ...d, events: attemptEvents(m, zip(m.state!.tx!), "data") };
+  if (d.fail && d.fail.code >= 400) {
+    const rcpts = zip(m.state!.tx!);
+    const events = attemptEvents(m, rcpts, "data", d.fail.code);
+    const tx = m.state!.tx!;
+    return d.fail.code >= 500 ? { ...d, events, ends: rcpts.map(([r]) => attemptKey(tx.from, r)) } : { ...d, events };
+  }
   return sc.base === "accept-log" ? { ...d, captureHeaders: true } : d;
 }
 
 const NO_DATA: DataSummary = { size: 0, longLine: false };
 const TOO_BIG: Decision = { fail: REPLIES.sizeExceeded, delayMs: 0 };
+/**
+ * A bare LF or CR in message content (RFC 5321 §2.3.8): the message is refused and the
+ * session closed, as Postfix's smtpd_forbid_bare_newline=reject and sendmail's 'g'/'u'
+ * do, so nothing after it can be read as a command (SMTP smuggling, CVE-2023-51764/5).
+ */
+const BARE: Decision = { fail: REPLIES.bareLineEnd, delayMs: 0, after: "close" };
 const LONG_LINE: Decision = { fail: REPLIES.dataLineTooLong, delayMs: 0 };
 
 /**
@@ -1100,9 +1174,17 @@ const LONG_LINE: Decision = { fail: REPLIES.dataLineTooLong, delayMs: 0 };
  */
 function eodRow(m: Moment, sc: Scenario): Decision {
   const data = m.data ?? NO_DATA;
-  const d = data.size > MAX_MESSAGE_BYTES ? TOO_BIG : data.longLine ? LONG_LINE : scenarioAt(sc, "eod");
+  const d = data.bare
+    ? BARE
+    : data.size > MAX_MESSAGE_BYTES
+    ? TOO_BIG
+    : data.longLine
+    ? LONG_LINE
+    : scenarioAt(sc, "eod");
   const tx = m.state!.tx!;
-  const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", d.drop ? undefined : (d.fail ?? REPLIES.queued).code);
+  const code = d.drop ? undefined : (d.fail ?? REPLIES.queued).code;
+  const ends = messagesEnded(tx, code);
+  const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", code);
   if (sc.base === "accept-log" && !d.fail && !d.drop) {
     events.push({
       event: "message",
@@ -1117,14 +1199,48 @@ function eodRow(m: Moment, sc: Scenario): Decision {
       truncated: data.truncated ?? false,
     });
   }
-  return { ...d, events };
+  return ends.length > 0 ? { ...d, events, ends } : { ...d, events };
+}
+
+/**
+ * The end of data ends each accepted recipient's message when it was handed over (2yz, or
+ * dropped: the sinkhole has it) or bounced (5yz); a 4yz leaves it to its retry.
+ */
+function messagesEnded(tx: Transaction, code: number | undefined): string[] {
+  if (code !== undefined && code >= 300 && code < 500) return [];
+  return tx.accepted.map((rcpt) => attemptKey(tx.from, rcpt));
+}
+
+/**
+ * A transaction abandoned after its recipients were accepted (`Abandon`): every accepted
+ * recipient's attempt ends here, at the stage it reached (`data` once 354 was said, else
+ * `rcpt`) with the last reply it was given (354, or its RCPT's 2yz), and how it ended.
+ */
+function abandonRow(m: Moment): Decision {
+  const tx = m.state?.tx;
+  if (!tx || tx.acceptedCount === 0) return PASS;
+  const how = m.how ?? "close";
+  if (m.data) return { delayMs: 0, events: attemptEvents(m, zip(tx), "data", REPLIES.dataGo.code, how) };
+  const events = zip(tx).map(([rcpt, n]) => {
+    const own = recipientOutcome(rcpt);
+    const code = own?.kind === "reply" ? own.reply.code : REPLIES.rcptOk.code;
+    return attemptEvents(m, [[rcpt, n]], "rcpt", code, how)[0];
+  });
+  return { delayMs: 0, events };
 }
 
 /**
  * The retry ledger's events for the recipients `rcpts` (address, attempt number) of the
- * moment's transaction, their attempt ended at `stage` with the reply `code` (none: dropped).
+ * moment's transaction, their attempt ended at `stage` with the reply `code` (none: dropped),
+ * or abandoned after it (`how`).
  */
-function attemptEvents(m: Moment, rcpts: [string, number][], stage: AttemptEvent["stage"], code?: number) {
+function attemptEvents(
+  m: Moment,
+  rcpts: [string, number][],
+  stage: AttemptEvent["stage"],
+  code?: number,
+  how?: Abandon,
+) {
   const tx = m.state!.tx!;
   return rcpts.map(([rcpt, attempt]): AttemptEvent => ({
     event: "attempt",
@@ -1134,6 +1250,7 @@ function attemptEvents(m: Moment, rcpts: [string, number][], stage: AttemptEvent
     rcpt,
     stage,
     ...(code === undefined ? { dropped: true as const } : { code }),
+    ...(how ? { abandoned: how } : {}),
     ...(m.data?.messageId ? { messageId: m.data.messageId } : {}),
     client: m.inputs.client ?? "",
     tls: !!m.state!.tls,
@@ -1161,6 +1278,7 @@ const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
   data: dataRow,
   eod: eodRow,
   starttls: starttlsRow,
+  abandon: abandonRow,
 };
 
 /**
@@ -1197,6 +1315,7 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
     : { ...ok, after: d.after ?? ok.after, delayMs: d.delayMs };
   if (d.remember) base.remember = d.remember;
   if (d.attempt) base.attempt = d.attempt;
+  if (d.ends) base.ends = d.ends;
   if (d.events) base.events = d.events;
   if (d.unheard) base.unheard = d.unheard;
   if (d.drop) return { ...base, state: failed, after: "drop" };
@@ -1222,8 +1341,18 @@ export function endOfData(state: SessionState, data: DataSummary, inputs?: Input
   );
 }
 
+/**
+ * The retry ledger's events for a transaction that ends without its end of data (`how`),
+ * `data` the message when one was being read: none when no recipient was accepted.
+ */
+export function abandoned(state: SessionState, inputs: Inputs, how: Abandon, data?: DataSummary): LogEvent[] {
+  return decide({ point: "abandon", state, inputs, how, data }).events ?? [];
+}
+
 /** What the framing knew of a message at its end (a MessageReader is one). */
 export interface DataSummary {
+  /** The message ended in a bare LF or CR (refused, and the session closed). */
+  bare?: boolean;
   size: number;
   /** A line of the message exceeded MAX_TEXT_LINE. */
   longLine: boolean;
@@ -1244,8 +1373,8 @@ const LOCAL = String
 const MAILBOX_RE = new RegExp(`^${LOCAL}@${DOMAIN}$`);
 /** Source route prefix (`@a,@b:`), which RFC 5321 §4.1.2 says to accept and ignore. */
 const SOURCE_ROUTE_RE = new RegExp(`^@${DOMAIN}(?:,@${DOMAIN})*:`);
-/** `FROM:<path> params` or `TO:<path> params`, a space after the colon tolerated. */
-const PATH_ARG_RE = /^(FROM|TO):\s?<([^<>]*)>(?:\s+(.*))?$/i;
+/** `FROM:<` or `TO:<`, a space after the colon tolerated; the path and its parameters follow. */
+const PATH_HEAD_RE = /^(FROM|TO):\s?</i;
 
 /** Validates a mailbox; returns it without a source route, or undefined. */
 export function parseMailbox(raw: string): string | undefined {
@@ -1257,20 +1386,44 @@ export function parseMailbox(raw: string): string | undefined {
   return box;
 }
 
-/** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters. */
+/**
+ * Where a path's closing `>` is, from `from` (just after its `<`), by RFC 5321 §4.1.2: inside a
+ * Quoted-string (`"x > y"@…`) `>` and `<` are text and `\` quotes the next character; outside
+ * one `<` cannot occur. -1 when the path does not close.
+ */
+export function pathEnd(arg: string, from: number): number {
+  let quoted = false;
+  for (let i = from; i < arg.length; i++) {
+    const c = arg[i];
+    if (quoted) {
+      if (c === "\\") i++;
+      else if (c === '"') quoted = false;
+    } else if (c === '"') quoted = true;
+    else if (c === ">") return i;
+    else if (c === "<") return -1;
+  }
+  return -1;
+}
+
+/** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters (the path by `pathEnd`, checked by `parseMailbox`). */
 export function parsePathArg(
   arg: string,
   keyword: "FROM" | "TO",
 ): { path: string; params: Map<string, string> } | undefined {
-  const m = PATH_ARG_RE.exec(arg);
-  if (!m || m[1].toUpperCase() !== keyword) return undefined;
+  const head = PATH_HEAD_RE.exec(arg);
+  if (!head || head[1].toUpperCase() !== keyword) return undefined;
+  const start = head[0].length;
+  const end = pathEnd(arg, start);
+  if (end < 0) return undefined;
+  const rest = arg.slice(end + 1);
+  if (rest !== "" && !/^\s/.test(rest)) return undefined;
   const params = new Map<string, string>();
-  for (const p of (m[3] ?? "").split(" ")) {
+  for (const p of rest.trim().split(" ")) {
     if (p === "") continue;
     const eq = p.indexOf("=");
     params.set((eq < 0 ? p : p.slice(0, eq)).toUpperCase(), eq < 0 ? "" : p.slice(eq + 1));
   }
-  return { path: m[2], params };
+  return { path: arg.slice(start, end), params };
 }
 
 /** Checks MAIL parameters: SIZE and BODY are implemented, nothing else. */
@@ -1354,6 +1507,13 @@ function withRecipient(
   };
 }
 
+/** An outcome that ends the transaction open before it (RSET, HELO/EHLO): its accepted recipients' attempts end. */
+function ending(out: Outcome, before: SessionState, inputs: Inputs, how: Abandon): Outcome {
+  if (!before.tx || out.state.tx || out.after === "drop") return out;
+  const events = abandoned(before, inputs, how);
+  return events.length === 0 ? out : { ...out, events: [...out.events ?? [], ...events] };
+}
+
 /**
  * The per-command action table, as in Postfix's smtp-sink: each handler checks syntax and
  * sequence, and hands what passed to `decide` at its point.
@@ -1362,7 +1522,7 @@ const COMMANDS: Record<string, Handler> = {
   HELO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.heloSyntax);
     const ok = answer({ ...state, helo: arg, esmtp: false, tx: undefined }, r(250, "2.0.0 Hello " + arg));
-    return outcome(decide({ point: "helo", inputs, state }), ok, state);
+    return ending(outcome(decide({ point: "helo", inputs, state }), ok, state), state, inputs, "helo");
   },
   EHLO: (state, arg, inputs) => {
     if (!/^\S+$/.test(arg)) return refuse(state, REPLIES.ehloSyntax);
@@ -1371,7 +1531,7 @@ const COMMANDS: Record<string, Handler> = {
       { ...state, helo: arg, esmtp: true, tx: undefined },
       ehloReply(inputs.serverName, arg, d.offersTls),
     );
-    return outcome(d, ok, state);
+    return ending(outcome(d, ok, state), state, inputs, "helo");
   },
   MAIL: (state, arg, inputs) => {
     if (state.helo === undefined) return refuse(state, REPLIES.needHelo);
@@ -1405,7 +1565,8 @@ const COMMANDS: Record<string, Handler> = {
     if (tx.rcptCount >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
     const d = decide({ point: "rcpt", state, rcpt: box, inputs });
     const reply = d.fail ?? REPLIES.rcptOk;
-    const next = { ...state, tx: withRecipient(tx, box, acceptsRecipient(d), d.greylist, d.attempt?.n) };
+    const n = d.attempt && envelopeAttempts(d.attempt);
+    const next = { ...state, tx: withRecipient(tx, box, acceptsRecipient(d), d.greylist, n) };
     return outcome(d, answer(next, reply), next);
   },
   DATA: (state, arg, inputs) => {
@@ -1417,8 +1578,10 @@ const COMMANDS: Record<string, Handler> = {
     const ok: Outcome = { ...answer(state, REPLIES.dataGo, "data"), captureHeaders: d.captureHeaders };
     return outcome(d, ok, { ...state, tx: undefined });
   },
-  RSET: (state, arg) =>
-    noArgs(arg) ? answer({ ...state, tx: undefined }, REPLIES.reset) : refuse(state, REPLIES.noArgs),
+  RSET: (state, arg, inputs) =>
+    noArgs(arg)
+      ? ending(answer({ ...state, tx: undefined }, REPLIES.reset), state, inputs, "rset")
+      : refuse(state, REPLIES.noArgs),
   STARTTLS: (state, arg, inputs) => {
     const d = decide({ point: "starttls", inputs, state });
     if (!d.offersTls) return refuse(state, state.tls ? REPLIES.alreadyTls : REPLIES.notImplemented);
@@ -1430,7 +1593,8 @@ const COMMANDS: Record<string, Handler> = {
     return outcome(d, answer(fresh, REPLIES.tlsReady), state);
   },
   NOOP: (state) => answer(state, REPLIES.ok),
-  QUIT: (state) => answer(state, REPLIES.bye, "close"),
+  // A transaction still open is abandoned when the session closes (the ledger's `abandoned()`).
+  QUIT: (state) => answer({ ...state, quit: true }, REPLIES.bye, "close"),
   VRFY: (state, arg) => arg === "" ? refuse(state, r(501, "5.5.4 Syntax: VRFY address")) : answer(state, REPLIES.vrfy),
   HELP: (state) => answer(state, REPLIES.help),
 };
@@ -1454,15 +1618,6 @@ export function respond(state: SessionState, line: string, inputs: Inputs): Outc
 function limitErrors(out: Outcome): Outcome {
   if (out.state.errors < MAX_ERRORS_PER_SESSION || out.after === "close" || out.after === "drop") return out;
   return { ...out, after: "close", farewell: REPLIES.tooManyErrors };
-}
-
-/**
- * A bare LF or CR in message content (RFC 5321 §2.3.8): the message is refused and the
- * session closed, as Postfix's smtpd_forbid_bare_newline=reject and sendmail's 'g'/'u'
- * do, so nothing after it can be read as a command (SMTP smuggling, CVE-2023-51764/5).
- */
-export function bareLineEnd(state: SessionState): Outcome {
-  return { reply: REPLIES.bareLineEnd, state: { ...state, tx: undefined }, after: "close", delayMs: 0 };
 }
 
 /** A command line the engine could not even read: too long or not ASCII. */
@@ -1582,6 +1737,96 @@ function decodeCommand(bytes: Uint8Array): string | undefined {
 
 const headerDecoder = new TextDecoder();
 
+/** RFC 5322 §3.2.3 atext, with RFC 6532's UTF-8 (any character past U+007F, U+2028 and U+2029 too). */
+const isAtext = (c: number): boolean =>
+  (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) ||
+  "!#$%&'*+-/=?^_`{|}~".includes(String.fromCharCode(c)) || c > 0x7f;
+/** qtext (§3.2.4) and dtext (§3.4.1), with RFC 6532's UTF-8. */
+const isQtext = (c: number): boolean => c === 33 || (c >= 35 && c <= 91) || (c >= 93 && c <= 126) || c > 0x7f;
+const isDtext = (c: number): boolean => (c >= 33 && c <= 90) || (c >= 94 && c <= 126) || c > 0x7f;
+const isWsp = (c: number): boolean => c === 32 || c === 9 || c === 13 || c === 10;
+
+/**
+ * A Message-ID field's value by RFC 5322's grammar (§3.6.4 and the obsolete forms of §4.5.4):
+ * `[CFWS] "<" id-left "@" id-right ">" [CFWS]`, id-left a dot-atom, a quoted-string or words
+ * with CFWS around their dots, id-right a dot-atom, a no-fold-literal (`[…]`) or atoms with
+ * CFWS; comments nest (at most MAX_COMMENT_DEPTH) and take quoted-pairs; RFC 6532's UTF-8 is
+ * text. The answer is `<id-left@id-right>` without the CFWS, at most MAX_MESSAGE_ID_LENGTH
+ * characters; undefined when the value is no msg-id. Pure, linear in the value.
+ */
+export function parseMessageId(value: string): string | undefined {
+  if (value.length > MAX_MESSAGE_ID_FIELD) return undefined;
+  let i = 0;
+  const at = (): number => (i < value.length ? value.charCodeAt(i) : -1);
+  /** Skips whitespace and comments; false on a comment that does not close or nests too deep. */
+  const cfws = (): boolean => {
+    for (;;) {
+      while (isWsp(at())) i++;
+      if (at() !== 40) return true; // "("
+      let depth = 0;
+      do {
+        const c = at();
+        if (c < 0) return false;
+        i++;
+        if (c === 92) i++; // a quoted-pair
+        else if (c === 40 && ++depth > MAX_COMMENT_DEPTH) return false;
+        else if (c === 41) depth--;
+      } while (depth > 0);
+    }
+  };
+  const atom = (): string | undefined => {
+    const from = i;
+    while (isAtext(at())) i++;
+    return i > from ? value.slice(from, i) : undefined;
+  };
+  /** A quoted-string as written (its quotes and quoted-pairs), folding whitespace inside kept. */
+  const quotedString = (): string | undefined => {
+    const from = i;
+    i++;
+    for (let c = at(); c !== 34; c = at()) {
+      if (c === 92 && i + 1 < value.length && value.charCodeAt(i + 1) >= 32) i += 2;
+      else if (isQtext(c) || c === 32 || c === 9) i++;
+      else return undefined;
+    }
+    i++;
+    return value.slice(from, i);
+  };
+  /** Words (atoms, or quoted-strings when `quoted`) joined by dots, CFWS allowed around each. */
+  const dotted = (quoted: boolean): string | undefined => {
+    const words: string[] = [];
+    for (;;) {
+      if (!cfws()) return undefined;
+      const word = quoted && at() === 34 ? quotedString() : atom();
+      if (word === undefined || !cfws()) return undefined;
+      words.push(word);
+      if (at() !== 46) return words.join(".");
+      i++;
+    }
+  };
+  const literal = (): string | undefined => {
+    const from = i;
+    i++;
+    for (let c = at(); c !== 93; c = at()) {
+      if (c === 92 && i + 1 < value.length) i += 2;
+      else if (isDtext(c)) i++;
+      else return undefined;
+    }
+    i++;
+    return value.slice(from, i);
+  };
+  if (!cfws() || at() !== 60) return undefined; // "<"
+  i++;
+  const left = dotted(true);
+  if (left === undefined || at() !== 64) return undefined; // "@"
+  i++;
+  if (!cfws()) return undefined;
+  const right = at() === 91 ? literal() : dotted(false);
+  if (right === undefined || !cfws() || at() !== 62) return undefined; // ">"
+  i++;
+  if (!cfws() || i !== value.length) return undefined;
+  return `<${left}@${right}>`.slice(0, MAX_MESSAGE_ID_LENGTH);
+}
+
 /**
  * A message being received after DATA: the end-of-data line, dot-unstuffing (RFC 5321
  * §4.5.2), the size, whether a line was over MAX_TEXT_LINE, and the header section (up to
@@ -1592,8 +1837,10 @@ export class MessageReader {
   longLine = false;
   /** Header fields were left out (over MAX_LOGGED_HEADER_BYTES, or a header line over MAX_TEXT_LINE). */
   truncated = false;
-  /** The Message-ID header's value (whatever the mode), at most MAX_MESSAGE_ID_LENGTH characters. */
-  messageId?: string;
+  /** The first Message-ID field's value as read so far (folded lines unfolded), until it is parsed. */
+  #idField: string | undefined;
+  #idSeen = false;
+  #messageId: string | undefined;
   #inHeaders = true;
   /**
    * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, allocated
@@ -1626,6 +1873,7 @@ export class MessageReader {
       this.size += length;
       this.longLine = true;
       if (this.#inHeaders) this.#stopCapture(true); // it may continue the last field: taken back
+      if (this.#idField !== undefined) this.#idField = "\0"; // a part of the field was not read: no msg-id
       return "more";
     }
     if (bytes[0] === DOT && bytes.length === 3) return "end"; // ".\r\n" (not bare: CR LF)
@@ -1637,10 +1885,19 @@ export class MessageReader {
       this.#inHeaders = false;
       return "more";
     }
-    if (this.messageId === undefined && len > 11 && (bytes[stuffed] | 0x20) === 0x6d) {
+    const folded = bytes[stuffed] === 32 || bytes[stuffed] === 9;
+    if (this.#idField !== undefined) {
+      // The Message-ID field goes on in a folded line (unfolded: its CRLF removed), or it ended.
+      if (folded && this.#idField.length <= MAX_MESSAGE_ID_FIELD) {
+        this.#idField += headerDecoder.decode(bytes.subarray(stuffed, len));
+      } else if (!folded) this.#parseId();
+    }
+    if (!this.#idSeen && len >= 11 && (bytes[stuffed] | 0x20) === 0x6d) {
       const head = headerDecoder.decode(bytes.subarray(stuffed, len));
-      const m = /^message-id:\s*(\S.*)$/i.exec(head);
-      if (m) this.messageId = m[1].trim().slice(0, MAX_MESSAGE_ID_LENGTH);
+      if (/^message-id:/i.test(head)) {
+        this.#idSeen = true;
+        this.#idField = head.slice(11);
+      }
     }
     if (this.captureHeaders && !this.#full) this.#capture(bytes.subarray(stuffed, len));
     return "more";
@@ -1676,6 +1933,18 @@ export class MessageReader {
     if (this.#full || !this.captureHeaders) return;
     this.#full = true;
     if (takeBack) this.#keptEnd = Math.max(0, this.#fieldStart - 1); // the field and the LF before it
+  }
+
+  /** The first Message-ID field's msg-id (`parseMessageId`), whatever the mode; undefined when there is none. */
+  get messageId(): string | undefined {
+    if (this.#idField !== undefined) this.#parseId();
+    return this.#messageId;
+  }
+
+  #parseId(): void {
+    const field = this.#idField!;
+    this.#idField = undefined;
+    this.#messageId = parseMessageId(field);
   }
 
   get summary(): DataSummary {
@@ -1730,7 +1999,11 @@ export interface AttemptEvent {
   event: "attempt";
   /** The message's identity across attempts (`attemptKey`: sender > recipient). */
   key: string;
-  /** 1 for the first attempt this listener saw since it started. */
+  /**
+   * The envelope's attempt number since the listener started (1 for the first), one sequence
+   * across its messages: a message ends at its delivery or bounce, and `ctl report` splits the
+   * sequence there (docs/ledger.md).
+   */
   attempt: number;
   from: string;
   rcpt: string;
@@ -1741,6 +2014,11 @@ export interface AttemptEvent {
   dropped?: true;
   /** The client left (its FIN) while the reply was held: no reply was given, nothing was delivered. */
   unheard?: true;
+  /**
+   * The attempt was abandoned after that reply, before its end of data: the client said
+   * RSET, HELO/EHLO or QUIT, or the connection closed (`Abandon`).
+   */
+  abandoned?: Abandon;
   /** The Message-ID header, when the attempt reached the message (at most MAX_MESSAGE_ID_LENGTH). */
   messageId?: string;
   client: string;
@@ -1934,7 +2212,9 @@ export function textLine(e: LogEvent, now = new Date()): string {
       case "attempt":
         return `attempt ${e.attempt} of <${printable(e.from)}> → <${printable(e.rcpt)}>: ${
           e.dropped ? "dropped" : e.code
-        } at ${e.stage} [${e.mode}] from ${e.client}${e.messageId ? ` ${printable(e.messageId)}` : ""}`;
+        } at ${e.stage}${e.abandoned ? `, then ${e.abandoned}` : ""} [${e.mode}] from ${e.client}${
+          e.messageId ? ` ${printable(e.messageId)}` : ""
+        }`;
       case "message":
         return `message <${printable(e.from)}> → ${e.rcpts.map(printable).join(", ")}${
           e.rcptsTruncated ? " …" : ""
@@ -2353,21 +2633,52 @@ export class AttemptTable {
 
   lookup(key: string): AttemptEntry | undefined {
     const found = this.#entries.get(keyDigest(key));
-    return found === undefined ? undefined : { count: found[1], first: found[0] };
+    return found === undefined ? undefined : unpackAttempt(found[0], found[1]);
   }
 
-  /** Counts one attempt of a message at `now` (the count stops at ATTEMPT_COUNT_SPAN - 1). */
+  /** Counts one attempt of a message at `now` (`counted`: after an end, a new message opens). */
   count(key: string, now: number): void {
+    this.#write(key, (seen) => counted(seen, Math.floor(now)));
+  }
+
+  /** Marks a message ended (delivered or bounced, `ended`). */
+  end(key: string, now: number): void {
+    this.#write(key, (seen) => ended(seen, Math.floor(now)));
+  }
+
+  /** Writes a message's next entry in place (its age stays), or as the newest when it had none. */
+  #write(key: string, next: (seen: AttemptEntry | undefined) => AttemptEntry): void {
     const digest = keyDigest(key);
     const found = this.#entries.get(digest);
-    if (found === undefined) this.#entries.set(digest, Math.floor(now), 1);
-    else if (found[1] < ATTEMPT_COUNT_SPAN - 1) this.#entries.update(digest, found[0], found[1] + 1);
+    const [a, b] = packAttempt(next(found === undefined ? undefined : unpackAttempt(found[0], found[1])));
+    if (found === undefined) this.#entries.set(digest, a, b);
+    else this.#entries.update(digest, a, b);
   }
 
   /** Forgets every count: every message's next attempt is its first. */
   clear(): void {
     this.#entries.clear();
   }
+}
+
+/**
+ * An attempt entry in the DigestTable's two numbers (each an integer below 2^53, exact in a
+ * float64): the first sighting (below FIRST_SEEN_SPAN) and the envelope's earlier attempts
+ * (below ATTEMPT_COUNT_SPAN); the count and the ended flag.
+ */
+export function packAttempt(e: AttemptEntry): [number, number] {
+  const first = Math.min(Math.max(0, e.first), FIRST_SEEN_SPAN - 1);
+  return [(e.before ?? 0) * FIRST_SEEN_SPAN + first, (e.ended ? ATTEMPT_COUNT_SPAN : 0) + e.count];
+}
+
+export function unpackAttempt(a: number, b: number): AttemptEntry {
+  const before = Math.floor(a / FIRST_SEEN_SPAN);
+  return {
+    count: b % ATTEMPT_COUNT_SPAN,
+    first: a % FIRST_SEEN_SPAN,
+    ...(b >= ATTEMPT_COUNT_SPAN ? { ended: true as const } : {}),
+    ...(before ? { before } : {}),
+  };
 }
 
 // ---------------------------------------------------------------------------
@@ -3172,6 +3483,7 @@ class Session implements LineSink {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.state = abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message);
     this.#gone.resolve();
     try {
       this.conn.close();
@@ -3205,13 +3517,7 @@ class Session implements LineSink {
     if (!held) return false;
     const { hold, later } = held;
     if (hold.after === "starttls") {
-      if (!this.conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
-      this.#handshaking = true;
-      try {
-        await this.conn.startTls();
-      } finally {
-        this.#handshaking = false;
-      }
+      await upgrade(this.conn, (on) => this.#handshaking = on);
       this.transcript.tls = true;
       return true;
     }
@@ -3261,6 +3567,7 @@ class Session implements LineSink {
     this.state = out.state;
     for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
     if (out.attempt) this.deps.attempts?.count(out.attempt.key, out.attempt.first);
+    for (const key of out.ends ?? []) this.deps.attempts?.end(key, Date.now());
     const { events, unheard } = out;
     if (out.after === "drop") {
       this.#outbox.holdFrom(out.delayMs, "drop");
@@ -3284,7 +3591,8 @@ class Session implements LineSink {
     const message = this.#message!;
     this.#message = undefined;
     // The reader is its own summary (size, long line, Message-ID, headers).
-    const out = bare ? bareLineEnd(this.state) : endOfData(this.state, message, policyInputs(this.deps, this.client));
+    const summary: DataSummary = bare ? { ...message.summary, messageId: message.messageId, bare } : message;
+    const out = endOfData(this.state, summary, policyInputs(this.deps, this.client));
     this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
   }
 
@@ -3309,6 +3617,24 @@ class Session implements LineSink {
 
   event(error?: string): SessionEvent {
     return this.transcript.event(this.state.helo, Date.now(), error);
+  }
+}
+
+/** A session ending with a transaction open: the ledger logs the attempts it abandons (the policy says which). */
+function abandonOpen(state: SessionState, inputs: Inputs, message: MessageReader | undefined): SessionState {
+  if (!state.tx) return state;
+  for (const e of abandoned(state, inputs, state.quit ? "quit" : "close", message)) log(e);
+  return { ...state, tx: undefined };
+}
+
+/** Upgrades a transport to TLS after `220 Ready to start TLS`; `handshaking` says while it lasts. */
+async function upgrade(conn: Transport, handshaking: (on: boolean) => void): Promise<void> {
+  if (!conn.startTls) throw new Error("STARTTLS accepted on a transport that cannot upgrade");
+  handshaking(true);
+  try {
+    await conn.startTls();
+  } finally {
+    handshaking(false);
   }
 }
 

@@ -12,7 +12,7 @@
  * terminal (`printable`), the Markdown summary (`markdownText`) or Mermaid (`mermaidText`).
  * Pure but for `readLedger`.
  */
-import { type AttemptEvent, MAX_LOG_LINE_BYTES } from "../listener.ts";
+import { type Abandon, type AttemptEvent, MAX_LOG_LINE_BYTES } from "../listener.ts";
 import { EXIT } from "./cli.ts";
 
 export type AttemptLine = AttemptEvent & { ts: string };
@@ -41,6 +41,7 @@ export const SKIP = {
 /** ISO 8601 in UTC, as the listener writes `ts` (`Date.toISOString`). */
 const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$/;
 const STAGES: readonly string[] = ["rcpt", "data", "eod"];
+const ABANDONS: readonly unknown[] = ["rset", "helo", "quit", "close"] satisfies Abandon[];
 
 /**
  * A parsed `attempt` event, checked field by field: the attempt (only its known fields), or
@@ -65,6 +66,7 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
     return SKIP.field("code (or dropped or unheard)");
   }
   if (v.messageId !== undefined && typeof v.messageId !== "string") return SKIP.field("messageId");
+  if (v.abandoned !== undefined && !ABANDONS.includes(v.abandoned as string)) return SKIP.field("abandoned");
   if (v.tls !== undefined && typeof v.tls !== "boolean") return SKIP.field("tls");
   if (v.mode !== undefined && typeof v.mode !== "string") return SKIP.field("mode");
   return {
@@ -80,6 +82,7 @@ export function checkAttempt(v: Record<string, unknown>): AttemptLine | string {
       : v.unheard
       ? { unheard: true as const }
       : { dropped: true as const }),
+    ...(v.abandoned !== undefined ? { abandoned: v.abandoned as Abandon } : {}),
     ...(v.messageId !== undefined ? { messageId: v.messageId as string } : {}),
     client: v.client as string,
     tls: v.tls === true,
@@ -162,6 +165,7 @@ export class Ledger {
       code: a.code,
       dropped: a.dropped,
       unheard: a.unheard,
+      abandoned: a.abandoned,
       messageId: a.messageId,
       client: this.#once(a.client),
       tls: a.tls,
@@ -180,9 +184,11 @@ export class Ledger {
   histories(): MessageHistory[] {
     const want = this.#filter.messageId === undefined ? undefined : normalMessageId(this.#filter.messageId);
     const out: MessageHistory[] = [];
-    for (const message of this.#byKey.values()) {
-      if (want !== undefined && !message.attempts.some((a) => a.messageId === want)) continue;
-      out.push(history(message));
+    for (const envelope of this.#byKey.values()) {
+      for (const message of messagesOf(envelope)) {
+        if (want !== undefined && !message.attempts.some((a) => a.messageId === want)) continue;
+        out.push(history(message));
+      }
     }
     return out.sort((a, b) => Date.parse(a.attempts[0].ts) - Date.parse(b.attempts[0].ts));
   }
@@ -216,8 +222,8 @@ export interface MessageHistory {
   bounced: boolean;
 }
 
-/** One message as kept: its envelope once, each attempt's own fields (strings shared). */
-interface Message {
+/** One message (or, as read, one envelope) as kept: its envelope once, each attempt's own fields (strings shared). */
+export interface Message {
   key: string;
   from: string;
   rcpt: string;
@@ -229,6 +235,7 @@ interface Message {
     code?: number;
     dropped?: true;
     unheard?: true;
+    abandoned?: Abandon;
     messageId?: string;
     client: string;
     tls: boolean;
@@ -236,10 +243,39 @@ interface Message {
   }[];
 }
 
+/**
+ * An envelope's attempts (any order) as its messages, as the listener counts them: in time order,
+ * a message ends at an attempt that handed it over (2yz or dropped at the end of data) or bounced
+ * it (5yz); the next attempt opens a new one. A message handed over with the Message-ID the one
+ * that ended before it was delivered with is that one sent again (the final reply lost): its
+ * attempts join it, a duplicate. Linear but the sort.
+ */
+export function messagesOf(envelope: Message): Message[] {
+  const sorted = [...envelope.attempts].sort((a, b) => a.t - b.t);
+  const messages: Message[] = [];
+  let open: Message["attempts"] = [];
+  let last: { message: Message; deliveredId?: string } | undefined;
+  for (const a of sorted) {
+    open.push(a);
+    const delivered = handedOver(a);
+    if (!delivered && !(a.code !== undefined && a.code >= 500)) continue;
+    if (delivered && a.messageId !== undefined && last?.deliveredId === a.messageId) {
+      for (const b of open) last.message.attempts.push(b);
+    } else {
+      const message = { ...envelope, attempts: open };
+      messages.push(message);
+      last = { message, deliveredId: delivered ? a.messageId : undefined };
+    }
+    open = [];
+  }
+  if (open.length > 0) messages.push({ ...envelope, attempts: open });
+  return messages;
+}
+
 /** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
 function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
   const sorted = [...kept].sort((a, b) => a.t - b.t);
-  const attempts = sorted.map(({ t, code, dropped, unheard, messageId, ...rest }, i) => ({
+  const attempts = sorted.map(({ t, code, dropped, unheard, abandoned, messageId, ...rest }, i) => ({
     event: "attempt" as const,
     key,
     from,
@@ -248,6 +284,7 @@ function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
     ...(code !== undefined ? { code } : {}),
     ...(dropped ? { dropped } : {}),
     ...(unheard ? { unheard } : {}),
+    ...(abandoned ? { abandoned } : {}),
     ...(messageId !== undefined ? { messageId } : {}),
     ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}),
   }));
@@ -281,7 +318,8 @@ export function histories(events: Iterable<unknown>): MessageHistory[] {
 }
 
 /** The message reached the sinkhole whole at this attempt (said 2yz, or dropped after the final dot). */
-const handedOver = (a: AttemptLine) => a.stage === "eod" && (a.dropped || (a.code !== undefined && a.code < 300));
+const handedOver = (a: Pick<AttemptLine, "stage" | "dropped" | "code">) =>
+  a.stage === "eod" && (a.dropped || (a.code !== undefined && a.code < 300));
 
 // ---------------------------------------------------------------------------------------
 // Text from the input, made safe for where it is shown.
@@ -344,7 +382,7 @@ const outcomeOf = (a: AttemptLine) =>
     ? `dropped at ${a.stage} (no reply${a.stage === "eod" ? ": received, not confirmed" : ""})`
     : a.unheard
     ? `client left at ${a.stage} before the reply (not delivered)`
-    : `${a.code} at ${a.stage}`;
+    : `${a.code} at ${a.stage}${a.abandoned ? `, then ${a.abandoned}` : ""}`;
 
 function fate(h: MessageHistory): string {
   if (h.duplicate) return `DELIVERED ${h.deliveries} TIMES (duplicate)`;
@@ -430,9 +468,15 @@ export function parseRange(text: string, integer = false): [number, number] | un
 /** Every expectation that is not met, said precisely (input text escaped); empty when all are. */
 export function unmet(hs: MessageHistory[], x: Expectation): string[] {
   const want = x.message.toLowerCase();
-  const h = hs.find((m) => m.key.toLowerCase() === want || m.rcpt.toLowerCase() === want);
-  if (!h) return [`no attempt logged for ${printable(x.message)}`];
-  const key = printable(h.key);
+  const matched = hs.filter((m) => m.key.toLowerCase() === want || m.rcpt.toLowerCase() === want);
+  if (matched.length === 0) return [`no attempt logged for ${printable(x.message)}`];
+  // Each message with the envelope (one ends where it was delivered or bounced) must meet them.
+  return matched.flatMap((h, i) =>
+    unmetBy(h, x, matched.length > 1 ? `${printable(h.key)} (message ${i + 1} of ${matched.length})` : printable(h.key))
+  );
+}
+
+function unmetBy(h: MessageHistory, x: Expectation, key: string): string[] {
   const problems: string[] = [];
   const n = h.attempts.length;
   const range = (r: [number, number]) => r[0] === r[1] ? `${r[0]}` : `${r[0]}..${r[1] === Infinity ? "" : r[1]}`;

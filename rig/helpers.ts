@@ -480,10 +480,24 @@ export function unreadByServer(serverPort: number, clientPort: number): number |
   return undefined;
 }
 
-/** Waits until the server has read every byte this client sent (see `unreadByServer`). */
-export async function readByServer(c: RawClient, serverPort: number): Promise<void> {
-  const clientPort = (c.conn.localAddr as Deno.NetAddr).port;
-  await eventually(() => unreadByServer(serverPort, clientPort) === 0);
+/**
+ * Waits until the server has read every byte these clients sent (see `unreadByServer`). Many
+ * clients are polled together, one read of /proc/net/tcp a step: hundreds of pollers each
+ * reading it would keep this process from reading the listener's stdout, and a listener
+ * whose log pipe is full waits for it (memory_test's 400 sessions).
+ */
+export async function readByServer(c: RawClient | RawClient[], serverPort: number): Promise<void> {
+  const clientPorts = new Set((Array.isArray(c) ? c : [c]).map((x) => (x.conn.localAddr as Deno.NetAddr).port));
+  await eventually(() => {
+    const hex = (n: number) => n.toString(16).toUpperCase().padStart(4, "0");
+    const unread = new Map<string, number>();
+    for (const line of Deno.readTextFileSync("/proc/net/tcp").split("\n").slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length < 5 || !f[1].endsWith(`:${hex(serverPort)}`)) continue;
+      unread.set(f[2].slice(-4), parseInt(f[4].split(":")[1], 16));
+    }
+    return [...clientPorts].every((port) => unread.get(hex(port)) === 0);
+  });
 }
 
 /** Resident and peak resident memory of a process, in MiB (Linux /proc). */

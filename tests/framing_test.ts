@@ -1,12 +1,17 @@
 /** The framer and the message reader, without TCP: lines, limits, dot-unstuffing, sizes, headers. */
-import { assertEquals } from "../rig/assert.ts";
+import { assert, assertEquals } from "../rig/assert.ts";
 import {
   LineFramer,
   type LineSink,
+  logLine,
   MAX_COMMAND_LINE,
+  MAX_COMMENT_DEPTH,
   MAX_LOGGED_HEADER_BYTES,
+  MAX_MESSAGE_ID_FIELD,
+  MAX_MESSAGE_ID_LENGTH,
   MAX_TEXT_LINE,
   MessageReader,
+  parseMessageId,
 } from "../listener.ts";
 
 const enc = new TextEncoder();
@@ -191,4 +196,77 @@ Deno.test("message reader: the end is .CRLF only; a bare line end is answered, n
   assertEquals(line(".\n", true), "bare", "LF.LF is no end of data");
   assertEquals(new MessageReader().line(enc.encode(".\r\n"), 3, false), "end");
   assertEquals(new MessageReader().line(undefined, 2000, true), "bare", "a long bare line too");
+});
+
+Deno.test("Message-ID: the RFC 5322 grammar, not a pattern: folded, commented, quoted, literal, UTF-8, garbage, bounded", () => {
+  // [the field's value (after "Message-ID:"), the msg-id taken (undefined: none)]
+  const long = "x".repeat(400);
+  const ROWS: [string, string | undefined][] = [
+    [" <a.b@c.test>", "<a.b@c.test>"],
+    ["<a@c.test>", "<a@c.test>"],
+    [" <a@c.test>  ", "<a@c.test>"],
+    [" (a comment) <a@c.test> (another (nested) one)", "<a@c.test>"],
+    [" (\\) quoted-pair) <a@c.test>", "<a@c.test>"],
+    ['  <"quoted id-left"@c.test>', '<"quoted id-left"@c.test>'],
+    ['  <"with > and \\" in it"@c.test>', '<"with > and \\" in it"@c.test>'],
+    [" <a@[192.0.2.1]>", "<a@[192.0.2.1]>"], // a no-fold-literal
+    [" <a@[no fold]>", undefined], // no whitespace in one
+    ["\r\n <folded@c.test>", "<folded@c.test>"], // folded after the colon (unfolded: CRLF removed)
+    [" <a@c.test>\r\n (a comment on the next line)", "<a@c.test>"],
+    [" <a . b @ c . test>", "<a.b@c.test>"], // obs-id-left, obs-id-right: CFWS around dots and @
+    [" <a(comment).b@c.test>", "<a.b@c.test>"],
+    [" <line\u2028separator@c.test>", "<line\u2028separator@c.test>"], // RFC 6532 UTF-8, not a regex's "."
+    [" <para\u2029graph@c.test>", "<para\u2029graph@c.test>"],
+    [" <ü@bücher.test>", "<ü@bücher.test>"],
+    [" <>", undefined],
+    [" a@c.test", undefined],
+    [" <a@c.test", undefined],
+    [" <a@c.test> trailing", undefined],
+    [" <a@c.test> (unclosed comment", undefined],
+    [" <a@@c.test>", undefined],
+    [" <a\u0001b@c.test>", undefined], // a control character is no atext
+    [' <"unclosed@c.test>', undefined],
+    [" <a@c.test><b@c.test>", undefined],
+    [" " + "(".repeat(MAX_COMMENT_DEPTH + 1) + ")".repeat(MAX_COMMENT_DEPTH + 1) + "<a@c.test>", undefined],
+    [" " + "(".repeat(MAX_COMMENT_DEPTH) + ")".repeat(MAX_COMMENT_DEPTH) + "<a@c.test>", "<a@c.test>"],
+    [` <${long}@c.test>`, `<${long}@c.test>`.slice(0, MAX_MESSAGE_ID_LENGTH)], // over-long: bounded
+    [` <${"y".repeat(MAX_MESSAGE_ID_FIELD)}@c.test>`, undefined], // past the field's bound: not read
+    ["", undefined],
+  ];
+  for (const [value, id] of ROWS) assertEquals(parseMessageId(value), id, JSON.stringify(value));
+
+  // The reader takes the first Message-ID field, its folded lines unfolded, and parses it.
+  const read = (...lines: string[]) => {
+    const r = new MessageReader();
+    for (const l of [...lines, "", "body"]) r.line(new TextEncoder().encode(l + "\r\n"), l.length + 2);
+    return r.messageId;
+  };
+  assertEquals(read("Message-ID:", " <folded@c.test>"), "<folded@c.test>");
+  assertEquals(read("Message-Id: <a@c.test>", "Subject: s"), "<a@c.test>");
+  assertEquals(read("message-id: <a@c.test>", "\t(comment)", "Message-ID: <second@c.test>"), "<a@c.test>");
+  assertEquals(read("Subject: s", "Message-ID: <line\u2028sep@c.test>"), "<line\u2028sep@c.test>");
+  assertEquals(read("Message-ID: garbage"), undefined);
+  assertEquals(read("Subject: <a@c.test>"), undefined);
+  // A folded line over MAX_TEXT_LINE: part of the field was not read, so no ID is taken.
+  const r = new MessageReader();
+  r.line(new TextEncoder().encode("Message-ID: <a@c.test\r\n"), 22);
+  r.line(undefined, 2000);
+  r.line(new TextEncoder().encode(" >\r\n"), 4);
+  assertEquals(r.messageId, undefined);
+  // The log escapes what it logs: the line separator is \u2028 in the JSON line, which stays one line.
+  const line = new TextDecoder().decode(logLine({
+    event: "attempt",
+    key: "a@o.test > b@s.test",
+    attempt: 1,
+    from: "a@o.test",
+    rcpt: "b@s.test",
+    stage: "eod",
+    code: 250,
+    messageId: "<line\u2028sep\u0085@c.test>",
+    client: "192.0.2.1",
+    tls: false,
+    mode: "accept",
+  }));
+  assert(line.includes("<line\\u2028sep\\u0085@c.test>") && !line.includes("\u2028"), line);
+  assertEquals(JSON.parse(line).messageId, "<line\u2028sep\u0085@c.test>");
 });

@@ -201,3 +201,183 @@ Deno.test("ledger: a client that closes its side during the end-of-data delay wa
     }
   }
 });
+
+Deno.test("ledger: an attempt cut after its RCPT was accepted is one attempt line, counted as the next one shows", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  const d = await startListener({ SINKHOLE_MODE: "drop at=data" });
+  try {
+    /** Opens a transaction to `to` (each RCPT's reply code), then ends it by `end`. */
+    const cut = async (port: number, to: string[], end: (c: RawClient) => Promise<void>) => {
+      const c = await RawClient.connect(port);
+      try {
+        assertEquals((await c.reply()).code, 220);
+        assertEquals((await c.cmd("EHLO client.test")).code, 250);
+        assertEquals((await c.cmd(`MAIL FROM:<${FROM}>`)).code, 250);
+        for (const rcpt of to) {
+          if (!rcpt.startsWith("drop+")) assertEquals((await c.cmd(`RCPT TO:<${rcpt}>`)).code, 250);
+        }
+        await end(c);
+      } finally {
+        c.close();
+      }
+    };
+    const rcpts = ["quit", "rset", "gone", "beside", "indata"].map((n) => `${n}@sinkhole.test`);
+    await cut(l.port, [rcpts[0]], async (c) => assertEquals((await c.cmd("QUIT")).code, 221));
+    await cut(l.port, [rcpts[1]], async (c) => {
+      assertEquals((await c.cmd("RSET")).code, 250);
+      assertEquals((await c.cmd("QUIT")).code, 221);
+    });
+    await cut(l.port, [rcpts[2]], async () => {}); // the client disconnects
+    await cut(l.port, [rcpts[3]], async (c) => {
+      await c.send("RCPT TO:<drop+x@sinkhole.test>\r\n"); // dropped: no reply, the connection closed
+      assert(await c.closedByServer());
+    });
+    await cut(l.port, [rcpts[4]], async (c) => {
+      assertEquals((await c.cmd("DATA")).code, 354);
+      await c.send("Subject: half a message\r\n"); // and gone
+    });
+    for (const port of [d.port, d.port]) {
+      await cut(port, [TO], async (c) => {
+        await c.send("DATA\r\n");
+        assert(await c.closedByServer());
+      });
+    }
+    // The next attempt of each is numbered from what was counted: the cut one was counted once.
+    for (const to of rcpts) {
+      assertEquals(await transaction(l.port, { from: FROM, to: [to], body: MESSAGE(to) }), [
+        220,
+        250,
+        250,
+        250,
+        354,
+        250,
+        221,
+      ]);
+    }
+    // Each is logged when its session ends, which may come after the next one: wait for both, compare in order.
+    for (const rcpt of rcpts) {
+      for (const n of [1, 2]) {
+        await l.waitFor("attempt", (a) => a.rcpt === rcpt && a.attempt === n);
+      }
+    }
+    await d.waitFor("attempt", (a) => a.attempt === 2);
+    const lines = (rcpt: string, from = l) =>
+      from.events("attempt").filter((a) => a.rcpt === rcpt).map((a) => [
+        a.attempt,
+        a.stage,
+        a.dropped ? "dropped" : a.code,
+        a.abandoned,
+      ]).sort((a, b) => Number(a[0]) - Number(b[0]));
+    const delivered = [2, "eod", 250, undefined];
+    assertEquals(lines(rcpts[0]), [[1, "rcpt", 250, "quit"], delivered]);
+    assertEquals(lines(rcpts[1]), [[1, "rcpt", 250, "rset"], delivered]);
+    assertEquals(lines(rcpts[2]), [[1, "rcpt", 250, "close"], delivered]);
+    assertEquals(lines(rcpts[3]), [[1, "rcpt", 250, "close"], delivered]);
+    assertEquals(lines("drop+x@sinkhole.test"), [[1, "rcpt", "dropped", undefined]]);
+    assertEquals(lines(rcpts[4]), [[1, "data", 354, "close"], delivered]);
+    assertEquals(lines(TO, d), [[1, "data", "dropped", undefined], [2, "data", "dropped", undefined]]);
+  } finally {
+    await l.stop();
+    await d.stop();
+  }
+});
+
+Deno.test("ledger: two messages with one envelope, one after the other, are two messages, each counted from 1", async () => {
+  const modeFile = await tempModeFile("defer first=2");
+  const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });
+  try {
+    const deferred = [220, 250, 250, 421];
+    const accepted = [220, 250, 250, 250, 354, 250, 221];
+    for (const id of ["first", "second"]) {
+      const body = MESSAGE(id);
+      assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), deferred, `${id}: #1`);
+      assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), deferred, `${id}: #2`);
+      assertEquals(await transaction(l.port, { from: FROM, to: [TO], body }), accepted, `${id}: #3`);
+    }
+    // A lost final reply: the third message's retry carries its Message-ID, a duplicate of it.
+    await Deno.writeTextFile(modeFile, "drop at=eod");
+    await l.waitFor("mode", (m) => m.mode === "drop at=eod");
+    assertEquals(
+      await transaction(l.port, { from: FROM, to: [TO], body: MESSAGE("third") }).catch(() => "dropped"),
+      "dropped",
+    );
+    await Deno.writeTextFile(modeFile, "accept");
+    await l.waitFor("mode", (m) => m.mode === "accept");
+    assertEquals(await transaction(l.port, { from: FROM, to: [TO], body: MESSAGE("third") }), accepted);
+    await l.waitFor("attempt", (a) => a.attempt === 8);
+    const attempts = l.events("attempt");
+    // The log numbers the envelope's attempts in one sequence; the report splits it into messages.
+    assertEquals(attempts.map((a) => a.attempt), [1, 2, 3, 4, 5, 6, 7, 8]);
+    const hs = histories(attempts as AttemptLine[]);
+    assertEquals(hs.map((h) => [h.attempts.length, h.deliveries, h.duplicate]), [[3, 1, false], [3, 1, false], [
+      2,
+      2,
+      true,
+    ]]);
+    assertEquals(hs.map((h) => h.attempts.at(-1)!.messageId), [
+      "<first@origin.test>",
+      "<second@origin.test>",
+      "<third@origin.test>",
+    ]);
+    const file = await logsFile(l.logs);
+    try {
+      const report = await ctl("report", "--file", file);
+      assertEquals(report.code, 0, report.stderr);
+      assertMatch(
+        report.stdout,
+        /someone@sinkhole\.test: 3 attempt\(s\), delivered once[^]*someone@sinkhole\.test: 3 attempt\(s\), delivered once[^]*someone@sinkhole\.test: 2 attempt\(s\), DELIVERED 2 TIMES \(duplicate\)/,
+      );
+      const first = await ctl(
+        "expect",
+        TO,
+        "--attempts",
+        "3",
+        "--delivered-once",
+        "--file",
+        file,
+        "--message-id",
+        "second@origin.test",
+      );
+      assertEquals(first.code, 0, first.stdout + first.stderr);
+      const all = await ctl("expect", TO, "--delivered-once", "--file", file);
+      assertEquals(all.code, 1);
+      assertMatch(
+        all.stdout,
+        /unmet: sender@origin\.test > someone@sinkhole\.test \(message 3 of 3\): DELIVERED 2 TIMES \(duplicate\)/,
+      );
+      assert(!/message [12] of 3/.test(all.stdout), all.stdout);
+    } finally {
+      await Deno.remove(file);
+    }
+  } finally {
+    await l.stop();
+    await Deno.remove(modeFile);
+  }
+});
+
+Deno.test("ledger: two messages with one envelope in flight at once share a count until one is delivered, as the docs say", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "defer first=2" });
+  try {
+    const deferred = [220, 250, 250, 421];
+    const accepted = [220, 250, 250, 250, 354, 250, 221];
+    const send = (id: string) => transaction(l.port, { from: FROM, to: [TO], body: MESSAGE(id) });
+    // A and B queued together, tried in turn: they share the first two deferrals; A, back third, is accepted.
+    assertEquals(await send("a"), deferred);
+    assertEquals(await send("b"), deferred);
+    assertEquals(await send("a"), accepted);
+    // A's delivery ended the message: B's next attempt opens a new one, deferred twice again.
+    assertEquals(await send("b"), deferred);
+    assertEquals(await send("b"), deferred);
+    assertEquals(await send("b"), accepted);
+    await l.waitFor("attempt", (a) => a.attempt === 6);
+    const hs = histories(l.events("attempt") as AttemptLine[]);
+    // The report: A's message holds B's first attempt (no Message-ID before DATA to tell them apart).
+    assertEquals(hs.map((h) => h.attempts.map((a) => a.attempt)), [[1, 2, 3], [4, 5, 6]]);
+    assertEquals(hs.map((h) => [h.deliveries, h.duplicate, h.attempts.at(-1)!.messageId]), [
+      [1, false, "<a@origin.test>"],
+      [1, false, "<b@origin.test>"],
+    ]);
+  } finally {
+    await l.stop();
+  }
+});

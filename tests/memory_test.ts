@@ -147,7 +147,7 @@ async function worstCase(
     }
     // Every session is at its worst once the listener has read everything its client sent
     // (for node:net, once the kernel buffer is drained into the transport's bounded queue).
-    await Promise.all(clients.map((c) => readByServer(c, l.port)));
+    await readByServer(clients, l.port);
     // At the peak, the control port's largest answer (every attempt it keeps, as JSON) and a body refused unread.
     const control = `http://${l.events("start")[0].control}`;
     const served = await (await fetch(`${control}/attempts`)).text();

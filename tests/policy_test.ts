@@ -2,15 +2,21 @@
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { play, SERVER } from "./policy.ts";
 import {
+  type Abandon,
+  abandoned,
+  ATTEMPT_COUNT_SPAN,
   ATTEMPT_ENTRY_BYTES,
   type AttemptEntry,
   type AttemptEvent,
   attemptKey,
   AttemptTable,
   configFromEnv,
+  counted,
   decide,
   DigestTable,
+  ended,
   endOfData,
+  FIRST_SEEN_SPAN,
   formatReply,
   GREYLIST_ENTRY_BYTES,
   GreylistTable,
@@ -24,6 +30,7 @@ import {
   MAX_RECIPIENTS,
   ModeCache,
   MODES,
+  packAttempt,
   parseMailbox,
   parsePathArg,
   type Point,
@@ -34,6 +41,7 @@ import {
   seededUnit,
   type Stateful,
   type Transaction,
+  unpackAttempt,
 } from "../listener.ts";
 
 /** What each mode answers to RCPT and then to DATA. */
@@ -268,6 +276,45 @@ Deno.test("policy: mailbox and path parsing", () => {
   }
   assertEquals(parsePathArg("FROM:<a@b.test> SIZE=5", "FROM")?.params.get("SIZE"), "5");
   assertEquals(parsePathArg("TO:<a@b.test>", "FROM"), undefined);
+});
+
+Deno.test("policy: paths by the RFC 5321 grammar: quoted local parts hold > and <, MAIL FROM and RCPT TO alike", () => {
+  // [argument after the keyword, the path parsed (undefined: a syntax error), the mailbox (undefined: refused)]
+  const PATHS: [string, string | undefined, string | undefined][] = [
+    ["<a@b.test>", "a@b.test", "a@b.test"],
+    ['<"x > y"@sinkhole.test>', '"x > y"@sinkhole.test', '"x > y"@sinkhole.test'],
+    ['<"x < y"@sinkhole.test>', '"x < y"@sinkhole.test', '"x < y"@sinkhole.test'],
+    ['<"a\\"b>"@sinkhole.test>', '"a\\"b>"@sinkhole.test', '"a\\"b>"@sinkhole.test'], // a quoted-pair: \"
+    ['<"x@y"@sinkhole.test>', '"x@y"@sinkhole.test', '"x@y"@sinkhole.test'],
+    ['<"">', '""', undefined], // no domain
+    ["<@r.test,@s.test:a@b.test>", "@r.test,@s.test:a@b.test", "a@b.test"], // a source route, ignored
+    ["<a.b@[192.0.2.1]>", "a.b@[192.0.2.1]", "a.b@[192.0.2.1]"],
+    ["<x > y@sinkhole.test>", "x ", undefined], // unquoted: > ends the path, which is no mailbox
+    ["<x < y@sinkhole.test>", undefined, undefined],
+    ['<"x > y@sinkhole.test>', undefined, undefined], // the quote never closes
+    ['<"x\\">', undefined, undefined], // the escaped quote leaves the string open
+    ["<a@b.test", undefined, undefined],
+    ["a@b.test", undefined, undefined],
+    ["<a@b.test>x", undefined, undefined],
+    ['<x"y"@b.test>', 'x"y"@b.test', undefined], // a quote inside a dot-atom
+    ['<"\x01"@b.test>', '"\x01"@b.test', undefined], // a control character is no qtext
+  ];
+  for (const [arg, path, box] of PATHS) {
+    for (const keyword of ["FROM", "TO"] as const) {
+      const parsed = parsePathArg(`${keyword}:${arg}`, keyword);
+      assertEquals(parsed?.path, path, `${keyword}:${arg}`);
+      if (parsed) assertEquals(parseMailbox(parsed.path), box, `${keyword}:${arg}`);
+    }
+  }
+  assertEquals(parsePathArg('TO:<"x > y"@sinkhole.test> NOTIFY=NEVER', "TO")?.params.get("NOTIFY"), "NEVER");
+  // Over the protocol: both are accepted (250), an unclosed quote is a syntax error (501).
+  const { codes } = play("accept", [
+    "EHLO c.test",
+    'MAIL FROM:<"a > b"@origin.test>',
+    'RCPT TO:<"x > y"@sinkhole.test>',
+    'RCPT TO:<"x > y@sinkhole.test>',
+  ]);
+  assertEquals(codes, [250, 250, 250, 501]);
 });
 
 Deno.test("greylist table: first attempt deferred, retries in the window pass, expired entries forgotten", () => {
@@ -562,6 +609,76 @@ Deno.test("policy: what the ledger and accept-log record is part of the decision
   assertEquals([tooBig.fail?.code, tooBig.events?.map((e) => e.event)], [552, ["attempt"]]);
 });
 
+Deno.test("policy: every attempt the table counts ends in one event: drops at data, abandoned transactions", () => {
+  const t0 = 1_700_000_000_000;
+  const inputs = { scenario: scenario("accept"), serverName: SERVER, client: "192.0.2.9", now: t0 };
+  const tx = (mode: string): Transaction => ({
+    ...emptyTx(scenario(mode)),
+    accepted: ["b@sinkhole.test", "250-2.1.5+c@sinkhole.test"],
+    acceptedAttempts: [3, 1],
+    acceptedCount: 2,
+  });
+  const state = (mode: string) => ({ esmtp: true, errors: 0, tx: tx(mode), helo: "client.test" });
+  const ev = (rcpt: string, n: number, stage: string, end: Record<string, unknown>, mode = "accept") => ({
+    event: "attempt",
+    key: `a@origin.test > ${rcpt}`,
+    attempt: n,
+    from: "a@origin.test",
+    rcpt,
+    stage,
+    ...end,
+    client: "192.0.2.9",
+    tls: false,
+    mode,
+  });
+  // [point, mode, how, data, the events: one per accepted recipient]
+  const rows: [Point, string, Abandon | undefined, boolean, unknown[]][] = [
+    ["data", "drop at=data", undefined, false, [
+      ev("b@sinkhole.test", 3, "data", { dropped: true }, "drop at=data"),
+      ev("250-2.1.5+c@sinkhole.test", 1, "data", { dropped: true }, "drop at=data"),
+    ]],
+    ["abandon", "accept", "quit", false, [
+      ev("b@sinkhole.test", 3, "rcpt", { code: 250, abandoned: "quit" }),
+      ev("250-2.1.5+c@sinkhole.test", 1, "rcpt", { code: 250, abandoned: "quit" }),
+    ]],
+    ["abandon", "accept", "close", true, [
+      ev("b@sinkhole.test", 3, "data", { code: 354, abandoned: "close" }),
+      ev("250-2.1.5+c@sinkhole.test", 1, "data", { code: 354, abandoned: "close" }),
+    ]],
+  ];
+  for (const [point, mode, how, data, events] of rows) {
+    const d = decide({ point, state: state(mode), inputs, how, data: data ? { size: 5, longLine: false } : undefined });
+    assertEquals<unknown>(d.events, events, `${point} ${mode} ${how}`);
+  }
+  // A recipient's own 2yz reply is the reply its abandoned attempt got.
+  const own = { ...state("accept"), tx: { ...tx("accept"), accepted: ["251+c@sinkhole.test"], acceptedAttempts: [1] } };
+  assertEquals(abandoned(own, inputs, "rset").map((e) => (e as { code?: number }).code), [251]);
+  // Nothing accepted, nothing abandoned.
+  assertEquals(abandoned({ ...own, tx: emptyTx(scenario("accept")) }, inputs, "close"), []);
+  // A bare line end is the end of data refused (550), and it ends the attempt too.
+  const bare = endOfData(state("accept"), { size: 5, longLine: false, bare: true }, inputs);
+  assertEquals([bare.reply.code, bare.after, bare.state.tx, bare.events?.length], [550, "close", undefined, 2]);
+  // Over the protocol: RSET and HELO/EHLO abandon the transaction's accepted recipients; QUIT is said in the state.
+  const lines = [
+    "EHLO c.test",
+    "MAIL FROM:<a@origin.test>",
+    "RCPT TO:<b@sinkhole.test>",
+    "RCPT TO:<bounce+x@sinkhole.test>",
+  ];
+  for (const [end, how] of [["RSET", "rset"], ["EHLO c.test", "helo"], ["HELO c.test", "helo"]]) {
+    const { last } = play("accept", [...lines, end]);
+    assertEquals(
+      last.events?.map((e) => [(e as { rcpt: string }).rcpt, (e as { abandoned?: string }).abandoned]),
+      [["b@sinkhole.test", how]],
+      end,
+    );
+  }
+  const quit = play("accept", [...lines, "QUIT"]).last;
+  assertEquals([quit.state.quit, quit.state.tx?.acceptedCount, quit.events], [true, 1, undefined]);
+  // A refused HELO (defer at=helo) keeps the transaction: nothing is abandoned yet.
+  assertEquals(play("defer at=helo", ["HELO c.test"]).last.events, undefined);
+});
+
 Deno.test("policy: a seeded rate gives the same decisions for the same seed, others for another", () => {
   const decisions = (seed: number) =>
     Array.from({ length: 200 }, (_, i) => {
@@ -590,6 +707,97 @@ Deno.test("attempt table: counts per message, first sighting kept, bounded by it
   assertEquals(table.size, 3);
   assertEquals(table.lookup("m1"), undefined, "the least recently first seen is forgotten");
   assertEquals(table.lookup("m4"), { count: 1, first: 500 });
+});
+
+Deno.test("policy: a message ends when delivered or bounced; the next attempt with its envelope is a new message", () => {
+  const t0 = 1_700_000_000_000;
+  const key = attemptKey("a@origin.test", "b@sinkhole.test");
+  // The table's entry after one more attempt, and after an end (pure: what the table writes).
+  assertEquals(counted(undefined, t0), { count: 1, first: t0 });
+  assertEquals(counted({ count: 2, first: t0 }, t0 + 5), { count: 3, first: t0 });
+  assertEquals(counted({ count: 3, first: t0, ended: true }, t0 + 9), { count: 1, first: t0 + 9, before: 3 });
+  assertEquals(counted({ count: 2, first: t0, ended: true, before: 3 }, t0 + 9), {
+    count: 1,
+    first: t0 + 9,
+    before: 5,
+  });
+  assertEquals(ended({ count: 3, first: t0, before: 2 }, t0 + 9), { count: 3, first: t0, before: 2, ended: true });
+  // [mode, the table's entry, the reply (0: accepted), the attempt counted, the number logged, ends the message]
+  const delivered: AttemptEntry = { count: 3, first: t0, ended: true };
+  const ROWS: [string, AttemptEntry | undefined, number, number, number, boolean][] = [
+    ["defer first=2", delivered, 421, 1, 4, false], // a second message: deferred from its own first attempt
+    ["defer first=2", { count: 2, first: t0, before: 3 }, 0, 3, 6, false],
+    ["defer first=2", { count: 3, first: t0 }, 0, 4, 4, false], // not ended: the same message's retry
+    ["defer every=2", { count: 1, first: t0, ended: true }, 421, 1, 2, false], // every= counts the envelope
+    ["defer every=2", { count: 1, first: t0, before: 1 }, 0, 2, 3, false],
+    ["bounce", undefined, 550, 1, 1, true], // a bounce at RCPT ends it
+    ["defer first=1 then=bounce", { count: 1, first: t0 }, 550, 2, 2, true],
+    ["defer", delivered, 421, 1, 4, false],
+  ];
+  for (const [mode, seen, code, n, logged, ends] of ROWS) {
+    const d = rcptWith(mode, seen, t0 + 1);
+    const what = `${mode} after ${JSON.stringify(seen)}`;
+    assertEquals(d.fail?.code ?? 0, code, what);
+    assertEquals(d.attempt?.n, n, what);
+    if (d.events) assertEquals((d.events[0] as { attempt: number }).attempt, logged, what);
+    assertEquals(d.ends, ends ? [key] : undefined, what);
+  }
+  // The end of data: a message handed over (2yz, or dropped: the sinkhole has it) or bounced ends; a 4yz does not.
+  const sc = (mode: string) => scenario(mode);
+  const tx = (mode: string): Transaction => ({
+    ...emptyTx(sc(mode)),
+    accepted: ["b@sinkhole.test"],
+    acceptedAttempts: [4],
+    acceptedCount: 1,
+  });
+  const data = { size: 10, longLine: false, messageId: "<m@o.test>" };
+  const eod = (mode: string, d = data) =>
+    decide({
+      point: "eod",
+      state: { esmtp: true, errors: 0, tx: tx(mode) },
+      data: d,
+      inputs: { scenario: sc(mode), serverName: SERVER },
+    });
+  assertEquals(eod("accept").ends, [key]);
+  assertEquals(eod("drop at=eod").ends, [key]);
+  assertEquals(eod("bounce at=eod").ends, [key]);
+  assertEquals(eod("defer at=eod").ends, undefined);
+  assertEquals(eod("accept", { ...data, size: MAX_MESSAGE_BYTES + 1 }).ends, [key], "552: bounced");
+  assertEquals((eod("accept").events![0] as { attempt: number }).attempt, 4, "logged with the envelope's number");
+  // DATA: a 5yz ends every accepted recipient's message, a 4yz none.
+  const data5 = decide({
+    point: "data",
+    state: { esmtp: true, errors: 0, tx: tx("bounce at=data") },
+    inputs: { scenario: sc("bounce at=data"), serverName: SERVER },
+  });
+  assertEquals(data5.ends, [key]);
+  const data4 = decide({
+    point: "data",
+    state: { esmtp: true, errors: 0, tx: tx("defer at=data") },
+    inputs: { scenario: sc("defer at=data"), serverName: SERVER },
+  });
+  assertEquals(data4.ends, undefined);
+});
+
+Deno.test("attempt table: an entry packs into the DigestTable's two numbers, and a message ends in it", () => {
+  const t0 = 1_700_000_000_000;
+  const entries: AttemptEntry[] = [
+    { count: 1, first: t0 },
+    { count: ATTEMPT_COUNT_SPAN - 1, first: FIRST_SEEN_SPAN - 1, ended: true, before: ATTEMPT_COUNT_SPAN - 1 },
+    { count: 7, first: 0, before: 3 },
+  ];
+  for (const e of entries) {
+    const [a, b] = packAttempt(e);
+    assert(Number.isSafeInteger(a) && Number.isSafeInteger(b), JSON.stringify(e));
+    assertEquals(unpackAttempt(a, b), e);
+  }
+  const table = new AttemptTable(3);
+  table.count("m1", t0);
+  table.count("m1", t0 + 1);
+  table.end("m1", t0 + 2);
+  assertEquals(table.lookup("m1"), { count: 2, first: t0, ended: true });
+  table.count("m1", t0 + 3);
+  assertEquals(table.lookup("m1"), { count: 1, first: t0 + 3, before: 2 }, "a new message, counted from 1");
 });
 
 Deno.test("attempt and greylist tables: an entry costs at most its ENTRY_BYTES, whatever the addresses", () => {
