@@ -129,7 +129,13 @@ async function worstCase(
   if (!cgroup) console.log(`${label}: no memory cgroup can be made here; the cgroup checks are skipped`);
   const l = await w.listen(
     // The control port on (any free port): the fill's attempts fill what it keeps (MAX_CONTROL_LEDGER_BYTES).
-    { ...ssmEnv(w.moto.url, "0.2"), SINKHOLE_MAX_SESSIONS: String(sessions), SINKHOLE_CONTROL_PORT: "0", ...env },
+    // Measured on Deno's transport; on node:net it took the whole peak to 95.6–96.6 MiB (issue 22 goes on from there).
+    {
+      ...ssmEnv(w.moto.url, "0.2"),
+      SINKHOLE_MAX_SESSIONS: String(sessions),
+      ...(env.SINKHOLE_STARTTLS ? {} : { SINKHOLE_CONTROL_PORT: "0" }),
+      ...env,
+    },
     { cgroup },
   );
   const clients: RawClient[] = [];
@@ -149,10 +155,13 @@ async function worstCase(
     // (for node:net, once the kernel buffer is drained into the transport's bounded queue).
     await readByServer(clients, l.port);
     // At the peak, the control port's largest answer (every attempt it keeps, as JSON) and a body refused unread.
-    const control = `http://${l.events("start")[0].control}`;
-    const served = await (await fetch(`${control}/attempts`)).text();
-    const refused = await fetch(`${control}/mode`, { method: "PUT", body: new Uint8Array(1024 * 1024) });
-    assertEquals([refused.status, await refused.text() !== ""], [413, true]);
+    let served = "";
+    if (!env.SINKHOLE_STARTTLS) {
+      const control = `http://${l.events("start")[0].control}`;
+      served = await (await fetch(`${control}/attempts`)).text();
+      const refused = await fetch(`${control}/mode`, { method: "PUT", body: new Uint8Array(1024 * 1024) });
+      assertEquals([refused.status, await refused.text() !== ""], [413, true]);
+    }
     const worst = memoryMiB(l.pid);
     const anonPeak = worst.peak - atStart.file;
     console.log(
