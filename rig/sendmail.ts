@@ -56,25 +56,30 @@ export async function makeSendmail(
   await Deno.writeTextFile(`${dir}/service.switch`, "hosts files\naliases files\n");
   await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 localhost\n${host} ${MTA_NAME} mta\n`);
   await Deno.writeTextFile(`${dir}/resolv.conf`, "nameserver 127.0.0.1\n");
+  // The m4 defines: the rig's own, sendmail's Timeout.datafinal when asked, then the caller's (a later define wins).
+  const defines: Record<string, string> = {
+    confDOMAIN_NAME: MTA_NAME,
+    QUEUE_DIR: `${dir}/mqueue`,
+    confPID_FILE: `${dir}/sendmail.pid`,
+    STATUS_FILE: `${dir}/statistics`,
+    confSERVICE_SWITCH_FILE: `${dir}/service.switch`,
+    confDONT_PROBE_INTERFACES: "True",
+    confDONT_BLAME_SENDMAIL: "TrustStickyBit,MapInUnsafeDirPath",
+    confTO_ICONNECT: "5s",
+    confTO_CONNECT: "5s",
+    confTO_QUEUEWARN: "0",
+    ...(opts.datafinal ? { confTO_DATAFINAL: opts.datafinal } : {}),
+    ...opts.defines,
+  };
   const mc = `divert(-1)dnl
 divert(0)dnl
 include(\`/usr/share/sendmail/cf/m4/cf.m4')dnl
 VERSIONID(\`sinkhole test MTA')dnl
 OSTYPE(\`debian')dnl
-define(\`confDOMAIN_NAME', \`${MTA_NAME}')dnl
-define(\`QUEUE_DIR', \`${dir}/mqueue')dnl
-define(\`confPID_FILE', \`${dir}/sendmail.pid')dnl
-define(\`STATUS_FILE', \`${dir}/statistics')dnl
-undefine(\`confHOST_STATUS_DIRECTORY')dnl
-define(\`confSERVICE_SWITCH_FILE', \`${dir}/service.switch')dnl
-define(\`confDONT_PROBE_INTERFACES', \`True')dnl
-define(\`confDONT_BLAME_SENDMAIL', \`TrustStickyBit,MapInUnsafeDirPath')dnl
-define(\`confTO_ICONNECT', \`5s')dnl
-define(\`confTO_CONNECT', \`5s')dnl
-define(\`confTO_QUEUEWARN', \`0')dnl
-${opts.datafinal ? `define(\`confTO_DATAFINAL', \`${opts.datafinal}')dnl\n` : ""}${
-    Object.entries(opts.defines ?? {}).map(([k, v]) => `define(\`${k}', \`${v}')dnl\n`).join("")
-  }FEATURE(\`nocanonify')dnl
+${
+    Object.entries(defines).map(([k, v]) => `define(\`${k}', \`${v}')dnl\n`).join("")
+  }undefine(\`confHOST_STATUS_DIRECTORY')dnl
+FEATURE(\`nocanonify')dnl
 dnl No MSA daemon: Debian's default one binds 0.0.0.0:587, which any other sendmail on the machine may hold (another
 dnl rig, another run); sendmail then retries that bind at each queue run and, after about 45 s, exits ("server SMTP
 dnl socket wedged"), taking the rig's own daemon with it. Submissions here go to port 25 of the rig's own address.
