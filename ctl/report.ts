@@ -227,20 +227,8 @@ export interface Message {
   key: string;
   from: string;
   rcpt: string;
-  attempts: {
-    ts: string;
-    t: number;
-    attempt: number;
-    stage: AttemptLine["stage"];
-    code?: number;
-    dropped?: true;
-    unheard?: true;
-    abandoned?: Abandon;
-    messageId?: string;
-    client: string;
-    tls: boolean;
-    mode: string;
-  }[];
+  /** The attempt's own fields (the listener's AttemptEvent less the envelope) and its time in milliseconds. */
+  attempts: (Omit<AttemptLine, "event" | "key" | "from" | "rcpt"> & { t: number })[];
 }
 
 /**
