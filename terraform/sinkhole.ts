@@ -66,6 +66,16 @@ export const CABALMAIL_TIER_MESSAGE =
 /** The HCL test for "this name says production": lower case, letters only, starting with prod. */
 export const prodName = (expr: string) => `startswith(replace(lower(${expr}), "/[^a-z]/", ""), "prod")`;
 
+/** A resource or data source gated on an HCL boolean expression: count = cond ? 1 : 0. */
+function gated<T extends TerraformResource | TerraformDataSource>(element: T, condition: string): T {
+  element.addOverride("count", `\${${condition} ? 1 : 0}`);
+  return element;
+}
+
+/** The HCL expression for an attribute at `address`; of a gated element, its one instance's (null while off). */
+const attributeOf = (address: string, attribute: string, isGated: boolean) =>
+  isGated ? `one(${address}[*].${attribute})` : `${address}.${attribute}`;
+
 /** A Terraform resource by type, with its attributes as Terraform spells them. */
 export class Resource extends TerraformResource {
   constructor(
@@ -84,14 +94,12 @@ export class Resource extends TerraformResource {
 
   /** Gates the resource on an HCL boolean expression (count = cond ? 1 : 0). */
   gate(condition: string): this {
-    this.addOverride("count", `\${${condition} ? 1 : 0}`);
-    return this;
+    return gated(this, condition);
   }
 
   /** The HCL expression for an attribute of the (possibly gated) resource. */
-  expr(attribute: string, gated = false): string {
-    const address = `${this.terraformResourceType}.${this.friendlyUniqueId}`;
-    return gated ? `one(${address}[*].${attribute})` : `${address}.${attribute}`;
+  expr(attribute: string, isGated = false): string {
+    return attributeOf(`${this.terraformResourceType}.${this.friendlyUniqueId}`, attribute, isGated);
   }
 
   /** The same, as an interpolation. */
@@ -111,13 +119,11 @@ export class Data extends TerraformDataSource {
   }
 
   gate(condition: string): this {
-    this.addOverride("count", `\${${condition} ? 1 : 0}`);
-    return this;
+    return gated(this, condition);
   }
 
-  expr(attribute: string, gated = false): string {
-    const address = `data.${this.terraformResourceType}.${this.friendlyUniqueId}`;
-    return gated ? `one(${address}[*].${attribute})` : `${address}.${attribute}`;
+  expr(attribute: string, isGated = false): string {
+    return attributeOf(`data.${this.terraformResourceType}.${this.friendlyUniqueId}`, attribute, isGated);
   }
 
   /** A list attribute of a gated data source, flattened (empty while the gate is off). */
