@@ -353,3 +353,93 @@ export async function enforceIam(endpoint: string): Promise<void> {
   const res = await fetch(`${endpoint}/moto-api/reset-auth`, { method: "POST", body: "0" });
   assertEquals(res.status, 200, await res.text());
 }
+
+/** The aws CLI as a seeding function: `(...args) => JSON` against one endpoint, in one region. */
+export type AwsCall = (...a: string[]) => Promise<Record<string, unknown>>;
+
+/** Where and how `seedCabalAccount` lays out Cabalmail's account; the rest is Cabalmail's own. */
+export interface CabalAccount {
+  cluster: string;
+  region: string;
+  /** default_tags environment=<env> (cabal-infra terraform/infra/main.tf's provider). */
+  environment: string;
+  /** The value /cabal/sinkhole_mode holds. */
+  mode: string;
+  /** What /cabal/deployed_image_tag/sinkhole holds (the deploy writes it; terraform/infra/main.tf makes it). */
+  imageTag: string;
+  /** How many smtp-out tasks run (moto starts none for a service). */
+  mtaTasks: number;
+}
+
+/**
+ * Cabalmail's account as its Terraform leaves it, for what ctl and the runbook touch (cabal-infra, cited):
+ * the cluster on one EC2 container instance, the sinkhole tier and smtp-out, the mode and image-tag
+ * parameters, their log groups, Cloud Map `sinkhole` in cabal.internal with one instance.
+ */
+export async function seedCabalAccount(aws: AwsCall, at: CabalAccount): Promise<void> {
+  // The cluster with default_tags environment=<env> (terraform/infra/main.tf's provider; ecs module).
+  await aws("ecs", "create-cluster", "--cluster-name", at.cluster, "--tags", `key=environment,value=${at.environment}`);
+  const ec2 = await aws(
+    "ec2",
+    "run-instances",
+    "--image-id",
+    "ami-12c6146b",
+    "--count",
+    "1",
+    "--instance-type",
+    "t2.micro",
+  );
+  const instanceId = (ec2.Instances as { InstanceId: string }[])[0].InstanceId;
+  const identity = JSON.stringify({ instanceId, region: at.region });
+  await aws("ecs", "register-container-instance", "--cluster", at.cluster, "--instance-identity-document", identity);
+  // The sinkhole tier (terraform/infra/modules/ecs/sinkhole.tf) running this project's image from cabal-sinkhole
+  // (terraform/infra/modules/ecr/main.tf), and smtp-out. (bridge here: moto's awsvpc needs a network to place into.)
+  const image = `123456789012.dkr.ecr.${at.region}.amazonaws.com/cabal-sinkhole:${at.imageTag}`;
+  for (const [family, container, img] of [["cabal-sinkhole", "sinkhole", image], ["cabal-smtp-out", "smtp-out", "x"]]) {
+    const containers = [{ name: container, image: img, memory: 128, portMappings: [{ containerPort: 25 }] }];
+    await aws(
+      "ecs",
+      "register-task-definition",
+      "--family",
+      family,
+      "--container-definitions",
+      JSON.stringify(containers),
+    );
+    const service = ["--service-name", family, "--task-definition", family, "--desired-count", "1"];
+    await aws("ecs", "create-service", "--cluster", at.cluster, ...service);
+  }
+  await startMtaTasks(aws, at.cluster, at.mtaTasks);
+  // /cabal/sinkhole_mode (sinkhole.tf), the tag (terraform/infra/main.tf, written by the deploy), the log groups
+  // (sinkhole.tf; smtp-out's in the ecs module).
+  await aws("ssm", "put-parameter", "--name", PARAM, "--value", at.mode, "--type", "String");
+  const tag = ["--value", at.imageTag, "--type", "String"];
+  await aws("ssm", "put-parameter", "--name", "/cabal/deployed_image_tag/sinkhole", ...tag);
+  for (const group of ["/ecs/cabal-sinkhole", "/ecs/cabal-smtp-out"]) {
+    await aws("logs", "create-log-group", "--log-group-name", group);
+  }
+  // Cloud Map `sinkhole` in namespace cabal.internal (sinkhole.tf, service_discovery.tf).
+  const vpc = await aws("ec2", "create-vpc", "--cidr-block", "10.9.0.0/16");
+  const vpcId = (vpc.Vpc as { VpcId: string }).VpcId;
+  await aws("servicediscovery", "create-private-dns-namespace", "--name", "cabal.internal", "--vpc", vpcId);
+  const ns = await aws("servicediscovery", "list-namespaces");
+  const dns = { NamespaceId: (ns.Namespaces as { Id: string }[])[0].Id, DnsRecords: [{ Type: "A", TTL: 10 }] };
+  const config = JSON.stringify({ ...dns, RoutingPolicy: "MULTIVALUE" });
+  const svc = await aws("servicediscovery", "create-service", "--name", "sinkhole", "--dns-config", config);
+  const serviceId = (svc.Service as { Id: string }).Id;
+  const attributes = ["--attributes", "AWS_INSTANCE_IPV4=10.9.0.5"];
+  await aws(
+    "servicediscovery",
+    "register-instance",
+    "--service-id",
+    serviceId,
+    "--instance-id",
+    "sinkhole-task",
+    ...attributes,
+  );
+}
+
+/** What ECS does for the smtp-out service (moto does not): `count` running tasks of it. */
+export function startMtaTasks(aws: AwsCall, cluster: string, count = 1): Promise<Record<string, unknown>> {
+  const started = ["--count", String(count), "--started-by", "ecs-svc/cabal-smtp-out"];
+  return aws("ecs", "run-task", "--cluster", cluster, "--task-definition", "cabal-smtp-out", ...started);
+}

@@ -7,7 +7,7 @@
  */
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { assertTools, eventually, needs, ROOT, run, runCtl } from "../rig/helpers.ts";
-import { AWS_ENV, awsCli, awsCliAs, awsTest, shipLogs } from "../rig/aws.ts";
+import { AWS_ENV, awsCli, awsCliAs, awsTest, seedCabalAccount, shipLogs } from "../rig/aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "../rig/sendmail.ts";
 import * as commands from "../ctl/commands.ts";
 import { parseEnvironments } from "../ctl/environments.ts";
@@ -36,109 +36,16 @@ const ENVIRONMENTS = {
   },
 };
 
-/** The aws CLI against moto, for seeding the world the CLI reads. */
-
-/** A cluster with the sinkhole and smtp-out services, two MTA tasks, the parameter, log groups, Cloud Map. */
-async function seed(endpoint: string) {
-  const aws = (...a: string[]) => awsCli(endpoint, ...a);
-  await aws("ecs", "create-cluster", "--cluster-name", CLUSTER);
-  const ec2 = await aws(
-    "ec2",
-    "run-instances",
-    "--image-id",
-    "ami-12c6146b",
-    "--count",
-    "1",
-    "--instance-type",
-    "t2.micro",
-  );
-  const instanceId = (ec2.Instances as { InstanceId: string }[])[0].InstanceId;
-  await aws(
-    "ecs",
-    "register-container-instance",
-    "--cluster",
-    CLUSTER,
-    "--instance-identity-document",
-    JSON.stringify({ instanceId, region: "us-east-1" }),
-  );
-  for (const family of ["cabal-sinkhole", "cabal-smtp-out"]) {
-    await aws(
-      "ecs",
-      "register-task-definition",
-      "--family",
-      family,
-      "--network-mode",
-      "bridge",
-      "--container-definitions",
-      JSON.stringify([{ name: family, image: "x", memory: 128 }]),
-    );
-    await aws(
-      "ecs",
-      "create-service",
-      "--cluster",
-      CLUSTER,
-      "--service-name",
-      family,
-      "--task-definition",
-      family,
-      "--desired-count",
-      "1",
-    );
-  }
-  await aws(
-    "ecs",
-    "run-task",
-    "--cluster",
-    CLUSTER,
-    "--task-definition",
-    "cabal-smtp-out",
-    "--count",
-    "2",
-    "--started-by",
-    "ecs-svc/smtp-out",
-  );
-  await aws(
-    "ssm",
-    "put-parameter",
-    "--name",
-    "/cabal/sinkhole_mode",
-    "--value",
-    "defer",
-    "--type",
-    "String",
-    "--overwrite",
-  );
-  await aws("logs", "create-log-group", "--log-group-name", "/ecs/cabal-sinkhole");
-  const vpc = await aws("ec2", "create-vpc", "--cidr-block", "10.9.0.0/16");
-  await aws(
-    "servicediscovery",
-    "create-private-dns-namespace",
-    "--name",
-    "cabal.internal",
-    "--vpc",
-    (vpc.Vpc as { VpcId: string }).VpcId,
-  );
-  const ns = await aws("servicediscovery", "list-namespaces");
-  const nsId = (ns.Namespaces as { Id: string }[])[0].Id;
-  const svc = await aws(
-    "servicediscovery",
-    "create-service",
-    "--name",
-    "sinkhole",
-    "--dns-config",
-    JSON.stringify({ NamespaceId: nsId, DnsRecords: [{ Type: "A", TTL: 10 }], RoutingPolicy: "MULTIVALUE" }),
-  );
-  await aws(
-    "servicediscovery",
-    "register-instance",
-    "--service-id",
-    (svc.Service as { Id: string }).Id,
-    "--instance-id",
-    "task-1",
-    "--attributes",
-    "AWS_INSTANCE_IPV4=10.9.0.5",
-  );
-}
+/** Cabalmail's account (rig/aws.ts, cited there) in development, with two MTA tasks and the tier in defer. */
+const seed = (endpoint: string) =>
+  seedCabalAccount((...a: string[]) => awsCli(endpoint, ...a), {
+    cluster: CLUSTER,
+    region: "us-east-1",
+    environment: "development",
+    mode: "defer",
+    imageTag: "sha-1234abcd",
+    mtaTasks: 2,
+  });
 
 /**
  * An environments file; `cacheTtlSeconds` sets how long `mode set --wait` waits (TTL + 10 s).

@@ -23,7 +23,7 @@
  */
 import { assert, assertEquals, assertMatch } from "../rig/assert.ts";
 import { assertTools, eventually, type Listener, needs, ROOT, startListener, which } from "../rig/helpers.ts";
-import { AWS_ENV, awsCliAs, shipLogs, startMoto } from "../rig/aws.ts";
+import { AWS_ENV, type AwsCall, awsCliAs, seedCabalAccount, shipLogs, startMoto, startMtaTasks } from "../rig/aws.ts";
 import { makeSendmail, rigAddresses, SMTP_PORT } from "../rig/sendmail.ts";
 import { commandsShown } from "./shown.ts";
 
@@ -56,111 +56,16 @@ function rehearsedArgs(): string[] {
   return (JSON.parse(list) as string[][]).map((a) => ["deno", "task", "rehearse", ...a].join(" "));
 }
 
-/** Cabalmail's account as its Terraform leaves it, for what these commands touch (cabal-infra, cited). */
-async function seed(aws: (...a: string[]) => Promise<Record<string, unknown>>) {
-  // Cluster `cabal-mail` with default_tags environment=<env> (terraform/infra/main.tf's provider; ecs module).
-  await aws("ecs", "create-cluster", "--cluster-name", "cabal-mail", "--tags", "key=environment,value=stage");
-  const ec2 = await aws(
-    "ec2",
-    "run-instances",
-    "--image-id",
-    "ami-12c6146b",
-    "--count",
-    "1",
-    "--instance-type",
-    "t2.micro",
-  );
-  const instanceId = (ec2.Instances as { InstanceId: string }[])[0].InstanceId;
-  await aws(
-    "ecs",
-    "register-container-instance",
-    "--cluster",
-    "cabal-mail",
-    "--instance-identity-document",
-    JSON.stringify({ instanceId, region: REGION }),
-  );
-  // The sinkhole tier (terraform/infra/modules/ecs/sinkhole.tf) running this project's image from cabal-sinkhole
-  // (terraform/infra/modules/ecr/main.tf), and smtp-out. (bridge here: moto's awsvpc needs a network to place into.)
-  const image = `123456789012.dkr.ecr.${REGION}.amazonaws.com/cabal-sinkhole:${TAG}`;
-  for (const [family, container, img] of [["cabal-sinkhole", "sinkhole", image], ["cabal-smtp-out", "smtp-out", "x"]]) {
-    await aws(
-      "ecs",
-      "register-task-definition",
-      "--family",
-      family,
-      "--container-definitions",
-      JSON.stringify([{ name: container, image: img, memory: 128, portMappings: [{ containerPort: 25 }] }]),
-    );
-    await aws(
-      "ecs",
-      "create-service",
-      "--cluster",
-      "cabal-mail",
-      "--service-name",
-      family,
-      "--task-definition",
-      family,
-      "--desired-count",
-      "1",
-    );
-  }
-  await startMtaTask(aws);
-  // /cabal/sinkhole_mode (sinkhole.tf; the tier was left in accept), the tag (terraform/infra/main.tf, written by
-  // the deploy), the log groups (sinkhole.tf; smtp-out's in the ecs module).
-  await aws("ssm", "put-parameter", "--name", "/cabal/sinkhole_mode", "--value", "accept", "--type", "String");
-  await aws("ssm", "put-parameter", "--name", "/cabal/deployed_image_tag/sinkhole", "--value", TAG, "--type", "String");
-  for (const group of ["/ecs/cabal-sinkhole", "/ecs/cabal-smtp-out"]) {
-    await aws("logs", "create-log-group", "--log-group-name", group);
-  }
-  // Cloud Map `sinkhole` in namespace cabal.internal (sinkhole.tf, service_discovery.tf).
-  const vpc = await aws("ec2", "create-vpc", "--cidr-block", "10.9.0.0/16");
-  await aws(
-    "servicediscovery",
-    "create-private-dns-namespace",
-    "--name",
-    "cabal.internal",
-    "--vpc",
-    (vpc.Vpc as { VpcId: string }).VpcId,
-  );
-  const ns = await aws("servicediscovery", "list-namespaces");
-  const svc = await aws(
-    "servicediscovery",
-    "create-service",
-    "--name",
-    "sinkhole",
-    "--dns-config",
-    JSON.stringify({
-      NamespaceId: (ns.Namespaces as { Id: string }[])[0].Id,
-      DnsRecords: [{ Type: "A", TTL: 10 }],
-      RoutingPolicy: "MULTIVALUE",
-    }),
-  );
-  await aws(
-    "servicediscovery",
-    "register-instance",
-    "--service-id",
-    (svc.Service as { Id: string }).Id,
-    "--instance-id",
-    "sinkhole-task",
-    "--attributes",
-    "AWS_INSTANCE_IPV4=10.9.0.5",
-  );
-}
-
-/** What ECS does for the smtp-out service (moto does not): a running task of it. */
-const startMtaTask = (aws: (...a: string[]) => Promise<Record<string, unknown>>) =>
-  aws(
-    "ecs",
-    "run-task",
-    "--cluster",
-    "cabal-mail",
-    "--task-definition",
-    "cabal-smtp-out",
-    "--count",
-    "1",
-    "--started-by",
-    "ecs-svc/cabal-smtp-out",
-  );
+/** Cabalmail's account as its Terraform leaves it (rig/aws.ts, cited there): stage, the tier left in accept. */
+const seed = (aws: AwsCall) =>
+  seedCabalAccount(aws, {
+    cluster: "cabal-mail",
+    region: REGION,
+    environment: "stage",
+    mode: "accept",
+    imageTag: TAG,
+    mtaTasks: 1,
+  });
 
 /** The stand-in for ECS Exec (see the top of this file); everything else goes to the real aws CLI. */
 const AWS_STAND_IN = `#!/bin/bash
@@ -315,7 +220,7 @@ Deno.test({
       await sh(/^aws ecs update-service --cluster cabal-mail --service cabal-smtp-out --force-new-deployment$/);
       await sh(/^aws ecs stop-task /);
       await mta.kill();
-      await startMtaTask(aws);
+      await startMtaTasks(aws, "cabal-mail");
       await mta.start();
       await sh(/^aws ecs wait services-stable /);
       await sh(/^TASK=/);
