@@ -870,11 +870,12 @@ export interface Outcome {
 }
 
 /**
- * The points where the policy decides: the scenario's stages, STARTTLS, and `abandon`: a
+ * The points where the policy decides: the scenario's stages, STARTTLS, `abandon`: a
  * transaction with accepted recipients ends without its end of data (RSET, HELO/EHLO, QUIT,
- * the connection closed), which ends those recipients' attempts.
+ * the connection closed), which ends those recipients' attempts; and `errors`: after each
+ * reply to a command, whether the session has made too many errors.
  */
-export type Point = Stage | "starttls" | "abandon";
+export type Point = Stage | "starttls" | "abandon" | "errors";
 
 /**
  * How a transaction was abandoned after its recipients were accepted: the client said RSET,
@@ -896,6 +897,8 @@ export interface Moment {
   data?: DataSummary;
   /** At `abandon`: how the transaction ended. */
   how?: Abandon;
+  /** At `errors`: what the reply to the command does next (one that closes needs no farewell). */
+  after?: After;
 }
 
 /** The scenario a moment is decided under. */
@@ -912,6 +915,10 @@ export interface Decision {
   after?: After;
   /** The reply ends the session: a 421 does (RFC 5321 §3.8). */
   close?: boolean;
+  /** At connect: the session is refused; every command but QUIT gets 503 (RFC 5321 §3.1). */
+  refuse?: boolean;
+  /** At `errors`: a last reply after the command's, before the close (the 421 past the error limit). */
+  farewell?: Reply;
   /** The transaction's greylist answer when keyed by IP (asked once per transaction). */
   greylist?: GreylistVerdict;
   remember?: GreylistRecord[];
@@ -1108,8 +1115,23 @@ function offersTls(m: Moment, sc: Scenario): boolean {
   return sc.starttls === "refuse" || sc.starttls === "break" || (sc.starttls === "default" && !!m.inputs.tlsAvailable);
 }
 
-/** connect, mail: the scenario's failure at its stage. */
+/** mail: the scenario's failure at its stage. */
 const stageRow = (m: Moment, sc: Scenario): Decision => scenarioAt(sc, m.point);
+
+/** connect: the scenario's failure there; a 5yz greeting refuses the session (554 then 503s: RFC 5321 §3.1). */
+function connectRow(_m: Moment, sc: Scenario): Decision {
+  const d = scenarioAt(sc, "connect");
+  return d.fail && d.fail.code >= 500 ? { ...d, refuse: true } : d;
+}
+
+const TOO_MANY_ERRORS: Decision = { delayMs: 0, farewell: REPLIES.tooManyErrors, after: "close" };
+
+/**
+ * After a command's reply: at MAX_ERRORS_PER_SESSION errors the session ends, the reply
+ * followed by 421 4.7.0; a reply that closes or drops the session already needs none.
+ */
+const errorsRow = (m: Moment): Decision =>
+  m.state!.errors < MAX_ERRORS_PER_SESSION || m.after === "close" || m.after === "drop" ? PASS : TOO_MANY_ERRORS;
 
 /** HELO and EHLO: the scenario's failure at helo; EHLO lists STARTTLS when it is offered. */
 const heloRow = (m: Moment, sc: Scenario): Decision =>
@@ -1271,7 +1293,7 @@ function starttlsRow(m: Moment, sc: Scenario): Decision {
 
 /** The table: one row a point. */
 const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
-  connect: stageRow,
+  connect: connectRow,
   helo: heloRow,
   mail: stageRow,
   rcpt: rcptWithFormReason,
@@ -1279,6 +1301,7 @@ const TABLE: Record<Point, (m: Moment, sc: Scenario) => Decision> = {
   eod: eodRow,
   starttls: starttlsRow,
   abandon: abandonRow,
+  errors: errorsRow,
 };
 
 /**
@@ -1326,9 +1349,9 @@ export function outcome(d: Decision, ok: Omit<Outcome, "delayMs">, failed: Sessi
 /** The greeting: 220, or the scenario's failure at connect (554 then 503s, or 421 and close). */
 export function greeting(sc: Scenario, serverName: string): Outcome {
   const d = decide({ point: "connect", inputs: { scenario: sc, serverName } });
-  const out = outcome(d, { reply: greetingReply(serverName), state: initialState(), after: "continue" });
-  if (out.reply.code >= 500) return { ...out, state: { ...out.state, refused: true } };
-  return out;
+  const state = initialState();
+  const ok: Omit<Outcome, "delayMs"> = { reply: greetingReply(serverName), state, after: "continue" };
+  return outcome(d, ok, d.refuse ? { ...state, refused: true } : state);
 }
 
 /** The reply at end of data, and what the ledger and accept-log record; the transaction ends either way. */
@@ -1611,18 +1634,18 @@ export function respond(state: SessionState, line: string, inputs: Inputs): Outc
   else if (handler) out = handler(state, arg, inputs);
   else if (NOT_IMPLEMENTED.has(verb)) out = refuse(state, REPLIES.notImplemented);
   else out = refuse(state, REPLIES.unknown);
-  return limitErrors(out);
+  return limitErrors(out, inputs);
 }
 
-/** Applies the error limit: past it, the reply is followed by 421 4.7.0 and the close. */
-function limitErrors(out: Outcome): Outcome {
-  if (out.state.errors < MAX_ERRORS_PER_SESSION || out.after === "close" || out.after === "drop") return out;
-  return { ...out, after: "close", farewell: REPLIES.tooManyErrors };
+/** The error limit, as the table says (`errors`): past it, the reply is followed by its farewell and the close. */
+function limitErrors(out: Outcome, inputs: Inputs): Outcome {
+  const d = decide({ point: "errors", state: out.state, after: out.after, inputs });
+  return d.farewell ? { ...out, after: d.after ?? "close", farewell: d.farewell } : out;
 }
 
 /** A command line the engine could not even read: too long or not ASCII. */
-function respondToBadLine(state: SessionState, kind: "long" | "chars"): Outcome {
-  return limitErrors(refuse(state, kind === "long" ? REPLIES.lineTooLong : REPLIES.badChars));
+export function respondToBadLine(state: SessionState, kind: "long" | "chars", inputs: Inputs): Outcome {
+  return limitErrors(refuse(state, kind === "long" ? REPLIES.lineTooLong : REPLIES.badChars), inputs);
 }
 
 // ---------------------------------------------------------------------------
@@ -3547,7 +3570,7 @@ class Session implements LineSink {
 
   #badLine(kind: "long" | "chars"): void {
     this.transcript.command(undefined);
-    this.#apply(respondToBadLine(this.state, kind));
+    this.#apply(respondToBadLine(this.state, kind, policyInputs(this.deps, this.client)));
   }
 
   #commandLine(line: Uint8Array): void {

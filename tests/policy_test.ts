@@ -18,6 +18,7 @@ import {
   endOfData,
   FIRST_SEEN_SPAN,
   formatReply,
+  greeting,
   GREYLIST_ENTRY_BYTES,
   GreylistTable,
   type GreylistVerdict,
@@ -36,6 +37,7 @@ import {
   type Point,
   REPLIES,
   respond,
+  respondToBadLine,
   type Scenario,
   scenario,
   seededUnit,
@@ -460,6 +462,58 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
       `${mode} at ${point}`,
     );
   }
+});
+
+/**
+ * The session's own rules, rows of the table like the scenario's: a 5yz greeting refuses the
+ * session (`refuse`: 503 to all but QUIT), the error limit ends it with a farewell 421 unless the
+ * reply closes already, a bare line end at the end of data refuses the message and closes.
+ */
+const SESSION_ROWS: [
+  string,
+  Point,
+  { errors?: number; after?: "continue" | "close" | "drop"; bare?: boolean },
+  { fail?: number; drop?: boolean; refuse?: boolean; farewell?: number; after?: string },
+][] = [
+  ["accept", "connect", {}, {}],
+  ["bounce at=connect", "connect", {}, { fail: 554, refuse: true }],
+  ['bounce at=connect reply="550 5.7.1 Go away"', "connect", {}, { fail: 550, refuse: true }],
+  ['bounce at=connect reply="521 5.3.2 Not today"', "connect", {}, { fail: 521, refuse: true }],
+  ["defer at=connect", "connect", {}, { fail: 421 }],
+  ["drop at=connect", "connect", {}, { drop: true }],
+  ["accept", "errors", { errors: MAX_ERRORS_PER_SESSION - 1 }, {}],
+  ["accept", "errors", { errors: MAX_ERRORS_PER_SESSION }, { farewell: 421, after: "close" }],
+  ["bounce", "errors", { errors: MAX_ERRORS_PER_SESSION + 3 }, { farewell: 421, after: "close" }],
+  ["accept", "errors", { errors: MAX_ERRORS_PER_SESSION, after: "close" }, {}],
+  ["accept", "errors", { errors: MAX_ERRORS_PER_SESSION, after: "drop" }, {}],
+  ["accept", "eod", { bare: true }, { fail: 550, after: "close" }],
+  ["bounce at=eod", "eod", { bare: true }, { fail: 550, after: "close" }],
+];
+
+Deno.test("policy: the greeting's refusal, the error limit and a bare line end are rows of decide() too", () => {
+  for (const [mode, point, at, want] of SESSION_ROWS) {
+    const sc = scenario(mode);
+    const d = decide({
+      point,
+      inputs: { scenario: sc, serverName: SERVER },
+      state: { esmtp: true, errors: at.errors ?? 0, ...(point === "eod" ? { tx: emptyTx(sc) } : {}) },
+      after: at.after ?? "continue",
+      ...(at.bare ? { data: { size: 5, longLine: false, bare: true } } : {}),
+    });
+    assertEquals(
+      { fail: d.fail?.code, drop: d.drop, refuse: d.refuse, farewell: d.farewell?.code, after: d.after },
+      { fail: want.fail, drop: want.drop, refuse: want.refuse, farewell: want.farewell, after: want.after },
+      `${mode} at ${point} ${JSON.stringify(at)}`,
+    );
+  }
+  // The session carries them out: a refused greeting's state, a bad line's farewell past the limit.
+  assertEquals(greeting(scenario('bounce at=connect reply="521 5.3.2 Not today"'), SERVER).state.refused, true);
+  assertEquals(greeting(scenario("defer at=connect"), SERVER).state.refused, undefined);
+  const inputs = { scenario: scenario("accept"), serverName: SERVER };
+  const past = respondToBadLine({ esmtp: false, errors: MAX_ERRORS_PER_SESSION - 1 }, "chars", inputs);
+  assertEquals([past.reply.code, past.farewell, past.after], [500, REPLIES.tooManyErrors, "close"]);
+  const before = respondToBadLine({ esmtp: false, errors: MAX_ERRORS_PER_SESSION - 2 }, "long", inputs);
+  assertEquals([before.reply.code, before.farewell, before.after], [500, undefined, "continue"]);
 });
 
 Deno.test("policy: greylisting takes the time and the table's entry as inputs, and says what to remember", () => {
