@@ -3905,45 +3905,107 @@ export interface AttemptFilter {
   messageId?: string;
 }
 
+/** An attempt as kept for grouping: its own fields (its envelope's are the `Envelope`'s) and its time in ms. */
+export type KeptAttempt = Omit<AttemptEvent, "event" | "key" | "from" | "rcpt"> & { ts: string; t: number };
+
+/** One envelope's attempts (any order), or one message's once `messagesOf` has split them. */
+export interface Envelope {
+  key: string;
+  from: string;
+  rcpt: string;
+  attempts: KeptAttempt[];
+}
+
+/** The message reached the sinkhole whole at this attempt (said 2yz, or dropped after the final dot). */
+export const handedOver = (a: Pick<AttemptEvent, "stage" | "dropped" | "code">): boolean =>
+  a.stage === "eod" && (a.dropped === true || (a.code !== undefined && a.code < 300));
+
+/** `<id>` as the listener logs it: angle brackets added when the operator left them out. */
+export function normalMessageId(id: string): string {
+  const t = id.trim();
+  return t.startsWith("<") ? t : `<${t}>`;
+}
+
 /**
- * The attempts grouped per message, in time order, with intervals and outcomes: what
- * ctl/report.ts's `histories` makes of the same events (tests/control_test.ts holds the two
- * equal; the listener cannot import ctl, whose module reads the listener's at load).
+ * An envelope's attempts (any order) as its messages, as the attempt table counts them: in time
+ * order, a message ends at an attempt that handed it over (2yz or dropped at the end of data) or
+ * bounced it (5yz); the next attempt opens a new one. A message handed over with the Message-ID
+ * the one that ended before it was delivered with is that one sent again (the final reply lost):
+ * its attempts join it, a duplicate. Linear but the sort.
+ */
+export function messagesOf(envelope: Envelope): Envelope[] {
+  const sorted = [...envelope.attempts].sort((a, b) => a.t - b.t);
+  const messages: Envelope[] = [];
+  let open: KeptAttempt[] = [];
+  let last: { message: Envelope; deliveredId?: string } | undefined;
+  for (const a of sorted) {
+    open.push(a);
+    const delivered = handedOver(a);
+    if (!delivered && !(a.code !== undefined && a.code >= 500)) continue;
+    if (delivered && a.messageId !== undefined && last?.deliveredId === a.messageId) {
+      for (const b of open) last.message.attempts.push(b);
+    } else {
+      const message = { ...envelope, attempts: open };
+      messages.push(message);
+      last = { message, deliveredId: delivered ? a.messageId : undefined };
+    }
+    open = [];
+  }
+  if (open.length > 0) messages.push({ ...envelope, attempts: open });
+  return messages;
+}
+
+/** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
+export function messageHistory({ key, from, rcpt, attempts: kept }: Envelope): ControlHistory {
+  const sorted = [...kept].sort((a, b) => a.t - b.t);
+  const attempts = sorted.map(({ t, code, dropped, unheard, abandoned, messageId, ...rest }, i) => ({
+    event: "attempt" as const,
+    key,
+    from,
+    rcpt,
+    ...rest,
+    ...(code !== undefined ? { code } : {}),
+    ...(dropped ? { dropped } : {}),
+    ...(unheard ? { unheard } : {}),
+    ...(abandoned ? { abandoned } : {}),
+    ...(messageId !== undefined ? { messageId } : {}),
+    ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}),
+  }));
+  const seen = new Set<string>();
+  let deliveries = 0;
+  let duplicate = false;
+  for (const a of attempts) {
+    if (!handedOver(a)) continue;
+    deliveries++;
+    const id = a.messageId ?? "";
+    if (seen.has(id)) duplicate = true;
+    seen.add(id);
+  }
+  const last = attempts.at(-1)!;
+  return { key, from, rcpt, attempts, deliveries, duplicate, bounced: last.code !== undefined && last.code >= 500 };
+}
+
+/**
+ * The attempts grouped per message (`messagesOf`), in time order, with intervals and outcomes
+ * (`messageHistory`): ctl/report.ts's `Ledger` makes its histories with the same two functions.
  */
 export function controlHistories(events: readonly ControlAttempt[], f: AttemptFilter = {}): ControlHistory[] {
-  const byKey = new Map<string, ControlAttempt[]>();
-  for (const e of events) {
-    if (f.rcpt !== undefined && e.rcpt !== f.rcpt) continue;
-    if (f.sinceMs !== undefined && Date.parse(e.ts) < f.sinceMs) continue;
-    const list = byKey.get(e.key);
-    if (list) list.push(e);
-    else byKey.set(e.key, [e]);
+  const byKey = new Map<string, Envelope>();
+  for (const { event: _event, key, from, rcpt, intervalS: _intervalS, ...own } of events) {
+    if (f.rcpt !== undefined && rcpt !== f.rcpt) continue;
+    const t = Date.parse(own.ts);
+    if (f.sinceMs !== undefined && t < f.sinceMs) continue;
+    let envelope = byKey.get(key);
+    if (!envelope) byKey.set(key, envelope = { key, from, rcpt, attempts: [] });
+    envelope.attempts.push({ ...own, t });
   }
-  const want = f.messageId === undefined
-    ? undefined
-    : f.messageId.trim().startsWith("<")
-    ? f.messageId.trim()
-    : `<${f.messageId.trim()}>`;
+  const want = f.messageId === undefined ? undefined : normalMessageId(f.messageId);
   const out: ControlHistory[] = [];
-  for (const [key, list] of byKey) {
-    if (want !== undefined && !list.some((a) => a.messageId === want)) continue;
-    const sorted = list.map((a) => ({ a, t: Date.parse(a.ts) })).sort((x, y) => x.t - y.t);
-    const attempts = sorted.map(({ a, t }, i) => {
-      const { intervalS: _, ...rest } = a;
-      return { ...rest, key, ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}) };
-    });
-    const seen = new Set<string>();
-    let deliveries = 0;
-    let duplicate = false;
-    for (const a of attempts) {
-      if (a.stage !== "eod" || !(a.dropped || (a.code !== undefined && a.code < 300))) continue;
-      deliveries++;
-      if (seen.has(a.messageId ?? "")) duplicate = true;
-      seen.add(a.messageId ?? "");
+  for (const envelope of byKey.values()) {
+    for (const message of messagesOf(envelope)) {
+      if (want !== undefined && !message.attempts.some((a) => a.messageId === want)) continue;
+      out.push(messageHistory(message));
     }
-    const last = attempts.at(-1)!;
-    const { from, rcpt } = attempts[0];
-    out.push({ key, from, rcpt, attempts, deliveries, duplicate, bounced: (last.code ?? 0) >= 500 });
   }
   return out.sort((a, b) => Date.parse(a.attempts[0].ts) - Date.parse(b.attempts[0].ts));
 }

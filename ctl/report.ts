@@ -12,8 +12,19 @@
  * terminal (`printable`), the Markdown summary (`markdownText`) or Mermaid (`mermaidText`).
  * Pure but for `readLedger`.
  */
-import { type Abandon, type AttemptEvent, MAX_LOG_LINE_BYTES } from "../listener.ts";
+import {
+  type Abandon,
+  type AttemptEvent,
+  type Envelope,
+  handedOver,
+  MAX_LOG_LINE_BYTES,
+  messageHistory,
+  messagesOf,
+  normalMessageId,
+} from "../listener.ts";
 import { EXIT } from "./cli.ts";
+
+export { normalMessageId };
 
 export type AttemptLine = AttemptEvent & { ts: string };
 
@@ -111,7 +122,7 @@ export class Ledger {
   /** Attempts left out by the filter (before --since). */
   beforeSince = 0;
   kept = 0;
-  readonly #byKey = new Map<string, Message>();
+  readonly #byKey = new Map<string, Envelope>();
   /** One copy of each client address and mode text, however many attempts name it. */
   readonly #strings = new Map<string, string>();
   readonly #filter: LedgerFilter;
@@ -187,7 +198,7 @@ export class Ledger {
     for (const envelope of this.#byKey.values()) {
       for (const message of messagesOf(envelope)) {
         if (want !== undefined && !message.attempts.some((a) => a.messageId === want)) continue;
-        out.push(history(message));
+        out.push(messageHistory(message));
       }
     }
     return out.sort((a, b) => Date.parse(a.attempts[0].ts) - Date.parse(b.attempts[0].ts));
@@ -197,12 +208,6 @@ export class Ledger {
   skippedText(): string[] {
     return [...this.skipped.entries()].sort((a, b) => b[1] - a[1]).map(([reason, n]) => `${n} ${reason}`);
   }
-}
-
-/** `<id>` as the listener logs it: angle brackets added when the operator left them out. */
-export function normalMessageId(id: string): string {
-  const t = id.trim();
-  return t.startsWith("<") ? t : `<${t}>`;
 }
 
 /** One message's attempts, in order, and what became of it. */
@@ -222,92 +227,12 @@ export interface MessageHistory {
   bounced: boolean;
 }
 
-/** One message (or, as read, one envelope) as kept: its envelope once, each attempt's own fields (strings shared). */
-export interface Message {
-  key: string;
-  from: string;
-  rcpt: string;
-  /** The attempt's own fields (the listener's AttemptEvent less the envelope) and its time in milliseconds. */
-  attempts: (Omit<AttemptLine, "event" | "key" | "from" | "rcpt"> & { t: number })[];
-}
-
-/**
- * An envelope's attempts (any order) as its messages, as the listener counts them: in time order,
- * a message ends at an attempt that handed it over (2yz or dropped at the end of data) or bounced
- * it (5yz); the next attempt opens a new one. A message handed over with the Message-ID the one
- * that ended before it was delivered with is that one sent again (the final reply lost): its
- * attempts join it, a duplicate. Linear but the sort.
- */
-export function messagesOf(envelope: Message): Message[] {
-  const sorted = [...envelope.attempts].sort((a, b) => a.t - b.t);
-  const messages: Message[] = [];
-  let open: Message["attempts"] = [];
-  let last: { message: Message; deliveredId?: string } | undefined;
-  for (const a of sorted) {
-    open.push(a);
-    const delivered = handedOver(a);
-    if (!delivered && !(a.code !== undefined && a.code >= 500)) continue;
-    if (delivered && a.messageId !== undefined && last?.deliveredId === a.messageId) {
-      for (const b of open) last.message.attempts.push(b);
-    } else {
-      const message = { ...envelope, attempts: open };
-      messages.push(message);
-      last = { message, deliveredId: delivered ? a.messageId : undefined };
-    }
-    open = [];
-  }
-  if (open.length > 0) messages.push({ ...envelope, attempts: open });
-  return messages;
-}
-
-/** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
-function history({ key, from, rcpt, attempts: kept }: Message): MessageHistory {
-  const sorted = [...kept].sort((a, b) => a.t - b.t);
-  const attempts = sorted.map(({ t, code, dropped, unheard, abandoned, messageId, ...rest }, i) => ({
-    event: "attempt" as const,
-    key,
-    from,
-    rcpt,
-    ...rest,
-    ...(code !== undefined ? { code } : {}),
-    ...(dropped ? { dropped } : {}),
-    ...(unheard ? { unheard } : {}),
-    ...(abandoned ? { abandoned } : {}),
-    ...(messageId !== undefined ? { messageId } : {}),
-    ...(i > 0 ? { intervalS: (t - sorted[i - 1].t) / 1000 } : {}),
-  }));
-  const seen = new Set<string>();
-  let deliveries = 0;
-  let duplicate = false;
-  for (const a of attempts) {
-    if (!handedOver(a)) continue;
-    deliveries++;
-    const id = a.messageId ?? "";
-    if (seen.has(id)) duplicate = true;
-    seen.add(id);
-  }
-  const last = attempts.at(-1)!;
-  return {
-    key,
-    from,
-    rcpt,
-    attempts,
-    deliveries,
-    duplicate,
-    bounced: last.code !== undefined && last.code >= 500,
-  };
-}
-
 /** Groups attempts per message (its key), in time order, with intervals and outcomes; unusable ones are left out. */
 export function histories(events: Iterable<unknown>): MessageHistory[] {
   const ledger = new Ledger();
   for (const e of events) ledger.addEvent(e);
   return ledger.histories();
 }
-
-/** The message reached the sinkhole whole at this attempt (said 2yz, or dropped after the final dot). */
-const handedOver = (a: Pick<AttemptLine, "stage" | "dropped" | "code">) =>
-  a.stage === "eod" && (a.dropped || (a.code !== undefined && a.code < 300));
 
 // ---------------------------------------------------------------------------------------
 // Text from the input, made safe for where it is shown.

@@ -122,6 +122,18 @@ Deno.test("control: GET /attempts is what ctl report --json makes of the same at
   assertEquals(controlHistories(EVENTS, { messageId: "<m1@o.test>" }).map((m) => m.rcpt), ["r@sinkhole.test"]);
 });
 
+Deno.test("control: an envelope's messages are split where one was delivered, as ctl report splits them", () => {
+  const twice = [
+    ev("2026-01-01T00:00:00.000Z", { stage: "eod", code: 250, messageId: "<x1@o.test>" }),
+    ev("2026-01-01T00:01:00.000Z", { attempt: 2, code: 421 }),
+    ev("2026-01-01T00:02:00.000Z", { attempt: 3, stage: "eod", code: 250, messageId: "<x2@o.test>" }),
+  ];
+  const h = controlHistories(twice);
+  assertEquals(JSON.parse(JSON.stringify(h)), JSON.parse(JSON.stringify(histories(twice))));
+  assertEquals(h.map((m) => [m.attempts.length, m.deliveries, m.duplicate]), [[1, 1, false], [2, 1, false]]);
+  assertEquals(controlHistories(twice, { messageId: "x2@o.test" }).map((m) => m.attempts.length), [2]);
+});
+
 Deno.test("control: the attempts it serves are bounded by MAX_CONTROL_LEDGER_BYTES, the newest kept", () => {
   const max = 8 * 1024;
   const ledger = new ControlLedger(max);
