@@ -137,9 +137,15 @@ const cliConfig = () =>
 async function terraformDir(source: string, endpoint: string, creds: Creds, extra = "") {
   const dir = await Deno.makeTempDir({ prefix: "sinkhole-infra-" });
   await run("cp", ["-r", source, `${dir}/root`]);
+  await pointAtMoto(dir, `${dir}/root`, endpoint, extra);
+  return terraform(dir, `${dir}/root`, endpoint, creds);
+}
+
+/** A root's provider pointed at `endpoint` (an override file, `extra` before it) and the CLI config in `dir`. */
+async function pointAtMoto(dir: string, root: string, endpoint: string, extra = "") {
   const endpoints = SERVICES.map((s) => `    ${s} = "${endpoint}"`).join("\n");
   await Deno.writeTextFile(
-    `${dir}/root/moto_override.tf`,
+    `${root}/moto_override.tf`,
     `${extra}provider "aws" {
   skip_credentials_validation = true
   skip_requesting_account_id  = true
@@ -151,7 +157,6 @@ ${endpoints}
 `,
   );
   await Deno.writeTextFile(`${dir}/cli.tfrc`, cliConfig());
-  return terraform(dir, `${dir}/root`, endpoint, creds);
 }
 
 function terraform(dir: string, chdir: string, endpoint: string, creds: Creds) {
@@ -202,18 +207,8 @@ async function cabalmailAccount(sinkhole: boolean) {
   const cleanup: (() => Promise<unknown>)[] = [() => moto.close(), () => Deno.remove(recording)];
   try {
     const region = { AWS_REGION: REGION, AWS_DEFAULT_REGION: REGION };
-    await awsCliAs(
-      region,
-      moto.url,
-      "ssm",
-      "put-parameter",
-      "--name",
-      "/cabal/deployed_image_tag",
-      "--value",
-      LEGACY_TAG,
-      "--type",
-      "String",
-    );
+    const legacyTag = ["--name", "/cabal/deployed_image_tag", "--value", LEGACY_TAG, "--type", "String"];
+    await awsCliAs(region, moto.url, "ssm", "put-parameter", ...legacyTag);
     const cabal = await terraformDir(`${ROOT}/tests/cabal-infra`, moto.url, {});
     cleanup.push(() => Deno.remove(cabal.dir, { recursive: true }));
     const cabalVars = [
@@ -267,20 +262,7 @@ async function sinkholeRoot(account: Account) {
   await Deno.mkdir(`${dir}/ctl`);
   await Deno.writeTextFile(`${dir}/ctl/environments.json`, ENVIRONMENTS_TEXT);
   const live = `${dir}/terraform/live`;
-  const endpoints = SERVICES.map((s) => `    ${s} = "${account.moto.url}"`).join("\n");
-  await Deno.writeTextFile(
-    `${live}/moto_override.tf`,
-    `provider "aws" {
-  skip_credentials_validation = true
-  skip_requesting_account_id  = true
-  skip_metadata_api_check     = true
-  endpoints {
-${endpoints}
-  }
-}
-`,
-  );
-  await Deno.writeTextFile(`${dir}/cli.tfrc`, cliConfig());
+  await pointAtMoto(dir, live, account.moto.url);
   const t = terraform(dir, live, account.moto.url, account.deploy);
   // The state in a local file: moto's S3 signature check fails on any query value holding ':' or '/'
   // (SignatureDoesNotMatch; the aws CLI's own list-objects-v2 --prefix env:/ fails the same), and the S3
@@ -376,293 +358,297 @@ async function repositoryCount(account: Account): Promise<number> {
   return ((await account.aws("ecr", "describe-repositories")).repositories as Json[]).length;
 }
 
+/**
+ * One run on Cabalmail's account (with its sinkhole tier or without): the account, this project's root and ctl
+ * as the deploy user; what the deploy user called is kept for the policy test, and the run counted when it ends.
+ */
+function accountRun(
+  name: string,
+  sinkhole: boolean,
+  body: (t: Deno.TestContext, run: { account: Account; root: Root; envFile: string; ctl: Ctl }) => Promise<void>,
+) {
+  Deno.test({
+    name,
+    ignore: tools.ignore,
+    sanitizeOps: false,
+    sanitizeResources: false,
+    fn: async (t) => {
+      assertTools(tools.missing);
+      const account = await cabalmailAccount(sinkhole);
+      const root = await sinkholeRoot(account);
+      const envFile = `${root.dir}/ctl/environments.json`;
+      try {
+        await body(t, { account, root, envFile, ctl: ctlAs(account, envFile) });
+        runsCompleted++;
+      } finally {
+        for (const a of await account.called()) CALLED.add(a);
+        await account.close();
+        await Deno.remove(root.dir, { recursive: true }).catch(() => {});
+      }
+    },
+  });
+}
+type Root = Awaited<ReturnType<typeof sinkholeRoot>>;
+type Ctl = ReturnType<typeof ctlAs>;
+
 const ECR_REPOSITORIES = 13; // cabal-infra modules/ecr/main.tf: 3 core tiers, 9 monitoring, sinkhole
 
-Deno.test({
-  name:
-    "infra: Cabalmail's tier exists: the root makes none of it (SINKHOLE=true stops), ctl deploy rolls Cabalmail's " +
+accountRun(
+  "infra: Cabalmail's tier exists: the root makes none of it (SINKHOLE=true stops), ctl deploy rolls Cabalmail's " +
     "service to the pushed image, Cabalmail's plan shows no change; every button's ctl command works on it",
-  ignore: tools.ignore,
-  sanitizeOps: false,
-  sanitizeResources: false,
-  fn: async (t) => {
-    assertTools(tools.missing);
-    const account = await cabalmailAccount(true);
-    const root = await sinkholeRoot(account);
-    const envFile = `${root.dir}/ctl/environments.json`;
-    const ctl = ctlAs(account, envFile);
-    try {
-      await t.step("Cabalmail's own plan is clean before anything of ours runs", async () => {
-        assertEquals(await account.cabalChanges(), []);
-      });
+  true,
+  async (t, { account, root, envFile, ctl }) => {
+    await t.step("Cabalmail's own plan is clean before anything of ours runs", async () => {
+      assertEquals(await account.cabalChanges(), []);
+    });
 
-      await t.step(
-        "init; SINKHOLE=true stops at plan naming Cabalmail's tier; SINKHOLE unset makes none of it",
-        async () => {
-          const init = await root.init();
-          assertEquals(init.code, 0, init.out);
-          const plan = await root.tf(vars(true), "plan");
-          assertEquals(plan.code, 1, plan.out);
-          const flat = plan.out.replace(/\s+/g, " ");
-          assert(flat.includes(CABALMAIL_TIER_MESSAGE.replace(/\s+/g, " ")), flat);
-          assertMatch(flat, /The log group \/ecs\/cabal-sinkhole exists and is not this module's/);
-          assertMatch(flat, /The parameter \/cabal\/sinkhole_mode exists and this module's tier does not/);
-          const applied = await root.apply(vars(false));
-          assertMatch(applied.out, /Apply complete! Resources: 3 added, 0 changed, 0 destroyed/);
-          assertEquals(await repositoryCount(account), ECR_REPOSITORIES, "no second repository");
-          assertEquals(await root.changes(vars(false)), []);
-        },
-      );
-
-      const before = await service(account);
-      assert(before, "Cabalmail's service cabal-sinkhole runs");
-      const cabalTd = await taskDefinition(account, before.taskDefinition);
-
-      await t.step(
-        "push, ctl deploy: a new revision from the running one, only the image changed; stable",
-        async () => {
-          await pushImage(account, IMAGE_TAG);
-          const res = await ctl("deploy", "--tag", IMAGE_TAG);
-          assertEquals(res.code, 0, res.stdout + res.stderr);
-          assertMatch(res.stdout, /stable on .*cabal-sinkhole:2/);
-          const after = await service(account);
-          assert(after && after.taskDefinition !== before.taskDefinition, "the service runs a new revision");
-          const td = await taskDefinition(account, after.taskDefinition);
-          const image = `${ACCOUNT}.dkr.ecr.${REGION}.amazonaws.com/cabal-sinkhole:${IMAGE_TAG}`;
-          assertEquals(td.containerDefinitions[0].image, image, "the image this project pushed");
-          assertEquals(shape(td), shape(cabalTd), "everything else of Cabalmail's task definition unchanged");
-          // The listener runs in it as it is: port 25, awsvpc, EC2, 128 MiB, no systemControls, no health check.
-          const c = td.containerDefinitions[0];
-          assertEquals([td.networkMode, td.requiresCompatibilities, c.memory, c.portMappings[0].containerPort], [
-            "awsvpc",
-            ["EC2"],
-            128,
-            25,
-          ]);
-          assertEquals([c.systemControls ?? [], c.healthCheck], [[], undefined]);
-          const tag = await account.aws("ssm", "get-parameter", "--name", ENV.imageTagParameter);
-          assertEquals(
-            (tag.Parameter as Json).Value,
-            IMAGE_TAG,
-            "the tag, as refresh-ssm-from-running.sh would write it",
-          );
-        },
-      );
-
-      await t.step("after the deploy: Cabalmail's plan and this root's show no change", async () => {
-        assertEquals(await account.cabalChanges(), []);
+    await t.step(
+      "init; SINKHOLE=true stops at plan naming Cabalmail's tier; SINKHOLE unset makes none of it",
+      async () => {
+        const init = await root.init();
+        assertEquals(init.code, 0, init.out);
+        const plan = await root.tf(vars(true), "plan");
+        assertEquals(plan.code, 1, plan.out);
+        const flat = plan.out.replace(/\s+/g, " ");
+        assert(flat.includes(CABALMAIL_TIER_MESSAGE.replace(/\s+/g, " ")), flat);
+        assertMatch(flat, /The log group \/ecs\/cabal-sinkhole exists and is not this module's/);
+        assertMatch(flat, /The parameter \/cabal\/sinkhole_mode exists and this module's tier does not/);
+        const applied = await root.apply(vars(false));
+        assertMatch(applied.out, /Apply complete! Resources: 3 added, 0 changed, 0 destroyed/);
+        assertEquals(await repositoryCount(account), ECR_REPOSITORIES, "no second repository");
         assertEquals(await root.changes(vars(false)), []);
-      });
+      },
+    );
 
-      await t.step("every button's ctl command on Cabalmail's tier, as the deploy user", async () => {
-        for (
-          const [args, codes] of [
-            [["status", "--tier", "on"], [0]],
-            [["mode", "get"], [0]],
-            [["mode", "set", "accept"], [0]],
-            [["check", "--tier", "on", "--no-github", "--mode-age", "0"], [1]],
-            // Nothing was sent here: no attempt in the log group is "done, not as wanted" (docs/ctl.md).
-            [["report", "--since", "60"], [1]],
-            [["probe", "--timeout", "1"], [1]],
-            [["cleanup"], [0]],
-          ] as [string[], number[]][]
-        ) {
-          const res = await ctl(...args);
-          assert(codes.includes(res.code), `ctl ${args.join(" ")}: exit ${res.code}\n${res.stdout}${res.stderr}`);
-          assert(!/AccessDenied|not authorized/i.test(res.stdout + res.stderr), res.stdout + res.stderr);
-        }
-      });
+    const before = await service(account);
+    assert(before, "Cabalmail's service cabal-sinkhole runs");
+    const cabalTd = await taskDefinition(account, before.taskDefinition);
 
-      await t.step("a deploy without the Parameters statement is denied (moto enforces the policy)", async () => {
-        const creds = await userWithPolicy(
-          account.moto.url,
-          "sinkhole-deploy-without-parameters",
-          motoPolicy(documentedPolicy(), "Parameters"),
-          { ...account.admin, ...account.region },
-        );
-        const res = await ctlAs(account, envFile, creds)("mode", "set", "accept");
-        assertEquals(res.code, 3, res.stdout + res.stderr);
-        assertMatch(res.stderr, /PutParameter|AccessDenied|not authorized/);
-      });
-      runsCompleted++;
-    } finally {
-      for (const a of await account.called()) CALLED.add(a);
-      await account.close();
-      await Deno.remove(root.dir, { recursive: true }).catch(() => {});
-    }
-  },
-});
-
-Deno.test({
-  name: "infra: no tier: the root makes one from what is missing only, ctl deploy and the next apply run the pushed " +
-    "image; ctl drives it; quiesce, removal; Cabalmail's plan clean throughout; prod refused",
-  ignore: tools.ignore,
-  sanitizeOps: false,
-  sanitizeResources: false,
-  fn: async (t) => {
-    assertTools(tools.missing);
-    const account = await cabalmailAccount(false);
-    const root = await sinkholeRoot(account);
-    const envFile = `${root.dir}/ctl/environments.json`;
-    const ctl = ctlAs(account, envFile);
-    const { aws } = account;
-    try {
-      await t.step("init from the mirror", async () => {
-        const res = await root.init();
-        assertEquals(res.code, 0, res.out);
-      });
-
-      await t.step(
-        "apply, tier on, no image yet: made from what is missing, under Cabalmail's execution role",
-        async () => {
-          await root.apply(vars(true));
-          const out = await root.outputs();
-          assertEquals(out.parameter_name, ENV.parameter);
-          assertEquals(out.image_tag_parameter, ENV.imageTagParameter);
-          assertEquals(out.ecs_service, ENV.sinkholeService);
-          assertEquals(out.hostname, `sinkhole.${ENV.namespace}`);
-          assertEquals(out.image, "", "no image pushed yet");
-          assertEquals(await repositoryCount(account), ECR_REPOSITORIES, "Cabalmail's repository, not a second");
-          const svc = await service(account);
-          assertEquals(
-            svc?.desiredCount,
-            0,
-            "no task until an image is pushed: nothing for Cabalmail's pipeline to wait on",
-          );
-          const td = await taskDefinition(account, svc!.taskDefinition);
-          assertEquals(td.executionRoleArn, `arn:aws:iam::${ACCOUNT}:role/cabal-ecs-execution-role`);
-        },
-      );
-
-      await t.step(
-        "a plan without the DescribeParameters statement is denied (the provider reads the mode parameter it made)",
-        async () => {
-          const creds = await userWithPolicy(
-            account.moto.url,
-            "sinkhole-deploy-without-describe",
-            motoPolicy(documentedPolicy(), "DescribeParameters"),
-            { ...account.admin, ...account.region },
-          );
-          const plan = await root.tf({ ...creds, ...vars(true) }, "plan");
-          assertEquals(plan.code, 1, plan.out);
-          assertMatch(plan.out, /DescribeParameters/);
-        },
-      );
-
-      await t.step("push, ctl deploy, apply: the pushed image runs, desired 1; both plans clean", async () => {
+    await t.step(
+      "push, ctl deploy: a new revision from the running one, only the image changed; stable",
+      async () => {
         await pushImage(account, IMAGE_TAG);
         const res = await ctl("deploy", "--tag", IMAGE_TAG);
         assertEquals(res.code, 0, res.stdout + res.stderr);
+        assertMatch(res.stdout, /stable on .*cabal-sinkhole:2/);
+        const after = await service(account);
+        assert(after && after.taskDefinition !== before.taskDefinition, "the service runs a new revision");
+        const td = await taskDefinition(account, after.taskDefinition);
+        const image = `${ACCOUNT}.dkr.ecr.${REGION}.amazonaws.com/cabal-sinkhole:${IMAGE_TAG}`;
+        assertEquals(td.containerDefinitions[0].image, image, "the image this project pushed");
+        assertEquals(shape(td), shape(cabalTd), "everything else of Cabalmail's task definition unchanged");
+        // The listener runs in it as it is: port 25, awsvpc, EC2, 128 MiB, no systemControls, no health check.
+        const c = td.containerDefinitions[0];
+        assertEquals([td.networkMode, td.requiresCompatibilities, c.memory, c.portMappings[0].containerPort], [
+          "awsvpc",
+          ["EC2"],
+          128,
+          25,
+        ]);
+        assertEquals([c.systemControls ?? [], c.healthCheck], [[], undefined]);
+        const tag = await account.aws("ssm", "get-parameter", "--name", ENV.imageTagParameter);
+        assertEquals(
+          (tag.Parameter as Json).Value,
+          IMAGE_TAG,
+          "the tag, as refresh-ssm-from-running.sh would write it",
+        );
+      },
+    );
+
+    await t.step("after the deploy: Cabalmail's plan and this root's show no change", async () => {
+      assertEquals(await account.cabalChanges(), []);
+      assertEquals(await root.changes(vars(false)), []);
+    });
+
+    await t.step("every button's ctl command on Cabalmail's tier, as the deploy user", async () => {
+      for (
+        const [args, codes] of [
+          [["status", "--tier", "on"], [0]],
+          [["mode", "get"], [0]],
+          [["mode", "set", "accept"], [0]],
+          [["check", "--tier", "on", "--no-github", "--mode-age", "0"], [1]],
+          // Nothing was sent here: no attempt in the log group is "done, not as wanted" (docs/ctl.md).
+          [["report", "--since", "60"], [1]],
+          [["probe", "--timeout", "1"], [1]],
+          [["cleanup"], [0]],
+        ] as [string[], number[]][]
+      ) {
+        const res = await ctl(...args);
+        assert(codes.includes(res.code), `ctl ${args.join(" ")}: exit ${res.code}\n${res.stdout}${res.stderr}`);
+        assert(!/AccessDenied|not authorized/i.test(res.stdout + res.stderr), res.stdout + res.stderr);
+      }
+    });
+
+    await t.step("a deploy without the Parameters statement is denied (moto enforces the policy)", async () => {
+      const creds = await userWithPolicy(
+        account.moto.url,
+        "sinkhole-deploy-without-parameters",
+        motoPolicy(documentedPolicy(), "Parameters"),
+        { ...account.admin, ...account.region },
+      );
+      const res = await ctlAs(account, envFile, creds)("mode", "set", "accept");
+      assertEquals(res.code, 3, res.stdout + res.stderr);
+      assertMatch(res.stderr, /PutParameter|AccessDenied|not authorized/);
+    });
+  },
+);
+
+accountRun(
+  "infra: no tier: the root makes one from what is missing only, ctl deploy and the next apply run the pushed " +
+    "image; ctl drives it; quiesce, removal; Cabalmail's plan clean throughout; prod refused",
+  false,
+  async (t, { account, root, ctl }) => {
+    const { aws } = account;
+    await t.step("init from the mirror", async () => {
+      const res = await root.init();
+      assertEquals(res.code, 0, res.out);
+    });
+
+    await t.step(
+      "apply, tier on, no image yet: made from what is missing, under Cabalmail's execution role",
+      async () => {
         await root.apply(vars(true));
         const out = await root.outputs();
-        assertEquals(out.image, `${out.repository_url}:${IMAGE_TAG}`);
+        assertEquals(out.parameter_name, ENV.parameter);
+        assertEquals(out.image_tag_parameter, ENV.imageTagParameter);
+        assertEquals(out.ecs_service, ENV.sinkholeService);
+        assertEquals(out.hostname, `sinkhole.${ENV.namespace}`);
+        assertEquals(out.image, "", "no image pushed yet");
+        assertEquals(await repositoryCount(account), ECR_REPOSITORIES, "Cabalmail's repository, not a second");
         const svc = await service(account);
-        assertEquals(svc?.desiredCount, 1);
-        const td = await taskDefinition(account, svc!.taskDefinition);
-        assertEquals(td.containerDefinitions[0].image, out.image, "the service runs the pushed image");
-        assertEquals(td.containerDefinitions[0].logConfiguration.options.mode, "non-blocking");
-        assertEquals(await root.changes(vars(true)), [], "a second plan shows no changes");
-        assertEquals(await account.cabalChanges(), []);
-      });
-
-      await t.step(
-        "ctl status, mode get, mode set --wait, report, check and probe on what Terraform made",
-        async () => {
-          // The listener stands in for the task: credentials whose only policy is its task role's.
-          const task = await userWithPolicy(account.moto.url, "sinkhole-task", {
-            Version: "2012-10-17",
-            Statement: [{ Effect: "Allow", Action: "ssm:GetParameter", Resource: "*" }],
-          }, { ...account.admin, ...account.region });
-          const l = await startListener({
-            ...ssmEnv(account.moto.url, "1", ENV.parameter),
-            ...task,
-            ...account.region,
-          });
-          const shipper = shipLogs(l, account.moto.url, ENV.sinkholeLogGroup, { ...account.admin, ...account.region });
-          try {
-            const status = await ctl("status", "--tier", "on");
-            assertEquals(status.code, 0, status.stderr);
-            assertMatch(status.stdout, new RegExp(`sinkhole service ${ENV.sinkholeService}: desired 1`));
-            assertMatch(status.stdout, /mode stored: "defer"/);
-            const set = await ctl("mode", "set", "accept", "--wait");
-            assertEquals(set.code, 0, set.stdout + set.stderr);
-            assertMatch(set.stdout, /the listener logged mode accept/);
-            const get = await ctl("mode", "get");
-            assertMatch(get.stdout, /mode stored: "accept"/);
-            assertMatch(get.stdout, /mode in effect: "accept"/);
-            assertEquals((await transaction(l.port, { to: ["ledger@sinkhole.test"] })).at(-2), 250);
-            let report = "";
-            await eventually(
-              async () =>
-                /ledger@sinkhole\.test: 1 attempt\(s\), delivered once/.test(
-                  report = (await ctl("report", "--since", "60")).stdout,
-                ),
-              REPLY_WAIT_MS,
-              500,
-            ).catch(() => assertEquals(report, "a report naming ledger@sinkhole.test"));
-            const check = await ctl("check", "--tier", "on", "--no-github", "--mode-age", "0");
-            assertEquals(check.code, 1, "a non-default mode is a finding");
-            assertMatch(check.stdout, /mode is `accept`/);
-            const probe = await ctl("probe", "--timeout", "1");
-            assertEquals(probe.code, 1, "no smtp-out task runs in this account: nothing to probe through");
-            assertMatch(probe.stdout, new RegExp(`no running ${ENV.mtaService} task`));
-            const cleanup = await ctl("cleanup");
-            assertEquals(cleanup.code, 0, cleanup.stdout + cleanup.stderr);
-          } finally {
-            await shipper.stop();
-            await l.stop();
-          }
-        },
-      );
-
-      await t.step("quiesced: the drain runs, the service scales to zero, the Cloud Map name stays", async () => {
-        const res = await root.apply(vars(true, true));
-        assertMatch(res.out, /cloud_map_lifecycle\[0\] \(local-exec\)|cloud_map_lifecycle\[0\]: Destroying/);
-        assertEquals((await service(account))?.desiredCount, 0);
-        const names = ((await aws("servicediscovery", "list-services")).Services as Json[]).map((s) => s.Name);
-        assert(names.includes("sinkhole"), names.join());
-        assertEquals(await root.changes(vars(true, true)), []);
-      });
-
-      await t.step("sinkhole=false removes the tier; Cabalmail's repository and tag parameter stay", async () => {
-        await root.apply(vars(false));
-        assertEquals(await service(account), undefined);
-        const names = ((await aws("servicediscovery", "list-services")).Services as Json[]).map((s) => s.Name);
-        assert(!names.includes("sinkhole"), names.join());
-        assertEquals(await repositoryCount(account), ECR_REPOSITORIES);
-        const tag = await aws("ssm", "get-parameter", "--name", ENV.imageTagParameter);
-        assertEquals((tag.Parameter as Json).Value, IMAGE_TAG, "the deployed tag survives for the next time");
-        assertEquals(await root.changes(vars(false)), []);
-        assertEquals(await account.cabalChanges(), [], "Cabalmail's plan: no change after removal");
-      });
-
-      await t.step("production refused at plan: by name (prod, Production), and by the cluster's tag", async () => {
-        for (const name of ["prod", "Production"]) {
-          const plan = await root.tf(vars(true, false, name), "plan");
-          assertEquals(plan.code, 1, plan.out);
-          assertMatch(plan.out.replace(/\s+/g, " "), /sinkhole has none in production/);
-        }
-        await aws(
-          "ecs",
-          "tag-resource",
-          "--resource-arn",
-          `arn:aws:ecs:${REGION}:${ACCOUNT}:cluster/${ENV.cluster}`,
-          "--tags",
-          "key=environment,value=prod",
+        assertEquals(
+          svc?.desiredCount,
+          0,
+          "no task until an image is pushed: nothing for Cabalmail's pipeline to wait on",
         );
-        // Tagged production, with the tier off: refused all the same (tests/terraform_test.ts plans each layer).
-        const plan = await root.tf(vars(false), "plan");
+        const td = await taskDefinition(account, svc!.taskDefinition);
+        assertEquals(td.executionRoleArn, `arn:aws:iam::${ACCOUNT}:role/cabal-ecs-execution-role`);
+      },
+    );
+
+    await t.step(
+      "a plan without the DescribeParameters statement is denied (the provider reads the mode parameter it made)",
+      async () => {
+        const creds = await userWithPolicy(
+          account.moto.url,
+          "sinkhole-deploy-without-describe",
+          motoPolicy(documentedPolicy(), "DescribeParameters"),
+          { ...account.admin, ...account.region },
+        );
+        const plan = await root.tf({ ...creds, ...vars(true) }, "plan");
         assertEquals(plan.code, 1, plan.out);
-        assertMatch(plan.out.replace(/\s+/g, " "), /never deployed to production/);
-      });
-      runsCompleted++;
-    } finally {
-      for (const a of await account.called()) CALLED.add(a);
-      await account.close();
-      await Deno.remove(root.dir, { recursive: true }).catch(() => {});
-    }
+        assertMatch(plan.out, /DescribeParameters/);
+      },
+    );
+
+    await t.step("push, ctl deploy, apply: the pushed image runs, desired 1; both plans clean", async () => {
+      await pushImage(account, IMAGE_TAG);
+      const res = await ctl("deploy", "--tag", IMAGE_TAG);
+      assertEquals(res.code, 0, res.stdout + res.stderr);
+      await root.apply(vars(true));
+      const out = await root.outputs();
+      assertEquals(out.image, `${out.repository_url}:${IMAGE_TAG}`);
+      const svc = await service(account);
+      assertEquals(svc?.desiredCount, 1);
+      const td = await taskDefinition(account, svc!.taskDefinition);
+      assertEquals(td.containerDefinitions[0].image, out.image, "the service runs the pushed image");
+      assertEquals(td.containerDefinitions[0].logConfiguration.options.mode, "non-blocking");
+      assertEquals(await root.changes(vars(true)), [], "a second plan shows no changes");
+      assertEquals(await account.cabalChanges(), []);
+    });
+
+    await t.step(
+      "ctl status, mode get, mode set --wait, report, check and probe on what Terraform made",
+      async () => {
+        // The listener stands in for the task: credentials whose only policy is its task role's.
+        const task = await userWithPolicy(account.moto.url, "sinkhole-task", {
+          Version: "2012-10-17",
+          Statement: [{ Effect: "Allow", Action: "ssm:GetParameter", Resource: "*" }],
+        }, { ...account.admin, ...account.region });
+        const l = await startListener({
+          ...ssmEnv(account.moto.url, "1", ENV.parameter),
+          ...task,
+          ...account.region,
+        });
+        const shipper = shipLogs(l, account.moto.url, ENV.sinkholeLogGroup, { ...account.admin, ...account.region });
+        try {
+          const status = await ctl("status", "--tier", "on");
+          assertEquals(status.code, 0, status.stderr);
+          assertMatch(status.stdout, new RegExp(`sinkhole service ${ENV.sinkholeService}: desired 1`));
+          assertMatch(status.stdout, /mode stored: "defer"/);
+          const set = await ctl("mode", "set", "accept", "--wait");
+          assertEquals(set.code, 0, set.stdout + set.stderr);
+          assertMatch(set.stdout, /the listener logged mode accept/);
+          const get = await ctl("mode", "get");
+          assertMatch(get.stdout, /mode stored: "accept"/);
+          assertMatch(get.stdout, /mode in effect: "accept"/);
+          assertEquals((await transaction(l.port, { to: ["ledger@sinkhole.test"] })).at(-2), 250);
+          let report = "";
+          await eventually(
+            async () =>
+              /ledger@sinkhole\.test: 1 attempt\(s\), delivered once/.test(
+                report = (await ctl("report", "--since", "60")).stdout,
+              ),
+            REPLY_WAIT_MS,
+            500,
+          ).catch(() => assertEquals(report, "a report naming ledger@sinkhole.test"));
+          const check = await ctl("check", "--tier", "on", "--no-github", "--mode-age", "0");
+          assertEquals(check.code, 1, "a non-default mode is a finding");
+          assertMatch(check.stdout, /mode is `accept`/);
+          const probe = await ctl("probe", "--timeout", "1");
+          assertEquals(probe.code, 1, "no smtp-out task runs in this account: nothing to probe through");
+          assertMatch(probe.stdout, new RegExp(`no running ${ENV.mtaService} task`));
+          const cleanup = await ctl("cleanup");
+          assertEquals(cleanup.code, 0, cleanup.stdout + cleanup.stderr);
+        } finally {
+          await shipper.stop();
+          await l.stop();
+        }
+      },
+    );
+
+    await t.step("quiesced: the drain runs, the service scales to zero, the Cloud Map name stays", async () => {
+      const res = await root.apply(vars(true, true));
+      assertMatch(res.out, /cloud_map_lifecycle\[0\] \(local-exec\)|cloud_map_lifecycle\[0\]: Destroying/);
+      assertEquals((await service(account))?.desiredCount, 0);
+      const names = ((await aws("servicediscovery", "list-services")).Services as Json[]).map((s) => s.Name);
+      assert(names.includes("sinkhole"), names.join());
+      assertEquals(await root.changes(vars(true, true)), []);
+    });
+
+    await t.step("sinkhole=false removes the tier; Cabalmail's repository and tag parameter stay", async () => {
+      await root.apply(vars(false));
+      assertEquals(await service(account), undefined);
+      const names = ((await aws("servicediscovery", "list-services")).Services as Json[]).map((s) => s.Name);
+      assert(!names.includes("sinkhole"), names.join());
+      assertEquals(await repositoryCount(account), ECR_REPOSITORIES);
+      const tag = await aws("ssm", "get-parameter", "--name", ENV.imageTagParameter);
+      assertEquals((tag.Parameter as Json).Value, IMAGE_TAG, "the deployed tag survives for the next time");
+      assertEquals(await root.changes(vars(false)), []);
+      assertEquals(await account.cabalChanges(), [], "Cabalmail's plan: no change after removal");
+    });
+
+    await t.step("production refused at plan: by name (prod, Production), and by the cluster's tag", async () => {
+      for (const name of ["prod", "Production"]) {
+        const plan = await root.tf(vars(true, false, name), "plan");
+        assertEquals(plan.code, 1, plan.out);
+        assertMatch(plan.out.replace(/\s+/g, " "), /sinkhole has none in production/);
+      }
+      await aws(
+        "ecs",
+        "tag-resource",
+        "--resource-arn",
+        `arn:aws:ecs:${REGION}:${ACCOUNT}:cluster/${ENV.cluster}`,
+        "--tags",
+        "key=environment,value=prod",
+      );
+      // Tagged production, with the tier off: refused all the same (tests/terraform_test.ts plans each layer).
+      const plan = await root.tf(vars(false), "plan");
+      assertEquals(plan.code, 1, plan.out);
+      assertMatch(plan.out.replace(/\s+/g, " "), /never deployed to production/);
+    });
   },
-});
+);
 
 Deno.test({
   name: "infra: init from the mirror into the S3 backend, with the workflow's -backend-config; the committed lock file",
@@ -675,16 +661,8 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "sinkhole-init-" });
     try {
       const region = { AWS_REGION: REGION, AWS_DEFAULT_REGION: REGION };
-      await awsCliAs(
-        region,
-        moto.url,
-        "s3api",
-        "create-bucket",
-        "--bucket",
-        STATE_BUCKET,
-        "--create-bucket-configuration",
-        `LocationConstraint=${REGION}`,
-      );
+      const bucket = ["--bucket", STATE_BUCKET, "--create-bucket-configuration", `LocationConstraint=${REGION}`];
+      await awsCliAs(region, moto.url, "s3api", "create-bucket", ...bucket);
       await run("cp", ["-r", `${ROOT}/terraform`, `${dir}/terraform`]);
       await Deno.remove(`${dir}/terraform/live/.terraform`, { recursive: true }).catch(() => {});
       await Deno.writeTextFile(`${dir}/cli.tfrc`, cliConfig());
