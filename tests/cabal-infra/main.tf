@@ -110,34 +110,12 @@ locals {
 
 # -- ECR: modules/ecr/main.tf -------------------------------------------------------------
 resource "aws_ecr_repository" "tier" {
-  # :5-18 (var.tiers defaults to the core mail tiers: modules/ecr/variables.tf)
-  for_each             = toset(local.core_mail_tiers)
+  # Three resources there, one here (the same settings; each key's repository as there):
+  # :5-18 the core mail tiers (var.tiers defaults to them: modules/ecr/variables.tf);
+  # :25-42 the monitoring tiers (prevent_destroy left out: the test throws the whole account away);
+  # :51-67 cabal-sinkhole, always, whatever var.sinkhole says.
+  for_each             = toset(local.docker_tiers)
   name                 = "cabal-${each.key}"
-  image_tag_mutability = "IMMUTABLE"
-  force_delete         = false
-  image_scanning_configuration {
-    scan_on_push = true
-  }
-  encryption_configuration {
-    encryption_type = "AES256"
-  }
-}
-resource "aws_ecr_repository" "monitoring" {
-  # :25-42 (prevent_destroy left out: the test throws the whole account away)
-  for_each             = toset(local.monitoring_tiers)
-  name                 = "cabal-${each.key}"
-  image_tag_mutability = "IMMUTABLE"
-  force_delete         = false
-  image_scanning_configuration {
-    scan_on_push = true
-  }
-  encryption_configuration {
-    encryption_type = "AES256"
-  }
-}
-resource "aws_ecr_repository" "sinkhole" {
-  # :51-67, always, whatever var.sinkhole says
-  name                 = "cabal-sinkhole"
   image_tag_mutability = "IMMUTABLE"
   force_delete         = false
   image_scanning_configuration {
@@ -149,7 +127,7 @@ resource "aws_ecr_repository" "sinkhole" {
 }
 locals {
   # :69-85
-  all_repositories = merge(aws_ecr_repository.tier, aws_ecr_repository.monitoring, { sinkhole = aws_ecr_repository.sinkhole })
+  all_repositories = aws_ecr_repository.tier
   ecr_pull_actions = ["ecr:GetDownloadUrlForLayer", "ecr:BatchGetImage", "ecr:BatchCheckLayerAvailability"]
 }
 resource "aws_ecr_repository_policy" "pull_restriction" {
@@ -175,7 +153,7 @@ resource "aws_ecr_repository_policy" "pull_restriction" {
     ]
   })
   # ECR validates that named principals exist (main.tf:306-307).
-  depends_on = [aws_iam_role.ecs_execution, aws_iam_role.ecs_instance]
+  depends_on = [aws_iam_role.service]
 }
 resource "aws_ecr_lifecycle_policy" "tier" {
   # :135-169
@@ -224,23 +202,26 @@ resource "aws_subnet" "public" {
 }
 
 # -- IAM: modules/ecs/iam.tf:15-31, 151-172 ------------------------------------------------
-resource "aws_iam_role" "ecs_execution" {
-  name = "cabal-ecs-execution-role"
+resource "aws_iam_role" "service" {
+  # Three roles there, one resource here (a role a service assumes, by name):
+  # ecs_execution, iam.tf:15-31; ecs_instance, iam.tf:151-172; sinkhole_task, modules/ecs/sinkhole.tf:87-99
+  # (with var.sinkhole only, as its count there).
+  for_each = merge(
+    {
+      ecs_execution = { name = "cabal-ecs-execution-role", service = "ecs-tasks.amazonaws.com" }
+      ecs_instance  = { name = "cabal-ecs-instance-role", service = "ec2.amazonaws.com" }
+    },
+    var.sinkhole ? { sinkhole_task = { name = "cabal-ecs-sinkhole-task-role", service = "ecs-tasks.amazonaws.com" } } : {},
+  )
+  name = each.value.name
   assume_role_policy = jsonencode({
     Version   = "2012-10-17"
-    Statement = [{ Action = "sts:AssumeRole", Effect = "Allow", Principal = { Service = "ecs-tasks.amazonaws.com" } }]
+    Statement = [{ Action = "sts:AssumeRole", Effect = "Allow", Principal = { Service = each.value.service } }]
   })
 }
 resource "aws_iam_role_policy_attachment" "ecs_execution_managed" {
-  role       = aws_iam_role.ecs_execution.name
+  role       = aws_iam_role.service["ecs_execution"].name
   policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
-}
-resource "aws_iam_role" "ecs_instance" {
-  name = "cabal-ecs-instance-role"
-  assume_role_policy = jsonencode({
-    Version   = "2012-10-17"
-    Statement = [{ Action = "sts:AssumeRole", Effect = "Allow", Principal = { Service = "ec2.amazonaws.com" } }]
-  })
 }
 
 # -- Cluster and capacity: modules/ecs/main.tf:37-44, 129-154 -------------------------------
@@ -334,15 +315,6 @@ resource "aws_ssm_parameter" "sinkhole_mode" {
     ignore_changes = [value]
   }
 }
-resource "aws_iam_role" "sinkhole_task" {
-  # :87-99
-  count = var.sinkhole ? 1 : 0
-  name  = "cabal-ecs-sinkhole-task-role"
-  assume_role_policy = jsonencode({
-    Version   = "2012-10-17"
-    Statement = [{ Action = "sts:AssumeRole", Effect = "Allow", Principal = { Service = "ecs-tasks.amazonaws.com" } }]
-  })
-}
 resource "aws_iam_policy" "sinkhole_task" {
   # :101-130
   count       = var.sinkhole ? 1 : 0
@@ -367,7 +339,7 @@ resource "aws_iam_policy" "sinkhole_task" {
 resource "aws_iam_role_policy_attachment" "sinkhole_task" {
   # :132-136
   count      = var.sinkhole ? 1 : 0
-  role       = aws_iam_role.sinkhole_task[0].name
+  role       = aws_iam_role.service["sinkhole_task"].name
   policy_arn = aws_iam_policy.sinkhole_task[0].arn
 }
 resource "aws_service_discovery_service" "sinkhole" {
@@ -409,7 +381,7 @@ resource "terraform_data" "sinkhole_cloud_map_lifecycle" {
 locals {
   # modules/ecs/locals.tf:45-58 (sinkhole's entry)
   placeholder_image = "public.ecr.aws/nginx/nginx:stable"
-  sinkhole_image    = local.tier_image_tags["sinkhole"] == local.bootstrap_sentinel ? local.placeholder_image : "${aws_ecr_repository.sinkhole.repository_url}:${local.tier_image_tags["sinkhole"]}"
+  sinkhole_image    = local.tier_image_tags["sinkhole"] == local.bootstrap_sentinel ? local.placeholder_image : "${aws_ecr_repository.tier["sinkhole"].repository_url}:${local.tier_image_tags["sinkhole"]}"
 }
 resource "aws_ecs_task_definition" "sinkhole" {
   # :225-275
@@ -417,8 +389,8 @@ resource "aws_ecs_task_definition" "sinkhole" {
   family                   = "cabal-sinkhole"
   requires_compatibilities = ["EC2"]
   network_mode             = "awsvpc"
-  execution_role_arn       = aws_iam_role.ecs_execution.arn
-  task_role_arn            = aws_iam_role.sinkhole_task[0].arn
+  execution_role_arn       = aws_iam_role.service["ecs_execution"].arn
+  task_role_arn            = aws_iam_role.service["sinkhole_task"].arn
   container_definitions = jsonencode([{
     name              = "sinkhole"
     image             = local.sinkhole_image
