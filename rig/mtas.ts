@@ -783,6 +783,8 @@ export interface Observed {
   outcomes: MtaAttempt["outcome"][];
   mtaIntervalsS: number[];
   ledgerIntervalsS: number[];
+  /** The largest difference (s) between the ledger's intervals and the MTA's for the same attempts. */
+  maxDiffS?: number;
   deliveries: number;
   duplicate: boolean;
   bounced: boolean;

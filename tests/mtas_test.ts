@@ -75,6 +75,8 @@ export function outcomeOf(
 
 /** The intervals (s) between consecutive times (ms). */
 const intervals = (times: number[]) => times.slice(1).map((t, i) => (t - times[i]) / 1000);
+/** The largest difference between two lists of intervals, pair by pair. */
+const maxDiff = (a: number[], b: number[]) => Math.max(0, ...a.map((x, i) => Math.abs(x - b[i])));
 
 /** SINKHOLE_MTAS_KEEP=DIR keeps each MTA's log (NAME.log) and what it showed (NAME.json) there: scripts/mtas-doc.ts reads them. */
 const keep = Deno.env.get("SINKHOLE_MTAS_KEEP");
@@ -135,6 +137,7 @@ function compare(rig: MtaRig, histories: MessageHistory[], scenario: string, mod
       outcomes: mtaSide.map((a) => a.outcome),
       mtaIntervalsS: mtaIntervals,
       ledgerIntervalsS: ledgerIntervals,
+      maxDiffS: maxDiff(ledgerIntervals, mtaIntervals),
       deliveries: history.deliveries,
       duplicate: history.duplicate,
       bounced: history.bounced,
@@ -162,6 +165,7 @@ function summary(rig: MtaRig, scenario: string, mode: string, rows: Observed[], 
     outcomes: rows.flatMap((o) => o.outcomes),
     mtaIntervalsS: rows.flatMap((o) => o.mtaIntervalsS),
     ledgerIntervalsS: rows.flatMap((o) => o.ledgerIntervalsS),
+    maxDiffS: Math.max(0, ...rows.map((o) => o.maxDiffS ?? 0)),
     deliveries: rows.reduce((n, o) => n + o.deliveries, 0),
     duplicate: rows.some((o) => o.duplicate),
     bounced: rows.some((o) => o.bounced),
@@ -297,6 +301,7 @@ function comparePerRecipient(
     outcomes: mtaSide.map((a) => a.outcome),
     mtaIntervalsS: intervals(mtaSide.map((a) => a.at)),
     ledgerIntervalsS: ledgerIntervals,
+    maxDiffS: maxDiff(ledgerIntervals, mtaIntervals),
     deliveries: ledger[0].deliveries,
     duplicate: ledger[0].duplicate,
     bounced: ledger[0].bounced,
@@ -513,7 +518,8 @@ Deno.test({
 });
 
 Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
-  // Lines as each MTA logged them through this rig (addresses and queue ids as they came), syslog prefix and all.
+  // Lines as each MTA logged them through this rig (queue ids as they came; in the sendmail and Exim lines of the
+  // per-recipient run, the first recipient renamed first2@), syslog prefix and all.
   const r = "first2@sinkhole.test";
   const cases: [MtaName, string, MtaAttempt["outcome"] | undefined][] = [
     [
@@ -535,6 +541,11 @@ Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
       "sendmail",
       "sendmail[23630]: 6ATKYHRn023469: to=<first2@sinkhole.test>, delay=00:00:10, xdelay=00:00:00, mailer=smtp, pri=210085, relay=[127.50.210.66] [127.50.210.66], dsn=5.1.1, reply=550 5.1.1 User unknown, stat=User unknown",
       "bounced",
+    ],
+    [
+      "sendmail",
+      "sendmail[4924]: 6ATNS0xA004854: to=<first2@sinkhole.test>,<drop1+pr@wire.test>, delay=00:00:04, xdelay=00:00:00, mailer=smtp, pri=210089, relay=[127.119.63.102] [127.119.63.102], dsn=2.0.0, stat=Sent (Message accepted and discarded)",
+      "sent",
     ],
     [
       "sendmail",
@@ -569,6 +580,11 @@ Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
     [
       "exim",
       'exim[23183]: 1xXlb0-0005r6-2G => first2@sinkhole.test R=test_domains T=remote_smtp H=127.221.174.79 [127.221.174.79] C="250 2.0.0 Message accepted and discarded"',
+      "sent",
+    ],
+    [
+      "exim",
+      'exim[4779]: 1xXoJF-0001D8-0n -> first2@sinkhole.test R=test_domains T=remote_smtp H=127.214.26.51 [127.214.26.51] C="250 2.0.0 Message accepted and discarded"',
       "sent",
     ],
     [
@@ -608,9 +624,22 @@ Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
     ],
   ];
   for (const [name, line, want] of cases) {
-    const got = attemptsInLine(name, syslogText(line));
+    const got = attemptsInLine(name, syslogText(line)).filter((a) => a.rcpt === r);
     assertEquals(got.map((a) => [a.rcpt, a.outcome]), want ? [[r, want]] : [], `${name}: ${line}`);
   }
+  // sendmail names every recipient of one outcome in one line; each is an attempt of its own, with the queue id.
+  assertEquals(
+    attemptsInLine("sendmail", cases.find(([, l]) => l.includes(",<drop1+pr@wire.test>"))![1]).map((a) =>
+      `${a.queueId} ${a.rcpt} ${a.outcome}`
+    ),
+    ["6ATNS0xA004854 first2@sinkhole.test sent", "6ATNS0xA004854 drop1+pr@wire.test sent"],
+  );
+  // The MTA's messages to one recipient, told apart by queue id, in the order first tried.
+  const at = (queueId: string, n: number): MtaAttempt => ({ at: n, rcpt: r, queueId, outcome: "deferred", text: "" });
+  assertEquals(byQueueId([at("A", 1), at("B", 2), at("A", 3), at("B", 4)]).map((m) => m.map((a) => a.at)), [
+    [1, 3],
+    [2, 4],
+  ]);
   // What the sinkhole heard of each session: up to and including the drop, nothing after it.
   const drop1 = (r: string, n: number) => r === "d" && n === 1;
   assertEquals(heardRcpts([["a", "b", "d", "c"], ["a", "d", "c"]], drop1), [["a", "b", "d"], ["a", "d", "c"]]);
@@ -622,10 +651,16 @@ Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
     outcomeOf({ code: 421 }),
     outcomeOf({ code: 250 }),
     outcomeOf({ code: 550 }),
+    outcomeOf({ code: 250, abandoned: "close" }),
+    outcomeOf({ code: 250, unheard: true }),
   ], [
     "deferred",
     "deferred",
     "sent",
     "bounced",
+    "deferred",
+    "deferred",
   ]);
+  assertEquals(seededAttempts(RATE_SEED, RATE_PERCENT, "tester@origin.test", "rate05@sinkhole.test"), 3);
+  assertEquals(seededAttempts(1, 100, "a@b", "c@d"), RATE_MAX_ATTEMPTS, "bounded");
 });
