@@ -797,6 +797,8 @@ export interface Observed {
    */
   messages?: number;
   attemptsPerMessage?: number[];
+  /** How the ledger's report cut the same attempts into messages, when that differs from the MTA's. */
+  ledgerAttemptsPerMessage?: number[];
   /** Attempts the MTA logged for a recipient it never named on the wire (a drop cut the session before). */
   unheard?: number;
   deliveredOverS?: number;

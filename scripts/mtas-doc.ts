@@ -54,9 +54,13 @@ function row(name: string, o: Observed): string {
       per.reduce((a, b) => a + b, 0)
     } attempts (messages×attempts: ${tally.join(", ")}) | ${
       iv.length ? `${s(Math.min(...iv))} – ${s(Math.max(...iv))}` : "–"
-    } | ${
-      o.deliveries === o.messages && !o.duplicate ? "each delivered once" : `${o.deliveries} deliveries`
-    }; first to last delivery ${s(o.deliveredOverS ?? 0)} | – | ${diff} s |`;
+    } | ${o.deliveries === o.messages && !o.duplicate ? "each delivered once" : `${o.deliveries} deliveries`}${
+      o.deliveredOverS === undefined ? "" : `; first to last delivery ${s(o.deliveredOverS)}`
+    }${
+      o.ledgerAttemptsPerMessage
+        ? `; the MTA's messages had ${per.join(" + ")} attempts, the report's ${o.ledgerAttemptsPerMessage.join(" + ")}`
+        : ""
+    } | – | ${diff} s |`;
   }
   const fate = o.bounced
     ? `bounced at attempt ${o.outcomes.length}, ${s(o.mtaIntervalsS.reduce((a, b) => a + b, 0))} after the first`
@@ -116,6 +120,11 @@ Reading it:
 - Two messages to one recipient, one after the other (under \`defer first=2\`): the first ended at its delivery, so
   the second is a message of its own, counted from 1 and deferred twice again; the report shows two messages, each
   delivered once (its \`attempt\` numbers go on, 4 to 6: they number the envelope's attempts, docs/ledger.md).
+- Two messages to one recipient in flight at once (both queued before either was delivered), under \`defer first=2\`:
+  what docs/ledger.md calls ambiguous. The sinkhole counts them as one message until a delivery ends it, so they share
+  the first two deferrals; the report shows 3 + 3 attempts, each MTA's own log another split of the same six attempts
+  (the attempts match one to one; the last column is then the largest difference between the two sides' intervals in
+  time order).
 - Per recipient, one message to \`accept+\`, \`bounce+\`, \`defer1+\` and \`drop1+\` (through a recorder of what the MTA
   sent, \`rig/mtas.ts\`): the drop closes the connection at its RCPT, so the recipients named before it were heard (an
   accepted one is logged \`abandoned: close\`) and those after it never reached the sinkhole. Which come after it
