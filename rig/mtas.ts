@@ -610,8 +610,9 @@ begin retry
 export interface WireSession {
   opened: number;
   closed?: number;
-  /** The client's lines, as sent (commands and message text alike). */
+  /** The client's lines, as sent (commands and message text alike), and when each arrived (ms). */
   lines: string[];
+  times: number[];
 }
 
 /**
@@ -627,12 +628,35 @@ export interface WireRecorder {
   close(): Promise<void>;
 }
 
-/** The recipients of each session, in the order the client sent them (`RCPT TO:<x>`, lower case). */
-export function rcptsOf(session: WireSession): string[] {
-  return session.lines.flatMap((l) => {
-    const m = /^RCPT TO:<([^>]*)>/i.exec(l);
-    return m ? [m[1].toLowerCase()] : [];
+/** One transaction on the wire: its recipients in the order sent (lower case), from its MAIL to the next or the close. */
+export interface WireTransaction {
+  rcpts: string[];
+  opened: number;
+  closed?: number;
+}
+
+/** The transactions of a session (an MTA may send several messages over one connection); message text is skipped. */
+export function transactionsOf(session: WireSession): WireTransaction[] {
+  const out: WireTransaction[] = [];
+  let inData = false;
+  session.lines.forEach((line, i) => {
+    if (inData) {
+      inData = line !== ".";
+      return;
+    }
+    if (/^DATA$/i.test(line)) inData = true;
+    else if (/^MAIL FROM:/i.test(line)) {
+      const last = out.at(-1);
+      if (last) last.closed = session.times[i];
+      out.push({ rcpts: [], opened: session.times[i] });
+    } else {
+      const m = /^RCPT TO:<([^>]*)>/i.exec(line);
+      if (m && out.length > 0) out.at(-1)!.rcpts.push(m[1].toLowerCase());
+    }
   });
+  const last = out.at(-1);
+  if (last) last.closed = session.closed;
+  return out;
 }
 
 export function wireRecorder(target: string): WireRecorder {
@@ -648,7 +672,7 @@ export function wireRecorder(target: string): WireRecorder {
     conns.delete(c);
   };
   const relay = async (client: Deno.Conn) => {
-    const session: WireSession = { opened: Date.now(), lines: [] };
+    const session: WireSession = { opened: Date.now(), lines: [], times: [] };
     sessions.push(session);
     conns.add(client);
     let server: Deno.Conn;
@@ -678,7 +702,8 @@ export function wireRecorder(target: string): WireRecorder {
           rest += dec.decode(chunk, { stream: true });
           const parts = rest.split("\r\n");
           rest = parts.pop()!;
-          session.lines.push(...parts);
+          const now = Date.now();
+          for (const p of parts) session.lines.push(p), session.times.push(now);
           await writeAll(server, chunk);
         }
       } catch { /* either side went */ }

@@ -122,9 +122,10 @@ Reading it:
   delivered once (its \`attempt\` numbers go on, 4 to 6: they number the envelope's attempts, docs/ledger.md).
 - Two messages to one recipient in flight at once (both queued before either was delivered), under \`defer first=2\`:
   what docs/ledger.md calls ambiguous. The sinkhole counts them as one message until a delivery ends it, so they share
-  the first two deferrals; the report shows 3 + 3 attempts, each MTA's own log another split of the same six attempts
-  (the attempts match one to one; the last column is then the largest difference between the two sides' intervals in
-  time order).
+  the first two deferrals; the report shows 3 + 3 attempts (3 + 1 when the MTA sent the last two at once: the second
+  was counted before the first one's end of data, and accepted too), each MTA's own log another split of the same
+  attempts (they match one to one; the last column is then the largest difference between the two sides' intervals
+  in time order).
 - Per recipient, one message to \`accept+\`, \`bounce+\`, \`defer1+\` and \`drop1+\` (through a recorder of what the MTA
   sent, \`rig/mtas.ts\`): the drop closes the connection at its RCPT, so the recipients named before it were heard (an
   accepted one is logged \`abandoned: close\`) and those after it never reached the sinkhole. Which come after it

@@ -17,9 +17,9 @@ import {
   type MtaName,
   type MtaRig,
   type Observed,
-  rcptsOf,
   syslogText,
-  type WireSession,
+  transactionsOf,
+  type WireTransaction,
   withMtaRig,
 } from "../rig/mtas.ts";
 import type { MessageHistory } from "../ctl/report.ts";
@@ -221,14 +221,14 @@ export function seededAttempts(seed: number, percent: number, from: string, rcpt
 }
 
 /**
- * Which recipients the sinkhole heard in each session, from what the MTA sent (`sessions`: each
+ * Which recipients the sinkhole heard in each transaction, from what the MTA sent (`transactions`: each
  * one's recipients in the order sent): all of them up to and including the first the sinkhole
  * drops (it closes there and reads nothing after it). `drops(rcpt, n)`: whether the sinkhole drops
  * the nth attempt of `rcpt` (its nth RCPT heard).
  */
-export function heardRcpts(sessions: string[][], drops: (rcpt: string, n: number) => boolean): string[][] {
+export function heardRcpts(transactions: string[][], drops: (rcpt: string, n: number) => boolean): string[][] {
   const count = new Map<string, number>();
-  return sessions.map((named) => {
+  return transactions.map((named) => {
     const heard: string[] = [];
     for (const r of named) {
       heard.push(r);
@@ -241,23 +241,23 @@ export function heardRcpts(sessions: string[][], drops: (rcpt: string, n: number
 }
 
 /**
- * `compare` for one recipient of a message whose session a drop may have cut: the ledger must have
- * an attempt for each session that heard `rcpt` (what the MTA sent says which, not the ledger),
+ * `compare` for one recipient of a message whose transaction a drop may have cut: the ledger must have
+ * an attempt for each transaction that heard `rcpt` (what the MTA sent says which, not the ledger),
  * each matched to an MTA log line within 1 s with the same outcome and every interval within 1 s;
- * every other attempt the MTA logged must be a deferral at the end of a session cut before it named
+ * every other attempt the MTA logged must be a deferral at the end of a transaction cut before it named
  * `rcpt` (the sinkhole never heard of it, so it cannot count it).
  */
 function comparePerRecipient(
   rig: MtaRig,
   histories: MessageHistory[],
-  sessions: WireSession[],
+  transactions: WireTransaction[],
   heard: string[][],
   rcpt: string,
 ): Observed {
   const ledger = histories.filter((h) => h.rcpt === rcpt);
   const mtaSide = rig.mta.attempts(rcpt);
   const said = `${rig.mta.name} per recipient (${rcpt}): wire\n${
-    sessions.map((w, i) => `${w.opened}-${w.closed}: ${rcptsOf(w).join(" ")} (heard ${heard[i].join(" ")})`).join("\n")
+    transactions.map((w, i) => `${w.opened}-${w.closed}: ${w.rcpts.join(" ")} (heard ${heard[i].join(" ")})`).join("\n")
   }\nMTA log\n${mtaSide.map((a) => `${a.at} ${a.text}`).join("\n")}\nledger\n${
     ledger.flatMap((h) => h.attempts.map((a) => `${a.ts} #${a.attempt} ${a.code ?? "dropped"} at ${a.stage}`)).join(
       "\n",
@@ -265,8 +265,8 @@ function comparePerRecipient(
   }`;
   assertEquals(ledger.length, 1, `one message: ${said}`);
   const attempts = ledger[0].attempts;
-  const heardIn = sessions.filter((_, i) => heard[i].includes(rcpt));
-  assertEquals(attempts.length, heardIn.length, `an attempt for each session that heard it: ${said}`);
+  const heardIn = transactions.filter((_, i) => heard[i].includes(rcpt));
+  assertEquals(attempts.length, heardIn.length, `an attempt for each transaction that heard it: ${said}`);
   // Each ledger attempt's MTA line: the first not yet taken within 1 s of it.
   const taken = new Set<number>();
   const matched = attempts.map((a) => {
@@ -280,11 +280,11 @@ function comparePerRecipient(
   mtaSide.forEach((m, j) => {
     if (taken.has(j)) return;
     assertEquals(m.outcome, "deferred", `an attempt the sinkhole never heard can only be a deferral: ${said}`);
-    const cut = sessions.some((w, i) =>
+    const cut = transactions.some((w, i) =>
       !heard[i].includes(rcpt) && w.closed !== undefined &&
       Math.abs(m.at - w.closed) <= INTERVAL_TOLERANCE_S * 1000
     );
-    assert(cut, `the MTA's attempt at ${m.at} ended with a session cut before it named ${rcpt}: ${said}`);
+    assert(cut, `the MTA's attempt at ${m.at} ended with a transaction cut before it named ${rcpt}: ${said}`);
   });
   const ledgerIntervals = attempts.slice(1).map((a) => a.intervalS!);
   const mtaIntervals = intervals(matched.map((a) => a.at));
@@ -344,10 +344,12 @@ async function scenarios(rig: MtaRig): Promise<Observed[]> {
 
   {
     // Two different messages with one envelope in flight at once (docs/ledger.md, "What stays ambiguous"): both
-    // queued before either is delivered. The listener counts them as one message until a delivery ends it, so
-    // under defer first=2 they share the first two deferrals, the next attempt of either is accepted, and the
-    // other's next attempt opens a new message, deferred twice again: the report shows 3 + 3 attempts, whatever
-    // the MTA's own split. The same attempts on both sides, each matched within 1 s with the same outcome.
+    // queued before either is delivered. The listener counts them as one message until a delivery (at the end of
+    // data) ends it, so under defer first=2 they share the first two deferrals and the next attempt of either is
+    // accepted. The other's next attempt opens a new message, deferred twice again; or, when the MTA sends both at
+    // once (Postfix delivers to one destination in parallel), it is counted before the first one's end of data and
+    // accepted as well. So the report shows 3 + 3 or 3 + 1 attempts, whatever the MTA's own split; the same
+    // attempts on both sides, each matched within 1 s with the same outcome.
     const mode = "defer first=2";
     const rcpt = "inflight@sinkhole.test";
     for (const id of ["inflight1", "inflight2"]) await submit(rcpt, id);
@@ -362,7 +364,9 @@ async function scenarios(rig: MtaRig): Promise<Observed[]> {
     }`;
     const mtaMessages = byQueueId(mtaSide);
     assertEquals(mtaMessages.map((m) => m.filter((a) => a.outcome === "sent").length), [1, 1], `MTA: ${said}`);
-    assertEquals(ledger.map((h) => h.attempts.length), [3, 3], `the report's cut: ${said}`);
+    const cutAs = ledger.map((h) => h.attempts.map(outcomeOf).join(" "));
+    assertEquals(cutAs[0], "deferred deferred sent", `the report's first message: ${said}`);
+    assert(["deferred deferred sent", "sent"].includes(cutAs[1]), `the report's second message: ${said}`);
     assertEquals(ledger.map((h) => [h.deliveries, h.duplicate]), [[1, false], [1, false]], `delivered: ${said}`);
     const attempts = ledger.flatMap((h) => h.attempts);
     assertEquals(attempts.length, mtaSide.length, `attempts: ${said}`);
@@ -464,14 +468,16 @@ async function scenarios(rig: MtaRig): Promise<Observed[]> {
     await submit(rcpts, "per-rcpt");
     await untilAll(rig, rcpts, (s, m) => endedWith(m.at(-1)?.outcome === "bounced" ? "bounced" : "sent")(s, m));
     const histories = await report(rig);
-    const sessions = rig.wire.sessions.filter((w) => rcptsOf(w).some((r) => rcpts.includes(r)));
-    const heard = heardRcpts(sessions.map(rcptsOf), (rcpt, n) => rcpt.startsWith("drop1+") && n === 1);
-    const cut = sessions.findIndex((_, i) => heard[i].at(-1)?.startsWith("drop1+"));
+    const transactions = rig.wire.sessions.flatMap(transactionsOf).filter((w) =>
+      w.rcpts.some((r) => rcpts.includes(r))
+    );
+    const heard = heardRcpts(transactions.map((w) => w.rcpts), (rcpt, n) => rcpt.startsWith("drop1+") && n === 1);
+    const cut = transactions.findIndex((_, i) => heard[i].at(-1)?.startsWith("drop1+"));
     assert(cut >= 0, `${mta.name}: a session named drop1+ and was cut there`);
     const dropAttempt = histories.find((h) => h.rcpt === "drop1+pr@wire.test")?.attempts[0];
     assertEquals(dropAttempt?.dropped, true, `${mta.name}: drop1+'s first attempt dropped`);
     for (const [rcpt, last] of want) {
-      const o = comparePerRecipient(rig, histories, sessions, heard, rcpt);
+      const o = comparePerRecipient(rig, histories, transactions, heard, rcpt);
       assertEquals(o.outcomes.at(-1), last, `${mta.name}: ${rcpt}`);
       seen.push(o);
     }
@@ -698,6 +704,22 @@ Deno.test("mtas: each MTA's log line is read as the attempt it records", () => {
   assertEquals(heardRcpts([["a", "b", "d", "c"], ["a", "d", "c"]], drop1), [["a", "b", "d"], ["a", "d", "c"]]);
   assertEquals(heardRcpts([["d", "a"], ["a"], ["d", "a"]], drop1), [["d"], ["a"], ["d", "a"]]);
   assertEquals(heardRcpts([], drop1), []);
+  // A session's transactions (OpenSMTPD sent two messages over one connection), message text skipped.
+  const lines = [
+    "EHLO x",
+    "MAIL FROM:<s>",
+    "RCPT TO:<A>",
+    "RCPT TO:<b>",
+    "DATA",
+    "RCPT TO:<not@text>",
+    ".",
+    "MAIL FROM:<s>",
+  ]
+    .concat(["RCPT TO:<c>", "QUIT"]);
+  assertEquals(transactionsOf({ opened: 0, closed: 20, lines, times: lines.map((_, i) => i) }), [
+    { rcpts: ["a", "b"], opened: 1, closed: 7 },
+    { rcpts: ["c"], opened: 7, closed: 20 },
+  ]);
   assertEquals(syslogText("<22>Nov  9 20:34:02 postfix/smtp[1]: x\n"), "postfix/smtp[1]: x");
   assertEquals([
     outcomeOf({ dropped: true }),
