@@ -5,7 +5,14 @@
  * MTA's own log says: as many attempts, the same outcomes, every interval within 1 s.
  *
  * The four MTAs run at once (each with its own sinkhole and sender's domain on addresses of
- * this run's own); each runs its scenarios one after the other, one recipient each.
+ * this run's own); each runs its scenarios one after the other on one start-up, each scenario
+ * with recipients of its own: defer first=2 and a second message to the same recipient after
+ * it, two messages to one recipient in flight at once, drop at=eod then accept (a duplicate),
+ * an outage then a bounce (DSN), greylist, per-recipient outcomes with a drop beside an accepted
+ * recipient (checked against a recording of what the MTA sent), drop at=data, a seeded rate over
+ * 20 messages, 50 messages in one queue run. OpenSMTPD's backoff cannot be set: the rig forces
+ * its retries (`smtpctl schedule all`, rig/mtas.ts), so its intervals are that pacing and its own
+ * hold on a destination after an error.
  */
 import { assert, assertEquals } from "../rig/assert.ts";
 import { assertTools, type EventOf, IN_CI, type Listener, logsFile, needs, runCtl } from "../rig/helpers.ts";
