@@ -74,10 +74,12 @@ export const OPENSMTPD_KICK_MS = 4_000;
 /** A bounded wait for an MTA's processes to end after it was told to stop, before SIGKILL. */
 const STOP_WAIT_MS = 30_000;
 
-/** One delivery attempt as the MTA logged it: when the line arrived, to whom, and what came of it. */
+/** One delivery attempt as the MTA logged it: when the line arrived, to whom, of which queued message, and what came of it. */
 export interface MtaAttempt {
   at: number;
   rcpt: string;
+  /** The MTA's own id of the queued message (OpenSMTPD: of the envelope): two messages to one recipient differ here. */
+  queueId: string;
   outcome: "deferred" | "sent" | "bounced";
   text: string;
 }
@@ -89,52 +91,51 @@ export interface MtaLogLine {
 }
 
 /**
- * One delivery attempt in an MTA's log line, or undefined when the line is about something
- * else (reception, queue runs, a retry skipped before its time, which made no connection).
+ * The delivery attempts in an MTA's log line, one per recipient (sendmail names every recipient
+ * of one outcome in one line), or none when the line is about something else (reception, queue
+ * runs, a retry skipped before its time, which made no connection).
  * Each MTA's wording, from its own logs as this rig saw them (tests/mtas_test.ts holds samples).
  */
-export function attemptInLine(name: MtaName, text: string): Omit<MtaAttempt, "at"> | undefined {
+export function attemptsInLine(name: MtaName, text: string): Omit<MtaAttempt, "at">[] {
   const outcome = (s: string): MtaAttempt["outcome"] | undefined =>
     s === "sent" ? "sent" : s === "deferred" ? "deferred" : s === "bounced" ? "bounced" : undefined;
+  const one = (rcpt: string, queueId: string, o: MtaAttempt["outcome"] | undefined) =>
+    o ? [{ rcpt: rcpt.toLowerCase(), queueId, outcome: o, text }] : [];
   switch (name) {
     case "sendmail": {
-      // sendmail[pid]: qid: to=<r>, ..., mailer=smtp, ..., relay=[a] [a], dsn=4.3.2, stat=Deferred: 421 ...
-      const m = /^sendmail\[\d+\]: \w+: to=<?([^>,\s]+)>?,.* mailer=(?:e?smtp|relay),.* dsn=(\d)\.\d+\.\d+, .*stat=/
+      // sendmail[pid]: qid: to=<r>[,<r2>...], ..., mailer=smtp, ..., relay=[a] [a], dsn=4.3.2, stat=Deferred: 421 ...
+      const m = /^sendmail\[\d+\]: (\w+): to=(\S+?), .* mailer=(?:e?smtp|relay),.* dsn=(\d)\.\d+\.\d+, .*stat=/
         .exec(text);
-      if (!m) return undefined;
-      const kind = m[2] === "2" ? "sent" : m[2] === "4" ? "deferred" : "bounced";
-      return { rcpt: m[1].toLowerCase(), outcome: kind, text };
+      if (!m) return [];
+      const kind = m[3] === "2" ? "sent" : m[3] === "4" ? "deferred" : "bounced";
+      return m[2].split(",").flatMap((r) => one(r.replace(/^<|>$/g, ""), m[1], kind));
     }
     case "postfix": {
       // postfix/smtp[pid]: QID: to=<r>, relay=h[a]:25, delay=..., dsn=4.3.2, status=deferred (...)
       // (relay=none: no connection was made; postfix/error lines: a retry skipped, no connection)
-      const m = /^postfix\/smtp\[\d+\]: \w+: to=<([^>]+)>, relay=(?!none)\S+, .* status=(\w+)/.exec(text);
-      const o = m && outcome(m[2]);
-      return o ? { rcpt: m[1].toLowerCase(), outcome: o, text } : undefined;
+      const m = /^postfix\/smtp\[\d+\]: (\w+): to=<([^>]+)>, relay=(?!none)\S+, .* status=(\w+)/.exec(text);
+      return m ? one(m[2], m[1], outcome(m[3])) : [];
     }
     case "exim": {
-      // qid => r R=... T=remote_smtp H=...; qid == r R=... defer (n) H=... (a host was tried); qid ** r ... (bounced)
-      const m = /^exim\[\d+\]: \S+ (=>|==|\*\*) (\S+) .*\bT=remote_smtp\b(.*)$/.exec(text);
-      if (!m) return undefined;
-      if (m[1] === "==" && !/\bH=/.test(m[3])) return undefined; // "retry time not reached": no connection
-      return {
-        rcpt: m[2].toLowerCase(),
-        outcome: m[1] === "=>" ? "sent" : m[1] === "==" ? "deferred" : "bounced",
-        text,
-      };
+      // qid => r R=... T=remote_smtp H=...; qid -> r2 (another recipient of that delivery);
+      // qid == r R=... defer (n) H=... (a host was tried); qid ** r ... (bounced)
+      const m = /^exim\[\d+\]: (\S+) (=>|->|==|\*\*) (\S+) .*\bT=remote_smtp\b(.*)$/.exec(text);
+      if (!m) return [];
+      if (m[2] === "==" && !/\bH=/.test(m[4])) return []; // "retry time not reached": no connection
+      return one(m[3], m[1], m[2] === "=>" || m[2] === "->" ? "sent" : m[2] === "==" ? "deferred" : "bounced");
     }
     case "opensmtpd": {
       // smtpd[pid]: <id> mta delivery evpid=... from=<s> to=<r> rcpt=<-> source="..." relay="..." delay=.. result="TempFail" stat="..."
-      const m = /^smtpd\[\d+\]: \S+ mta delivery .* to=<([^>]+)> .*result="(\w+)"/.exec(text);
-      if (!m) return undefined;
-      const kind = m[2] === "Ok"
+      const m = /^smtpd\[\d+\]: \S+ mta delivery evpid=(\w+) .* to=<([^>]+)> .*result="(\w+)"/.exec(text);
+      if (!m) return [];
+      const kind = m[3] === "Ok"
         ? "sent"
-        : m[2] === "TempFail"
+        : m[3] === "TempFail"
         ? "deferred"
-        : m[2] === "PermFail"
+        : m[3] === "PermFail"
         ? "bounced"
         : undefined;
-      return kind ? { rcpt: m[1].toLowerCase(), outcome: kind, text } : undefined;
+      return one(m[2], m[1], kind);
     }
   }
 }
@@ -333,11 +334,15 @@ export async function makeMta(name: MtaName, dir: string, routes: Record<string,
   const syslog = syslogReceiver(`${dir}/log.sock`);
   await Deno.chmod(`${dir}/log.sock`, 0o666);
   const lines = syslog.lines;
-  const attempts = (rcpt?: string) =>
-    lines.flatMap((l) => {
-      const a = attemptInLine(name, l.text);
-      return a && (rcpt === undefined || a.rcpt === rcpt.toLowerCase()) ? [{ at: l.at, ...a }] : [];
-    });
+  // The attempts read so far, and how many lines that took: each line is read once.
+  const parsed: MtaAttempt[] = [];
+  let read = 0;
+  const attempts = (rcpt?: string) => {
+    for (; read < lines.length; read++) {
+      for (const a of attemptsInLine(name, lines[read].text)) parsed.push({ at: lines[read].at, ...a });
+    }
+    return rcpt === undefined ? [...parsed] : parsed.filter((a) => a.rcpt === rcpt.toLowerCase());
+  };
   let child: Deno.ChildProcess | undefined;
   let exited: Promise<Deno.CommandOutput> | undefined;
   let ns: string | undefined;
@@ -601,18 +606,145 @@ begin retry
   };
 }
 
+/** One connection through a `WireRecorder`: when it opened and closed (ms), and what the client sent. */
+export interface WireSession {
+  opened: number;
+  closed?: number;
+  /** The client's lines, as sent (commands and message text alike), and when each arrived (ms). */
+  lines: string[];
+  times: number[];
+}
+
+/**
+ * A relay between an MTA and the sinkhole that records what the MTA sent, line by line: what
+ * was on the wire, known without the listener (an MTA names the recipients of one transaction in
+ * an order of its own, and a sinkhole that closes at one recipient reads none after it). It
+ * passes bytes both ways unchanged and closes each side when the other closes.
+ */
+export interface WireRecorder {
+  /** Where it listens (port SMTP_PORT), an address of this run's own. */
+  host: string;
+  sessions: WireSession[];
+  close(): Promise<void>;
+}
+
+/** One transaction on the wire: its recipients in the order sent (lower case), from its MAIL to the next or the close. */
+export interface WireTransaction {
+  rcpts: string[];
+  opened: number;
+  closed?: number;
+}
+
+/** The transactions of a session (an MTA may send several messages over one connection); message text is skipped. */
+export function transactionsOf(session: WireSession): WireTransaction[] {
+  const out: WireTransaction[] = [];
+  let inData = false;
+  session.lines.forEach((line, i) => {
+    if (inData) {
+      inData = line !== ".";
+      return;
+    }
+    if (/^DATA$/i.test(line)) inData = true;
+    else if (/^MAIL FROM:/i.test(line)) {
+      const last = out.at(-1);
+      if (last) last.closed = session.times[i];
+      out.push({ rcpts: [], opened: session.times[i] });
+    } else {
+      const m = /^RCPT TO:<([^>]*)>/i.exec(line);
+      if (m && out.length > 0) out.at(-1)!.rcpts.push(m[1].toLowerCase());
+    }
+  });
+  const last = out.at(-1);
+  if (last) last.closed = session.closed;
+  return out;
+}
+
+export function wireRecorder(target: string): WireRecorder {
+  const host = uniqueLoopback([SMTP_PORT]);
+  const listener = Deno.listen({ hostname: host, port: SMTP_PORT });
+  const sessions: WireSession[] = [];
+  const conns = new Set<Deno.Conn>();
+  const relays: Promise<void>[] = [];
+  const closeQuietly = (c: Deno.Conn) => {
+    try {
+      c.close();
+    } catch { /* closed */ }
+    conns.delete(c);
+  };
+  const relay = async (client: Deno.Conn) => {
+    const session: WireSession = { opened: Date.now(), lines: [], times: [] };
+    sessions.push(session);
+    conns.add(client);
+    let server: Deno.Conn;
+    try {
+      server = await Deno.connect({ hostname: target, port: SMTP_PORT });
+    } catch {
+      closeQuietly(client);
+      return;
+    }
+    conns.add(server);
+    const end = () => {
+      session.closed ??= Date.now();
+      closeQuietly(client);
+      closeQuietly(server);
+    };
+    const down = (async () => {
+      try {
+        for await (const chunk of server.readable) await writeAll(client, chunk);
+      } catch { /* either side went */ }
+      end();
+    })();
+    const up = (async () => {
+      const dec = new TextDecoder();
+      let rest = "";
+      try {
+        for await (const chunk of client.readable) {
+          rest += dec.decode(chunk, { stream: true });
+          const parts = rest.split("\r\n");
+          rest = parts.pop()!;
+          const now = Date.now();
+          for (const p of parts) session.lines.push(p), session.times.push(now);
+          await writeAll(server, chunk);
+        }
+      } catch { /* either side went */ }
+      end();
+    })();
+    await Promise.all([down, up]);
+  };
+  const accepting = (async () => {
+    for await (const c of listener) relays.push(relay(c));
+  })().catch(() => {});
+  return {
+    host,
+    sessions,
+    async close() {
+      listener.close();
+      for (const c of [...conns]) closeQuietly(c);
+      await accepting;
+      await Promise.all(relays);
+    },
+  };
+}
+
+/** Writes all of `data` to `conn`. */
+async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+  for (let off = 0; off < data.length;) off += await conn.write(data.subarray(off));
+}
+
 /** An MTA with its sinkhole (mode from a file) and the sender's domain (accept-log), for one test or script. */
 export interface MtaRig {
   mta: Mta;
   sink: Listener;
   origin: Listener;
+  /** `wire.test` goes to the sinkhole through this recorder: what the MTA sent there, line by line. */
+  wire: WireRecorder;
   /** Writes the sinkhole's mode file and waits until the sinkhole logged the new mode. */
   setMode(mode: string): Promise<void>;
 }
 
 /**
- * Runs `fn` with an MTA routing `sinkhole.test` to a sinkhole and `origin.test` to a second
- * listener (where DSNs go), each on port 25 of an address of this run's own; then stops all
+ * Runs `fn` with an MTA routing `sinkhole.test` to a sinkhole, `wire.test` to the same sinkhole
+ * through a `WireRecorder`, and `origin.test` to a second listener (where DSNs go), each on port 25 of an address of this run's own; then stops all
  * three. `keep`: a directory to write the MTA's log to (NAME.log). On a failure, what each side
  * saw goes to standard error.
  */
@@ -628,19 +760,22 @@ export async function withMtaRig<T>(
   let sink: Listener | undefined;
   let origin: Listener | undefined;
   let mta: Mta | undefined;
+  let wire: WireRecorder | undefined;
   try {
     sink = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" }, {
       host: sinkHost,
       port: SMTP_PORT,
     });
     origin = await startListener({ SINKHOLE_MODE: "accept-log" }, { host: originHost, port: SMTP_PORT });
-    mta = await makeMta(name, dir, { "sinkhole.test": sinkHost, "origin.test": originHost });
+    wire = wireRecorder(sinkHost);
+    mta = await makeMta(name, dir, { "sinkhole.test": sinkHost, "origin.test": originHost, "wire.test": wire.host });
     await mta.start();
     const s = sink;
     const result = await fn({
       mta,
       sink,
       origin,
+      wire,
       setMode: async (mode) => {
         await Deno.writeTextFile(modeFile, `${mode}\n`);
         await eventually(() => s.logs.findLast((x) => x.event === "mode")?.mode === mode);
@@ -657,6 +792,7 @@ export async function withMtaRig<T>(
     throw e;
   } finally {
     await mta?.stop();
+    await wire?.close();
     await sink?.stop();
     await origin?.stop();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
@@ -672,9 +808,23 @@ export interface Observed {
   outcomes: MtaAttempt["outcome"][];
   mtaIntervalsS: number[];
   ledgerIntervalsS: number[];
+  /** The largest difference (s) between the ledger's intervals and the MTA's for the same attempts. */
+  maxDiffS?: number;
   deliveries: number;
   duplicate: boolean;
   bounced: boolean;
   /** Seconds from the first attempt to the DSN reaching the sender's domain, when one did. */
   dsnAfterS?: number;
+  /**
+   * A row for several messages (the seeded rate, 50 messages in one queue run): how many, the
+   * attempts of each, and seconds from the first delivery to the last (MTA log); `outcomes` and
+   * the intervals are then every message's, one message after the other.
+   */
+  messages?: number;
+  attemptsPerMessage?: number[];
+  /** How the ledger's report cut the same attempts into messages, when that differs from the MTA's. */
+  ledgerAttemptsPerMessage?: number[];
+  /** Attempts the MTA logged for a recipient it never named on the wire (a drop cut the session before). */
+  unheard?: number;
+  deliveredOverS?: number;
 }
