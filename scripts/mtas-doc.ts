@@ -143,8 +143,8 @@ Reading it:
 - Seeded rate (a 451, which keeps the connection, for 30 % of attempts, seed 4): every MTA makes exactly the attempts
   the seed decides for each of the 20 messages (the test computes them with the listener's own draw).
 - 50 messages: all refused (451) at their first attempt, then accepted; the row gives the attempts and how far apart
-  the first and last delivery were. Exim's one-second queue runner retried the first ones before the rest were
-  submitted; OpenSMTPD held the destination after the 451s well past the rig's 4 s \`smtpctl schedule all\`.
+  the first and last delivery were. Exim's one-second queue runner retried the first ones (every 4 s) while the
+  last were still on their way to their first attempt (the switch to \`accept\` waits for every first attempt); OpenSMTPD held the destination after the 451s well past the rig's 4 s \`smtpctl schedule all\`.
 - OpenSMTPD's retry schedule is fixed at build time; the rig makes it retry by \`smtpctl schedule all\`, so its
   intervals reflect that pacing and OpenSMTPD's own hold on a destination after an error, not its default backoff.
 `;
