@@ -67,8 +67,6 @@ export const RETRY_SETTINGS: Record<MtaName, string> = {
   opensmtpd: "backoff fixed at build time (not settable): the rig forces retries with `smtpctl schedule all`",
 };
 
-/** sendmail's QueueLA and RefuseLA in the rig: a load average no test machine reaches. */
-const SENDMAIL_LOAD_LIMIT = 1000;
 /** The MTA's own queue interval for sendmail, in seconds. */
 const SENDMAIL_QUEUE_INTERVAL = "5s";
 /** How often the rig forces OpenSMTPD's retries (`smtpctl schedule all`) while a test waits: a pace, not a measure. */
@@ -406,13 +404,9 @@ export async function makeMta(name: MtaName, dir: string, routes: Record<string,
       const { setup } = await prepareNamespace({ dir, users: [] });
       const mailertable = Object.entries(routes).map(([d, a]) => `${d} smtp:[${a}]\n`).join("");
       await Deno.mkdir(`${dir}/sendmail`);
-      // Load shedding off: above QueueLA (default 8) sendmail only queues and skips its queue runs, above RefuseLA
-      // (12) it refuses connections (proto.m4 of sendmail 8.17; Cabalmail's out-sendmail.mc sets neither). On this
-      // 2-core machine, two suites beside with-busy-cores reach a load of 17, and sendmail stopped retrying for 4
-      // minutes; what is tested here is the retry schedule, not the load at which sendmail stops.
+      // Load shedding is off in every sendmail of the rig (rig/sendmail.ts: QueueLA and RefuseLA 1000).
       const sm = await makeSendmail(`${dir}/sendmail`, { host, port: SMTP_PORT }, mailertable, {
         setup,
-        defines: { confQUEUE_LA: String(SENDMAIL_LOAD_LIMIT), confREFUSE_LA: String(SENDMAIL_LOAD_LIMIT) },
       });
       startIt = async () => {
         const pid = await sm.start(SENDMAIL_QUEUE_INTERVAL);
