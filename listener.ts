@@ -76,8 +76,12 @@ export const KEPT_ENTRY_COST = 32;
 export const MAX_PENDING_REPLY_BYTES = 8 * 1024;
 /** The longest log line written: CloudWatch Logs takes events up to 256 KiB (262,144 octets less 26). */
 export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
-/** Log lines are written together once this many octets are gathered (or at the next timer turn). */
-export const LOG_BUFFER_BYTES = 64 * 1024;
+/**
+ * Log lines waiting for stdout, in octets at most (two of the longest lines): they are written in
+ * the background, so a slow reader of stdout never stops the event loop. Past it lines are
+ * counted, not kept, until the writer catches up; then one `log_dropped` line says how many.
+ */
+export const MAX_LOG_QUEUE_BYTES = 512 * 1024;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -2098,6 +2102,14 @@ export interface ErrorEvent {
   reason: string;
 }
 
+/** Lines that did not fit in MAX_LOG_QUEUE_BYTES while stdout was slow: counted, then said here, where they were. */
+export interface LogDroppedEvent {
+  event: "log_dropped";
+  lines: number;
+  octets: number;
+  reason: string;
+}
+
 export interface StopEvent {
   event: "stop";
   signal: string;
@@ -2129,6 +2141,7 @@ export type LogEvent =
   | ModeErrorEvent
   | RefusedEvent
   | ErrorEvent
+  | LogDroppedEvent
   | StopEvent
   | StoppedEvent;
 
@@ -2259,36 +2272,105 @@ export function setLogFormat(format: LogFormat): void {
   logFormat = format;
 }
 
-/** Lines written since the last flush (whole lines only), at most LOG_BUFFER_BYTES. */
-const logBuffer: Uint8Array[] = [];
-let logBuffered = 0;
-let logFlushTimer: Timer | undefined;
+/**
+ * Log lines on their way to stdout, whole and in order, at most `max` octets. A line that does
+ * not fit is counted, not kept, and so is every line after it until the queue is taken: the gap
+ * is one place in the output, where `take` puts the line saying how many went missing. Pure.
+ */
+export class LogQueue {
+  #lines: Uint8Array[] = [];
+  bytes = 0;
+  droppedLines = 0;
+  droppedBytes = 0;
+
+  constructor(readonly max = MAX_LOG_QUEUE_BYTES) {}
+
+  /** Queues a line; false when it was counted as dropped instead. */
+  push(line: Uint8Array): boolean {
+    if (this.droppedLines > 0 || this.bytes + line.length > this.max) {
+      this.droppedLines++;
+      this.droppedBytes += line.length;
+      return false;
+    }
+    this.#lines.push(line);
+    this.bytes += line.length;
+    return true;
+  }
+
+  /**
+   * Everything queued as one buffer, then `said(lines, octets)` for what was dropped after it;
+   * undefined when there is nothing to write. The queue is empty after.
+   */
+  take(said: (lines: number, octets: number) => Uint8Array): Uint8Array | undefined {
+    const note = this.droppedLines > 0 ? said(this.droppedLines, this.droppedBytes) : undefined;
+    if (this.bytes === 0 && !note) return undefined;
+    const all = new Uint8Array(this.bytes + (note?.length ?? 0));
+    let at = 0;
+    for (const b of this.#lines) all.set(b, (at += b.length) - b.length);
+    if (note) all.set(note, at);
+    this.#lines = [];
+    this.bytes = 0;
+    this.droppedLines = 0;
+    this.droppedBytes = 0;
+    return all;
+  }
+}
+
+const logQueue = new LogQueue();
+/** The background write in progress, if any. */
+let logWriting: Promise<void> | undefined;
+/** stdout failed (its reader closed it): said once on stderr; nothing more is queued. */
+let logBroken = false;
+
+/** The line that says what the queue dropped (in the format of every other line). */
+function droppedLine(lines: number, octets: number): Uint8Array {
+  const e: LogDroppedEvent = {
+    event: "log_dropped",
+    lines,
+    octets,
+    reason: `stdout was read too slowly: ${MAX_LOG_QUEUE_BYTES} octets were waiting to be written`,
+  };
+  return logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n");
+}
 
 /**
- * Writes one event on stdout, whole. Lines are gathered for one timer turn (or until
- * LOG_BUFFER_BYTES) and written with one system call: a message a millisecond costs one
- * write, not one per attempt line. Order is kept; `flushLog` before every exit.
+ * Writes one event on stdout, whole, in the background: lines gathered while a write is in
+ * progress (or for one timer turn) go in the next write, so a message a millisecond costs one
+ * write, not one per line, and a stdout nobody reads holds up nothing but the log
+ * (MAX_LOG_QUEUE_BYTES). Order is kept; `drainLog` (or `flushLog`) before every exit.
  */
 export function log(e: LogEvent): void {
   if (e.event === "attempt") attemptTap?.(e);
-  const bytes = logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n");
-  logBuffer.push(bytes);
-  logBuffered += bytes.length;
-  if (logBuffered >= LOG_BUFFER_BYTES) flushLog();
-  else logFlushTimer ??= setTimeout(flushLog, 0);
+  if (logBroken) return;
+  logQueue.push(logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n"));
+  logWriting ??= writeLog();
 }
 
-/** Writes every gathered line now. */
+async function writeLog(): Promise<void> {
+  try {
+    await new Promise((ok) => setTimeout(ok, 0)); // one timer turn: the lines of this turn go together
+    for (let all; (all = logQueue.take(droppedLine));) {
+      for (let off = 0; off < all.length;) off += await Deno.stdout.write(all.subarray(off));
+    }
+  } catch (err) {
+    // stdout is gone (its reader closed it): nowhere left to log; said once on stderr.
+    logBroken = true;
+    logQueue.take(droppedLine);
+    console.error(`sinkhole: the log cannot be written on stdout: ${describeError(err)}`);
+  } finally {
+    logWriting = undefined;
+  }
+}
+
+/** Waits until every queued line is written (before an orderly exit). */
+export async function drainLog(): Promise<void> {
+  while (logWriting) await logWriting;
+}
+
+/** Writes what is queued now, blocking (only before an exit that cannot wait: a refused start). */
 export function flushLog(): void {
-  if (logFlushTimer !== undefined) clearTimeout(logFlushTimer);
-  logFlushTimer = undefined;
-  if (logBuffered === 0) return;
-  const all = new Uint8Array(logBuffered);
-  let at = 0;
-  for (const b of logBuffer) all.set(b, (at += b.length) - b.length);
-  logBuffer.length = 0;
-  logBuffered = 0;
-  for (let off = 0; off < all.length;) off += Deno.stdout.writeSync(all.subarray(off));
+  const all = logQueue.take(droppedLine);
+  for (let off = 0; all && off < all.length;) off += Deno.stdout.writeSync(all.subarray(off));
 }
 
 /**
@@ -4280,7 +4362,7 @@ async function main(): Promise<void> {
     await control?.shutdown();
     await server.shutdown();
     log({ event: "stopped", signal });
-    flushLog();
+    await drainLog();
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
