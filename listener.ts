@@ -77,11 +77,12 @@ export const MAX_PENDING_REPLY_BYTES = 8 * 1024;
 /** The longest log line written: CloudWatch Logs takes events up to 256 KiB (262,144 octets less 26). */
 export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
 /**
- * Log lines waiting for stdout, in octets at most (two of the longest lines): they are written in
- * the background, so a slow reader of stdout never stops the event loop. Past it lines are
+ * Log lines waiting for stdout, in octets at most: two buffers made once, each room for the longest
+ * line and the one that says what was dropped. Lines are written in the background, so a slow
+ * reader of stdout never stops the event loop. Past it lines are
  * counted, not kept, until the writer catches up; then one `log_dropped` line says how many.
  */
-export const MAX_LOG_QUEUE_BYTES = 512 * 1024;
+export const MAX_LOG_QUEUE_BYTES = 2 * (MAX_LOG_LINE_BYTES + 1024);
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -2167,9 +2168,13 @@ const LINE_BREAKERS = /[\u0085\u2028\u2029]/g;
 
 /** An event's JSON line, with its line-breaking characters escaped. */
 function encodeLine(e: LogEvent, ts: string): Uint8Array {
-  const json = JSON.stringify({ ts, ...e })
-    .replace(LINE_BREAKERS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
-  return logEncoder.encode(json + "\n");
+  return logEncoder.encode(jsonText(e, ts));
+}
+
+/** An event's JSON line as text, with its line-breaking characters escaped. */
+function jsonText(e: LogEvent, ts: string): string {
+  return JSON.stringify({ ts, ...e })
+    .replace(LINE_BREAKERS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`) + "\n";
 }
 
 /**
@@ -2191,6 +2196,12 @@ export function logLine(e: LogEvent, now = new Date()): Uint8Array {
     { event: "error", where: "log", reason: `a ${e.event} line was over ${MAX_LOG_LINE_BYTES} octets` },
     ts,
   );
+}
+
+/** An event's JSON line as text when it is surely within MAX_LOG_LINE_BYTES (UTF-8 takes at most 3 octets a UTF-16 unit); else logLine's. */
+function lineText(e: LogEvent): string | Uint8Array {
+  const text = jsonText(e, new Date().toISOString());
+  return text.length * 3 <= MAX_LOG_LINE_BYTES ? text : logLine(e);
 }
 
 /** Control characters and line breakers in wire text, shown escaped in a text line (one event, one line). */
@@ -2273,47 +2284,78 @@ export function setLogFormat(format: LogFormat): void {
 }
 
 /**
- * Log lines on their way to stdout, whole and in order, at most `max` octets. A line that does
- * not fit is counted, not kept, and so is every line after it until the queue is taken: the gap
- * is one place in the output, where `take` puts the line saying how many went missing. Pure.
+ * Log lines on their way to stdout, whole and in order, encoded straight into one of two buffers
+ * made once (`max` octets in all), so a line costs no buffer of its own: while one half is being
+ * written the other fills. A line that does not fit is counted, not kept, and so is every line
+ * after it until the queue is taken: the gap is one place in the output, where `take` puts the
+ * line saying how many went missing (room for it is kept in each half). Pure.
  */
 export class LogQueue {
-  #lines: Uint8Array[] = [];
+  readonly #halves: [Uint8Array, Uint8Array];
+  #filling = 0;
+  /** Octets queued in the half being filled. */
   bytes = 0;
   droppedLines = 0;
   droppedBytes = 0;
 
-  constructor(readonly max = MAX_LOG_QUEUE_BYTES) {}
+  constructor(readonly max = MAX_LOG_QUEUE_BYTES, readonly noteRoom = 1024) {
+    this.#halves = [new Uint8Array(max / 2), new Uint8Array(max / 2)];
+  }
 
-  /** Queues a line; false when it was counted as dropped instead. */
-  push(line: Uint8Array): boolean {
-    if (this.droppedLines > 0 || this.bytes + line.length > this.max) {
-      this.droppedLines++;
-      this.droppedBytes += line.length;
-      return false;
+  /** Queues a line (text is encoded as UTF-8 in place); false when it was counted as dropped instead. */
+  push(line: string | Uint8Array): boolean {
+    const half = this.#halves[this.#filling];
+    const room = half.length - this.noteRoom - this.bytes;
+    if (this.droppedLines === 0) {
+      if (typeof line !== "string") {
+        if (line.length <= room) {
+          half.set(line, this.bytes);
+          this.bytes += line.length;
+          return true;
+        }
+      } else {
+        const { read, written } = logEncoder.encodeInto(
+          line,
+          half.subarray(this.bytes, this.bytes + Math.max(0, room)),
+        );
+        if (read === line.length) {
+          this.bytes += written;
+          return true;
+        }
+      }
     }
-    this.#lines.push(line);
-    this.bytes += line.length;
-    return true;
+    this.droppedLines++;
+    this.droppedBytes += typeof line === "string" ? utf8Length(line) : line.length;
+    return false;
   }
 
   /**
-   * Everything queued as one buffer, then `said(lines, octets)` for what was dropped after it;
-   * undefined when there is nothing to write. The queue is empty after.
+   * What is queued, then `said(lines, octets)` for what was dropped after it; undefined when there
+   * is nothing to write. The view stays valid until the next `take` (the other half fills meanwhile).
    */
-  take(said: (lines: number, octets: number) => Uint8Array): Uint8Array | undefined {
-    const note = this.droppedLines > 0 ? said(this.droppedLines, this.droppedBytes) : undefined;
-    if (this.bytes === 0 && !note) return undefined;
-    const all = new Uint8Array(this.bytes + (note?.length ?? 0));
-    let at = 0;
-    for (const b of this.#lines) all.set(b, (at += b.length) - b.length);
-    if (note) all.set(note, at);
-    this.#lines = [];
+  take(said: (lines: number, octets: number) => string): Uint8Array | undefined {
+    const half = this.#halves[this.#filling];
+    let n = this.bytes;
+    if (this.droppedLines > 0) {
+      n += logEncoder.encodeInto(said(this.droppedLines, this.droppedBytes), half.subarray(n)).written;
+    }
+    if (n === 0) return undefined;
+    this.#filling ^= 1;
     this.bytes = 0;
     this.droppedLines = 0;
     this.droppedBytes = 0;
-    return all;
+    return half.subarray(0, n);
   }
+}
+
+/** Octets of `s` in UTF-8, counted without encoding it (a lone surrogate counts 2, not the 3 of its U+FFFD). */
+export function utf8Length(s: string): number {
+  let n = s.length;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    n += c < 0x80 ? 0 : c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
+  }
+  return n;
 }
 
 const logQueue = new LogQueue();
@@ -2323,14 +2365,14 @@ let logWriting: Promise<void> | undefined;
 let logBroken = false;
 
 /** The line that says what the queue dropped (in the format of every other line). */
-function droppedLine(lines: number, octets: number): Uint8Array {
+function droppedLine(lines: number, octets: number): string {
   const e: LogDroppedEvent = {
     event: "log_dropped",
     lines,
     octets,
     reason: `stdout was read too slowly: ${MAX_LOG_QUEUE_BYTES} octets were waiting to be written`,
   };
-  return logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n");
+  return logFormat === "json" ? jsonText(e, new Date().toISOString()) : textLine(e) + "\n";
 }
 
 /**
@@ -2342,7 +2384,7 @@ function droppedLine(lines: number, octets: number): Uint8Array {
 export function log(e: LogEvent): void {
   if (e.event === "attempt") attemptTap?.(e);
   if (logBroken) return;
-  logQueue.push(logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n"));
+  logQueue.push(logFormat === "json" ? lineText(e) : logEncoder.encode(textLine(e) + "\n"));
   logWriting ??= writeLog();
 }
 

@@ -5,47 +5,71 @@
  */
 import { assert, assertEquals } from "../rig/assert.ts";
 import { REPLY_WAIT_MS, ROOT, taskCommand, transaction } from "../rig/helpers.ts";
-import { type LogLine, LogQueue, MAX_LOG_QUEUE_BYTES, MAX_LOGGED_HEADER_BYTES, parseLogLine } from "../listener.ts";
+import {
+  type LogLine,
+  LogQueue,
+  MAX_LOG_QUEUE_BYTES,
+  MAX_LOGGED_HEADER_BYTES,
+  parseLogLine,
+  utf8Length,
+} from "../listener.ts";
 
-const enc = new TextEncoder();
 const dec = new TextDecoder();
-const line = (text: string) => enc.encode(text + "\n");
 /** What `take` writes for a gap in these tables. */
-const said = (lines: number, octets: number) => line(`dropped ${lines} ${octets}`);
+const said = (lines: number, octets: number) => `dropped ${lines} ${octets}\n`;
+/** Room for `said`'s line in each half, in these tables. */
+const NOTE = 16;
 
 Deno.test("log queue: whole lines in order up to the cap; past it counted, and said once where the gap is", () => {
-  const cases: { name: string; max: number; steps: (string | "take")[]; out: string[] }[] = [
-    { name: "nothing queued: nothing to write", max: 10, steps: ["take"], out: [] },
-    { name: "lines in order, one write", max: 10, steps: ["ab", "cd", "take"], out: ["ab\ncd\n"] },
-    { name: "a line exactly at the cap fits", max: 6, steps: ["ab", "cd", "take"], out: ["ab\ncd\n"] },
-    { name: "the line past the cap is counted", max: 5, steps: ["ab", "cd", "take"], out: ["ab\ndropped 1 3\n"] },
+  // `cap`: octets of lines a half holds (the queue holds 2 × (cap + NOTE)).
+  const cases: { name: string; cap: number; steps: (string | "take")[]; out: string[] }[] = [
+    { name: "nothing queued: nothing to write", cap: 10, steps: ["take"], out: [] },
+    { name: "lines in order, one write", cap: 10, steps: ["ab", "cd", "take"], out: ["ab\ncd\n"] },
+    { name: "a line exactly at the cap fits", cap: 6, steps: ["ab", "cd", "take"], out: ["ab\ncd\n"] },
+    { name: "the line past the cap is counted", cap: 5, steps: ["ab", "cd", "take"], out: ["ab\ndropped 1 3\n"] },
     {
       name: "after a drop, a line that would fit is dropped too (one gap, one note)",
-      max: 6,
+      cap: 6,
       steps: ["ab", "cdefg", "h", "take"],
       out: ["ab\ndropped 2 8\n"],
     },
     {
-      name: "the writer caught up: lines are queued again, the counts start over",
-      max: 5,
-      steps: ["ab", "cd", "take", "ef", "take"],
-      out: ["ab\ndropped 1 3\n", "ef\n"],
+      name: "the writer caught up: lines are queued again (in the other half), the counts start over",
+      cap: 5,
+      steps: ["ab", "cd", "take", "ef", "take", "gh", "take"],
+      out: ["ab\ndropped 1 3\n", "ef\n", "gh\n"],
     },
-    { name: "only drops: the note alone", max: 2, steps: ["abc", "take", "take"], out: ["dropped 1 4\n"] },
+    { name: "only drops: the note alone", cap: 2, steps: ["abc", "take", "take"], out: ["dropped 1 4\n"] },
+    {
+      name: "octets, not characters: é is 2, € 3, 😀 4",
+      cap: 8,
+      steps: ["é€", "😀😀", "take"],
+      out: ["é€\ndropped 1 9\n"],
+    },
   ];
   for (const c of cases) {
-    const q = new LogQueue(c.max);
+    const q = new LogQueue(2 * (c.cap + NOTE), NOTE);
     const out: string[] = [];
     for (const step of c.steps) {
       if (step !== "take") {
-        q.push(line(step));
-        assert(q.bytes <= c.max, `${c.name}: ${q.bytes} octets queued over ${c.max}`);
+        q.push(step + "\n");
+        assert(q.bytes <= c.cap, `${c.name}: ${q.bytes} octets queued over ${c.cap}`);
         continue;
       }
       const all = q.take(said);
       if (all) out.push(dec.decode(all));
     }
     assertEquals(out, c.out, c.name);
+  }
+  // A half taken stays as it was while the other fills (the writer writes it meanwhile).
+  const q = new LogQueue(2 * (8 + NOTE), NOTE);
+  q.push("one\n");
+  const taken = q.take(said)!;
+  q.push("two\n");
+  q.push(new TextEncoder().encode("six\n"));
+  assertEquals([dec.decode(taken), dec.decode(q.take(said))], ["one\n", "two\nsix\n"]);
+  for (const s of ["", "abc", "é", "€uro", "😀", "a\u2028b", "\ud800x"]) {
+    assertEquals(utf8Length(s), s.includes("\ud800") ? 3 : new TextEncoder().encode(s).length, JSON.stringify(s));
   }
 });
 
@@ -127,7 +151,8 @@ Deno.test("log writer: a stdout nobody reads for a while holds up no session; th
         `${droppedLines} dropped in ${dropped.length} gap(s) (${dropped.reduce((n, d) => n + d.octets, 0)} octets)`,
     );
     assertEquals(written + droppedLines, transactions * 3 + 2, "every line written or counted as dropped");
-    assertEquals(lines.at(-1)?.event, "stopped", "the last line is written before the exit");
+    // Written before the exit: the last line, or the note that counts it (the queue was still catching up).
+    assert(["stopped", "log_dropped"].includes(lines.at(-1)!.event), `the last line: ${JSON.stringify(lines.at(-1))}`);
   } finally {
     if (!stopped) child.kill("SIGTERM");
     await readUntil(() => false).catch(() => {});
