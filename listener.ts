@@ -98,6 +98,13 @@ export const MAX_GREYLIST_ENTRIES = 100_000;
 export const RING_SLACK = 1.25;
 /** What one greylist entry holds in memory, whatever its key: a digest, a time, a window, an index slot. */
 export const GREYLIST_ENTRY_BYTES = 48;
+/**
+ * Sessions upgraded to TLS, or upgrading, at once at most: past it STARTTLS is answered
+ * `454 4.7.0` (REPLIES.tlsBusy) and the session goes on in plaintext. A TLS session costs
+ * node:tls and rustls state (about 100 KiB) and its records' buffers on top of a plain one,
+ * more than the byte budget has for every session at the default cap (docs/protocol.md).
+ */
+export const MAX_TLS_SESSIONS = 64;
 /** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
 export const READ_BUFFER_BYTES = 4 * 1024;
 /** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
@@ -638,6 +645,7 @@ export const REPLIES = {
   refused: r(503, "5.5.1 No SMTP service here"),
   tlsReady: r(220, "2.0.0 Ready to start TLS"),
   tlsRefused: r(454, "4.7.0 TLS not available due to temporary reason"),
+  tlsBusy: r(454, `4.7.0 TLS not available due to temporary reason: ${MAX_TLS_SESSIONS} TLS sessions at most at once`),
   alreadyTls: r(503, "5.5.1 TLS already active"),
   needEhlo: r(503, "5.5.1 Send EHLO first"),
   bounce: r(550, "5.1.1 User unknown"),
@@ -747,6 +755,8 @@ export interface Inputs {
   greylist?: GreylistLookup;
   /** The listener can upgrade sessions to TLS (SINKHOLE_STARTTLS=on, a certificate loaded). */
   tlsAvailable?: boolean;
+  /** MAX_TLS_SESSIONS sessions are upgraded or upgrading: STARTTLS is offered but answered 454 now. */
+  tlsBusy?: boolean;
   /** The attempt table: what is known of a message's earlier attempts; without it every attempt is a first. */
   attempts?: AttemptLookup;
 }
@@ -1014,6 +1024,7 @@ const THEN: Record<Scenario["then"], Decision> = {
 };
 
 const TLS_REFUSED: Decision = { fail: REPLIES.tlsRefused, delayMs: 0 };
+const TLS_BUSY: Decision = { fail: REPLIES.tlsBusy, delayMs: 0 };
 const TLS_BREAK: Decision = { fail: REPLIES.tlsReady, delayMs: 0, after: "close" };
 const TLS_GO: Decision = { delayMs: 0, after: "starttls" };
 
@@ -1270,7 +1281,13 @@ function zip(tx: Transaction): [string, number][] {
 
 /** STARTTLS: refused (454), broken (220 and close), or the upgrade; refused as unknown where not offered. */
 function starttlsRow(m: Moment, sc: Scenario): Decision {
-  const d = sc.starttls === "refuse" ? TLS_REFUSED : sc.starttls === "break" ? TLS_BREAK : TLS_GO;
+  const d = sc.starttls === "refuse"
+    ? TLS_REFUSED
+    : sc.starttls === "break"
+    ? TLS_BREAK
+    : m.inputs.tlsBusy
+    ? TLS_BUSY
+    : TLS_GO;
   return offersTls(m, sc) ? { ...d, offersTls: true } : d;
 }
 
@@ -3188,31 +3205,27 @@ export interface Transport {
 }
 
 /**
- * Input held per session before the socket is paused (node sockets push; Deno's are pulled).
- * Plain or upgraded, the pause is on the TCP socket itself, the only reader of the kernel's
- * buffer: past it a session holds one more read of ciphertext and the TLS record it decrypts.
+ * Plaintext an upgraded session holds decrypted before its ciphertext stops being read: the
+ * connection is read (one READ_BUFFER_BYTES read at a time) only while less than this waits.
  */
-const NODE_READ_HIGH_WATER = READ_BUFFER_BYTES;
+const TLS_PLAINTEXT_HIGH_WATER = READ_BUFFER_BYTES;
 /** A TLS handshake must finish within this long. */
 export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 
-type NodeSocket = import("node:net").Socket;
 type NodeTls = typeof import("node:tls");
 type NodeDuplex = typeof import("node:stream").Duplex;
 
 /**
- * A node:net socket as a pull-style Transport, upgradable in place with node:tls (Deno's own
- * TCP connections cannot be upgraded server-side; node:tls can, see docs/modes.md, "STARTTLS").
- * After the upgrade the TLS socket reads its ciphertext from a stream of ours that the TCP
- * socket feeds, never the TCP handle itself: node:tls in Deno reads its handle whether paused
- * or not, so pausing the TCP socket is what holds an upgraded session to the byte budget.
+ * A Deno TCP connection that can turn to TLS in place (RFC 3207). Deno's own TLS cannot upgrade
+ * a server-side connection, node:tls can (docs/modes.md, "STARTTLS"): after the upgrade a
+ * node:tls socket reads its ciphertext from a stream of ours, which this transport fills from
+ * the connection one READ_BUFFER_BYTES read at a time, and only while the session has less than
+ * TLS_PLAINTEXT_HIGH_WATER decrypted and unread: the kernel's buffer holds the rest. Before the
+ * upgrade it is the connection itself: a plain session costs what it costs on Deno's transport.
  */
-class NodeTransport implements Transport {
-  /** What the session reads and writes: the TCP socket, then the TLS socket over it. */
-  #sock!: NodeSocket;
-  /** The TCP socket: the one reader of the kernel's buffer, paused and resumed for backpressure. */
-  readonly #wire: NodeSocket;
+class UpgradableConn implements Transport {
   #secure: import("node:tls").TLSSocket | undefined;
+  #cipher: import("node:stream").Duplex | undefined;
   /** The handshake is over: closing sends close_notify (before it, the connection is closed silently). */
   #upgraded = false;
   #queue: Uint8Array[] = [];
@@ -3220,48 +3233,19 @@ class NodeTransport implements Transport {
   #ended = false;
   #error: Error | undefined;
   #wake: (() => void) | undefined;
+  /** The ciphertext pump is reading the connection. */
+  #pumping = false;
+  #readBuf: Uint8Array | undefined;
 
   constructor(
-    sock: NodeSocket,
+    readonly conn: Deno.TcpConn,
     readonly tls: NodeTls,
     readonly context: import("node:tls").SecureContext,
     readonly Duplex: NodeDuplex,
-  ) {
-    this.#wire = sock;
-    this.#attach(sock);
-  }
-
-  #onData = (d: Uint8Array) => {
-    this.#queue.push(d);
-    this.#queued += d.length;
-    if (this.#queued > NODE_READ_HIGH_WATER) this.#wire.pause();
-    this.#wake?.();
-  };
-  #onEnd = () => {
-    this.#ended = true;
-    this.#wake?.();
-  };
-  #onError = (e: Error) => {
-    this.#error = e;
-    this.#wake?.();
-  };
-
-  #attach(sock: NodeSocket): void {
-    this.#sock = sock;
-    sock.on("data", this.#onData);
-    sock.on("end", this.#onEnd);
-    sock.on("close", this.#onEnd);
-    sock.on("error", this.#onError);
-  }
-
-  #detach(): void {
-    this.#sock.off("data", this.#onData);
-    this.#sock.off("end", this.#onEnd);
-    this.#sock.off("close", this.#onEnd);
-    this.#sock.off("error", this.#onError);
-  }
+  ) {}
 
   async read(buf: Uint8Array): Promise<number | null> {
+    if (!this.#secure) return this.conn.read(buf);
     while (this.#queue.length === 0) {
       if (this.#error) throw this.#error;
       if (this.#ended) return null;
@@ -3274,13 +3258,52 @@ class NodeTransport implements Transport {
     if (n === head.length) this.#queue.shift();
     else this.#queue[0] = head.subarray(n);
     this.#queued -= n;
-    if (this.#queued <= NODE_READ_HIGH_WATER / 2 && this.#wire.isPaused()) this.#wire.resume();
+    this.#pump();
     return n;
   }
 
   write(bytes: Uint8Array): Promise<number> {
-    return new Promise((ok, fail) => this.#sock.write(bytes, (e) => e ? fail(e) : ok(bytes.length)));
+    const secure = this.#secure;
+    if (!secure) return this.conn.write(bytes);
+    return new Promise((ok, fail) => secure.write(bytes, (e) => e ? fail(e) : ok(bytes.length)));
   }
+
+  /** Feeds the TLS socket ciphertext while the plaintext waiting is under TLS_PLAINTEXT_HIGH_WATER. */
+  async #pump(): Promise<void> {
+    if (this.#pumping || this.#ended || !this.#cipher) return;
+    this.#pumping = true;
+    const cipher = this.#cipher;
+    const buf = this.#readBuf ??= new Uint8Array(READ_BUFFER_BYTES);
+    try {
+      while (this.#queued < TLS_PLAINTEXT_HIGH_WATER && !this.#ended) {
+        const n = await this.conn.read(buf);
+        if (n === null) {
+          cipher.push(null);
+          return;
+        }
+        cipher.push(buf.slice(0, n));
+        await new Promise((ok) => setTimeout(ok, 0)); // the TLS socket decrypts what it was given first
+      }
+    } catch (err) {
+      if (!this.#ended) cipher.destroy(err as Error);
+    } finally {
+      this.#pumping = false;
+    }
+  }
+
+  #onData = (d: Uint8Array) => {
+    this.#queue.push(d);
+    this.#queued += d.length;
+    this.#wake?.();
+  };
+  #onEnd = () => {
+    this.#ended = true;
+    this.#wake?.();
+  };
+  #onError = (e: Error) => {
+    this.#error = e;
+    this.#wake?.();
+  };
 
   /**
    * Closes: a TLS session with close_notify first (RFC 8446 §6.1), then the connection,
@@ -3288,44 +3311,44 @@ class NodeTransport implements Transport {
    */
   close(): void {
     const secure = this.#secure;
+    const closeConn = () => {
+      try {
+        this.conn.close();
+      } catch { /* already closed */ }
+    };
     if (secure && this.#upgraded && !secure.destroyed && !this.#ended) {
       const done = () => {
         clearTimeout(timer);
         secure.destroy();
-        this.#wire.destroy();
+        closeConn();
       };
       const timer = setTimeout(done, GOODBYE_WRITE_MS);
       secure.once("error", done);
       secure.end(done);
     } else {
       secure?.destroy();
-      this.#wire.destroy();
+      closeConn();
     }
     this.#ended = true;
     this.#wake?.();
   }
 
   async startTls(): Promise<void> {
-    const plain = this.#wire;
-    this.#detach();
-    this.#queue = []; // RFC 3207 §4.2: nothing sent before the handshake counts
-    this.#queued = 0;
-    // The ciphertext's way in: pushed as the TCP socket reads it; the TCP socket alone is paused.
+    const conn = this.conn;
+    // The ciphertext's way in: pushed by #pump; out: written to the connection in order.
     const cipher = new this.Duplex({
       read() {},
-      write: (chunk: Uint8Array, _enc: string, done: (e?: Error | null) => void) => plain.write(chunk, done),
-      final: (done: () => void) => (plain.end(), done()),
+      write: (chunk: Uint8Array, _enc: string, done: (e?: Error | null) => void) =>
+        writeAll(conn, chunk).then(() => done(), (e) => done(e)),
+      final: (done: () => void) => (conn.closeWrite().catch(() => {}), done()),
     });
-    plain.on("data", (d: Uint8Array) => cipher.push(d));
-    plain.on("end", () => cipher.push(null));
-    plain.on("error", (e: Error) => cipher.destroy(e));
-    plain.on("close", () => cipher.destroy());
-    const secure = new this.tls.TLSSocket(cipher as unknown as NodeSocket, {
+    this.#cipher = cipher;
+    const secure = new this.tls.TLSSocket(cipher as unknown as import("node:net").Socket, {
       isServer: true,
       secureContext: this.context,
     });
     this.#secure = secure;
-    if (plain.isPaused()) plain.resume();
+    this.#pump();
     await withTimeout(
       new Promise<void>((ok, fail) => {
         secure.once("secure", () => ok());
@@ -3337,7 +3360,10 @@ class NodeTransport implements Transport {
     secure.removeAllListeners("error");
     secure.removeAllListeners("close");
     this.#upgraded = true;
-    this.#attach(secure);
+    secure.on("data", this.#onData);
+    secure.on("end", this.#onEnd);
+    secure.on("close", this.#onEnd);
+    secure.on("error", this.#onError);
   }
 }
 
@@ -3432,6 +3458,8 @@ interface ServerDeps {
   greylist: GreylistTable;
   /** The retry ledger's counts; absent: every attempt is a first (tests of other things). */
   attempts?: AttemptTable;
+  /** Sessions upgraded to TLS or upgrading (MAX_TLS_SESSIONS); the server keeps the count. */
+  tls?: { sessions: number };
 }
 
 /** Replies queued from `from` on wait: for a delay, for good (a drop), or behind the TLS handshake. */
@@ -3559,6 +3587,7 @@ class Session implements LineSink {
   /** Between `220 Ready to start TLS` and the handshake's end: no plaintext may be written (RFC 3207 §4). */
   #handshaking = false;
   #left = false; // the client closed its side while a reply was held: that reply was never given
+  #tlsSlot = false; // holds one of MAX_TLS_SESSIONS, from its `220 Ready to start TLS` to its close
   #gone = Promise.withResolvers<void>(); // settles when the session is closed: a delay in progress ends there
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
@@ -3607,6 +3636,7 @@ class Session implements LineSink {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.#tlsSlot) this.deps.tls!.sessions--;
     this.state = abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message);
     this.#gone.resolve();
     try {
@@ -3707,7 +3737,10 @@ class Session implements LineSink {
     if (out.farewell) this.#outbox.push(out.farewell);
     if (out.after === "close") this.#closing = true;
     else if (out.after === "data") this.#message = new MessageReader(out.captureHeaders);
-    else if (out.after === "starttls") this.#outbox.holdFrom(0, "starttls");
+    else if (out.after === "starttls") {
+      this.#outbox.holdFrom(0, "starttls");
+      this.#tlsSlot = !!this.deps.tls && (this.deps.tls.sessions++, true); // given back in close()
+    }
   }
 
   /** The message's end: its lone dot, or a bare LF or CR (refused, and the session closed: no smuggling). */
@@ -3772,6 +3805,7 @@ function policyInputs(deps: ServerDeps, client: string): Inputs {
     now,
     greylist: (key) => deps.greylist.lookup(key, now),
     tlsAvailable: deps.config.startTls,
+    tlsBusy: (deps.tls?.sessions ?? 0) >= MAX_TLS_SESSIONS,
     attempts: (key) => deps.attempts?.lookup(key),
   };
 }
@@ -3819,7 +3853,8 @@ function clientAddress(conn: Deno.Conn): string {
 class Server {
   readonly sessions = new Set<Session>();
   #listener: Deno.TcpListener | undefined;
-  #nodeServer: import("node:net").Server | undefined;
+  /** With STARTTLS on: a connection as a transport that can upgrade. */
+  #upgradable: ((conn: Deno.TcpConn) => Transport) | undefined;
   #health: Deno.TcpListener | undefined;
   #healthDone: Promise<void> = Promise.resolve();
   #address: Deno.NetAddr | undefined;
@@ -3827,48 +3862,35 @@ class Server {
   #shuttingDown = false;
   #sweeper: Timer | undefined;
 
-  constructor(readonly deps: ServerDeps) {}
+  readonly deps: ServerDeps;
+
+  constructor(deps: ServerDeps) {
+    this.deps = { ...deps, tls: deps.tls ?? { sessions: 0 } };
+  }
 
   get addr(): Deno.NetAddr {
     return this.#address!;
   }
 
   /**
-   * Listens: Deno.listen by default (the fastest path here); node:net when STARTTLS is on,
-   * since only node:tls can upgrade a server-side connection in place.
+   * Listens with Deno.listen; when STARTTLS is on, each connection is an UpgradableConn, since
+   * only node:tls can upgrade a server-side connection in place.
    */
   async listen(tls?: { cert: string; key: string }): Promise<void> {
     const { bindHost, bindPort, idleTimeoutMs, sessionTimeoutMs } = this.deps.config;
     if (tls) {
-      const net = await import("node:net");
       const nodeTls = await import("node:tls");
       const nodeStream = await import("node:stream");
       const context = nodeTls.createSecureContext({ cert: tls.cert, key: tls.key });
-      const server = net.createServer((sock) => {
-        const transport = new NodeTransport(sock, nodeTls, context, nodeStream.Duplex);
-        const client = (sock.remoteAddress ?? "unknown").replace(/^::ffff:/, "");
-        if (this.#shuttingDown) return transport.close();
-        if (this.sessions.size >= this.deps.config.maxSessions) return this.#refuse(transport, client);
-        this.#run(transport, client);
-      });
-      await new Promise<void>((ok, fail) => {
-        server.once("error", (err) => fail(bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err)));
-        server.listen(bindPort, bindHost, () => ok());
-      });
-      server.on("error", (err) => log({ event: "error", where: "accept", reason: describeError(err) }));
-      const a = server.address() as import("node:net").AddressInfo;
-      this.#address = { transport: "tcp", hostname: a.address, port: a.port };
-      this.#nodeServer = server;
-      this.#done = Promise.resolve();
-    } else {
-      try {
-        this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
-      } catch (err) {
-        throw bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err);
-      }
-      this.#address = this.#listener.addr;
-      this.#done = this.#acceptLoop();
+      this.#upgradable = (conn) => new UpgradableConn(conn, nodeTls, context, nodeStream.Duplex);
     }
+    try {
+      this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
+    } catch (err) {
+      throw bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err);
+    }
+    this.#address = this.#listener.addr;
+    this.#done = this.#acceptLoop();
     const every = Math.max(50, Math.min(TIMEOUT_SWEEP_MAX_MS, Math.min(idleTimeoutMs, sessionTimeoutMs) / 4));
     this.#sweeper = setInterval(() => this.#sweep(Date.now()), every);
     const { healthHost, healthPort } = this.deps.config;
@@ -3876,7 +3898,6 @@ class Server {
       this.#health = Deno.listen({ hostname: healthHost, port: healthPort, transport: "tcp" });
     } catch (err) {
       this.#listener?.close();
-      this.#nodeServer?.close();
       clearInterval(this.#sweeper);
       throw bindError("the liveness port", healthHost, healthPort, "SINKHOLE_HEALTH_PORT", err);
     }
@@ -3935,7 +3956,7 @@ class Server {
         this.#refuse(conn, clientAddress(conn));
         continue;
       }
-      this.#run(conn, clientAddress(conn));
+      this.#run(this.#upgradable?.(conn) ?? conn, clientAddress(conn));
     }
   }
 
@@ -3964,7 +3985,6 @@ class Server {
     try {
       this.#listener?.close();
     } catch { /* already closed */ }
-    this.#nodeServer?.close();
     try {
       this.#health?.close();
     } catch { /* already closed */ }
