@@ -375,7 +375,9 @@ async function tlsWorstCase(label: string, sessions: number, peakMiB: number, sh
     const upgraded = clients.filter((c) => c.tls).length;
     console.log(
       `${label}: greylist ${MAX_GREYLIST_ENTRIES} triplets, then ${clients.length} sessions (${shapes.join(", ")}), ` +
-        `${upgraded} upgraded: RSS at start ${atStart.rss.toFixed(1)} MiB, after the fill ${afterFill.rss.toFixed(1)}, ` +
+        `${upgraded} upgraded: RSS at start ${atStart.rss.toFixed(1)} MiB, after the fill ${
+          afterFill.rss.toFixed(1)
+        }, ` +
         `with the sessions ${worst.rss.toFixed(1)} (anonymous ${worst.anon.toFixed(1)}, mapped files ${
           worst.file.toFixed(1)
         }); VmHWM ${worst.peak.toFixed(1)} MiB`,
