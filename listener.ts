@@ -240,7 +240,7 @@ export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; he
     default: String(DEFAULT_SESSION_TIMEOUT_S),
     help: "seconds a session may last in all",
   },
-  { name: "SINKHOLE_STARTTLS", default: "off", help: "on: offer STARTTLS (node:net transport)" },
+  { name: "SINKHOLE_STARTTLS", default: "off", help: "on: offer STARTTLS (upgraded by node:tls)" },
   { name: "SINKHOLE_TLS_CERT", default: "", help: "PEM certificate for STARTTLS (with the key; else generated)" },
   { name: "SINKHOLE_TLS_KEY", default: "", help: "PEM private key for STARTTLS (with the certificate)" },
   { name: "SINKHOLE_LOG_FORMAT", default: "json", help: "json (CloudWatch, ctl) or text (a terminal; --dev's)" },
