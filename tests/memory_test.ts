@@ -381,8 +381,12 @@ async function tlsWorstCase(label: string, sessions: number, peakMiB: number, sh
           worst.file.toFixed(1)
         }); VmHWM ${worst.peak.toFixed(1)} MiB`,
     );
-    // MAX_TLS_SESSIONS upgraded at once; every other one told why, precisely, and served in plaintext.
-    assertEquals(upgraded, Math.min(sessions, MAX_TLS_SESSIONS), `${label}: sessions upgraded`);
+    // At most MAX_TLS_SESSIONS upgraded at once: more in all only as TLS sessions ended and gave their
+    // slots back (their session lines say so); every other one told why, precisely, and served in plaintext.
+    const endedTls = () => l.events("session").filter((e) => e.tls).length;
+    assert(upgraded >= MAX_TLS_SESSIONS && upgraded < sessions, `${label}: ${upgraded} sessions upgraded`);
+    await eventually(() => upgraded - endedTls() <= MAX_TLS_SESSIONS);
+    console.log(`${label}: ${upgraded} sessions upgraded, ${endedTls()} of them ended before the peak`);
     for (const c of clients.filter((c) => !c.tls)) {
       assertEquals(c.refusal, REPLIES.tlsBusy.lines.join("\n"), `${label}: the reply past MAX_TLS_SESSIONS`);
     }
