@@ -383,10 +383,16 @@ async function tlsWorstCase(label: string, sessions: number, peakMiB: number, sh
     );
     // At most MAX_TLS_SESSIONS upgraded at once: more in all only as TLS sessions ended and gave their
     // slots back (their session lines say so); every other one told why, precisely, and served in plaintext.
-    const endedTls = () => l.events("session").filter((e) => e.tls).length;
+    // A session that was told `220 Ready to start TLS` (its second 220) held a slot until it ended.
+    const slotHolders = () => l.events("session").filter((e) => e.replies.filter((c) => c === 220).length > 1);
+    const endedTls = () => slotHolders().length;
     assert(upgraded >= MAX_TLS_SESSIONS && upgraded < sessions, `${label}: ${upgraded} sessions upgraded`);
     await eventually(() => upgraded - endedTls() <= MAX_TLS_SESSIONS);
-    console.log(`${label}: ${upgraded} sessions upgraded, ${endedTls()} of them ended before the peak`);
+    console.log(
+      `${label}: ${upgraded} sessions upgraded, ${endedTls()} of them ended before the peak: ${
+        JSON.stringify([...new Set(slotHolders().map((e) => `${e.tls ? "tls" : "no tls"}: ${e.error ?? "no error"}`))])
+      }`,
+    );
     for (const c of clients.filter((c) => !c.tls)) {
       assertEquals(c.refusal, REPLIES.tlsBusy.lines.join("\n"), `${label}: the reply past MAX_TLS_SESSIONS`);
     }
