@@ -3282,7 +3282,6 @@ class UpgradableConn implements Transport {
           return;
         }
         cipher.push(buf.slice(0, n));
-        await new Promise((ok) => setTimeout(ok, 0)); // the TLS socket decrypts what it was given first
       }
     } catch (err) {
       if (!this.#ended) cipher.destroy(err as Error);
