@@ -76,8 +76,13 @@ export const KEPT_ENTRY_COST = 32;
 export const MAX_PENDING_REPLY_BYTES = 8 * 1024;
 /** The longest log line written: CloudWatch Logs takes events up to 256 KiB (262,144 octets less 26). */
 export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
-/** Log lines are written together once this many octets are gathered (or at the next timer turn). */
-export const LOG_BUFFER_BYTES = 64 * 1024;
+/**
+ * Log lines waiting for stdout, in octets at most: two buffers made once, each room for the longest
+ * line and the one that says what was dropped. Lines are written in the background, so a slow
+ * reader of stdout never stops the event loop. Past it lines are
+ * counted, not kept, until the writer catches up; then one `log_dropped` line says how many.
+ */
+export const MAX_LOG_QUEUE_BYTES = 2 * (MAX_LOG_LINE_BYTES + 1024);
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -93,6 +98,13 @@ export const MAX_GREYLIST_ENTRIES = 100_000;
 export const RING_SLACK = 1.25;
 /** What one greylist entry holds in memory, whatever its key: a digest, a time, a window, an index slot. */
 export const GREYLIST_ENTRY_BYTES = 48;
+/**
+ * Sessions upgraded to TLS, or upgrading, at once at most: past it STARTTLS is answered
+ * `454 4.7.0` (REPLIES.tlsBusy) and the session goes on in plaintext. A TLS session costs
+ * node:tls and rustls state (about 100 KiB) and its records' buffers on top of a plain one,
+ * more than the byte budget has for every session at the default cap (docs/protocol.md).
+ */
+export const MAX_TLS_SESSIONS = 64;
 /** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
 export const READ_BUFFER_BYTES = 4 * 1024;
 /** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
@@ -228,7 +240,7 @@ export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; he
     default: String(DEFAULT_SESSION_TIMEOUT_S),
     help: "seconds a session may last in all",
   },
-  { name: "SINKHOLE_STARTTLS", default: "off", help: "on: offer STARTTLS (node:net transport)" },
+  { name: "SINKHOLE_STARTTLS", default: "off", help: "on: offer STARTTLS (upgraded by node:tls)" },
   { name: "SINKHOLE_TLS_CERT", default: "", help: "PEM certificate for STARTTLS (with the key; else generated)" },
   { name: "SINKHOLE_TLS_KEY", default: "", help: "PEM private key for STARTTLS (with the certificate)" },
   { name: "SINKHOLE_LOG_FORMAT", default: "json", help: "json (CloudWatch, ctl) or text (a terminal; --dev's)" },
@@ -633,6 +645,7 @@ export const REPLIES = {
   refused: r(503, "5.5.1 No SMTP service here"),
   tlsReady: r(220, "2.0.0 Ready to start TLS"),
   tlsRefused: r(454, "4.7.0 TLS not available due to temporary reason"),
+  tlsBusy: r(454, `4.7.0 TLS not available due to temporary reason: ${MAX_TLS_SESSIONS} TLS sessions at most at once`),
   alreadyTls: r(503, "5.5.1 TLS already active"),
   needEhlo: r(503, "5.5.1 Send EHLO first"),
   bounce: r(550, "5.1.1 User unknown"),
@@ -742,6 +755,8 @@ export interface Inputs {
   greylist?: GreylistLookup;
   /** The listener can upgrade sessions to TLS (SINKHOLE_STARTTLS=on, a certificate loaded). */
   tlsAvailable?: boolean;
+  /** MAX_TLS_SESSIONS sessions are upgraded or upgrading: STARTTLS is offered but answered 454 now. */
+  tlsBusy?: boolean;
   /** The attempt table: what is known of a message's earlier attempts; without it every attempt is a first. */
   attempts?: AttemptLookup;
 }
@@ -1016,6 +1031,7 @@ const THEN: Record<Scenario["then"], Decision> = {
 };
 
 const TLS_REFUSED: Decision = { fail: REPLIES.tlsRefused, delayMs: 0 };
+const TLS_BUSY: Decision = { fail: REPLIES.tlsBusy, delayMs: 0 };
 const TLS_BREAK: Decision = { fail: REPLIES.tlsReady, delayMs: 0, after: "close" };
 const TLS_GO: Decision = { delayMs: 0, after: "starttls" };
 
@@ -1287,7 +1303,13 @@ function zip(tx: Transaction): [string, number][] {
 
 /** STARTTLS: refused (454), broken (220 and close), or the upgrade; refused as unknown where not offered. */
 function starttlsRow(m: Moment, sc: Scenario): Decision {
-  const d = sc.starttls === "refuse" ? TLS_REFUSED : sc.starttls === "break" ? TLS_BREAK : TLS_GO;
+  const d = sc.starttls === "refuse"
+    ? TLS_REFUSED
+    : sc.starttls === "break"
+    ? TLS_BREAK
+    : m.inputs.tlsBusy
+    ? TLS_BUSY
+    : TLS_GO;
   return offersTls(m, sc) ? { ...d, offersTls: true } : d;
 }
 
@@ -2121,6 +2143,14 @@ export interface ErrorEvent {
   reason: string;
 }
 
+/** Lines that did not fit in MAX_LOG_QUEUE_BYTES while stdout was slow: counted, then said here, where they were. */
+export interface LogDroppedEvent {
+  event: "log_dropped";
+  lines: number;
+  octets: number;
+  reason: string;
+}
+
 export interface StopEvent {
   event: "stop";
   signal: string;
@@ -2152,6 +2182,7 @@ export type LogEvent =
   | ModeErrorEvent
   | RefusedEvent
   | ErrorEvent
+  | LogDroppedEvent
   | StopEvent
   | StoppedEvent;
 
@@ -2177,9 +2208,13 @@ const LINE_BREAKERS = /[\u0085\u2028\u2029]/g;
 
 /** An event's JSON line, with its line-breaking characters escaped. */
 function encodeLine(e: LogEvent, ts: string): Uint8Array {
-  const json = JSON.stringify({ ts, ...e })
-    .replace(LINE_BREAKERS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
-  return logEncoder.encode(json + "\n");
+  return logEncoder.encode(jsonText(e, ts));
+}
+
+/** An event's JSON line as text, with its line-breaking characters escaped. */
+function jsonText(e: LogEvent, ts: string): string {
+  return JSON.stringify({ ts, ...e })
+    .replace(LINE_BREAKERS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`) + "\n";
 }
 
 /**
@@ -2201,6 +2236,12 @@ export function logLine(e: LogEvent, now = new Date()): Uint8Array {
     { event: "error", where: "log", reason: `a ${e.event} line was over ${MAX_LOG_LINE_BYTES} octets` },
     ts,
   );
+}
+
+/** An event's JSON line as text when it is surely within MAX_LOG_LINE_BYTES (UTF-8 takes at most 3 octets a UTF-16 unit); else logLine's. */
+function lineText(e: LogEvent): string | Uint8Array {
+  const text = jsonText(e, new Date().toISOString());
+  return text.length * 3 <= MAX_LOG_LINE_BYTES ? text : logLine(e);
 }
 
 /** Control characters and line breakers in wire text, shown escaped in a text line (one event, one line). */
@@ -2282,36 +2323,136 @@ export function setLogFormat(format: LogFormat): void {
   logFormat = format;
 }
 
-/** Lines written since the last flush (whole lines only), at most LOG_BUFFER_BYTES. */
-const logBuffer: Uint8Array[] = [];
-let logBuffered = 0;
-let logFlushTimer: Timer | undefined;
+/**
+ * Log lines on their way to stdout, whole and in order, encoded straight into one of two buffers
+ * made once (`max` octets in all), so a line costs no buffer of its own: while one half is being
+ * written the other fills. A line that does not fit is counted, not kept, and so is every line
+ * after it until the queue is taken: the gap is one place in the output, where `take` puts the
+ * line saying how many went missing (room for it is kept in each half). Pure.
+ */
+export class LogQueue {
+  readonly #halves: [Uint8Array, Uint8Array];
+  #filling = 0;
+  /** Octets queued in the half being filled. */
+  bytes = 0;
+  droppedLines = 0;
+  droppedBytes = 0;
+
+  constructor(readonly max = MAX_LOG_QUEUE_BYTES, readonly noteRoom = 1024) {
+    this.#halves = [new Uint8Array(max / 2), new Uint8Array(max / 2)];
+  }
+
+  /** Queues a line (text is encoded as UTF-8 in place); false when it was counted as dropped instead. */
+  push(line: string | Uint8Array): boolean {
+    const half = this.#halves[this.#filling];
+    const room = half.length - this.noteRoom - this.bytes;
+    if (this.droppedLines === 0) {
+      if (typeof line !== "string") {
+        if (line.length <= room) {
+          half.set(line, this.bytes);
+          this.bytes += line.length;
+          return true;
+        }
+      } else {
+        const { read, written } = logEncoder.encodeInto(
+          line,
+          half.subarray(this.bytes, this.bytes + Math.max(0, room)),
+        );
+        if (read === line.length) {
+          this.bytes += written;
+          return true;
+        }
+      }
+    }
+    this.droppedLines++;
+    this.droppedBytes += typeof line === "string" ? utf8Length(line) : line.length;
+    return false;
+  }
+
+  /**
+   * What is queued, then `said(lines, octets)` for what was dropped after it; undefined when there
+   * is nothing to write. The view stays valid until the next `take` (the other half fills meanwhile).
+   */
+  take(said: (lines: number, octets: number) => string): Uint8Array | undefined {
+    const half = this.#halves[this.#filling];
+    let n = this.bytes;
+    if (this.droppedLines > 0) {
+      n += logEncoder.encodeInto(said(this.droppedLines, this.droppedBytes), half.subarray(n)).written;
+    }
+    if (n === 0) return undefined;
+    this.#filling ^= 1;
+    this.bytes = 0;
+    this.droppedLines = 0;
+    this.droppedBytes = 0;
+    return half.subarray(0, n);
+  }
+}
+
+/** Octets of `s` in UTF-8, counted without encoding it (a lone surrogate counts 2, not the 3 of its U+FFFD). */
+export function utf8Length(s: string): number {
+  let n = s.length;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    n += c < 0x80 ? 0 : c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
+  }
+  return n;
+}
+
+const logQueue = new LogQueue();
+/** The background write in progress, if any. */
+let logWriting: Promise<void> | undefined;
+/** stdout failed (its reader closed it): said once on stderr; nothing more is queued. */
+let logBroken = false;
+
+/** The line that says what the queue dropped (in the format of every other line). */
+function droppedLine(lines: number, octets: number): string {
+  const e: LogDroppedEvent = {
+    event: "log_dropped",
+    lines,
+    octets,
+    reason: `stdout was read too slowly: ${MAX_LOG_QUEUE_BYTES} octets were waiting to be written`,
+  };
+  return logFormat === "json" ? jsonText(e, new Date().toISOString()) : textLine(e) + "\n";
+}
 
 /**
- * Writes one event on stdout, whole. Lines are gathered for one timer turn (or until
- * LOG_BUFFER_BYTES) and written with one system call: a message a millisecond costs one
- * write, not one per attempt line. Order is kept; `flushLog` before every exit.
+ * Writes one event on stdout, whole, in the background: lines gathered while a write is in
+ * progress (or for one timer turn) go in the next write, so a message a millisecond costs one
+ * write, not one per line, and a stdout nobody reads holds up nothing but the log
+ * (MAX_LOG_QUEUE_BYTES). Order is kept; `drainLog` (or `flushLog`) before every exit.
  */
 export function log(e: LogEvent): void {
   if (e.event === "attempt") attemptTap?.(e);
-  const bytes = logFormat === "json" ? logLine(e) : logEncoder.encode(textLine(e) + "\n");
-  logBuffer.push(bytes);
-  logBuffered += bytes.length;
-  if (logBuffered >= LOG_BUFFER_BYTES) flushLog();
-  else logFlushTimer ??= setTimeout(flushLog, 0);
+  if (logBroken) return;
+  logQueue.push(logFormat === "json" ? lineText(e) : logEncoder.encode(textLine(e) + "\n"));
+  logWriting ??= writeLog();
 }
 
-/** Writes every gathered line now. */
+async function writeLog(): Promise<void> {
+  try {
+    await new Promise((ok) => setTimeout(ok, 0)); // one timer turn: the lines of this turn go together
+    for (let all; (all = logQueue.take(droppedLine));) {
+      for (let off = 0; off < all.length;) off += await Deno.stdout.write(all.subarray(off));
+    }
+  } catch (err) {
+    // stdout is gone (its reader closed it): nowhere left to log; said once on stderr.
+    logBroken = true;
+    logQueue.take(droppedLine);
+    console.error(`sinkhole: the log cannot be written on stdout: ${describeError(err)}`);
+  } finally {
+    logWriting = undefined;
+  }
+}
+
+/** Waits until every queued line is written (before an orderly exit). */
+export async function drainLog(): Promise<void> {
+  while (logWriting) await logWriting;
+}
+
+/** Writes what is queued now, blocking (only before an exit that cannot wait: a refused start). */
 export function flushLog(): void {
-  if (logFlushTimer !== undefined) clearTimeout(logFlushTimer);
-  logFlushTimer = undefined;
-  if (logBuffered === 0) return;
-  const all = new Uint8Array(logBuffered);
-  let at = 0;
-  for (const b of logBuffer) all.set(b, (at += b.length) - b.length);
-  logBuffer.length = 0;
-  logBuffered = 0;
-  for (let off = 0; off < all.length;) off += Deno.stdout.writeSync(all.subarray(off));
+  const all = logQueue.take(droppedLine);
+  for (let off = 0; all && off < all.length;) off += Deno.stdout.writeSync(all.subarray(off));
 }
 
 /**
@@ -3087,31 +3228,27 @@ export interface Transport {
 }
 
 /**
- * Input held per session before the socket is paused (node sockets push; Deno's are pulled).
- * Plain or upgraded, the pause is on the TCP socket itself, the only reader of the kernel's
- * buffer: past it a session holds one more read of ciphertext and the TLS record it decrypts.
+ * Plaintext an upgraded session holds decrypted before its ciphertext stops being read: the
+ * connection is read (one READ_BUFFER_BYTES read at a time) only while less than this waits.
  */
-const NODE_READ_HIGH_WATER = READ_BUFFER_BYTES;
+const TLS_PLAINTEXT_HIGH_WATER = READ_BUFFER_BYTES;
 /** A TLS handshake must finish within this long. */
 export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 
-type NodeSocket = import("node:net").Socket;
 type NodeTls = typeof import("node:tls");
 type NodeDuplex = typeof import("node:stream").Duplex;
 
 /**
- * A node:net socket as a pull-style Transport, upgradable in place with node:tls (Deno's own
- * TCP connections cannot be upgraded server-side; node:tls can, see docs/modes.md, "STARTTLS").
- * After the upgrade the TLS socket reads its ciphertext from a stream of ours that the TCP
- * socket feeds, never the TCP handle itself: node:tls in Deno reads its handle whether paused
- * or not, so pausing the TCP socket is what holds an upgraded session to the byte budget.
+ * A Deno TCP connection that can turn to TLS in place (RFC 3207). Deno's own TLS cannot upgrade
+ * a server-side connection, node:tls can (docs/modes.md, "STARTTLS"): after the upgrade a
+ * node:tls socket reads its ciphertext from a stream of ours, which this transport fills from
+ * the connection one READ_BUFFER_BYTES read at a time, and only while the session has less than
+ * TLS_PLAINTEXT_HIGH_WATER decrypted and unread: the kernel's buffer holds the rest. Before the
+ * upgrade it is the connection itself: a plain session costs what it costs on Deno's transport.
  */
-class NodeTransport implements Transport {
-  /** What the session reads and writes: the TCP socket, then the TLS socket over it. */
-  #sock!: NodeSocket;
-  /** The TCP socket: the one reader of the kernel's buffer, paused and resumed for backpressure. */
-  readonly #wire: NodeSocket;
+class UpgradableConn implements Transport {
   #secure: import("node:tls").TLSSocket | undefined;
+  #cipher: import("node:stream").Duplex | undefined;
   /** The handshake is over: closing sends close_notify (before it, the connection is closed silently). */
   #upgraded = false;
   #queue: Uint8Array[] = [];
@@ -3119,48 +3256,19 @@ class NodeTransport implements Transport {
   #ended = false;
   #error: Error | undefined;
   #wake: (() => void) | undefined;
+  /** The ciphertext pump is reading the connection. */
+  #pumping = false;
+  #readBuf: Uint8Array | undefined;
 
   constructor(
-    sock: NodeSocket,
+    readonly conn: Deno.TcpConn,
     readonly tls: NodeTls,
     readonly context: import("node:tls").SecureContext,
     readonly Duplex: NodeDuplex,
-  ) {
-    this.#wire = sock;
-    this.#attach(sock);
-  }
-
-  #onData = (d: Uint8Array) => {
-    this.#queue.push(d);
-    this.#queued += d.length;
-    if (this.#queued > NODE_READ_HIGH_WATER) this.#wire.pause();
-    this.#wake?.();
-  };
-  #onEnd = () => {
-    this.#ended = true;
-    this.#wake?.();
-  };
-  #onError = (e: Error) => {
-    this.#error = e;
-    this.#wake?.();
-  };
-
-  #attach(sock: NodeSocket): void {
-    this.#sock = sock;
-    sock.on("data", this.#onData);
-    sock.on("end", this.#onEnd);
-    sock.on("close", this.#onEnd);
-    sock.on("error", this.#onError);
-  }
-
-  #detach(): void {
-    this.#sock.off("data", this.#onData);
-    this.#sock.off("end", this.#onEnd);
-    this.#sock.off("close", this.#onEnd);
-    this.#sock.off("error", this.#onError);
-  }
+  ) {}
 
   async read(buf: Uint8Array): Promise<number | null> {
+    if (!this.#secure) return this.conn.read(buf);
     while (this.#queue.length === 0) {
       if (this.#error) throw this.#error;
       if (this.#ended) return null;
@@ -3173,13 +3281,51 @@ class NodeTransport implements Transport {
     if (n === head.length) this.#queue.shift();
     else this.#queue[0] = head.subarray(n);
     this.#queued -= n;
-    if (this.#queued <= NODE_READ_HIGH_WATER / 2 && this.#wire.isPaused()) this.#wire.resume();
+    this.#pump();
     return n;
   }
 
   write(bytes: Uint8Array): Promise<number> {
-    return new Promise((ok, fail) => this.#sock.write(bytes, (e) => e ? fail(e) : ok(bytes.length)));
+    const secure = this.#secure;
+    if (!secure) return this.conn.write(bytes);
+    return new Promise((ok, fail) => secure.write(bytes, (e) => e ? fail(e) : ok(bytes.length)));
   }
+
+  /** Feeds the TLS socket ciphertext while the plaintext waiting is under TLS_PLAINTEXT_HIGH_WATER. */
+  async #pump(): Promise<void> {
+    if (this.#pumping || this.#ended || !this.#cipher) return;
+    this.#pumping = true;
+    const cipher = this.#cipher;
+    const buf = this.#readBuf ??= new Uint8Array(READ_BUFFER_BYTES);
+    try {
+      while (this.#queued < TLS_PLAINTEXT_HIGH_WATER && !this.#ended) {
+        const n = await this.conn.read(buf);
+        if (n === null) {
+          cipher.push(null);
+          return;
+        }
+        cipher.push(buf.slice(0, n));
+      }
+    } catch (err) {
+      if (!this.#ended) cipher.destroy(err as Error);
+    } finally {
+      this.#pumping = false;
+    }
+  }
+
+  #onData = (d: Uint8Array) => {
+    this.#queue.push(d);
+    this.#queued += d.length;
+    this.#wake?.();
+  };
+  #onEnd = () => {
+    this.#ended = true;
+    this.#wake?.();
+  };
+  #onError = (e: Error) => {
+    this.#error = e;
+    this.#wake?.();
+  };
 
   /**
    * Closes: a TLS session with close_notify first (RFC 8446 §6.1), then the connection,
@@ -3187,44 +3333,44 @@ class NodeTransport implements Transport {
    */
   close(): void {
     const secure = this.#secure;
+    const closeConn = () => {
+      try {
+        this.conn.close();
+      } catch { /* already closed */ }
+    };
     if (secure && this.#upgraded && !secure.destroyed && !this.#ended) {
       const done = () => {
         clearTimeout(timer);
         secure.destroy();
-        this.#wire.destroy();
+        closeConn();
       };
       const timer = setTimeout(done, GOODBYE_WRITE_MS);
       secure.once("error", done);
       secure.end(done);
     } else {
       secure?.destroy();
-      this.#wire.destroy();
+      closeConn();
     }
     this.#ended = true;
     this.#wake?.();
   }
 
   async startTls(): Promise<void> {
-    const plain = this.#wire;
-    this.#detach();
-    this.#queue = []; // RFC 3207 §4.2: nothing sent before the handshake counts
-    this.#queued = 0;
-    // The ciphertext's way in: pushed as the TCP socket reads it; the TCP socket alone is paused.
+    const conn = this.conn;
+    // The ciphertext's way in: pushed by #pump; out: written to the connection in order.
     const cipher = new this.Duplex({
       read() {},
-      write: (chunk: Uint8Array, _enc: string, done: (e?: Error | null) => void) => plain.write(chunk, done),
-      final: (done: () => void) => (plain.end(), done()),
+      write: (chunk: Uint8Array, _enc: string, done: (e?: Error | null) => void) =>
+        writeAll(conn, chunk).then(() => done(), (e) => done(e)),
+      final: (done: () => void) => (conn.closeWrite().catch(() => {}), done()),
     });
-    plain.on("data", (d: Uint8Array) => cipher.push(d));
-    plain.on("end", () => cipher.push(null));
-    plain.on("error", (e: Error) => cipher.destroy(e));
-    plain.on("close", () => cipher.destroy());
-    const secure = new this.tls.TLSSocket(cipher as unknown as NodeSocket, {
+    this.#cipher = cipher;
+    const secure = new this.tls.TLSSocket(cipher as unknown as import("node:net").Socket, {
       isServer: true,
       secureContext: this.context,
     });
     this.#secure = secure;
-    if (plain.isPaused()) plain.resume();
+    this.#pump();
     await withTimeout(
       new Promise<void>((ok, fail) => {
         secure.once("secure", () => ok());
@@ -3236,7 +3382,10 @@ class NodeTransport implements Transport {
     secure.removeAllListeners("error");
     secure.removeAllListeners("close");
     this.#upgraded = true;
-    this.#attach(secure);
+    secure.on("data", this.#onData);
+    secure.on("end", this.#onEnd);
+    secure.on("close", this.#onEnd);
+    secure.on("error", this.#onError);
   }
 }
 
@@ -3331,6 +3480,8 @@ interface ServerDeps {
   greylist: GreylistTable;
   /** The retry ledger's counts; absent: every attempt is a first (tests of other things). */
   attempts?: AttemptTable;
+  /** Sessions upgraded to TLS or upgrading (MAX_TLS_SESSIONS); the server keeps the count. */
+  tls?: { sessions: number };
 }
 
 /** Replies queued from `from` on wait: for a delay, for good (a drop), or behind the TLS handshake. */
@@ -3458,6 +3609,7 @@ class Session implements LineSink {
   /** Between `220 Ready to start TLS` and the handshake's end: no plaintext may be written (RFC 3207 §4). */
   #handshaking = false;
   #left = false; // the client closed its side while a reply was held: that reply was never given
+  #tlsSlot = false; // holds one of MAX_TLS_SESSIONS, from its `220 Ready to start TLS` to its close
   #gone = Promise.withResolvers<void>(); // settles when the session is closed: a delay in progress ends there
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
@@ -3506,6 +3658,7 @@ class Session implements LineSink {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.#tlsSlot) this.deps.tls!.sessions--;
     this.state = abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message);
     this.#gone.resolve();
     try {
@@ -3606,7 +3759,10 @@ class Session implements LineSink {
     if (out.farewell) this.#outbox.push(out.farewell);
     if (out.after === "close") this.#closing = true;
     else if (out.after === "data") this.#message = new MessageReader(out.captureHeaders);
-    else if (out.after === "starttls") this.#outbox.holdFrom(0, "starttls");
+    else if (out.after === "starttls") {
+      this.#outbox.holdFrom(0, "starttls");
+      this.#tlsSlot = !!this.deps.tls && (this.deps.tls.sessions++, true); // given back in close()
+    }
   }
 
   /** The message's end: its lone dot, or a bare LF or CR (refused, and the session closed: no smuggling). */
@@ -3671,6 +3827,7 @@ function policyInputs(deps: ServerDeps, client: string): Inputs {
     now,
     greylist: (key) => deps.greylist.lookup(key, now),
     tlsAvailable: deps.config.startTls,
+    tlsBusy: (deps.tls?.sessions ?? 0) >= MAX_TLS_SESSIONS,
     attempts: (key) => deps.attempts?.lookup(key),
   };
 }
@@ -3718,7 +3875,8 @@ function clientAddress(conn: Deno.Conn): string {
 class Server {
   readonly sessions = new Set<Session>();
   #listener: Deno.TcpListener | undefined;
-  #nodeServer: import("node:net").Server | undefined;
+  /** With STARTTLS on: a connection as a transport that can upgrade. */
+  #upgradable: ((conn: Deno.TcpConn) => Transport) | undefined;
   #health: Deno.TcpListener | undefined;
   #healthDone: Promise<void> = Promise.resolve();
   #address: Deno.NetAddr | undefined;
@@ -3726,48 +3884,35 @@ class Server {
   #shuttingDown = false;
   #sweeper: Timer | undefined;
 
-  constructor(readonly deps: ServerDeps) {}
+  readonly deps: ServerDeps;
+
+  constructor(deps: ServerDeps) {
+    this.deps = { ...deps, tls: deps.tls ?? { sessions: 0 } };
+  }
 
   get addr(): Deno.NetAddr {
     return this.#address!;
   }
 
   /**
-   * Listens: Deno.listen by default (the fastest path here); node:net when STARTTLS is on,
-   * since only node:tls can upgrade a server-side connection in place.
+   * Listens with Deno.listen; when STARTTLS is on, each connection is an UpgradableConn, since
+   * only node:tls can upgrade a server-side connection in place.
    */
   async listen(tls?: { cert: string; key: string }): Promise<void> {
     const { bindHost, bindPort, idleTimeoutMs, sessionTimeoutMs } = this.deps.config;
     if (tls) {
-      const net = await import("node:net");
       const nodeTls = await import("node:tls");
       const nodeStream = await import("node:stream");
       const context = nodeTls.createSecureContext({ cert: tls.cert, key: tls.key });
-      const server = net.createServer((sock) => {
-        const transport = new NodeTransport(sock, nodeTls, context, nodeStream.Duplex);
-        const client = (sock.remoteAddress ?? "unknown").replace(/^::ffff:/, "");
-        if (this.#shuttingDown) return transport.close();
-        if (this.sessions.size >= this.deps.config.maxSessions) return this.#refuse(transport, client);
-        this.#run(transport, client);
-      });
-      await new Promise<void>((ok, fail) => {
-        server.once("error", (err) => fail(bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err)));
-        server.listen(bindPort, bindHost, () => ok());
-      });
-      server.on("error", (err) => log({ event: "error", where: "accept", reason: describeError(err) }));
-      const a = server.address() as import("node:net").AddressInfo;
-      this.#address = { transport: "tcp", hostname: a.address, port: a.port };
-      this.#nodeServer = server;
-      this.#done = Promise.resolve();
-    } else {
-      try {
-        this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
-      } catch (err) {
-        throw bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err);
-      }
-      this.#address = this.#listener.addr;
-      this.#done = this.#acceptLoop();
+      this.#upgradable = (conn) => new UpgradableConn(conn, nodeTls, context, nodeStream.Duplex);
     }
+    try {
+      this.#listener = Deno.listen({ hostname: bindHost, port: bindPort, transport: "tcp" });
+    } catch (err) {
+      throw bindError("SMTP", bindHost, bindPort, "SINKHOLE_BIND_PORT", err);
+    }
+    this.#address = this.#listener.addr;
+    this.#done = this.#acceptLoop();
     const every = Math.max(50, Math.min(TIMEOUT_SWEEP_MAX_MS, Math.min(idleTimeoutMs, sessionTimeoutMs) / 4));
     this.#sweeper = setInterval(() => this.#sweep(Date.now()), every);
     const { healthHost, healthPort } = this.deps.config;
@@ -3775,7 +3920,6 @@ class Server {
       this.#health = Deno.listen({ hostname: healthHost, port: healthPort, transport: "tcp" });
     } catch (err) {
       this.#listener?.close();
-      this.#nodeServer?.close();
       clearInterval(this.#sweeper);
       throw bindError("the liveness port", healthHost, healthPort, "SINKHOLE_HEALTH_PORT", err);
     }
@@ -3834,7 +3978,7 @@ class Server {
         this.#refuse(conn, clientAddress(conn));
         continue;
       }
-      this.#run(conn, clientAddress(conn));
+      this.#run(this.#upgradable?.(conn) ?? conn, clientAddress(conn));
     }
   }
 
@@ -3863,7 +4007,6 @@ class Server {
     try {
       this.#listener?.close();
     } catch { /* already closed */ }
-    this.#nodeServer?.close();
     try {
       this.#health?.close();
     } catch { /* already closed */ }
@@ -4365,7 +4508,7 @@ async function main(): Promise<void> {
     await control?.shutdown();
     await server.shutdown();
     log({ event: "stopped", signal });
-    flushLog();
+    await drainLog();
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
