@@ -83,6 +83,12 @@ export const MAX_LOG_LINE_BYTES = 256 * 1024 - 26;
  * counted, not kept, until the writer catches up; then one `log_dropped` line says how many.
  */
 export const MAX_LOG_QUEUE_BYTES = 2 * (MAX_LOG_LINE_BYTES + 1024);
+/**
+ * How long an orderly stop waits for the queued log lines to be written. A stdout nobody reads
+ * must not keep a stopping listener alive until it is killed (ECS sends SIGKILL 30 s after
+ * SIGTERM); what is still queued then is lost, and stderr says how many octets.
+ */
+export const LOG_DRAIN_ON_STOP_MS = 5_000;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -2444,9 +2450,19 @@ async function writeLog(): Promise<void> {
   }
 }
 
-/** Waits until every queued line is written (before an orderly exit). */
-export async function drainLog(): Promise<void> {
-  while (logWriting) await logWriting;
+/**
+ * Waits until every queued line is written (before an orderly exit), at most `limitMs`; answers
+ * whether all was written (else a write is still in progress and `logQueue.bytes` wait behind it).
+ */
+export async function drainLog(limitMs = LOG_DRAIN_ON_STOP_MS): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const expired = new Promise<"expired">((ok) => timer = setTimeout(() => ok("expired"), limitMs));
+  try {
+    while (logWriting) if (await Promise.race([logWriting, expired]) === "expired") break;
+  } finally {
+    clearTimeout(timer);
+  }
+  return logWriting === undefined;
 }
 
 /** Writes what is queued now, blocking (only before an exit that cannot wait: a refused start). */
@@ -4508,7 +4524,12 @@ async function main(): Promise<void> {
     await control?.shutdown();
     await server.shutdown();
     log({ event: "stopped", signal });
-    await drainLog();
+    if (!await drainLog()) {
+      console.error(
+        `sinkhole: stopping with log lines unwritten: stdout was not read for ${LOG_DRAIN_ON_STOP_MS} ms ` +
+          `(${logQueue.bytes} octets queued behind the write in progress)`,
+      );
+    }
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));

@@ -6,6 +6,7 @@
 import { assert, assertEquals } from "../rig/assert.ts";
 import { REPLY_WAIT_MS, ROOT, taskCommand, transaction } from "../rig/helpers.ts";
 import {
+  LOG_DRAIN_ON_STOP_MS,
   type LogLine,
   LogQueue,
   MAX_LOG_QUEUE_BYTES,
@@ -78,7 +79,8 @@ Deno.test("log queue: whole lines in order up to the cap; past it counted, and s
  * sessions are served all the same, and when the reader reads again every line written or
  * dropped is accounted for.
  */
-Deno.test("log writer: a stdout nobody reads for a while holds up no session; the lines it could not keep are counted and said", async () => {
+/** A listener in accept-log whose stdout this test reads only when it says so. */
+async function unreadListener() {
   const [cmd, ...args] = taskCommand("start");
   const child = new Deno.Command(cmd, {
     args,
@@ -112,29 +114,41 @@ Deno.test("log writer: a stdout nobody reads for a while holds up no session; th
       }
     }
   };
+  await readUntil(() => lines.some((l) => l.event === "start"));
+  const start = lines.find((l) => l.event === "start")!;
+  const port = Number((start as { bind: string }).bind.split(":")[1]);
+  return { child, stderr, lines, readUntil, port };
+}
+
+/** Each message logs its header section (about MAX_LOGGED_HEADER_BYTES): these log several times what the pipe and the queue hold. */
+const TRANSACTIONS = Math.ceil((4 * MAX_LOG_QUEUE_BYTES) / MAX_LOGGED_HEADER_BYTES);
+
+/**
+ * Serves TRANSACTIONS messages while nobody reads stdout; bounded: a listener whose log write
+ * blocks the event loop would hold them forever.
+ */
+async function serveUnread(port: number) {
+  const headers = Array.from({ length: MAX_LOGGED_HEADER_BYTES / 64 }, (_, i) => `X-Filler-${i}: ${"f".repeat(48)}`);
+  const body = headers.join("\r\n") + "\r\nSubject: slow reader\r\n\r\nbody";
+  const served = (async () => {
+    const codes: number[][] = [];
+    for (let i = 0; i < TRANSACTIONS; i++) codes.push(await transaction(port, { to: [`r${i}@sinkhole.test`], body }));
+    return codes;
+  })();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const codes = await Promise.race([
+    served,
+    new Promise<undefined>((ok) => timer = setTimeout(() => ok(undefined), REPLY_WAIT_MS * 5)),
+  ]).finally(() => clearTimeout(timer));
+  assert(codes, `the transactions were not served in ${REPLY_WAIT_MS * 5} ms while stdout was not read`);
+  assertEquals(new Set(codes.map((c) => c.join(" "))), new Set(["220 250 250 250 354 250 221"]));
+}
+
+Deno.test("log writer: a stdout nobody reads for a while holds up no session; the lines it could not keep are counted and said", async () => {
+  const { child, stderr, lines, readUntil, port } = await unreadListener();
   let stopped = false;
   try {
-    await readUntil(() => lines.some((l) => l.event === "start"));
-    const start = lines.find((l) => l.event === "start")!;
-    const port = Number((start as { bind: string }).bind.split(":")[1]);
-    // From here nobody reads stdout. Each message logs its header section (about MAX_LOGGED_HEADER_BYTES):
-    // the transactions log several times what the pipe and the queue hold together.
-    const headers = Array.from({ length: MAX_LOGGED_HEADER_BYTES / 64 }, (_, i) => `X-Filler-${i}: ${"f".repeat(48)}`);
-    const body = headers.join("\r\n") + "\r\nSubject: slow reader\r\n\r\nbody";
-    const transactions = Math.ceil((4 * MAX_LOG_QUEUE_BYTES) / MAX_LOGGED_HEADER_BYTES);
-    const served = (async () => {
-      const codes: number[][] = [];
-      for (let i = 0; i < transactions; i++) codes.push(await transaction(port, { to: [`r${i}@sinkhole.test`], body }));
-      return codes;
-    })();
-    // Bounded: a listener whose log write blocks the event loop would hold these forever.
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const codes = await Promise.race([
-      served,
-      new Promise<undefined>((ok) => timer = setTimeout(() => ok(undefined), REPLY_WAIT_MS * 5)),
-    ]).finally(() => clearTimeout(timer));
-    assert(codes, `the transactions were not served in ${REPLY_WAIT_MS * 5} ms while stdout was not read`);
-    assertEquals(new Set(codes.map((c) => c.join(" "))), new Set(["220 250 250 250 354 250 221"]));
+    await serveUnread(port);
     // Now read again: stop the listener, read to the end.
     child.kill("SIGTERM");
     stopped = true;
@@ -147,10 +161,10 @@ Deno.test("log writer: a stdout nobody reads for a while holds up no session; th
     const written = after.filter((l) => l.event !== "log_dropped").length;
     const droppedLines = dropped.reduce((n, d) => n + d.lines, 0);
     console.log(
-      `${transactions} transactions served with stdout unread; then ${written} lines written, ` +
+      `${TRANSACTIONS} transactions served with stdout unread; then ${written} lines written, ` +
         `${droppedLines} dropped in ${dropped.length} gap(s) (${dropped.reduce((n, d) => n + d.octets, 0)} octets)`,
     );
-    assertEquals(written + droppedLines, transactions * 3 + 2, "every line written or counted as dropped");
+    assertEquals(written + droppedLines, TRANSACTIONS * 3 + 2, "every line written or counted as dropped");
     // Written before the exit: the last line, or the note that counts it (the queue was still catching up).
     assert(["stopped", "log_dropped"].includes(lines.at(-1)!.event), `the last line: ${JSON.stringify(lines.at(-1))}`);
   } finally {
@@ -158,5 +172,29 @@ Deno.test("log writer: a stdout nobody reads for a while holds up no session; th
     await readUntil(() => false).catch(() => {});
     const status = await child.status;
     assertEquals(status.code, 0, await stderr);
+  }
+});
+
+Deno.test("log writer: a stop with stdout never read again waits LOG_DRAIN_ON_STOP_MS for the log, then exits and says so", async () => {
+  const { child, stderr, readUntil, port } = await unreadListener();
+  try {
+    await serveUnread(port);
+    child.kill("SIGTERM");
+    // Nobody reads: the write in progress never ends. The listener must still exit, by itself (bounded here).
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const status = await Promise.race([
+      child.status,
+      new Promise<undefined>((ok) => timer = setTimeout(() => ok(undefined), LOG_DRAIN_ON_STOP_MS + REPLY_WAIT_MS * 5)),
+    ]).finally(() => clearTimeout(timer));
+    assert(status, `still running ${LOG_DRAIN_ON_STOP_MS + REPLY_WAIT_MS * 5} ms after SIGTERM with stdout unread`);
+    assertEquals(status.code, 0);
+    const err = await stderr;
+    assert(err.includes("stopping with log lines unwritten"), err);
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+    await readUntil(() => false).catch(() => {});
+    await child.status;
   }
 });
