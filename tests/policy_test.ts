@@ -29,6 +29,7 @@ import {
   MAX_GREYLIST_ENTRIES,
   MAX_MESSAGE_BYTES,
   MAX_RECIPIENTS,
+  MAX_TLS_SESSIONS,
   ModeCache,
   MODES,
   packAttempt,
@@ -461,6 +462,29 @@ Deno.test("policy: decide() is the one table of what a scenario does where", () 
       { fail: want.fail, drop: want.drop, delayMs: want.delayMs, after: want.after },
       `${mode} at ${point}`,
     );
+  }
+});
+
+Deno.test("policy: STARTTLS past MAX_TLS_SESSIONS is 454 and the session goes on; a mode's refuse or break still wins", () => {
+  const cases: [string, boolean, number | undefined, string | undefined][] = [
+    ["accept", true, 454, undefined],
+    ["accept", false, undefined, "starttls"],
+    ["accept starttls=refuse", true, 454, undefined],
+    ["accept starttls=break", true, 220, "close"],
+  ];
+  for (const [mode, tlsBusy, code, after] of cases) {
+    const sc = scenario(mode);
+    const d = decide({
+      point: "starttls",
+      inputs: { scenario: sc, serverName: SERVER, tlsBusy },
+      state: { esmtp: true, errors: 0, tx: emptyTx(sc) },
+      rcpt: "b@sinkhole.test",
+    });
+    assertEquals({ code: d.fail?.code, after: d.after }, { code, after }, `${mode}, tlsBusy ${tlsBusy}`);
+    if (tlsBusy && mode === "accept") {
+      assert(d.fail!.lines.join(" ").includes(`${MAX_TLS_SESSIONS} TLS sessions at most`), d.fail!.lines.join(" "));
+      assertEquals(d.drop, undefined);
+    }
   }
 });
 
