@@ -3318,7 +3318,18 @@ interface Hold {
 }
 
 /** A reply queued: its text, its code for the transcript, what runs once it is written, or if it never can be. */
-type Queued = { text: string; code: number; then?: () => void; unheard?: () => void };
+type Queued = { bytes: Uint8Array; code: number; then?: () => void; unheard?: () => void };
+
+/**
+ * Each reply's octets, encoded once: most replies are the same few objects (REPLIES, a mode's),
+ * and a reply is never changed once made. Weak: a reply made for one session goes with it.
+ */
+const replyOctets = new WeakMap<Reply, Uint8Array>();
+function replyBytes(reply: Reply): Uint8Array {
+  let bytes = replyOctets.get(reply);
+  if (bytes === undefined) replyOctets.set(reply, bytes = encoder.encode(formatReply(reply)));
+  return bytes;
+}
 
 /**
  * The replies on their way to one client: queued, held when an outcome waits, drops or
@@ -3339,9 +3350,9 @@ class Outbox {
    * `unheard` if the client left while it was held.
    */
   push(reply: Reply, then?: () => void, unheard?: () => void): void {
-    const text = formatReply(reply);
-    this.#out.push({ text, code: reply.code, then, unheard });
-    this.bytes += text.length;
+    const bytes = replyBytes(reply);
+    this.#out.push({ bytes, code: reply.code, then, unheard });
+    this.bytes += bytes.length;
   }
 
   /** Holds the replies queued from now on. */
@@ -3355,13 +3366,13 @@ class Outbox {
     if (!hold) return undefined;
     this.hold = undefined;
     const later = this.#out.splice(hold.from);
-    this.bytes = this.#out.reduce((n, b) => n + b.text.length, 0);
+    this.bytes = this.#out.reduce((n, b) => n + b.bytes.length, 0);
     return { hold, later };
   }
 
   putBack(later: Queued[]): void {
     this.#out.push(...later);
-    this.bytes += later.reduce((n, b) => n + b.text.length, 0);
+    this.bytes += later.reduce((n, b) => n + b.bytes.length, 0);
   }
 
   /** Writes the queued replies in one write; records them once written. */
@@ -3370,7 +3381,7 @@ class Outbox {
     const batch = this.#out;
     this.#out = [];
     this.bytes = 0;
-    const bytes = encoder.encode(batch.map((b) => b.text).join(""));
+    const bytes = batch.length === 1 ? batch[0].bytes : concatBytes(batch);
     const write = this.#writing.then(() => writeAll(this.conn, bytes));
     this.#writing = write.catch(() => {});
     await write; // a client that left was told nothing of this batch: nothing is recorded
@@ -3380,6 +3391,14 @@ class Outbox {
       b.then?.();
     }
   }
+}
+
+/** The queued replies' octets in one buffer, for one write. */
+function concatBytes(batch: Queued[]): Uint8Array {
+  const all = new Uint8Array(batch.reduce((n, b) => n + b.bytes.length, 0));
+  let at = 0;
+  for (const b of batch) all.set(b.bytes, (at += b.bytes.length) - b.bytes.length);
+  return all;
 }
 
 /**
@@ -3817,7 +3836,7 @@ class Server {
 
   /** Past the session cap: a 421 without waiting for the client, then close. */
   #refuse(conn: Transport, client: string): void {
-    const bytes = encoder.encode(formatReply(REPLIES.tooManySessions));
+    const bytes = replyBytes(REPLIES.tooManySessions);
     withTimeout(writeAll(conn, bytes), GOODBYE_WRITE_MS).catch(() => {}).finally(() => {
       try {
         conn.close();
