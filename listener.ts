@@ -1843,8 +1843,9 @@ export class MessageReader {
   #messageId: string | undefined;
   #inHeaders = true;
   /**
-   * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, allocated
-   * at the first header line (outside the V8 heap); no string is made before `headers` is read.
+   * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, the session's
+   * (given) or allocated at the first header line (outside the V8 heap); no string is made before
+   * `headers` is read. Only its first #keptEnd octets are this message's.
    */
   #kept: Uint8Array | undefined;
   /** Octets of #kept in use, and where the field being read began in it. */
@@ -1853,7 +1854,10 @@ export class MessageReader {
   /** Capture has stopped: a field did not fit (it and every field after it are left out). */
   #full = false;
 
-  constructor(readonly captureHeaders = false) {}
+  /** `buffer`: MAX_LOGGED_HEADER_BYTES octets to capture into (a session's, reused message after message). */
+  constructor(readonly captureHeaders = false, buffer?: Uint8Array) {
+    this.#kept = buffer;
+  }
 
   /** The captured header fields, whole and apart, each unfolded. */
   get headers(): string[] {
@@ -3468,6 +3472,8 @@ class Session implements LineSink {
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
   #message: MessageReader | undefined;
+  /** Where a message's header fields are captured (accept-log), made at the first such message. */
+  #headerBuffer: Uint8Array | undefined;
   readonly #outbox: Outbox;
   readonly #reads: Reads;
 
@@ -3611,8 +3617,11 @@ class Session implements LineSink {
     );
     if (out.farewell) this.#outbox.push(out.farewell);
     if (out.after === "close") this.#closing = true;
-    else if (out.after === "data") this.#message = new MessageReader(out.captureHeaders);
-    else if (out.after === "starttls") this.#outbox.holdFrom(0, "starttls");
+    else if (out.after === "data") {
+      // accept-log's header capture: one buffer a session, not one a message (read before the next DATA).
+      const buffer = out.captureHeaders ? this.#headerBuffer ??= new Uint8Array(MAX_LOGGED_HEADER_BYTES) : undefined;
+      this.#message = new MessageReader(out.captureHeaders, buffer);
+    } else if (out.after === "starttls") this.#outbox.holdFrom(0, "starttls");
   }
 
   /** The message's end: its lone dot, or a bare LF or CR (refused, and the session closed: no smuggling). */
