@@ -3345,6 +3345,9 @@ function replyBytes(reply: Reply): Uint8Array {
   return bytes;
 }
 
+/** A promise already settled: what a flush with nothing to write returns. */
+const SETTLED: Promise<void> = Promise.resolve();
+
 /**
  * The replies on their way to one client: queued, held when an outcome waits, drops or
  * upgrades, written in one write (writes never overlap), recorded once they were written.
@@ -3354,7 +3357,7 @@ class Outbox {
   #out: Queued[] = [];
   /** Octets queued (see MAX_PENDING_REPLY_BYTES). */
   bytes = 0;
-  #writing: Promise<void> = Promise.resolve();
+  #writing: Promise<void> = SETTLED;
   hold: Hold | undefined;
 
   constructor(readonly conn: Transport, readonly transcript: Transcript) {}
@@ -3389,22 +3392,34 @@ class Outbox {
     this.bytes += later.reduce((n, b) => n + b.bytes.length, 0);
   }
 
-  /** Writes the queued replies in one write; records them once written. */
-  async flush(): Promise<void> {
-    if (this.#out.length === 0) return;
+  /**
+   * Writes the queued replies in one write; records them once written (a client that left was
+   * told nothing of this batch: nothing is recorded). Not an async function: no frame a reply.
+   */
+  flush(): Promise<void> {
+    if (this.#out.length === 0) return SETTLED;
     const batch = this.#out;
     this.#out = [];
     this.bytes = 0;
     const bytes = batch.length === 1 ? batch[0].bytes : concatBytes(batch);
-    const write = this.#writing.then(() => writeAll(this.conn, bytes));
-    this.#writing = write.catch(() => {});
-    await write; // a client that left was told nothing of this batch: nothing is recorded
-    this.transcript.bytesOut += bytes.length;
-    for (const b of batch) {
-      this.transcript.reply(b.code);
-      b.then?.();
-    }
+    // Writes never overlap: one waits for the write in flight (a goodbye meanwhile); with none, it goes at once.
+    const write = this.#inFlight === 0
+      ? writeAll(this.conn, bytes)
+      : this.#writing.then(() => writeAll(this.conn, bytes));
+    this.#inFlight++;
+    this.#writing = write.then(this.#settled, this.#settled);
+    return write.then(() => {
+      this.transcript.bytesOut += bytes.length;
+      for (const b of batch) {
+        this.transcript.reply(b.code);
+        b.then?.();
+      }
+    });
   }
+
+  /** Writes in flight or waiting (see flush), and the last one's end. */
+  #inFlight = 0;
+  #settled = () => void this.#inFlight--;
 }
 
 /** The queued replies' octets in one buffer, for one write. */
@@ -3498,7 +3513,8 @@ class Session implements LineSink {
         while (rest) {
           const pos = this.#framer.feed(rest, this);
           rest = !this.#closing && pos < rest.length ? rest.subarray(pos) : undefined;
-          const upgraded = await this.#release();
+          // Nothing held (the common case): write, no #release frame a command.
+          const upgraded = this.#outbox.hold ? await this.#release() : (await this.#outbox.flush(), false);
           if (upgraded || this.#closing) break; // RFC 3207: bytes pipelined after STARTTLS are discarded
         }
         if (this.#closing) break;
@@ -3711,9 +3727,15 @@ async function holdUnlessLeft(reads: Reads, gone: Promise<void>, delayMs: number
 /** The session line's error when the client left while its reply was held. */
 const CLIENT_LEFT = "the client closed the connection while its reply was held";
 
-async function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
-  let off = 0;
-  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+/** Writes every octet (a write may take fewer). Not an async function: no frame a write. */
+function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
+  let write: Promise<number>;
+  try {
+    write = conn.write(bytes);
+  } catch (err) {
+    return Promise.reject(err); // a connection already closed: a rejection, as from an async function
+  }
+  return write.then((n) => n < bytes.length ? writeAll(conn, bytes.subarray(n)) : undefined);
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
