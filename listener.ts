@@ -3439,32 +3439,38 @@ class Reads {
   #bufs: Uint8Array[] = [new Uint8Array(READ_BUFFER_BYTES)];
   /** The buffer whose bytes are being framed. */
   #cur = 0;
-  #pending: { at: number; read: Promise<Uint8Array | null> } | undefined;
+  #pending: { at: number; read: Promise<number | null> } | undefined;
 
   constructor(readonly conn: Transport) {}
 
-  /** Reads ahead into the other buffer (once; the read in flight if there is one): its bytes, or null at the client's end. */
-  ahead(): Promise<Uint8Array | null> {
+  /** Reads ahead into the other buffer (once; the read in flight if there is one): its count, or null at the client's end. */
+  ahead(): Promise<number | null> {
     if (!this.#pending) {
       const at = this.#cur ^ 1;
-      const buf = this.#bufs[at] ??= new Uint8Array(READ_BUFFER_BYTES);
-      const read = this.conn.read(buf).then((n) => n === null ? null : buf.subarray(0, n));
+      const read = this.conn.read(this.#bufs[at] ??= new Uint8Array(READ_BUFFER_BYTES));
       read.catch(() => {}); // a session closed meanwhile: nobody asks for it
       this.#pending = { at, read };
     }
     return this.#pending.read;
   }
 
-  /** The next bytes from the client (the read ahead, if one was made), or null at its end. */
-  next(): Promise<Uint8Array | null> {
+  /**
+   * How many octets the client sent next (the read ahead, if one was made), or null at its end;
+   * `bytes(n)` holds them. A count, not a view: no closure or promise a read beyond the read's own.
+   */
+  next(): Promise<number | null> {
     const pending = this.#pending;
     if (pending) {
       this.#pending = undefined;
       this.#cur = pending.at;
       return pending.read;
     }
-    const buf = this.#bufs[this.#cur];
-    return this.conn.read(buf).then((n) => n === null ? null : buf.subarray(0, n));
+    return this.conn.read(this.#bufs[this.#cur]);
+  }
+
+  /** The `n` octets the last `next` read. */
+  bytes(n: number): Uint8Array {
+    return this.#bufs[this.#cur].subarray(0, n);
   }
 }
 
@@ -3504,8 +3510,9 @@ class Session implements LineSink {
       this.#apply(greeting(this.deps.modes.current, this.deps.config.serverName));
       await this.#release();
       while (!this.closed && !this.#closing) {
-        const chunk = await this.#reads.next();
-        if (chunk === null) break;
+        const n = await this.#reads.next();
+        if (n === null) break;
+        const chunk = this.#reads.bytes(n);
         this.lastRead = Date.now();
         this.transcript.bytesIn += chunk.length;
         let rest: Uint8Array | undefined = chunk;
@@ -3714,7 +3721,7 @@ function policyInputs(deps: ServerDeps, client: string): Inputs {
 async function holdUnlessLeft(reads: Reads, gone: Promise<void>, delayMs: number): Promise<boolean> {
   let timer: Timer | undefined;
   let left = false;
-  const fin = reads.ahead().then((b) => left = b === null, () => left = true);
+  const fin = reads.ahead().then((n) => left = n === null, () => left = true);
   await Promise.race([
     new Promise((ok) => timer = setTimeout(ok, delayMs)),
     gone,
