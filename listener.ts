@@ -3611,7 +3611,8 @@ class Session implements LineSink {
   #commandLine(line: Uint8Array): void {
     const text = decodeCommand(line.subarray(0, lineEnd(line)));
     if (text === undefined) return this.#badLine("chars");
-    this.transcript.command(splitCommand(text).verb);
+    // Only the first command's verb is kept (a health check says QUIT and nothing else): no split for the rest.
+    this.transcript.command(this.transcript.commands === 0 ? splitCommand(text).verb : undefined);
     const before = this.state.tx;
     const out = respond(this.state, text, policyInputs(this.deps, this.client));
     this.#apply(out, () => this.transcript.record(before, out));
