@@ -15,7 +15,8 @@ postfix="${SINKHOLE_MTAS_DIR:-$root/.mtas}/postfix"
 [ -f "$postfix/.stamp" ] || bash "$root/scripts/mtas.sh" >&2
 host="127.$((RANDOM % 200 + 30)).$((RANDOM % 250 + 1)).$((RANDOM % 250 + 1))" port=2525
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+pid=""
+trap '[ -z "$pid" ] || kill -KILL "$pid" 2>/dev/null; rm -rf "$out"' EXIT
 vg=(valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out/cg.%p" --dump-instr=no)
 cd "$root"
 if [ "$mode" = floor ]; then
@@ -41,5 +42,6 @@ callgrind_control -d "$pid" >/dev/null
 sleep 1
 kill -KILL "$pid"
 wait "$pid" 2>/dev/null || true
+pid=""
 ir=$(awk '/^summary:/ {s += $2} END {print s}' "$out"/cg.*.1)
 echo "$mode, $shape message(s) a connection: $((ir / n)) instructions a message"
