@@ -174,6 +174,18 @@ function denoFloor(): Promise<Proc> {
   );
 }
 
+/** bench/floor_node.ts: the same floor on node:net. */
+function denoFloorNode(): Promise<Proc> {
+  return reference(Deno.execPath(), (at) => [
+    "run",
+    "--v8-flags=--max-semi-space-size=1",
+    "--allow-net",
+    `${ROOT}/bench/floor_node.ts`,
+    at.host,
+    String(at.port),
+  ]);
+}
+
 /** nodemailer's smtp-server as a plain accept-all sink (bench/smtp_server_sink.ts), pinned in deno.json. */
 function smtpServerSink(): Promise<Proc> {
   return reference(Deno.execPath(), (at) => [
@@ -308,9 +320,10 @@ async function main() {
     const acceptLog = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept-log"));
     const sink = await smtpSink(tools);
     const floor = await denoFloor();
+    const floorNode = await denoFloorNode();
     const nodemailer = await smtpServerSink();
     const dev = await maildev();
-    procs.push(accept, acceptLog, sink, floor, nodemailer, dev);
+    procs.push(accept, acceptLog, sink, floor, floorNode, nodemailer, dev);
     await sleep(1000);
     row("RSS idle, SSM client loaded (MiB)", fmt(memoryMiB(accept.pid).rss, 1));
 
@@ -318,7 +331,8 @@ async function main() {
     /** `messages`: a run's, per workload, when not MESSAGES. */
     const servers: { name: string; at: Proc; sample?: boolean; messages?: number[] }[] = [
       { name: "smtp-sink", at: sink },
-      { name: "Deno floor (bench/floor.ts)", at: floor },
+      { name: "Deno floor (bench/floor.ts, Deno.listen)", at: floor },
+      { name: "Deno floor on node:net (bench/floor_node.ts)", at: floorNode },
       { name: "sinkhole accept", at: accept, sample: true },
       { name: "sinkhole accept-log", at: acceptLog, sample: true },
       {
@@ -502,6 +516,7 @@ Commands (what the bench runs):
 \`\`\`sh
 smtp-sink -u nobody HOST:PORT 1000                                       # reference
 deno run --allow-net bench/floor.ts HOST PORT                            # Deno's I/O floor
+deno run --allow-net bench/floor_node.ts HOST PORT                       # the same on node:net
 deno run --allow-net --allow-env --allow-read --allow-sys bench/smtp_server_sink.ts HOST PORT
 deno run --allow-all node_modules/maildev/dist/bin/maildev.js --smtp PORT --ip HOST --disable-web --silent
 smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test HOST:PORT
