@@ -1725,14 +1725,17 @@ function lineEnd(line: Uint8Array): number {
   return len;
 }
 
-/** Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. */
+/**
+ * Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. Checked
+ * first, then made in one string (not one string a character).
+ */
 function decodeCommand(bytes: Uint8Array): string | undefined {
-  let s = "";
-  for (const b of bytes) {
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i];
     if (b > 126 || (b < 32 && b !== 9)) return undefined;
-    s += String.fromCharCode(b);
   }
-  return s;
+  // Every octet is ASCII, at most MAX_COMMAND_LINE of them: one character each.
+  return String.fromCharCode.apply(null, bytes as unknown as number[]);
 }
 
 const headerDecoder = new TextDecoder();
