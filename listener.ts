@@ -1776,14 +1776,17 @@ function lineEnd(line: Uint8Array): number {
   return len;
 }
 
-/** Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. */
+/**
+ * Decodes a command line; undefined when it holds a NUL, a control or a non-ASCII byte. Checked
+ * first, then made in one string (not one string a character).
+ */
 function decodeCommand(bytes: Uint8Array): string | undefined {
-  let s = "";
-  for (const b of bytes) {
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i];
     if (b > 126 || (b < 32 && b !== 9)) return undefined;
-    s += String.fromCharCode(b);
   }
-  return s;
+  // Every octet is ASCII, at most MAX_COMMAND_LINE of them: one character each.
+  return String.fromCharCode.apply(null, bytes as unknown as number[]);
 }
 
 const headerDecoder = new TextDecoder();
@@ -1894,8 +1897,9 @@ export class MessageReader {
   #messageId: string | undefined;
   #inHeaders = true;
   /**
-   * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, allocated
-   * at the first header line (outside the V8 heap); no string is made before `headers` is read.
+   * The captured fields, unfolded, LF between them: MAX_LOGGED_HEADER_BYTES octets, the session's
+   * (given) or allocated at the first header line (outside the V8 heap); no string is made before
+   * `headers` is read. Only its first #keptEnd octets are this message's.
    */
   #kept: Uint8Array | undefined;
   /** Octets of #kept in use, and where the field being read began in it. */
@@ -1904,7 +1908,10 @@ export class MessageReader {
   /** Capture has stopped: a field did not fit (it and every field after it are left out). */
   #full = false;
 
-  constructor(readonly captureHeaders = false) {}
+  /** `buffer`: MAX_LOGGED_HEADER_BYTES octets to capture into (a session's, reused message after message). */
+  constructor(readonly captureHeaders = false, buffer?: Uint8Array) {
+    this.#kept = buffer;
+  }
 
   /** The captured header fields, whole and apart, each unfolded. */
   get headers(): string[] {
@@ -2219,8 +2226,18 @@ function encodeLine(e: LogEvent, ts: string): Uint8Array {
 
 /** An event's JSON line as text, with its line-breaking characters escaped. */
 function jsonText(e: LogEvent, ts: string): string {
-  return JSON.stringify({ ts, ...e })
+  // `ts` first, then the event's own fields: spliced in, not a copy of the event (ts is ISO 8601: nothing to escape).
+  return `{"ts":"${ts}",${JSON.stringify(e).slice(1)}`
     .replace(LINE_BREAKERS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`) + "\n";
+}
+
+/** The time now in ISO 8601, made once a millisecond: lines written in one turn share it. */
+let isoAt = NaN;
+let isoText = "";
+function isoNow(): string {
+  const ms = Date.now();
+  if (ms !== isoAt) (isoAt = ms, isoText = new Date(ms).toISOString());
+  return isoText;
 }
 
 /**
@@ -2228,8 +2245,8 @@ function jsonText(e: LogEvent, ts: string): string {
  * longer line would be split, and its pieces would not be JSON). The bounds on what a
  * session keeps make the fallback unreachable in practice; it drops the lists, says so.
  */
-export function logLine(e: LogEvent, now = new Date()): Uint8Array {
-  const ts = now.toISOString();
+export function logLine(e: LogEvent, now?: Date): Uint8Array {
+  const ts = now ? now.toISOString() : isoNow();
   const line = encodeLine(e, ts);
   if (line.length <= MAX_LOG_LINE_BYTES) return line;
   const smaller: LogEvent = e.event === "session"
@@ -2246,7 +2263,7 @@ export function logLine(e: LogEvent, now = new Date()): Uint8Array {
 
 /** An event's JSON line as text when it is surely within MAX_LOG_LINE_BYTES (UTF-8 takes at most 3 octets a UTF-16 unit); else logLine's. */
 function lineText(e: LogEvent): string | Uint8Array {
-  const text = jsonText(e, new Date().toISOString());
+  const text = jsonText(e, isoNow());
   return text.length * 3 <= MAX_LOG_LINE_BYTES ? text : logLine(e);
 }
 
@@ -2418,7 +2435,7 @@ function droppedLine(lines: number, octets: number): string {
     octets,
     reason: `stdout was read too slowly: ${MAX_LOG_QUEUE_BYTES} octets were waiting to be written`,
   };
-  return logFormat === "json" ? jsonText(e, new Date().toISOString()) : textLine(e) + "\n";
+  return logFormat === "json" ? jsonText(e, isoNow()) : textLine(e) + "\n";
 }
 
 /**
@@ -3508,7 +3525,21 @@ interface Hold {
 }
 
 /** A reply queued: its text, its code for the transcript, what runs once it is written, or if it never can be. */
-type Queued = { text: string; code: number; then?: () => void; unheard?: () => void };
+type Queued = { bytes: Uint8Array; code: number; then?: () => void; unheard?: () => void };
+
+/**
+ * Each reply's octets, encoded once: most replies are the same few objects (REPLIES, a mode's),
+ * and a reply is never changed once made. Weak: a reply made for one session goes with it.
+ */
+const replyOctets = new WeakMap<Reply, Uint8Array>();
+function replyBytes(reply: Reply): Uint8Array {
+  let bytes = replyOctets.get(reply);
+  if (bytes === undefined) replyOctets.set(reply, bytes = encoder.encode(formatReply(reply)));
+  return bytes;
+}
+
+/** A promise already settled: what a flush with nothing to write returns. */
+const SETTLED: Promise<void> = Promise.resolve();
 
 /**
  * The replies on their way to one client: queued, held when an outcome waits, drops or
@@ -3519,7 +3550,7 @@ class Outbox {
   #out: Queued[] = [];
   /** Octets queued (see MAX_PENDING_REPLY_BYTES). */
   bytes = 0;
-  #writing: Promise<void> = Promise.resolve();
+  #writing: Promise<void> = SETTLED;
   hold: Hold | undefined;
 
   constructor(readonly conn: Transport, readonly transcript: Transcript) {}
@@ -3529,9 +3560,9 @@ class Outbox {
    * `unheard` if the client left while it was held.
    */
   push(reply: Reply, then?: () => void, unheard?: () => void): void {
-    const text = formatReply(reply);
-    this.#out.push({ text, code: reply.code, then, unheard });
-    this.bytes += text.length;
+    const bytes = replyBytes(reply);
+    this.#out.push({ bytes, code: reply.code, then, unheard });
+    this.bytes += bytes.length;
   }
 
   /** Holds the replies queued from now on. */
@@ -3545,31 +3576,51 @@ class Outbox {
     if (!hold) return undefined;
     this.hold = undefined;
     const later = this.#out.splice(hold.from);
-    this.bytes = this.#out.reduce((n, b) => n + b.text.length, 0);
+    this.bytes = this.#out.reduce((n, b) => n + b.bytes.length, 0);
     return { hold, later };
   }
 
   putBack(later: Queued[]): void {
     this.#out.push(...later);
-    this.bytes += later.reduce((n, b) => n + b.text.length, 0);
+    this.bytes += later.reduce((n, b) => n + b.bytes.length, 0);
   }
 
-  /** Writes the queued replies in one write; records them once written. */
-  async flush(): Promise<void> {
-    if (this.#out.length === 0) return;
+  /**
+   * Writes the queued replies in one write; records them once written (a client that left was
+   * told nothing of this batch: nothing is recorded). Not an async function: no frame a reply.
+   */
+  flush(): Promise<void> {
+    if (this.#out.length === 0) return SETTLED;
     const batch = this.#out;
     this.#out = [];
     this.bytes = 0;
-    const bytes = encoder.encode(batch.map((b) => b.text).join(""));
-    const write = this.#writing.then(() => writeAll(this.conn, bytes));
-    this.#writing = write.catch(() => {});
-    await write; // a client that left was told nothing of this batch: nothing is recorded
-    this.transcript.bytesOut += bytes.length;
-    for (const b of batch) {
-      this.transcript.reply(b.code);
-      b.then?.();
-    }
+    const bytes = batch.length === 1 ? batch[0].bytes : concatBytes(batch);
+    // Writes never overlap: one waits for the write in flight (a goodbye meanwhile); with none, it goes at once.
+    const write = this.#inFlight === 0
+      ? writeAll(this.conn, bytes)
+      : this.#writing.then(() => writeAll(this.conn, bytes));
+    this.#inFlight++;
+    this.#writing = write.then(this.#settled, this.#settled);
+    return write.then(() => {
+      this.transcript.bytesOut += bytes.length;
+      for (const b of batch) {
+        this.transcript.reply(b.code);
+        b.then?.();
+      }
+    });
   }
+
+  /** Writes in flight or waiting (see flush), and the last one's end. */
+  #inFlight = 0;
+  #settled = () => void this.#inFlight--;
+}
+
+/** The queued replies' octets in one buffer, for one write. */
+function concatBytes(batch: Queued[]): Uint8Array {
+  const all = new Uint8Array(batch.reduce((n, b) => n + b.bytes.length, 0));
+  let at = 0;
+  for (const b of batch) all.set(b.bytes, (at += b.bytes.length) - b.bytes.length);
+  return all;
 }
 
 /**
@@ -3581,32 +3632,38 @@ class Reads {
   #bufs: Uint8Array[] = [new Uint8Array(READ_BUFFER_BYTES)];
   /** The buffer whose bytes are being framed. */
   #cur = 0;
-  #pending: { at: number; read: Promise<Uint8Array | null> } | undefined;
+  #pending: { at: number; read: Promise<number | null> } | undefined;
 
   constructor(readonly conn: Transport) {}
 
-  /** Reads ahead into the other buffer (once; the read in flight if there is one): its bytes, or null at the client's end. */
-  ahead(): Promise<Uint8Array | null> {
+  /** Reads ahead into the other buffer (once; the read in flight if there is one): its count, or null at the client's end. */
+  ahead(): Promise<number | null> {
     if (!this.#pending) {
       const at = this.#cur ^ 1;
-      const buf = this.#bufs[at] ??= new Uint8Array(READ_BUFFER_BYTES);
-      const read = this.conn.read(buf).then((n) => n === null ? null : buf.subarray(0, n));
+      const read = this.conn.read(this.#bufs[at] ??= new Uint8Array(READ_BUFFER_BYTES));
       read.catch(() => {}); // a session closed meanwhile: nobody asks for it
       this.#pending = { at, read };
     }
     return this.#pending.read;
   }
 
-  /** The next bytes from the client (the read ahead, if one was made), or null at its end. */
-  next(): Promise<Uint8Array | null> {
+  /**
+   * How many octets the client sent next (the read ahead, if one was made), or null at its end;
+   * `bytes(n)` holds them. A count, not a view: no closure or promise a read beyond the read's own.
+   */
+  next(): Promise<number | null> {
     const pending = this.#pending;
     if (pending) {
       this.#pending = undefined;
       this.#cur = pending.at;
       return pending.read;
     }
-    const buf = this.#bufs[this.#cur];
-    return this.conn.read(buf).then((n) => n === null ? null : buf.subarray(0, n));
+    return this.conn.read(this.#bufs[this.#cur]);
+  }
+
+  /** The `n` octets the last `next` read. */
+  bytes(n: number): Uint8Array {
+    return this.#bufs[this.#cur].subarray(0, n);
   }
 }
 
@@ -3630,6 +3687,8 @@ class Session implements LineSink {
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
   #message: MessageReader | undefined;
+  /** Where a message's header fields are captured (accept-log), made at the first such message. */
+  #headerBuffer: Uint8Array | undefined;
   readonly #outbox: Outbox;
   readonly #reads: Reads;
 
@@ -3645,8 +3704,9 @@ class Session implements LineSink {
       this.#apply(greeting(this.deps.modes.current, this.deps.config.serverName));
       await this.#release();
       while (!this.closed && !this.#closing) {
-        const chunk = await this.#reads.next();
-        if (chunk === null) break;
+        const n = await this.#reads.next();
+        if (n === null) break;
+        const chunk = this.#reads.bytes(n);
         this.lastRead = Date.now();
         this.transcript.bytesIn += chunk.length;
         let rest: Uint8Array | undefined = chunk;
@@ -3654,7 +3714,8 @@ class Session implements LineSink {
         while (rest) {
           const pos = this.#framer.feed(rest, this);
           rest = !this.#closing && pos < rest.length ? rest.subarray(pos) : undefined;
-          const upgraded = await this.#release();
+          // Nothing held (the common case): write, no #release frame a command.
+          const upgraded = this.#outbox.hold ? await this.#release() : (await this.#outbox.flush(), false);
           if (upgraded || this.#closing) break; // RFC 3207: bytes pipelined after STARTTLS are discarded
         }
         if (this.#closing) break;
@@ -3745,7 +3806,8 @@ class Session implements LineSink {
   #commandLine(line: Uint8Array): void {
     const text = decodeCommand(line.subarray(0, lineEnd(line)));
     if (text === undefined) return this.#badLine("chars");
-    this.transcript.command(splitCommand(text).verb);
+    // Only the first command's verb is kept (a health check says QUIT and nothing else): no split for the rest.
+    this.transcript.command(this.transcript.commands === 0 ? splitCommand(text).verb : undefined);
     const before = this.state.tx;
     const out = respond(this.state, text, policyInputs(this.deps, this.client));
     this.#apply(out, () => this.transcript.record(before, out));
@@ -3774,8 +3836,11 @@ class Session implements LineSink {
     );
     if (out.farewell) this.#outbox.push(out.farewell);
     if (out.after === "close") this.#closing = true;
-    else if (out.after === "data") this.#message = new MessageReader(out.captureHeaders);
-    else if (out.after === "starttls") {
+    else if (out.after === "data") {
+      // accept-log's header capture: one buffer a session, not one a message (read before the next DATA).
+      const buffer = out.captureHeaders ? this.#headerBuffer ??= new Uint8Array(MAX_LOGGED_HEADER_BYTES) : undefined;
+      this.#message = new MessageReader(out.captureHeaders, buffer);
+    } else if (out.after === "starttls") {
       this.#outbox.holdFrom(0, "starttls");
       this.#tlsSlot = !!this.deps.tls && (this.deps.tls.sessions++, true); // given back in close()
     }
@@ -3856,7 +3921,7 @@ function policyInputs(deps: ServerDeps, client: string): Inputs {
 async function holdUnlessLeft(reads: Reads, gone: Promise<void>, delayMs: number): Promise<boolean> {
   let timer: Timer | undefined;
   let left = false;
-  const fin = reads.ahead().then((b) => left = b === null, () => left = true);
+  const fin = reads.ahead().then((n) => left = n === null, () => left = true);
   await Promise.race([
     new Promise((ok) => timer = setTimeout(ok, delayMs)),
     gone,
@@ -3869,9 +3934,15 @@ async function holdUnlessLeft(reads: Reads, gone: Promise<void>, delayMs: number
 /** The session line's error when the client left while its reply was held. */
 const CLIENT_LEFT = "the client closed the connection while its reply was held";
 
-async function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
-  let off = 0;
-  while (off < bytes.length) off += await conn.write(bytes.subarray(off));
+/** Writes every octet (a write may take fewer). Not an async function: no frame a write. */
+function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
+  let write: Promise<number>;
+  try {
+    write = conn.write(bytes);
+  } catch (err) {
+    return Promise.reject(err); // a connection already closed: a rejection, as from an async function
+  }
+  return write.then((n) => n < bytes.length ? writeAll(conn, bytes.subarray(n)) : undefined);
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
@@ -4000,7 +4071,7 @@ class Server {
 
   /** Past the session cap: a 421 without waiting for the client, then close. */
   #refuse(conn: Transport, client: string): void {
-    const bytes = encoder.encode(formatReply(REPLIES.tooManySessions));
+    const bytes = replyBytes(REPLIES.tooManySessions);
     withTimeout(writeAll(conn, bytes), GOODBYE_WRITE_MS).catch(() => {}).finally(() => {
       try {
         conn.close();

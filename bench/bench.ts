@@ -1,26 +1,48 @@
 /**
  * `deno task bench`: sinkhole side by side with Postfix's smtp-sink, in one run.
  *
- * Throughput (smtp-source against smtp-sink and sinkhole, alternating), memory (idle,
+ * Throughput (smtp-source against smtp-sink, the Deno floor, sinkhole in accept and accept-log,
+ * nodemailer's smtp-server as a sink and maildev, in turn; both workloads), memory (idle,
  * open sessions at the cap, during throughput; with and without the V8 flags), SSM call
  * rate and the latency a slow SSM adds, mode-switch latency, and start-up time.
  * Prints a table and writes bench/results.md. Everything runs on loopback.
  *
- * Environment: BENCH_REPS (default 5), BENCH_MESSAGES (default 20000).
+ * Environment: BENCH_REPS (default 3), BENCH_MESSAGES (default 50000), BENCH_SLOW_MESSAGES
+ * (maildev's, default 5000); smaller ones for a quick look (ratios then weigh start-up more).
  */
 import { memoryMiB, privateAddress, RawClient, ROOT, run, startCommand, transaction } from "../rig/helpers.ts";
 import { faultProxy, putMode, ssmEnv, startMoto } from "../rig/aws.ts";
 import { MAX_SESSIONS_CAP } from "../listener.ts";
 
-const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
-const MESSAGES = Number(Deno.env.get("BENCH_MESSAGES") ?? "20000");
+const REPS = Number(Deno.env.get("BENCH_REPS") ?? "3");
+const MESSAGES = Number(Deno.env.get("BENCH_MESSAGES") ?? "50000");
 const SESSIONS = 20;
+/**
+ * Messages a run for the slow peers (seconds a run all the same): maildev (it keeps every message
+ * in memory), and smtp-server one message a connection (it waits 100 ms before each greeting to
+ * catch early talkers, smtp-connection.js `init`: at 20 sessions at most 200 connections a second).
+ */
+const SLOW_MESSAGES = Number(Deno.env.get("BENCH_SLOW_MESSAGES") ?? String(Math.min(MESSAGES, 5000)));
+/** The two workloads: one message per connection, many per connection (smtp-source -d). */
+const SHAPES = [
+  { label: "one message per connection", args: ["-s", String(SESSIONS)] },
+  { label: "many messages per connection", args: ["-d", "-s", String(SESSIONS)] },
+];
+const SMTP_SERVER_VERSION = versionOf("smtp-server");
+const MAILDEV_VERSION = versionOf("maildev");
 /** Sessions held open at once: the most SINKHOLE_MAX_SESSIONS allows. */
 const OPEN_SESSIONS = MAX_SESSIONS_CAP;
-const CACHE = `${ROOT}/bench/.cache`;
-const POSTFIX = `${CACHE}/postfix`;
+/** Where scripts/mtas.sh unpacks the MTAs (its default, or SINKHOLE_MTAS_DIR as the tests set it). */
+const MTAS = Deno.env.get("SINKHOLE_MTAS_DIR") ?? `${ROOT}/.mtas`;
+const POSTFIX = `${MTAS}/postfix`;
 const SLOW_SSM_MS = 3000;
 const SWITCH_TTL_S = 5;
+
+/** A peer's version as deno.json pins it (`npm:NAME@VERSION`). */
+function versionOf(name: string): string {
+  const imports = JSON.parse(Deno.readTextFileSync(`${ROOT}/deno.json`)).imports as Record<string, string>;
+  return imports[name]?.split("@").pop() ?? "?";
+}
 
 const sleep = (ms: number) => new Promise((ok) => setTimeout(ok, ms));
 const median = (xs: number[]) => {
@@ -29,29 +51,21 @@ const median = (xs: number[]) => {
 };
 const fmt = (n: number, digits = 0) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
 
-/** smtp-source and smtp-sink from Debian's postfix package, unpacked, not installed. */
+/** smtp-source and smtp-sink from Debian's postfix package, unpacked by scripts/mtas.sh into .mtas/postfix, not installed. */
 async function postfixTools(): Promise<{ source: string; sink: string; env: Record<string, string>; version: string }> {
   const source = `${POSTFIX}/usr/sbin/smtp-source`;
   try {
-    Deno.statSync(source);
+    Deno.statSync(`${POSTFIX}/.stamp`);
   } catch {
-    await Deno.mkdir(CACHE, { recursive: true });
-    const get = () => run("sh", ["-c", `cd '${CACHE}' && rm -f postfix_*.deb && apt-get download postfix`]);
-    let res = await get();
-    if (res.code !== 0) {
-      await run("apt-get", ["update", "-qq"]);
-      res = await get();
-    }
-    if (res.code !== 0) throw new Error(`apt-get download postfix failed: ${res.stderr}`);
-    const x = await run("sh", ["-c", `cd '${CACHE}' && dpkg -x postfix_*.deb postfix`]);
-    if (x.code !== 0) throw new Error(`dpkg -x failed: ${x.stderr}`);
+    const res = await run("bash", [`${ROOT}/scripts/mtas.sh`], { env: { SINKHOLE_MTAS_DIR: MTAS } });
+    if (res.code !== 0) throw new Error(`scripts/mtas.sh failed: ${res.stderr}`);
   }
-  const deb = (await run("sh", ["-c", `ls '${CACHE}'/postfix_*.deb`])).stdout.trim().split("/").pop() ?? "postfix";
+  const stamp = (await Deno.readTextFile(`${POSTFIX}/.stamp`)).trim();
   return {
     source,
     sink: `${POSTFIX}/usr/sbin/smtp-sink`,
     env: { LD_LIBRARY_PATH: `${POSTFIX}/usr/lib/postfix` },
-    version: deb.replace(/\.deb$/, ""),
+    version: stamp,
   };
 }
 
@@ -160,12 +174,54 @@ function denoFloor(): Promise<Proc> {
   );
 }
 
+/** bench/floor_node.ts: the same floor on node:net. */
+function denoFloorNode(): Promise<Proc> {
+  return reference(Deno.execPath(), (at) => [
+    "run",
+    "--v8-flags=--max-semi-space-size=1",
+    "--allow-net",
+    `${ROOT}/bench/floor_node.ts`,
+    at.host,
+    String(at.port),
+  ]);
+}
+
+/** nodemailer's smtp-server as a plain accept-all sink (bench/smtp_server_sink.ts), pinned in deno.json. */
+function smtpServerSink(): Promise<Proc> {
+  return reference(Deno.execPath(), (at) => [
+    "run",
+    "--allow-net",
+    "--allow-env",
+    "--allow-read",
+    "--allow-sys",
+    `${ROOT}/bench/smtp_server_sink.ts`,
+    at.host,
+    String(at.port),
+  ]);
+}
+
+/** maildev as a developer runs it (its defaults; the web interface off so no port is shared), pinned in deno.json. */
+function maildev(): Promise<Proc> {
+  return reference(Deno.execPath(), (at) => [
+    "run",
+    "--allow-all",
+    `${ROOT}/node_modules/maildev/dist/bin/maildev.js`,
+    "--smtp",
+    String(at.port),
+    "--ip",
+    at.host,
+    "--disable-web",
+    "--silent",
+  ]);
+}
+
 /** One smtp-source run; returns messages per second and the peak RSS sampled meanwhile. */
 async function source(
   tools: Awaited<ReturnType<typeof postfixTools>>,
   at: Addr,
   shape: string[],
   samplePid?: number,
+  messages = MESSAGES,
 ): Promise<{ rate: number; rss: number[] }> {
   const rss: number[] = [];
   const timer = samplePid ? setInterval(() => rss.push(memoryMiB(samplePid).rss), 50) : undefined;
@@ -173,7 +229,7 @@ async function source(
   const out = await run(tools.source, [
     ...shape,
     "-m",
-    String(MESSAGES),
+    String(messages),
     "-f",
     "bench@origin.test",
     "-t",
@@ -183,7 +239,7 @@ async function source(
   const ms = performance.now() - t0;
   clearInterval(timer);
   if (out.code !== 0) throw new Error(`smtp-source failed: ${out.stderr}`);
-  return { rate: MESSAGES / (ms / 1000), rss };
+  return { rate: messages / (ms / 1000), rss };
 }
 
 /** Opens `n` sessions and leaves each in the middle of a transaction. */
@@ -229,6 +285,8 @@ async function switchLatency(at: Addr, change: () => Promise<unknown>, code: num
 
 async function main() {
   const rows: [string, string][] = [];
+  /** Per server: its ratio to smtp-sink in each workload, the listener's to the floor, its messages a run if fewer. */
+  const throughput: [string, number[], number[] | undefined, number[] | undefined][] = [];
   const row = (what: string, value: string) => {
     rows.push([what, value]);
     console.log(`${what.padEnd(64)} ${value}`);
@@ -262,42 +320,63 @@ async function main() {
     const acceptLog = await sinkhole(ssmEnv(proxy.url, "30", "/bench/accept-log"));
     const sink = await smtpSink(tools);
     const floor = await denoFloor();
-    procs.push(accept, acceptLog, sink, floor);
+    const floorNode = await denoFloorNode();
+    const nodemailer = await smtpServerSink();
+    const dev = await maildev();
+    procs.push(accept, acceptLog, sink, floor, floorNode, nodemailer, dev);
     await sleep(1000);
     row("RSS idle, SSM client loaded (MiB)", fmt(memoryMiB(accept.pid).rss, 1));
 
     // --- Throughput, alternating ---------------------------------------------------
-    const shapes: [string, string[]][] = [
-      [`one message per connection (-s ${SESSIONS} -m ${MESSAGES})`, ["-s", String(SESSIONS)]],
-      [`many messages per connection (-d -s ${SESSIONS} -m ${MESSAGES})`, ["-d", "-s", String(SESSIONS)]],
+    /** `messages`: a run's, per workload, when not MESSAGES. */
+    const servers: { name: string; at: Proc; sample?: boolean; messages?: number[] }[] = [
+      { name: "smtp-sink", at: sink },
+      { name: "Deno floor (bench/floor.ts, Deno.listen)", at: floor },
+      { name: "Deno floor on node:net (bench/floor_node.ts)", at: floorNode },
+      { name: "sinkhole accept", at: accept, sample: true },
+      { name: "sinkhole accept-log", at: acceptLog, sample: true },
+      {
+        name: `nodemailer smtp-server ${SMTP_SERVER_VERSION} sink`,
+        at: nodemailer,
+        messages: [SLOW_MESSAGES, MESSAGES],
+      },
+      { name: `maildev ${MAILDEV_VERSION}`, at: dev, messages: [SLOW_MESSAGES, SLOW_MESSAGES] },
     ];
     const callsBefore = proxy.count;
     const tThroughput = performance.now();
     const rssDuring: number[] = [];
-    for (const [label, shape] of shapes) {
-      const rates: Record<string, number[]> = { sink: [], floor: [], accept: [], "accept-log": [] };
+    const rates = new Map<string, number[]>();
+    for (const [w, shape] of SHAPES.entries()) {
       for (let i = 0; i < REPS; i++) {
-        rates.sink.push((await source(tools, sink, shape)).rate);
-        rates.floor.push((await source(tools, floor, shape)).rate);
-        const a = await source(tools, accept, shape, accept.pid);
-        rates.accept.push(a.rate);
-        rssDuring.push(...a.rss);
-        const al = await source(tools, acceptLog, shape, acceptLog.pid);
-        rates["accept-log"].push(al.rate);
-        rssDuring.push(...al.rss);
-      }
-      const ref = median(rates.sink);
-      row(`${label}: smtp-sink (msgs/s, median of ${REPS})`, fmt(ref));
-      const floorRate = median(rates.floor);
-      row(
-        `${label}: Deno floor, bench/floor.ts (msgs/s; ratio)`,
-        `${fmt(floorRate)}  (${(floorRate / ref).toFixed(2)})`,
-      );
-      for (const mode of ["accept", "accept-log"]) {
-        const m = median(rates[mode]);
-        row(`${label}: sinkhole ${mode} (msgs/s; ratio to smtp-sink)`, `${fmt(m)}  (${(m / ref).toFixed(2)})`);
+        // Each repetition starts with the next server, so no one always runs first after a pause.
+        for (let k = 0; k < servers.length; k++) {
+          const s = servers[(i + k) % servers.length];
+          const r = await source(tools, s.at, shape.args, s.sample ? s.at.pid : undefined, s.messages?.[w]);
+          rssDuring.push(...r.rss);
+          const key = `${w}/${s.name}`;
+          rates.set(key, [...rates.get(key) ?? [], r.rate]);
+        }
       }
     }
+    const rate = (w: number, name: string) => median(rates.get(`${w}/${name}`)!);
+    for (const s of servers) {
+      const ratios = SHAPES.map((_, w) => rate(w, s.name) / rate(w, "smtp-sink"));
+      const toFloor = s.name.startsWith("sinkhole")
+        ? SHAPES.map((_, w) => rate(w, s.name) / rate(w, servers[1].name))
+        : undefined;
+      throughput.push([s.name, ratios, toFloor, s.messages]);
+    }
+    for (const [name, ratios, toFloor] of throughput) {
+      console.log(
+        `${name.padEnd(40)} ${ratios.map((r) => r.toFixed(2)).join("  ")}${
+          toFloor ? `   (to the floor: ${toFloor.map((r) => r.toFixed(2)).join("  ")})` : ""
+        }`,
+      );
+    }
+    row(
+      "smtp-sink's own rate, for scale: one / many per connection (msgs/s, median)",
+      `${fmt(rate(0, "smtp-sink"))} / ${fmt(rate(1, "smtp-sink"))}`,
+    );
     const throughputS = (performance.now() - tThroughput) / 1000;
     const calls = proxy.count - callsBefore;
     row(
@@ -325,7 +404,7 @@ async function main() {
     procs.push(plain);
     await sleep(1000);
     const plainIdle = memoryMiB(plain.pid).rss;
-    const plainRate = (await source(tools, plain, shapes[0][1])).rate;
+    const plainRate = (await source(tools, plain, SHAPES[0].args)).rate;
     row(
       "without the V8 flags: RSS idle / VmHWM after one -s 20 run (MiB); msgs/s",
       `${fmt(plainIdle, 1)} / ${fmt(memoryMiB(plain.pid).peak, 1)}; ${fmt(plainRate)}`,
@@ -382,7 +461,7 @@ async function main() {
     procs.pop();
     await Deno.remove(modeFile);
 
-    await report(rows, tools.version);
+    await report(rows, throughput, tools.version);
   } finally {
     for (const p of procs) await p.stop().catch(() => {});
     await proxy.down().catch(() => {});
@@ -390,17 +469,43 @@ async function main() {
   }
 }
 
-async function report(rows: [string, string][], postfix: string) {
+async function report(
+  rows: [string, string][],
+  throughput: [string, number[], number[] | undefined, number[] | undefined][],
+  postfix: string,
+) {
   const cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.*)/)?.[1] ?? "unknown";
   const mem = (await Deno.readTextFile("/proc/meminfo")).match(/MemTotal:\s*(\d+)/)?.[1];
+  const ratio = (r: number) => r.toFixed(2);
+  const runs = (n: number | undefined) => n !== undefined && n !== MESSAGES ? ` (${n} messages a run)` : "";
   const md = `# sinkhole benchmark results
 
 Written by \`deno task bench\` on ${new Date().toISOString()}.
 
 - Machine: ${navigator.hardwareConcurrency} cores, ${cpu}, ${mem ? Math.round(Number(mem) / 1048576) : "?"} GiB
-- Deno ${Deno.version.deno} (V8 ${Deno.version.v8}); reference: ${postfix} \`smtp-sink\`, load from its \`smtp-source\`
-- Repetitions: ${REPS}, alternating smtp-sink / Deno floor / sinkhole accept / sinkhole accept-log; ${MESSAGES} messages a run
+- Deno ${Deno.version.deno} (V8 ${Deno.version.v8}); reference: Postfix's \`smtp-sink\` (${postfix}, unpacked by
+  scripts/mtas.sh), load from its \`smtp-source\` (${SESSIONS} sessions)
+- ${MESSAGES} messages a run (fewer for the slow peers, as marked: each run still lasts seconds); ${REPS} repetitions, each server in turn, each repetition
+  starting with the next one; the median rate of each, as a ratio to smtp-sink's median in the same run
 - sinkhole runs as \`deno task start\` with its mode from SSM (moto_server on loopback, TTL 30 s), stdout to a file
+
+## Throughput, as a ratio to smtp-sink (higher is faster)
+
+| server | one message per connection | many messages per connection | sinkhole to the Deno floor |
+| --- | --- | --- | --- |
+${
+    throughput.map(([name, r, f, n]) =>
+      `| ${name} | ${ratio(r[0])}${runs(n?.[0])} | ${ratio(r[1])}${runs(n?.[1])} | ${
+        f ? f.map(ratio).join(" / ") : ""
+      } |`
+    ).join("\n")
+  }
+
+smtp-server waits 100 ms before each greeting to catch early talkers (its \`smtp-connection.js\` \`init\`; no
+option turns it off), so one message a connection its rate is bound by ${SESSIONS} sessions / 100 ms; maildev
+answers SMTP with smtp-server (its \`@maildev/smtp\`) and keeps each message in memory.
+
+## The rest
 
 | measure | value |
 | --- | --- |
@@ -411,6 +516,9 @@ Commands (what the bench runs):
 \`\`\`sh
 smtp-sink -u nobody HOST:PORT 1000                                       # reference
 deno run --allow-net bench/floor.ts HOST PORT                            # Deno's I/O floor
+deno run --allow-net bench/floor_node.ts HOST PORT                       # the same on node:net
+deno run --allow-net --allow-env --allow-read --allow-sys bench/smtp_server_sink.ts HOST PORT
+deno run --allow-all node_modules/maildev/dist/bin/maildev.js --smtp PORT --ip HOST --disable-web --silent
 smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test HOST:PORT
 smtp-source -d -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test HOST:PORT
 \`\`\`

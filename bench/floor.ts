@@ -5,7 +5,7 @@
  *
  *   deno run --allow-net bench/floor.ts HOST PORT
  */
-const REPLIES: Record<string, string> = {
+export const REPLIES: Record<string, string> = {
   EHLO: "250-floor\r\n250 PIPELINING\r\n",
   HELO: "250 floor\r\n",
   MAIL: "250 ok\r\n",

@@ -100,8 +100,8 @@ Deno.test("framer: the limit is asked per line (commands, then a data line after
 });
 
 /** Reads message lines (each with CRLF unless it ends in LF already); returns the reader and where it ended. */
-function read(lines: string[], capture = true): { m: MessageReader; endedAt: number } {
-  const m = new MessageReader(capture);
+function read(lines: string[], capture = true, buffer?: Uint8Array): { m: MessageReader; endedAt: number } {
+  const m = new MessageReader(capture, buffer);
   for (const [i, line] of lines.entries()) {
     const text = /\n$/.test(line) ? line : line + "\r\n";
     const bytes = enc.encode(text);
@@ -128,6 +128,15 @@ Deno.test("message reader: headers unfolded, capped and flagged; not kept unless
   assertEquals(capped.headers.join("").length <= MAX_LOGGED_HEADER_BYTES, true);
   const off = read(["Subject: a", "", "b"], false).m;
   assertEquals([off.headers, off.truncated], [[], false]);
+});
+
+Deno.test("message reader: a session's header buffer, reused, holds only the message being read", () => {
+  const buffer = new Uint8Array(MAX_LOGGED_HEADER_BYTES);
+  const first = read([`Subject: ${"a".repeat(300)}`, "X-First: 1", "", "b", "."], true, buffer).m;
+  assertEquals(first.headers, [`Subject: ${"a".repeat(300)}`, "X-First: 1"]);
+  const second = read(["To: <b@sinkhole.test>", "", "."], true, buffer).m;
+  assertEquals(second.headers, ["To: <b@sinkhole.test>"], "nothing of the first message's longer fields");
+  assertEquals(read(["", "body", "."], true, buffer).m.headers, [], "a message without headers says none");
 });
 
 /** The header section cut to `MAX_LOGGED_HEADER_BYTES`: whole fields, in order, LF between them (one octet each). */
