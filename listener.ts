@@ -3366,11 +3366,7 @@ class UpgradableConn implements Transport {
    */
   close(): void {
     const secure = this.#secure;
-    const closeConn = () => {
-      try {
-        this.conn.close();
-      } catch { /* already closed */ }
-    };
+    const closeConn = () => closeQuietly(this.conn);
     if (secure && this.#upgraded && !secure.destroyed && !this.#ended) {
       const done = () => {
         clearTimeout(timer);
@@ -3738,9 +3734,7 @@ class Session implements LineSink {
     if (this.#tlsSlot) this.deps.tls!.sessions--;
     this.state = abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message);
     this.#gone.resolve();
-    try {
-      this.conn.close();
-    } catch { /* already closed */ }
+    closeQuietly(this.conn);
   }
 
   // LineSink: what the framer calls.
@@ -3819,9 +3813,7 @@ class Session implements LineSink {
    */
   #apply(out: Outcome, written?: () => void): void {
     this.state = out.state;
-    for (const rec of out.remember ?? []) this.deps.greylist.remember(rec);
-    if (out.attempt) this.deps.attempts?.count(out.attempt.key, out.attempt.first);
-    for (const key of out.ends ?? []) this.deps.attempts?.end(key, Date.now());
+    writeTables(this.deps, out);
     const { events, unheard } = out;
     if (out.after === "drop") {
       this.#outbox.holdFrom(out.delayMs, "drop");
@@ -3864,8 +3856,7 @@ class Session implements LineSink {
   /** Sends a final reply and closes, after any write in progress (bounded). */
   async goodbye(reply: Reply): Promise<void> {
     if (this.closed) return;
-    if (this.#handshaking) return this.close(); // RFC 3207 §4: only the handshake's bytes may follow 220
-    if (this.#saidGoodbye) return this.close(); // asked again: the last write did not finish
+    if (this.#handshaking || this.#saidGoodbye) return this.close(); // mid-handshake (RFC 3207 §4), or asked again
     this.#saidGoodbye = true;
     this.#closing = true;
     this.#outbox.push(reply);
@@ -3873,10 +3864,6 @@ class Session implements LineSink {
       await withTimeout(this.#outbox.flush(), GOODBYE_WRITE_MS);
     } catch { /* the client is gone or not reading */ }
     this.close();
-  }
-
-  event(error?: string): SessionEvent {
-    return this.transcript.event(this.state.helo, Date.now(), error);
   }
 }
 
@@ -3896,6 +3883,20 @@ async function upgrade(conn: Transport, handshaking: (on: boolean) => void): Pro
   } finally {
     handshaking(false);
   }
+}
+
+/** Closes what may be closed already. */
+function closeQuietly(c: { close(): void }): void {
+  try {
+    c.close();
+  } catch { /* already closed */ }
+}
+
+/** An outcome's writes to the tables: greylist entries, attempt counts, messages ended. */
+function writeTables(deps: ServerDeps, out: Outcome): void {
+  for (const rec of out.remember ?? []) deps.greylist.remember(rec);
+  if (out.attempt) deps.attempts?.count(out.attempt.key, out.attempt.first);
+  for (const key of out.ends ?? []) deps.attempts?.end(key, Date.now());
 }
 
 /** The policy's inputs now: the mode in effect, the time, the tables (read only). */
@@ -4085,18 +4086,14 @@ class Server {
     this.sessions.add(session);
     const failure = await session.run(() => this.#shuttingDown);
     this.sessions.delete(session);
-    if (session.transcript.worthLogging) log(session.event(failure));
+    if (session.transcript.worthLogging) log(session.transcript.event(session.state.helo, Date.now(), failure));
   }
 
   /** Stops accepting, says 421 to idle sessions, lets DATA finish up to a bound. */
   async shutdown(graceMs = SHUTDOWN_GRACE_MS): Promise<void> {
     this.#shuttingDown = true;
-    try {
-      this.#listener?.close();
-    } catch { /* already closed */ }
-    try {
-      this.#health?.close();
-    } catch { /* already closed */ }
+    if (this.#listener) closeQuietly(this.#listener);
+    if (this.#health) closeQuietly(this.#health);
     await this.#healthDone;
     await this.#done;
     for (const s of this.sessions) if (s.idle) s.goodbye(REPLIES.shutdown);
