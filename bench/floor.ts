@@ -18,30 +18,44 @@ export const REPLIES: Record<string, string> = {
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("latin1");
 
-async function session(conn: Deno.Conn): Promise<void> {
-  const buf = new Uint8Array(4096);
+/**
+ * One session's replies: fed what the client sent (as latin1 text), answers what to write back
+ * and whether the client said QUIT. The whole of the floor's SMTP; both floors use it.
+ */
+export function responder(): (text: string) => { out: string; quit: boolean } {
   let pending = "";
   let inData = false;
+  return (text) => {
+    pending += text;
+    let out = "";
+    let quit = false;
+    for (let nl = pending.indexOf("\n"); nl >= 0 && !quit; nl = pending.indexOf("\n")) {
+      const line = pending.slice(0, nl).replace(/\r$/, "");
+      pending = pending.slice(nl + 1);
+      if (inData) {
+        if (line === ".") (inData = false, out += "250 ok\r\n");
+        continue;
+      }
+      const verb = line.slice(0, 4).toUpperCase();
+      inData = verb === "DATA";
+      quit = verb === "QUIT";
+      out += REPLIES[verb] ?? "500 unrecognized\r\n";
+    }
+    return { out, quit };
+  };
+}
+
+async function session(conn: Deno.Conn): Promise<void> {
+  const buf = new Uint8Array(4096);
+  const respond = responder();
   try {
     await conn.write(encoder.encode("220 floor\r\n"));
     for (let quit = false; !quit;) {
       const n = await conn.read(buf);
       if (n === null) break;
-      pending += decoder.decode(buf.subarray(0, n));
-      let out = "";
-      for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
-        const line = pending.slice(0, nl).replace(/\r$/, "");
-        pending = pending.slice(nl + 1);
-        if (inData) {
-          if (line === ".") (inData = false, out += "250 ok\r\n");
-          continue;
-        }
-        const verb = line.slice(0, 4).toUpperCase();
-        inData = verb === "DATA";
-        quit = verb === "QUIT";
-        out += REPLIES[verb] ?? "500 unrecognized\r\n";
-      }
-      if (out) await conn.write(encoder.encode(out));
+      const r = respond(decoder.decode(buf.subarray(0, n)));
+      quit = r.quit;
+      if (r.out) await conn.write(encoder.encode(r.out));
     }
   } catch {
     /* client gone */

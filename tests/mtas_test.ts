@@ -82,6 +82,19 @@ export function outcomeOf(
 
 /** The intervals (s) between consecutive times (ms). */
 const intervals = (times: number[]) => times.slice(1).map((t, i) => (t - times[i]) / 1000);
+
+/** Every interval between the ledger's attempts within INTERVAL_TOLERANCE_S of the MTA's between its own; both lists. */
+function sameIntervals(ledger: { intervalS?: number }[], mta: { at: number }[], said: string) {
+  const ledgerIntervals = ledger.slice(1).map((a) => a.intervalS!);
+  const mtaIntervals = intervals(mta.map((a) => a.at));
+  ledgerIntervals.forEach((s, i) =>
+    assert(
+      Math.abs(s - mtaIntervals[i]) <= INTERVAL_TOLERANCE_S,
+      `interval #${i + 2}: ledger ${s} s, MTA ${mtaIntervals[i]} s: ${said}`,
+    )
+  );
+  return { ledgerIntervals, mtaIntervals };
+}
 /** The largest difference between two lists of intervals, pair by pair. */
 const maxDiff = (a: number[], b: number[]) => Math.max(0, ...a.map((x, i) => Math.abs(x - b[i])));
 
@@ -129,14 +142,7 @@ function compare(rig: MtaRig, histories: MessageHistory[], scenario: string, mod
     const mtaSide = mta[m];
     assertEquals(history.attempts.length, mtaSide.length, `attempts: ${said}`);
     assertEquals(history.attempts.map(outcomeOf), mtaSide.map((a) => a.outcome), `outcomes: ${said}`);
-    const ledgerIntervals = history.attempts.slice(1).map((a) => a.intervalS!);
-    const mtaIntervals = intervals(mtaSide.map((a) => a.at));
-    ledgerIntervals.forEach((s, i) =>
-      assert(
-        Math.abs(s - mtaIntervals[i]) <= INTERVAL_TOLERANCE_S,
-        `interval #${i + 2}: ledger ${s} s, MTA ${mtaIntervals[i]} s: ${said}`,
-      )
-    );
+    const { ledgerIntervals, mtaIntervals } = sameIntervals(history.attempts, mtaSide, said);
     return {
       mta: rig.mta.name,
       scenario,
@@ -293,14 +299,7 @@ function comparePerRecipient(
     );
     assert(cut, `the MTA's attempt at ${m.at} ended with a transaction cut before it named ${rcpt}: ${said}`);
   });
-  const ledgerIntervals = attempts.slice(1).map((a) => a.intervalS!);
-  const mtaIntervals = intervals(matched.map((a) => a.at));
-  ledgerIntervals.forEach((s, i) =>
-    assert(
-      Math.abs(s - mtaIntervals[i]) <= INTERVAL_TOLERANCE_S,
-      `interval #${i + 2}: ledger ${s} s, MTA ${mtaIntervals[i]} s: ${said}`,
-    )
-  );
+  const { ledgerIntervals, mtaIntervals } = sameIntervals(attempts, matched, said);
   return {
     mta: rig.mta.name,
     scenario: `per recipient: ${rcpt.split("+")[0]}+x, beside the others in one message`,
