@@ -569,21 +569,39 @@ export function memoryCgroupIn(procSelfCgroup: string, root: string, limitMiB: n
   const v2 = lines.find((l) => l.startsWith("0::"));
   const own = (v1 ?? v2)?.split(":")[2]?.replace(/\/$/, "");
   if (own === undefined) return undefined;
-  const parent = v1 ? `${root}/memory${own}` : `${root}${own}`;
-  const dir = `${parent}/sinkhole-${crypto.randomUUID()}`;
-  Deno.mkdirSync(dir);
-  const read = (f: string) => Deno.readTextFileSync(`${dir}/${f}`);
   const bytes = String(limitMiB * 1024 * 1024);
-  if (v1) Deno.writeTextFileSync(`${dir}/memory.limit_in_bytes`, bytes);
-  else {
+  /** A new cgroup below `parent` with the limit set; throws (having removed what it made) where it cannot. */
+  const makeBelow = (parent: string) => {
+    const dir = `${parent}/sinkhole-${crypto.randomUUID()}`;
+    Deno.mkdirSync(dir);
     try {
-      Deno.writeTextFileSync(`${dir}/memory.max`, bytes, { create: false });
-    } catch {
-      // No memory.max: the controller is not enabled for the parent's children yet.
-      Deno.writeTextFileSync(`${parent}/cgroup.subtree_control`, "+memory");
-      Deno.writeTextFileSync(`${dir}/memory.max`, bytes); // the kernel made it (a fake directory: made here)
+      if (v1) Deno.writeTextFileSync(`${dir}/memory.limit_in_bytes`, bytes);
+      else {
+        try {
+          Deno.writeTextFileSync(`${dir}/memory.max`, bytes, { create: false });
+        } catch {
+          // No memory.max: the controller is not enabled for the parent's children yet.
+          Deno.writeTextFileSync(`${parent}/cgroup.subtree_control`, "+memory");
+          Deno.writeTextFileSync(`${dir}/memory.max`, bytes); // the kernel made it (a fake directory: made here)
+        }
+      }
+      return dir;
+    } catch (err) {
+      Deno.removeSync(dir, { recursive: !root.startsWith("/sys/") });
+      throw err;
     }
+  };
+  // v2's "no internal processes" rule: a cgroup that holds processes (a runner's job) cannot enable the memory
+  // controller for children (EBUSY); the hierarchy's root is exempt, and systemd enables memory there. So v2 tries
+  // below its own cgroup, then below the root.
+  let dir: string;
+  try {
+    dir = makeBelow(v1 ? `${root}/memory${own}` : `${root}${own}`);
+  } catch (err) {
+    if (v1 || own === "") throw err;
+    dir = makeBelow(root);
   }
+  const read = (f: string) => Deno.readTextFileSync(`${dir}/${f}`);
   const counter = (text: string, key: string) => Number(new RegExp(`^${key} (\\d+)`, "m").exec(text)?.[1] ?? 0);
   return {
     dir,

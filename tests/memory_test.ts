@@ -459,6 +459,13 @@ Deno.test("memory cgroup: v1 and v2 files, against a fake cgroup directory (the 
     assertEquals(v2.wrap(["deno", "run"]).slice(-2), ["deno", "run"]);
     await v2.remove();
     assert(![...Deno.readDirSync(`${root}/runner.slice/job`)].some((e) => e.name.startsWith("sinkhole-")), "removed");
+    // v2 in a cgroup that holds processes (EBUSY on its subtree_control; here, a write that fails): below the root.
+    Deno.mkdirSync(`${root}/busy.slice/job/cgroup.subtree_control`, { recursive: true });
+    const below = memoryCgroupIn("0::/busy.slice/job\n", root, 128)!;
+    assert(below.dir.startsWith(`${root}/sinkhole-`), below.dir);
+    assertEquals(Deno.readTextFileSync(`${below.dir}/memory.max`), String(128 * 1024 * 1024));
+    assert(![...Deno.readDirSync(`${root}/busy.slice/job`)].some((e) => e.name.startsWith("sinkhole-")), "tidied");
+    await below.remove();
     // v1: the memory hierarchy at root/memory (a combined controller line too).
     Deno.mkdirSync(`${root}/memory/user/1`, { recursive: true });
     const v1 = memoryCgroupIn("12:pids:/x\n9:memory:/user/1\n0::/\n", root, 128)!;
