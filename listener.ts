@@ -1286,20 +1286,19 @@ function attemptEvents(
   how?: Abandon,
 ) {
   const tx = m.state!.tx!;
-  return rcpts.map(([rcpt, attempt]): AttemptEvent => ({
-    event: "attempt",
-    key: attemptKey(tx.from, rcpt),
-    attempt,
-    from: tx.from,
-    rcpt,
-    stage,
-    ...(code === undefined ? { dropped: true as const } : { code }),
-    ...(how ? { abandoned: how } : {}),
-    ...(m.data?.messageId ? { messageId: m.data.messageId } : {}),
-    client: m.inputs.client ?? "",
-    tls: !!m.state!.tls,
-    mode: tx.scenario.text,
-  }));
+  const messageId = m.data?.messageId;
+  // Fields set in the line's order, the optional ones only when present: no object spread an event.
+  return rcpts.map(([rcpt, attempt]): AttemptEvent => {
+    const e = { event: "attempt", key: attemptKey(tx.from, rcpt), attempt, from: tx.from, rcpt, stage } as AttemptEvent;
+    if (code === undefined) e.dropped = true;
+    else e.code = code;
+    if (how) e.abandoned = how;
+    if (messageId) e.messageId = messageId;
+    e.client = m.inputs.client ?? "";
+    e.tls = !!m.state!.tls;
+    e.mode = tx.scenario.text;
+    return e;
+  });
 }
 
 /** A transaction's kept accepted recipients with their attempt numbers. */
@@ -2870,12 +2869,10 @@ export function packAttempt(e: AttemptEntry): [number, number] {
 
 export function unpackAttempt(a: number, b: number): AttemptEntry {
   const before = Math.floor(a / FIRST_SEEN_SPAN);
-  return {
-    count: b % ATTEMPT_COUNT_SPAN,
-    first: a % FIRST_SEEN_SPAN,
-    ...(b >= ATTEMPT_COUNT_SPAN ? { ended: true as const } : {}),
-    ...(before ? { before } : {}),
-  };
+  const e: AttemptEntry = { count: b % ATTEMPT_COUNT_SPAN, first: a % FIRST_SEEN_SPAN };
+  if (b >= ATTEMPT_COUNT_SPAN) e.ended = true;
+  if (before) e.before = before;
+  return e;
 }
 
 // ---------------------------------------------------------------------------
