@@ -813,7 +813,9 @@ export interface Attempt {
 export function counted(seen: AttemptEntry | undefined, now: number): AttemptEntry {
   if (seen === undefined) return { count: 1, first: now };
   if (seen.ended) return { count: 1, first: now, before: envelopeAttempts(seen) };
-  return { ...seen, count: Math.min(seen.count + 1, ATTEMPT_COUNT_SPAN - 1) };
+  const e: AttemptEntry = { count: Math.min(seen.count + 1, ATTEMPT_COUNT_SPAN - 1), first: seen.first };
+  if (seen.before !== undefined) e.before = seen.before;
+  return e;
 }
 
 /** The attempts made with a message's envelope: its ended messages' and its own (up to ATTEMPT_COUNT_SPAN - 1). */
@@ -822,7 +824,10 @@ export const envelopeAttempts = (e: { count?: number; n?: number; before?: numbe
 
 /** The attempt table's entry once its message ended (delivered or bounced). */
 export function ended(seen: AttemptEntry | undefined, now: number): AttemptEntry {
-  return { ...(seen ?? { count: 1, first: now }), ended: true };
+  const e: AttemptEntry = seen ? { count: seen.count, first: seen.first } : { count: 1, first: now };
+  if (seen?.before !== undefined) e.before = seen.before;
+  e.ended = true;
+  return e;
 }
 
 /** A reproducible number in [0, 1) for (seed, message, attempt): FNV-1a over the three. */
@@ -1128,7 +1133,9 @@ function greylistAt(m: Moment, sc: Scenario, rule: RcptRule, d: Decision): Decis
 function attemptOf(m: Moment): Attempt {
   const key = attemptKey(m.state!.tx!.from, m.rcpt!);
   const next = counted(m.inputs.attempts?.(key), m.inputs.now ?? 0);
-  return { key, n: next.count, first: next.first, ...(next.before ? { before: next.before } : {}) };
+  const a: Attempt = { key, n: next.count, first: next.first };
+  if (next.before) a.before = next.before;
+  return a;
 }
 
 /** Whether STARTTLS is offered: not twice, never with starttls=off, by default when the listener has TLS. */
@@ -1230,18 +1237,15 @@ function eodRow(m: Moment, sc: Scenario): Decision {
   const ends = messagesEnded(tx, code);
   const events: LogEvent[] = attemptEvents(m, zip(tx), "eod", code);
   if (sc.base === "accept-log" && !d.fail && !d.drop) {
-    events.push({
-      event: "message",
-      client: m.inputs.client ?? "",
-      helo: m.state!.helo,
-      from: tx.from,
-      rcpts: tx.accepted,
-      rcptCount: tx.acceptedCount,
-      ...(tx.accepted.length < tx.acceptedCount ? { rcptsTruncated: true as const } : {}),
-      size: data.size,
-      headers: data.headers ?? [],
-      truncated: data.truncated ?? false,
-    });
+    // Field by field in the line's order (no object spread a message).
+    const e = { event: "message", client: m.inputs.client ?? "", helo: m.state!.helo, from: tx.from } as MessageEvent;
+    e.rcpts = tx.accepted;
+    e.rcptCount = tx.acceptedCount;
+    if (tx.accepted.length < tx.acceptedCount) e.rcptsTruncated = true;
+    e.size = data.size;
+    e.headers = data.headers ?? [];
+    e.truncated = data.truncated ?? false;
+    events.push(e);
   }
   return ends.length > 0 ? { ...d, events, ends } : { ...d, events };
 }
@@ -2564,24 +2568,26 @@ class Transcript {
   }
 
   event(helo: string | undefined, now: number, error?: string): SessionEvent {
-    return {
+    // Field by field in the line's order, the optional ones only when set (no object spread a session).
+    const e = {
       event: "session",
       client: this.client,
       helo,
       modes: [...new Set(this.transactions.map((t) => t.mode))],
       transactions: this.transactions,
       transactionCount: this.transactionCount,
-      ...(this.truncated ? { transcriptTruncated: true as const } : {}),
-      replies: this.replies,
-      ...(this.dropped ? { dropped: true as const } : {}),
-      ...(this.tls ? { tls: true as const } : {}),
-      replyCount: this.replyCount,
-      commands: this.commands,
-      bytesIn: this.bytesIn,
-      bytesOut: this.bytesOut,
-      durationMs: now - this.started,
-      ...(error ? { error } : {}),
-    };
+    } as SessionEvent;
+    if (this.truncated) e.transcriptTruncated = true;
+    e.replies = this.replies;
+    if (this.dropped) e.dropped = true;
+    if (this.tls) e.tls = true;
+    e.replyCount = this.replyCount;
+    e.commands = this.commands;
+    e.bytesIn = this.bytesIn;
+    e.bytesOut = this.bytesOut;
+    e.durationMs = now - this.started;
+    if (error) e.error = error;
+    return e;
   }
 }
 
