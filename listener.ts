@@ -2450,7 +2450,7 @@ function droppedLine(lines: number, octets: number): string {
 export function log(e: LogEvent): void {
   if (e.event === "attempt") attemptTap?.(e);
   if (logBroken) return;
-  logQueue.push(logFormat === "json" ? lineText(e) : logEncoder.encode(textLine(e) + "\n"));
+  logQueue.push(logFormat === "json" ? lineText(e) : textLine(e) + "\n"); // text is encoded in the queue
   logWriting ??= writeLog();
 }
 
@@ -4185,9 +4185,8 @@ export function messagesOf(envelope: Envelope): Envelope[] {
   return messages;
 }
 
-/** A message's history from its attempts (any order): time order, intervals, deliveries; linear but the sort. */
-export function messageHistory({ key, from, rcpt, attempts: kept }: Envelope): ControlHistory {
-  const sorted = [...kept].sort((a, b) => a.t - b.t);
+/** A message's history from its attempts in time order (as `messagesOf` gives them): intervals, deliveries; linear. */
+export function messageHistory({ key, from, rcpt, attempts: sorted }: Envelope): ControlHistory {
   const attempts = sorted.map(({ t, code, dropped, unheard, abandoned, messageId, ...rest }, i) => ({
     event: "attempt" as const,
     key,
