@@ -136,6 +136,16 @@ export const SHUTDOWN_GRACE_MS = 10_000;
 export const ACCEPT_ERROR_BACKOFF_MS = 100;
 /** A last reply (421 on timeout or shutdown) gets this long to be written. */
 export const GOODBYE_WRITE_MS = 1_000;
+/**
+ * A drop's lingering close (Apache httpd's lingering_close, nginx's `lingering_close`): the
+ * write side is shut (FIN) at once, then what the client still sends is read and discarded,
+ * unanswered, until its own FIN, for at most this long and LINGER_MAX_BYTES (nginx's
+ * `lingering_time` is 30 s; a drop holds a session slot meanwhile, so shorter). Closing with
+ * input unread would send RST, and a peer's TCP may then discard replies written before the drop.
+ */
+export const LINGER_MAX_MS = 5_000;
+/** Octets a lingering close reads and discards at most: a whole message's worth (MAX_MESSAGE_BYTES). */
+export const LINGER_MAX_BYTES = 64 * 1024 * 1024;
 /** The health check gives up after this long. */
 export const HEALTHCHECK_TIMEOUT_MS = 3_000;
 /** The liveness port's default (SINKHOLE_HEALTH_PORT), on SINKHOLE_HEALTH_HOST (127.0.0.1): never the SMTP port. */
@@ -2105,6 +2115,8 @@ export interface SessionEvent {
   tls?: true;
   /** The session ended on an I/O error. */
   error?: string;
+  /** Octets the client sent after a drop, read and discarded unanswered by the lingering close. */
+  discarded?: number;
   /** Transactions or recipients were left out of the line (MAX_TRANSCRIPT_BYTES, MAX_LOGGED_TRANSACTIONS). */
   transcriptTruncated?: true;
 }
@@ -2568,6 +2580,8 @@ class Transcript {
   /** The first command's verb (a health check says QUIT and nothing else). */
   firstVerb: string | undefined;
   dropped = false;
+  /** Octets read after a drop and discarded unanswered (the lingering close). */
+  discarded = 0;
   tls = false;
 
   constructor(readonly client: string, readonly started: number) {}
@@ -2645,6 +2659,7 @@ class Transcript {
     e.bytesOut = this.bytesOut;
     e.durationMs = now - this.started;
     if (error) e.error = error;
+    if (this.discarded > 0) e.discarded = this.discarded;
     return e;
   }
 }
@@ -3317,6 +3332,8 @@ export interface Transport {
   read(buf: Uint8Array): Promise<number | null>;
   write(bytes: Uint8Array): Promise<number>;
   close(): void;
+  /** Shuts the write side (FIN; on TLS, close_notify first): reads go on. */
+  closeWrite?(): Promise<void>;
   /** Upgrades to TLS as the server (RFC 3207); only the STARTTLS-capable transport has it. */
   startTls?(): Promise<void>;
 }
@@ -3377,6 +3394,13 @@ class UpgradableConn implements Transport {
     this.#queued -= n;
     this.#pump();
     return n;
+  }
+
+  /** Shuts the write side: TLS's close_notify, then FIN (the cipher stream's end), or FIN alone before the upgrade. */
+  closeWrite(): Promise<void> {
+    const secure = this.#secure;
+    if (!secure || !this.#upgraded) return this.conn.closeWrite();
+    return new Promise((ok) => secure.end(ok));
   }
 
   write(bytes: Uint8Array): Promise<number> {
@@ -3742,6 +3766,7 @@ class Session implements LineSink {
   #handshaking = false;
   #left = false; // the client closed its side while a reply was held: that reply was never given
   #tlsSlot = false; // holds one of MAX_TLS_SESSIONS, from its `220 Ready to start TLS` to its close
+  #lingering = false; // a drop's lingering close: nothing more is written
   #gone = Promise.withResolvers<void>(); // settles when the session is closed: a delay in progress ends there
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
@@ -3847,12 +3872,32 @@ class Session implements LineSink {
     if (hold.after === "drop") {
       this.transcript.dropped = true;
       this.#closing = true;
+      await this.#linger();
       this.close();
       return false;
     }
     this.#outbox.putBack(later);
     await this.#outbox.flush();
     return false;
+  }
+
+  /**
+   * A drop's lingering close: FIN at once, then what the client still sends (pipelined commands
+   * it wrote before it saw the FIN) read and discarded, unanswered, until its FIN, LINGER_MAX_MS
+   * or LINGER_MAX_BYTES; closing with that input unread would send RST instead of FIN.
+   */
+  async #linger(): Promise<void> {
+    this.#lingering = true;
+    const deadline = Date.now() + LINGER_MAX_MS;
+    try {
+      await withTimeout(this.conn.closeWrite?.() ?? SETTLED, GOODBYE_WRITE_MS);
+      while (!this.closed && this.transcript.discarded < LINGER_MAX_BYTES) {
+        const n = await withTimeout(this.#reads.next(), Math.max(0, deadline - Date.now()));
+        if (n === null) return;
+        this.transcript.discarded += n;
+        this.transcript.bytesIn += n;
+      }
+    } catch { /* the client reset, or the linger timed out: close now */ }
   }
 
   #badLine(kind: "long" | "chars"): void {
@@ -3930,7 +3975,8 @@ class Session implements LineSink {
   /** Sends a final reply and closes, after any write in progress (bounded). */
   async goodbye(reply: Reply): Promise<void> {
     if (this.closed) return;
-    if (this.#handshaking || this.#saidGoodbye) return this.close(); // mid-handshake (RFC 3207 §4), or asked again
+    // Mid-handshake (RFC 3207 §4), asked again, or lingering after a drop (nothing more is said).
+    if (this.#handshaking || this.#saidGoodbye || this.#lingering) return this.close();
     this.#saidGoodbye = true;
     this.#closing = true;
     this.#outbox.push(reply);
