@@ -1211,7 +1211,10 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
   const inPhase = !rule.phase || inFailingPhase(rule.phase, attempt, m.inputs.now ?? 0);
   const d = greylistAt(m, sc, rule, inPhase ? rule.answer : rule.then!);
   if (acceptsRecipient(d)) {
-    return recipientRoom(m.state!.tx!, m.rcpt!, m.inputs.rcptPoolFree) ? { ...d, attempt } : NO_ROOM;
+    if (recipientRoom(m.state!.tx!, m.rcpt!, m.inputs.rcptPoolFree)) return { ...d, attempt };
+    // No room to keep it: 452, and this attempt of its message ends deferred (as the MTA logs it); nothing is kept.
+    const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", NO_ROOM.fail!.code);
+    return { ...NO_ROOM, attempt, events };
   }
   // Refused or dropped here, this attempt of the message ends: the ledger says so. A dropped
   // recipient is recorded as deferred (451): it was not delivered, and nothing was said.
@@ -1224,8 +1227,8 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
 /**
  * An accepted recipient neither its transaction's own MAX_KEPT_RCPT_BYTES nor the shared pool
  * can hold: an implementation limit on recipients, 452 4.5.3 (RFC 5321 §4.5.3.1.10, RFC 3463
- * X.5.3), as past MAX_RECIPIENTS. Not an attempt of its message: not counted, nothing logged
- * but the reply; the client sends it again in a later transaction.
+ * X.5.3). Like any refusal at RCPT it is an attempt of its message, counted and logged at once
+ * (Postfix logs it `status=deferred` and sends it again in a later transaction).
  */
 const NO_ROOM: Decision = { fail: REPLIES.tooManyRcpts, delayMs: 0 };
 

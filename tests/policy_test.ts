@@ -247,7 +247,7 @@ Deno.test("policy: recipients past the cap get 452 4.5.3 and the transaction goe
 /**
  * The shared recipient pool at RCPT: a transaction keeps its accepted recipients in its own
  * MAX_KEPT_RCPT_BYTES, then draws each one's whole cost from the pool; an accepted recipient
- * neither holds is 452 4.5.3, not counted (no attempt, no event); a recipient refused anyway
+ * neither holds is 452 4.5.3, an attempt counted and logged like any refusal; a recipient refused anyway
  * needs no room, so the scenario's own answer stands.
  */
 Deno.test("policy: an accepted recipient beyond the transaction's bytes draws on the shared pool, or is 452 4.5.3", () => {
@@ -259,8 +259,8 @@ Deno.test("policy: an accepted recipient beyond the transaction's bytes draws on
     ["accept", 0, 0, 250, true], // its own bytes hold it: the pool is not asked
     ["accept", MAX_KEPT_RCPT_BYTES - cost, 0, 250, true], // exactly fits its own
     ["accept", MAX_KEPT_RCPT_BYTES - cost + 1, cost, 250, true], // drawn from the pool, exactly its cost
-    ["accept", MAX_KEPT_RCPT_BYTES - cost + 1, cost - 1, 452, false], // neither holds it
-    ["accept", MAX_KEPT_RCPT_BYTES, 0, 452, false],
+    ["accept", MAX_KEPT_RCPT_BYTES - cost + 1, cost - 1, 452, true], // neither holds it: refused, counted
+    ["accept", MAX_KEPT_RCPT_BYTES, 0, 452, true],
     ["accept", MAX_KEPT_RCPT_BYTES, undefined, 250, true], // no pool said: not bounded (the pure engine alone)
     ["defer", MAX_KEPT_RCPT_BYTES, 0, 421, true], // refused anyway: no room needed, its own reply
     ["bounce", MAX_KEPT_RCPT_BYTES, 0, 550, true],
@@ -276,7 +276,11 @@ Deno.test("policy: an accepted recipient beyond the transaction's bytes draws on
     const label = `${mode}, ${used} octets kept, pool ${free}`;
     assertEquals((d.fail ?? REPLIES.rcptOk).code, code, label);
     assertEquals(d.attempt !== undefined, counted, label);
-    if (code === 452) assertEquals([formatReply(d.fail!), d.events], ["452 4.5.3 Too many recipients\r\n", undefined]);
+    if (code === 452) {
+      assertEquals(formatReply(d.fail!), "452 4.5.3 Too many recipients\r\n");
+      const e = d.events?.map((e) => e.event === "attempt" ? [e.rcpt, e.stage, e.code] : e.event);
+      assertEquals(e, [[box, "rcpt", 452]], "this attempt of the message ends deferred, logged at once");
+    }
   }
   // The transaction after it: every accepted recipient kept, its draw said (the session reserves it).
   const rcpts = Array.from(

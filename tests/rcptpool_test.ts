@@ -6,7 +6,8 @@
  * whole again however a transaction ends.
  */
 import { assert, assertEquals } from "../rig/assert.ts";
-import { type Listener, RawClient, startListener } from "../rig/helpers.ts";
+import { assertTools, IN_CI, type Listener, needs, RawClient, startListener } from "../rig/helpers.ts";
+import { mtaBinary, withMtaRig } from "../rig/mtas.ts";
 import { KEPT_ENTRY_COST, MAX_ERRORS_PER_SESSION, MAX_KEPT_RCPT_BYTES } from "../listener.ts";
 
 const FROM = "sender@origin.test";
@@ -91,10 +92,20 @@ Deno.test("rcptpool: the pool is shared by every session; a recipient past it is
     b.c.close();
     await l.waitFor("session", () => l.events("session").length >= 2);
     const lines = l.events("attempt").filter((e) => e.rcpt.startsWith("a-"));
-    assertEquals(lines.length, OWN + POOLED, "one attempt line per accepted recipient, none for the 452s");
-    assert(lines.every((e) => e.stage === "eod" && e.code === 250));
-    const refused = l.events("attempt").filter((e) => e.code === 452);
-    assertEquals(refused, [], "a 452 for room is not an attempt of the message");
+    const delivered = lines.filter((e) => e.stage === "eod" && e.code === 250);
+    assertEquals(delivered.length, OWN + POOLED, "one attempt line per accepted recipient");
+    // A 452 for room ends that attempt of its message, deferred, like any refusal at RCPT: one line each.
+    const refused = l.events("attempt").filter((e) => e.code === 452 && e.stage === "rcpt").map((e) => e.rcpt);
+    assertEquals(
+      refused.sort(),
+      [
+        rcpt(`a-${OWN + POOLED}`),
+        rcpt(`a-${OWN + POOLED + 1}`),
+        rcpt(`b-${OWN}`),
+        rcpt("b-again"),
+      ].sort(),
+    );
+    assertEquals(lines.length, OWN + POOLED + 2);
   } finally {
     await l.stop();
   }
@@ -145,4 +156,46 @@ Deno.test("rcptpool: the pool is whole again however a transaction ends", async 
     await l.stop();
     await idle.stop();
   }
+});
+
+const mtaTools = needs("unshare", "nsenter", "ldconfig");
+let postfixMissing = false;
+try {
+  postfixMissing = !Deno.statSync(mtaBinary("postfix")).isFile;
+} catch {
+  postfixMissing = true;
+}
+
+Deno.test({
+  name: "rcptpool: Postfix told 452 4.5.3 for the recipients the pool cannot hold delivers them in a later transaction",
+  ignore: !IN_CI && (mtaTools.ignore || Deno.uid() !== 0 || postfixMissing),
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    assertTools(mtaTools.missing);
+    // The rig routes sinkhole.test itself (no subdomains): 78-octet addresses. One message to more recipients than
+    // a transaction's own bytes and the pool hold: the first transaction takes OWN + POOLED, the rest get 452.
+    const box = (i: number) => `${`p${i}`.padEnd(64, "x")}@sinkhole.test`;
+    const cost = box(0).length + KEPT_ENTRY_COST;
+    const own = Math.floor(MAX_KEPT_RCPT_BYTES / cost);
+    const to = Array.from({ length: own + POOLED + 5 }, (_, i) => box(i));
+    await withMtaRig("postfix", async (rig) => {
+      const sunk = () => rig.sink.events("attempt").filter((a) => a.code === 250 && a.stage === "eod");
+      assertEquals((await rig.mta.submit(to, { messageId: "<pool@origin.test>" }))[0], 220);
+      await rig.mta.retryUntil(() => sunk().length >= to.length);
+      const delivered = sunk();
+      assertEquals(delivered.map((a) => a.rcpt).sort(), [...to].sort(), "every recipient delivered once");
+      const refused = rig.sink.events("attempt").filter((a) => a.code === 452).map((a) => a.rcpt);
+      assertEquals(refused.length, 5, "the pool held OWN + POOLED of the first transaction; 5 were told 452");
+      const transactions = rig.sink.events("session").flatMap((s) => s.transactions).filter((t) => t.result === 250);
+      assert(transactions.length >= 2, "in more than one transaction");
+      // Postfix's own account, attempt by attempt: the 452 is `status=deferred`, then `sent`; the ledger's the same.
+      for (const r of to) {
+        const ledger = rig.sink.events("attempt").filter((a) => a.rcpt === r);
+        const ours = ledger.map((a) => a.code === 250 ? "sent" : "deferred");
+        assertEquals(rig.mta.attempts(r).map((a) => a.outcome), ours, r);
+        assertEquals(ledger.map((a) => a.attempt), ours.map((_, i) => i + 1), `${r}: numbered in order`);
+      }
+    }, { sinkEnv: { SINKHOLE_RCPT_POOL_BYTES: String(POOLED * cost) } });
+  },
 });
