@@ -77,7 +77,7 @@ export const MAX_KEPT_RCPT_BYTES = 2 * 1024;
  * Octets of accepted recipients kept beyond their transaction's own MAX_KEPT_RCPT_BYTES, shared
  * by every session: a recipient that fits in neither is answered `452 4.5.3` (RFC 5321
  * §4.5.3.1.10), never accepted and left out of the ledger. 1 MiB holds a full transaction
- * (MAX_RECIPIENTS paths of MAX_PATH_LENGTH) at once for 36 sessions, or of 30-octet addresses
+ * (MAX_RECIPIENTS paths of MAX_PATH_LENGTH) at once for 39 sessions, or of 30-octet addresses
  * for 250 (docs/protocol.md, "Memory budget"); SINKHOLE_RCPT_POOL_BYTES may make it smaller.
  */
 export const RCPT_POOL_BYTES = 1024 * 1024;
