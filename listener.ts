@@ -68,8 +68,19 @@ export const MAX_LOGGED_REPLIES = 64;
  * charged KEPT_ENTRY_COST more for its object; past it entries are counted, not kept.
  */
 export const MAX_TRANSCRIPT_BYTES = 4 * 1024;
-/** Octets of accepted recipient addresses a transaction keeps for the message line. */
+/**
+ * Octets a transaction keeps of its own for its accepted recipients (each address charged
+ * KEPT_ENTRY_COST more): what goes beyond it is drawn from the shared RCPT_POOL_BYTES.
+ */
 export const MAX_KEPT_RCPT_BYTES = 2 * 1024;
+/**
+ * Octets of accepted recipients kept beyond their transaction's own MAX_KEPT_RCPT_BYTES, shared
+ * by every session: a recipient that fits in neither is answered `452 4.5.3` (RFC 5321
+ * §4.5.3.1.10), never accepted and left out of the ledger. 1 MiB holds a full transaction
+ * (MAX_RECIPIENTS paths of MAX_PATH_LENGTH) at once for 39 sessions, or of 30-octet addresses
+ * for 250 (docs/protocol.md, "Memory budget"); SINKHOLE_RCPT_POOL_BYTES may make it smaller.
+ */
+export const RCPT_POOL_BYTES = 1024 * 1024;
 /** What a kept string or entry is charged on top of its octets (V8's object and string headers). */
 export const KEPT_ENTRY_COST = 32;
 /** Replies queued and not yet written, in octets: past it the session writes before it reads on. */
@@ -125,6 +136,16 @@ export const SHUTDOWN_GRACE_MS = 10_000;
 export const ACCEPT_ERROR_BACKOFF_MS = 100;
 /** A last reply (421 on timeout or shutdown) gets this long to be written. */
 export const GOODBYE_WRITE_MS = 1_000;
+/**
+ * A drop's lingering close (Apache httpd's lingering_close, nginx's `lingering_close`): the
+ * write side is shut (FIN) at once, then what the client still sends is read and discarded,
+ * unanswered, until its own FIN, for at most this long and LINGER_MAX_BYTES (nginx's
+ * `lingering_time` is 30 s; a drop holds a session slot meanwhile, so shorter). Closing with
+ * input unread would send RST, and a peer's TCP may then discard replies written before the drop.
+ */
+export const LINGER_MAX_MS = 5_000;
+/** Octets a lingering close reads and discards at most: a whole message's worth (MAX_MESSAGE_BYTES). */
+export const LINGER_MAX_BYTES = 64 * 1024 * 1024;
 /** The health check gives up after this long. */
 export const HEALTHCHECK_TIMEOUT_MS = 3_000;
 /** The liveness port's default (SINKHOLE_HEALTH_PORT), on SINKHOLE_HEALTH_HOST (127.0.0.1): never the SMTP port. */
@@ -212,6 +233,8 @@ export interface Config {
   /** The control port (section 14): off when undefined; 0 is any free port, said in the start line. */
   controlHost: string;
   controlPort?: number;
+  /** The shared recipient pool's octets: RCPT_POOL_BYTES, or less (SINKHOLE_RCPT_POOL_BYTES, for tests). */
+  rcptPoolBytes?: number;
 }
 
 export type LogFormat = "json" | "text";
@@ -261,6 +284,11 @@ export const ENVIRONMENT_VARIABLES: readonly { name: string; default: string; he
     help: "control port's address; another than loopback lets other hosts in (a container: 0.0.0.0)",
   },
   { name: "SINKHOLE_HEALTHCHECK_MEMORY", default: "", help: "1: --healthcheck prints its own peak memory (tests)" },
+  {
+    name: "SINKHOLE_RCPT_POOL_BYTES",
+    default: "1048576",
+    help: "shared octets for recipients past a transaction's own 2 KiB; only smaller (tests)",
+  },
   { name: "AWS_REGION", default: "", help: "SSM's region (else AWS_DEFAULT_REGION)" },
   { name: "AWS_DEFAULT_REGION", default: "", help: "SSM's region when AWS_REGION is unset" },
   { name: "AWS_ENDPOINT_URL_SSM", default: "", help: "SSM endpoint override (else AWS_ENDPOINT_URL)" },
@@ -383,6 +411,7 @@ export function configFromEnv(env: (name: string) => string | undefined, cwd = "
     controlPort: (env("SINKHOLE_CONTROL_PORT") ?? "") === ""
       ? undefined
       : integer("SINKHOLE_CONTROL_PORT", 0, 65535, 0),
+    rcptPoolBytes: integer("SINKHOLE_RCPT_POOL_BYTES", RCPT_POOL_BYTES, RCPT_POOL_BYTES, 0),
   };
 }
 
@@ -721,14 +750,16 @@ export interface Transaction {
   /** The address of the latest RCPT, for the transcript. */
   lastRcpt?: string;
   /**
-   * Accepted recipients (any 2yz reply, RFC 5321 §4.2.1), kept for the message line while
-   * their octets stay within MAX_KEPT_RCPT_BYTES; past it they are only counted.
+   * Accepted recipients (any 2yz reply, RFC 5321 §4.2.1), every one: within MAX_KEPT_RCPT_BYTES
+   * of the transaction's own, beyond it drawn from the shared pool (RCPT_POOL_BYTES).
    */
   accepted: string[];
-  /** The attempt number (the envelope's, as logged) of each kept accepted recipient (same order as `accepted`). */
+  /** The attempt number (the envelope's, as logged) of each accepted recipient (same order as `accepted`). */
   acceptedAttempts: number[];
   acceptedCount: number;
+  /** Octets charged for `accepted` (`keptRecipientCost` each), `pooled` of them drawn from the shared pool. */
   acceptedBytes: number;
+  pooled?: number;
   /** Greylist answer for this transaction when keyed by IP, asked once at its first RCPT. */
   greylist?: GreylistVerdict;
 }
@@ -765,6 +796,8 @@ export interface Inputs {
   tlsBusy?: boolean;
   /** The attempt table: what is known of a message's earlier attempts; without it every attempt is a first. */
   attempts?: AttemptLookup;
+  /** Octets free in the shared recipient pool (RCPT_POOL_BYTES); without it the pool is not bounded. */
+  rcptPoolFree?: number;
 }
 
 /**
@@ -1177,13 +1210,44 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
   const rule = own ? recipientRule(m, own) : scenarioRule(m, sc);
   const inPhase = !rule.phase || inFailingPhase(rule.phase, attempt, m.inputs.now ?? 0);
   const d = greylistAt(m, sc, rule, inPhase ? rule.answer : rule.then!);
-  if (acceptsRecipient(d)) return { ...d, attempt };
+  if (acceptsRecipient(d)) {
+    if (recipientRoom(m.state!.tx!, m.rcpt!, m.inputs.rcptPoolFree)) return { ...d, attempt };
+    // No room to keep it: 452, and this attempt of its message ends deferred (as the MTA logs it); nothing is kept.
+    const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", NO_ROOM.fail!.code);
+    return { ...NO_ROOM, attempt, events };
+  }
   // Refused or dropped here, this attempt of the message ends: the ledger says so. A dropped
   // recipient is recorded as deferred (451): it was not delivered, and nothing was said.
   // The log numbers the envelope's attempts in one sequence (its messages split where one ended).
   const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", d.drop ? undefined : d.fail!.code);
   if (d.drop) return { ...d, fail: REPLIES.deferRcpt, attempt, events };
   return d.fail!.code >= 500 ? { ...d, attempt, events, ends: [attempt.key] } : { ...d, attempt, events };
+}
+
+/**
+ * An accepted recipient neither its transaction's own MAX_KEPT_RCPT_BYTES nor the shared pool
+ * can hold: an implementation limit on recipients, 452 4.5.3 (RFC 5321 §4.5.3.1.10, RFC 3463
+ * X.5.3). Like any refusal at RCPT it is an attempt of its message, counted and logged at once
+ * (Postfix logs it `status=deferred` and sends it again in a later transaction).
+ */
+const NO_ROOM: Decision = { fail: REPLIES.tooManyRcpts, delayMs: 0 };
+
+/** What keeping an accepted recipient costs: its octets and its entry (KEPT_ENTRY_COST). */
+export const keptRecipientCost = (box: string): number => box.length + KEPT_ENTRY_COST;
+
+/**
+ * Octets an accepted recipient draws from the shared pool: none while the transaction's own
+ * MAX_KEPT_RCPT_BYTES holds it, else its whole cost.
+ */
+export function poolDraw(tx: Transaction, box: string): number {
+  const cost = keptRecipientCost(box);
+  return tx.acceptedBytes - (tx.pooled ?? 0) + cost <= MAX_KEPT_RCPT_BYTES ? 0 : cost;
+}
+
+/** Whether an accepted recipient can be kept: by its transaction, or from the pool's free octets (unbounded without). */
+function recipientRoom(tx: Transaction, box: string, poolFree: number | undefined): boolean {
+  const draw = poolDraw(tx, box);
+  return draw === 0 || poolFree === undefined || draw <= poolFree;
 }
 
 /** Whether a decision at RCPT accepts the recipient: any 2yz reply (RFC 5321 §4.2.1), and no drop. */
@@ -1541,7 +1605,10 @@ const answer = (state: SessionState, reply: Reply, after: After = "continue"): O
   delayMs: 0,
 });
 
-/** The transaction after one RCPT: counted, and kept (within its byte bound) when it was accepted. */
+/**
+ * The transaction after one RCPT: counted, and kept when it was accepted (the policy made
+ * room: its own bytes, or `poolDraw` from the shared pool, which the session reserves).
+ */
 function withRecipient(
   tx: Transaction,
   box: string,
@@ -1551,15 +1618,19 @@ function withRecipient(
 ): Transaction {
   const next = { ...tx, rcptCount: tx.rcptCount + 1, lastRcpt: box, greylist: greylist ?? tx.greylist };
   if (!accepted) return next;
-  const keep = tx.acceptedBytes + box.length <= MAX_KEPT_RCPT_BYTES;
+  const draw = poolDraw(tx, box);
   return {
     ...next,
     acceptedCount: tx.acceptedCount + 1,
-    accepted: keep ? [...tx.accepted, box] : tx.accepted,
-    acceptedAttempts: keep ? [...tx.acceptedAttempts, attempt] : tx.acceptedAttempts,
-    acceptedBytes: keep ? tx.acceptedBytes + box.length : tx.acceptedBytes,
+    accepted: [...tx.accepted, box],
+    acceptedAttempts: [...tx.acceptedAttempts, attempt],
+    acceptedBytes: tx.acceptedBytes + keptRecipientCost(box),
+    pooled: (tx.pooled ?? 0) + draw,
   };
 }
+
+/** Octets a session's open transaction holds of the shared recipient pool. */
+export const pooledOf = (state: SessionState): number => state.tx?.pooled ?? 0;
 
 /** An outcome that ends the transaction open before it (RSET, HELO/EHLO): its accepted recipients' attempts end. */
 function ending(out: Outcome, before: SessionState, inputs: Inputs, how: Abandon): Outcome {
@@ -2047,6 +2118,8 @@ export interface SessionEvent {
   tls?: true;
   /** The session ended on an I/O error. */
   error?: string;
+  /** Octets the client sent after a drop, read and discarded unanswered by the lingering close. */
+  discarded?: number;
   /** Transactions or recipients were left out of the line (MAX_TRANSCRIPT_BYTES, MAX_LOGGED_TRANSACTIONS). */
   transcriptTruncated?: true;
 }
@@ -2510,6 +2583,8 @@ class Transcript {
   /** The first command's verb (a health check says QUIT and nothing else). */
   firstVerb: string | undefined;
   dropped = false;
+  /** Octets read after a drop and discarded unanswered (the lingering close). */
+  discarded = 0;
   tls = false;
 
   constructor(readonly client: string, readonly started: number) {}
@@ -2587,6 +2662,7 @@ class Transcript {
     e.bytesOut = this.bytesOut;
     e.durationMs = now - this.started;
     if (error) e.error = error;
+    if (this.discarded > 0) e.discarded = this.discarded;
     return e;
   }
 }
@@ -3259,6 +3335,8 @@ export interface Transport {
   read(buf: Uint8Array): Promise<number | null>;
   write(bytes: Uint8Array): Promise<number>;
   close(): void;
+  /** Shuts the write side (FIN; on TLS, close_notify first): reads go on. */
+  closeWrite?(): Promise<void>;
   /** Upgrades to TLS as the server (RFC 3207); only the STARTTLS-capable transport has it. */
   startTls?(): Promise<void>;
 }
@@ -3319,6 +3397,13 @@ class UpgradableConn implements Transport {
     this.#queued -= n;
     this.#pump();
     return n;
+  }
+
+  /** Shuts the write side: TLS's close_notify, then FIN (the cipher stream's end), or FIN alone before the upgrade. */
+  closeWrite(): Promise<void> {
+    const secure = this.#secure;
+    if (!secure || !this.#upgraded) return this.conn.closeWrite();
+    return new Promise((ok) => secure.end(ok));
   }
 
   write(bytes: Uint8Array): Promise<number> {
@@ -3514,6 +3599,8 @@ interface ServerDeps {
   attempts?: AttemptTable;
   /** Sessions upgraded to TLS or upgrading (MAX_TLS_SESSIONS); the server keeps the count. */
   tls?: { sessions: number };
+  /** The shared recipient pool's free octets (RCPT_POOL_BYTES): each session takes and gives back its transaction's draw. */
+  rcptPool?: { free: number };
 }
 
 /** Replies queued from `from` on wait: for a delay, for good (a drop), or behind the TLS handshake. */
@@ -3682,6 +3769,7 @@ class Session implements LineSink {
   #handshaking = false;
   #left = false; // the client closed its side while a reply was held: that reply was never given
   #tlsSlot = false; // holds one of MAX_TLS_SESSIONS, from its `220 Ready to start TLS` to its close
+  #lingering = false; // a drop's lingering close: nothing more is written
   #gone = Promise.withResolvers<void>(); // settles when the session is closed: a delay in progress ends there
   #framer = new LineFramer();
   /** The message being received, between DATA's 354 and the end-of-data line. */
@@ -3735,7 +3823,7 @@ class Session implements LineSink {
     if (this.closed) return;
     this.closed = true;
     if (this.#tlsSlot) this.deps.tls!.sessions--;
-    this.state = abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message);
+    this.#moveTo(abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message));
     this.#gone.resolve();
     closeQuietly(this.conn);
   }
@@ -3787,12 +3875,32 @@ class Session implements LineSink {
     if (hold.after === "drop") {
       this.transcript.dropped = true;
       this.#closing = true;
+      await this.#linger();
       this.close();
       return false;
     }
     this.#outbox.putBack(later);
     await this.#outbox.flush();
     return false;
+  }
+
+  /**
+   * A drop's lingering close: FIN at once, then what the client still sends (pipelined commands
+   * it wrote before it saw the FIN) read and discarded, unanswered, until its FIN, LINGER_MAX_MS
+   * or LINGER_MAX_BYTES; closing with that input unread would send RST instead of FIN.
+   */
+  async #linger(): Promise<void> {
+    this.#lingering = true;
+    const deadline = Date.now() + LINGER_MAX_MS;
+    try {
+      await withTimeout(this.conn.closeWrite?.() ?? SETTLED, GOODBYE_WRITE_MS);
+      while (!this.closed && this.transcript.discarded < LINGER_MAX_BYTES) {
+        const n = await withTimeout(this.#reads.next(), Math.max(0, deadline - Date.now()));
+        if (n === null) return;
+        this.transcript.discarded += n;
+        this.transcript.bytesIn += n;
+      }
+    } catch { /* the client reset, or the linger timed out: close now */ }
   }
 
   #badLine(kind: "long" | "chars"): void {
@@ -3815,7 +3923,7 @@ class Session implements LineSink {
    * after, and its log events once the reply is written (at once when nothing will be said).
    */
   #apply(out: Outcome, written?: () => void): void {
-    this.state = out.state;
+    this.#moveTo(out.state);
     writeTables(this.deps, out);
     const { events, unheard } = out;
     if (out.after === "drop") {
@@ -3841,6 +3949,17 @@ class Session implements LineSink {
     }
   }
 
+  /**
+   * The session's next state, its transaction's draw on the shared recipient pool carried with
+   * it: reserved as recipients are accepted, given back whenever the transaction ends (end of
+   * data, RSET, HELO/EHLO, a drop, the close however it comes).
+   */
+  #moveTo(next: SessionState): void {
+    const pool = this.deps.rcptPool;
+    if (pool) pool.free += pooledOf(this.state) - pooledOf(next);
+    this.state = next;
+  }
+
   /** The message's end: its lone dot, or a bare LF or CR (refused, and the session closed: no smuggling). */
   #endData(bare: boolean): void {
     const message = this.#message!;
@@ -3859,7 +3978,8 @@ class Session implements LineSink {
   /** Sends a final reply and closes, after any write in progress (bounded). */
   async goodbye(reply: Reply): Promise<void> {
     if (this.closed) return;
-    if (this.#handshaking || this.#saidGoodbye) return this.close(); // mid-handshake (RFC 3207 §4), or asked again
+    // Mid-handshake (RFC 3207 §4), asked again, or lingering after a drop (nothing more is said).
+    if (this.#handshaking || this.#saidGoodbye || this.#lingering) return this.close();
     this.#saidGoodbye = true;
     this.#closing = true;
     this.#outbox.push(reply);
@@ -3914,6 +4034,7 @@ function policyInputs(deps: ServerDeps, client: string): Inputs {
     tlsAvailable: deps.config.startTls,
     tlsBusy: (deps.tls?.sessions ?? 0) >= MAX_TLS_SESSIONS,
     attempts: (key) => deps.attempts?.lookup(key),
+    rcptPoolFree: deps.rcptPool?.free,
   };
 }
 
@@ -3978,7 +4099,11 @@ class Server {
   readonly deps: ServerDeps;
 
   constructor(deps: ServerDeps) {
-    this.deps = { ...deps, tls: deps.tls ?? { sessions: 0 } };
+    this.deps = {
+      ...deps,
+      tls: deps.tls ?? { sessions: 0 },
+      rcptPool: deps.rcptPool ?? { free: deps.config.rcptPoolBytes ?? RCPT_POOL_BYTES },
+    };
   }
 
   get addr(): Deno.NetAddr {

@@ -748,13 +748,13 @@ export interface MtaRig {
 /**
  * Runs `fn` with an MTA routing `sinkhole.test` to a sinkhole, `wire.test` to the same sinkhole
  * through a `WireRecorder`, and `origin.test` to a second listener (where DSNs go), each on port 25 of an address of this run's own; then stops all
- * three. `keep`: a directory to write the MTA's log to (NAME.log). On a failure, what each side
+ * three. `keep`: a directory to write the MTA's log to (NAME.log); `sinkEnv`: more of the sinkhole's environment. On a failure, what each side
  * saw goes to standard error.
  */
 export async function withMtaRig<T>(
   name: MtaName,
   fn: (rig: MtaRig) => Promise<T>,
-  opts: { keep?: string } = {},
+  opts: { keep?: string; sinkEnv?: Record<string, string> } = {},
 ): Promise<T> {
   const dir = await Deno.makeTempDir({ prefix: `sinkhole-${name}-` });
   const modeFile = await tempModeFile("accept");
@@ -765,7 +765,7 @@ export async function withMtaRig<T>(
   let mta: Mta | undefined;
   let wire: WireRecorder | undefined;
   try {
-    sink = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" }, {
+    sink = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2", ...opts.sinkEnv }, {
       host: sinkHost,
       port: SMTP_PORT,
     });

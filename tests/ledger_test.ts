@@ -282,6 +282,36 @@ Deno.test("ledger: an attempt cut after its RCPT was accepted is one attempt lin
   }
 });
 
+Deno.test("ledger: a transaction with MAX_RECIPIENTS recipients of 250 octets has an attempt line for each (past its own 2 KiB: the shared pool)", async () => {
+  const l = await startListener({ SINKHOLE_MODE: "accept" });
+  try {
+    const domain = `${"d".repeat(60)}.${"e".repeat(60)}.${"f".repeat(49)}.sinkhole.test`;
+    const to = Array.from({ length: 100 }, (_, i) => `${`r${i}-`.padEnd(64, "x")}@${domain}`);
+    assertEquals(to[0].length, 250);
+    const codes = await transaction(l.port, { from: FROM, to, body: MESSAGE("many") });
+    assertEquals(codes, [220, 250, 250, ...Array(100).fill(250), 354, 250, 221]);
+    await l.waitFor("session");
+    const lines = l.events("attempt");
+    assertEquals(lines.length, 100, "one attempt line per accepted recipient");
+    assertEquals(new Set(lines.map((a) => a.rcpt)), new Set(to));
+    assert(lines.every((a) => a.attempt === 1 && a.stage === "eod" && a.code === 250));
+    const file = await logsFile(l.logs);
+    try {
+      const report = await ctl("report", "--file", file);
+      assertEquals(report.code, 0, report.stderr);
+      assertEquals(report.stdout.match(/: 1 attempt\(s\), delivered once/g)?.length, 100, report.stdout.slice(0, 400));
+      for (const rcpt of [to[0], to[99]]) {
+        const met = await ctl("expect", rcpt, "--attempts", "1", "--delivered-once", "--file", file);
+        assertEquals(met.code, 0, met.stdout + met.stderr);
+      }
+    } finally {
+      await Deno.remove(file);
+    }
+  } finally {
+    await l.stop();
+  }
+});
+
 Deno.test("ledger: two messages with one envelope, one after the other, are two messages, each counted from 1", async () => {
   const modeFile = await tempModeFile("defer first=2");
   const l = await startListener({ SINKHOLE_MODE_FILE: modeFile, SINKHOLE_CACHE_TTL: "0.2" });

@@ -29,7 +29,6 @@ import {
   configFromEnv,
   DEFAULT_MAX_SESSIONS,
   MAX_GREYLIST_ENTRIES,
-  MAX_KEPT_RCPT_BYTES,
   MAX_LOGGED_HEADER_BYTES,
   MAX_RECIPIENTS,
   MAX_SESSIONS_CAP,
@@ -110,7 +109,7 @@ async function fillGreylist(l: Listener): Promise<void> {
 
 /**
  * Phase 2: one session at its worst — the longest HELO; its transcript full (MAX_TRANSCRIPT_BYTES);
- * a transaction's accepted recipients full (MAX_KEPT_RCPT_BYTES); inside DATA with the
+ * a transaction's accepted recipients full (MAX_KEPT_RCPT_BYTES, then all sessions' RCPT_POOL_BYTES); inside DATA with the
  * header capture full of the shortest lines (MAX_LOGGED_HEADER_BYTES, the most strings);
  * and half a line pending. The client never reads: its replies stay with the server.
  */
@@ -122,7 +121,8 @@ async function worstSession(port: number, id: number): Promise<RawClient> {
   for (let j = 0; j < transcriptRcpts; j++) script += `RCPT TO:<${path(`t${id}-${j}`)}>\r\n`;
   script += "RSET\r\n";
   script += `MAIL FROM:<${path(`w${id}`)}>\r\n`;
-  for (let j = 0; j < Math.ceil(MAX_KEPT_RCPT_BYTES / 250) + 2; j++) script += `RCPT TO:<${path(`k${id}-${j}`)}>\r\n`;
+  // Every recipient it may: its own MAX_KEPT_RCPT_BYTES full, then the shared RCPT_POOL_BYTES (452 once both are).
+  for (let j = 0; j < MAX_RECIPIENTS; j++) script += `RCPT TO:<${path(`k${id}-${j}`)}>\r\n`;
   script += "DATA\r\n";
   const shortest = "a:b\r\n"; // a header of 3 octets: the most strings per byte
   script += shortest.repeat(Math.ceil(MAX_LOGGED_HEADER_BYTES / 3) + 10);

@@ -24,9 +24,11 @@ import {
   type GreylistVerdict,
   greylistVerdict,
   inFailingPhase,
+  keptRecipientCost,
   MAX_ATTEMPT_ENTRIES,
   MAX_ERRORS_PER_SESSION,
   MAX_GREYLIST_ENTRIES,
+  MAX_KEPT_RCPT_BYTES,
   MAX_MESSAGE_BYTES,
   MAX_RECIPIENTS,
   MAX_TLS_SESSIONS,
@@ -36,6 +38,7 @@ import {
   parseMailbox,
   parsePathArg,
   type Point,
+  pooledOf,
   REPLIES,
   respond,
   respondToBadLine,
@@ -239,6 +242,57 @@ Deno.test("policy: recipients past the cap get 452 4.5.3 and the transaction goe
   assertEquals(rcptCodes.slice(MAX_RECIPIENTS), [452, 452, 452, 452, 452]);
   assertEquals(codes.at(-1), 354);
   assertEquals(state.tx?.rcptCount, MAX_RECIPIENTS);
+});
+
+/**
+ * The shared recipient pool at RCPT: a transaction keeps its accepted recipients in its own
+ * MAX_KEPT_RCPT_BYTES, then draws each one's whole cost from the pool; an accepted recipient
+ * neither holds is 452 4.5.3, an attempt counted and logged like any refusal; a recipient refused anyway
+ * needs no room, so the scenario's own answer stands.
+ */
+Deno.test("policy: an accepted recipient beyond the transaction's bytes draws on the shared pool, or is 452 4.5.3", () => {
+  const box = "b@sinkhole.test";
+  const cost = keptRecipientCost(box);
+  const own = (sc: Scenario, used: number): Transaction => ({ ...emptyTx(sc), acceptedBytes: used, acceptedCount: 1 });
+  // [mode, octets the transaction holds, the pool's free octets, the reply, counted as an attempt]
+  const rows: [string, number, number | undefined, number, boolean][] = [
+    ["accept", 0, 0, 250, true], // its own bytes hold it: the pool is not asked
+    ["accept", MAX_KEPT_RCPT_BYTES - cost, 0, 250, true], // exactly fits its own
+    ["accept", MAX_KEPT_RCPT_BYTES - cost + 1, cost, 250, true], // drawn from the pool, exactly its cost
+    ["accept", MAX_KEPT_RCPT_BYTES - cost + 1, cost - 1, 452, true], // neither holds it: refused, counted
+    ["accept", MAX_KEPT_RCPT_BYTES, 0, 452, true],
+    ["accept", MAX_KEPT_RCPT_BYTES, undefined, 250, true], // no pool said: not bounded (the pure engine alone)
+    ["defer", MAX_KEPT_RCPT_BYTES, 0, 421, true], // refused anyway: no room needed, its own reply
+    ["bounce", MAX_KEPT_RCPT_BYTES, 0, 550, true],
+  ];
+  for (const [mode, used, free, code, counted] of rows) {
+    const sc = scenario(mode);
+    const d = decide({
+      point: "rcpt",
+      inputs: { scenario: sc, serverName: SERVER, rcptPoolFree: free },
+      state: { esmtp: true, errors: 0, tx: own(sc, used) },
+      rcpt: box,
+    });
+    const label = `${mode}, ${used} octets kept, pool ${free}`;
+    assertEquals((d.fail ?? REPLIES.rcptOk).code, code, label);
+    assertEquals(d.attempt !== undefined, counted, label);
+    if (code === 452) {
+      assertEquals(formatReply(d.fail!), "452 4.5.3 Too many recipients\r\n");
+      const e = d.events?.map((e) => e.event === "attempt" ? [e.rcpt, e.stage, e.code] : e.event);
+      assertEquals(e, [[box, "rcpt", 452]], "this attempt of the message ends deferred, logged at once");
+    }
+  }
+  // The transaction after it: every accepted recipient kept, its draw said (the session reserves it).
+  const rcpts = Array.from(
+    { length: 30 },
+    (_, i) => `RCPT TO:<${"r".repeat(60)}${String(i).padStart(2, "0")}@sinkhole.test>`,
+  );
+  const { state, codes } = play("accept", [...STATES.mail, ...rcpts], "defer", { rcptPoolFree: 10 * 1024 });
+  const each = keptRecipientCost(`${"r".repeat(60)}10@sinkhole.test`);
+  const ownCount = Math.floor(MAX_KEPT_RCPT_BYTES / each);
+  assertEquals(state.tx!.accepted.length, 30);
+  assertEquals(pooledOf(state), (30 - ownCount) * each);
+  assertEquals(codes.slice(2).every((c) => c === 250), true);
 });
 
 Deno.test("policy: too many errors closes the session with 421 4.7.0", () => {
