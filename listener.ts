@@ -89,6 +89,15 @@ export const MAX_LOG_QUEUE_BYTES = 2 * (MAX_LOG_LINE_BYTES + 1024);
  * SIGTERM); what is still queued then is lost, and stderr says how many octets.
  */
 export const LOG_DRAIN_ON_STOP_MS = 5_000;
+/**
+ * How long log lines gather before they are written, at most: one write (and one timer) for
+ * every line of that time, not one a timer turn (at thousands of messages a second a write a turn
+ * cost a tenth of the listener's time). A line reaches stdout at most this late; a queue half
+ * filled past LOG_WRITE_AT_BYTES is written at once, long before it could overflow.
+ */
+export const LOG_GATHER_MS = 20;
+/** Octets queued that end the gathering at once (an eighth of a queue half: it never waits to fill). */
+export const LOG_WRITE_AT_BYTES = MAX_LOG_QUEUE_BYTES / 16;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -2425,8 +2434,10 @@ export function utf8Length(s: string): number {
 }
 
 const logQueue = new LogQueue();
-/** The background write in progress, if any. */
+/** The background write in progress (or gathering its lines), if any. */
 let logWriting: Promise<void> | undefined;
+/** Ends the gathering now (the queue is past LOG_WRITE_AT_BYTES), while it lasts. */
+let logGathered: (() => void) | undefined;
 /** stdout failed (its reader closed it): said once on stderr; nothing more is queued. */
 let logBroken = false;
 
@@ -2443,21 +2454,22 @@ function droppedLine(lines: number, octets: number): string {
 
 /**
  * Writes one event on stdout, whole, in the background: lines gathered while a write is in
- * progress (or for one timer turn) go in the next write, so a message a millisecond costs one
- * write, not one per line, and a stdout nobody reads holds up nothing but the log
+ * progress (or for LOG_GATHER_MS) go in the next write, so a busy listener writes its log a
+ * few times in LOG_GATHER_MS, not once a line, and a stdout nobody reads holds up nothing but the log
  * (MAX_LOG_QUEUE_BYTES). Order is kept; `drainLog` (or `flushLog`) before every exit.
  */
 export function log(e: LogEvent): void {
   if (e.event === "attempt") attemptTap?.(e);
   if (logBroken) return;
   logQueue.push(logFormat === "json" ? lineText(e) : textLine(e) + "\n"); // text is encoded in the queue
-  logWriting ??= writeLog();
+  if (logWriting === undefined) logWriting = writeLog();
+  else if (logGathered !== undefined && logQueue.bytes >= LOG_WRITE_AT_BYTES) logGathered();
 }
 
 async function writeLog(): Promise<void> {
   try {
-    await new Promise((ok) => setTimeout(ok, 0)); // one timer turn: the lines of this turn go together
-    for (let all; (all = logQueue.take(droppedLine));) {
+    // Lines gather for LOG_GATHER_MS (or until LOG_WRITE_AT_BYTES wait), then go in one write; again while more wait.
+    for (let all; (await gathered(), all = logQueue.take(droppedLine));) {
       for (let off = 0; off < all.length;) off += await Deno.stdout.write(all.subarray(off));
     }
   } catch (err) {
@@ -2468,6 +2480,16 @@ async function writeLog(): Promise<void> {
   } finally {
     logWriting = undefined;
   }
+}
+
+/** Settles after LOG_GATHER_MS, or as soon as LOG_WRITE_AT_BYTES are queued. */
+function gathered(): Promise<void> {
+  if (logQueue.bytes >= LOG_WRITE_AT_BYTES) return SETTLED;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return new Promise<void>((ok) => (logGathered = ok, timer = setTimeout(ok, LOG_GATHER_MS))).then(() => {
+    clearTimeout(timer);
+    logGathered = undefined;
+  });
 }
 
 /**
