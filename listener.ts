@@ -2867,8 +2867,17 @@ export class AttemptTable {
     return this.#entries.size;
   }
 
+  /** The key digested last and its digest: a message's key is digested once for its lookup, count and end. */
+  #lastKey = "";
+  #lastDigest = keyDigest("");
+
+  #digest(key: string): number {
+    if (key !== this.#lastKey) (this.#lastKey = key, this.#lastDigest = keyDigest(key));
+    return this.#lastDigest;
+  }
+
   lookup(key: string): AttemptEntry | undefined {
-    const found = this.#entries.get(keyDigest(key));
+    const found = this.#entries.get(this.#digest(key));
     return found === undefined ? undefined : unpackAttempt(found[0], found[1]);
   }
 
@@ -2884,7 +2893,7 @@ export class AttemptTable {
 
   /** Writes a message's next entry in place (its age stays), or as the newest when it had none. */
   #write(key: string, next: (seen: AttemptEntry | undefined) => AttemptEntry): void {
-    const digest = keyDigest(key);
+    const digest = this.#digest(key);
     const found = this.#entries.get(digest);
     const [a, b] = packAttempt(next(found === undefined ? undefined : unpackAttempt(found[0], found[1])));
     if (found === undefined) this.#entries.set(digest, a, b);
