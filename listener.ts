@@ -96,8 +96,8 @@ export const LOG_DRAIN_ON_STOP_MS = 5_000;
  * filled past LOG_WRITE_AT_BYTES is written at once, long before it could overflow.
  */
 export const LOG_GATHER_MS = 20;
-/** Octets queued that end the gathering at once (an eighth of a queue half: it never waits to fill). */
-export const LOG_WRITE_AT_BYTES = MAX_LOG_QUEUE_BYTES / 16;
+/** Octets queued that end the gathering at once (about an eighth of a queue half: it never waits to fill). */
+export const LOG_WRITE_AT_BYTES = 32 * 1024;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
