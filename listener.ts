@@ -800,8 +800,15 @@ export type AttemptLookup = (key: string) => AttemptEntry | undefined;
  * count as one until one of them ends (docs/ledger.md, "What stays ambiguous").
  */
 export function attemptKey(from: string, rcpt: string): string {
-  return `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
+  if (from !== lastKeyOf[0] || rcpt !== lastKeyOf[1]) {
+    lastKeyOf = [from, rcpt];
+    lastKey = `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
+  }
+  return lastKey;
 }
+/** The last envelope attemptKey was asked for, and its key: a message asks again and again (RCPT, end of data, its end). */
+let lastKeyOf: [string, string] = ["", ""];
+let lastKey = " > ";
 
 /**
  * This attempt of a message: its number (1 for the first), when the message was first seen, and
@@ -1457,29 +1464,33 @@ export function parseMailbox(raw: string): string | undefined {
 export function pathEnd(arg: string, from: number): number {
   let quoted = false;
   for (let i = from; i < arg.length; i++) {
-    const c = arg[i];
+    const c = arg.charCodeAt(i);
     if (quoted) {
-      if (c === "\\") i++;
-      else if (c === '"') quoted = false;
-    } else if (c === '"') quoted = true;
-    else if (c === ">") return i;
-    else if (c === "<") return -1;
+      if (c === 92) i++; // "\\"
+      else if (c === 34) quoted = false; // '"'
+    } else if (c === 34) quoted = true;
+    else if (c === 62) return i; // ">"
+    else if (c === 60) return -1; // "<"
   }
   return -1;
 }
+
+/** A path without ESMTP parameters (most of them): one map for all, never written. */
+const NO_PARAMS: ReadonlyMap<string, string> = new Map();
 
 /** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters (the path by `pathEnd`, checked by `parseMailbox`). */
 export function parsePathArg(
   arg: string,
   keyword: "FROM" | "TO",
-): { path: string; params: Map<string, string> } | undefined {
+): { path: string; params: ReadonlyMap<string, string> } | undefined {
   const head = PATH_HEAD_RE.exec(arg);
   if (!head || head[1].toUpperCase() !== keyword) return undefined;
   const start = head[0].length;
   const end = pathEnd(arg, start);
   if (end < 0) return undefined;
   const rest = arg.slice(end + 1);
-  if (rest !== "" && !/^\s/.test(rest)) return undefined;
+  if (rest === "") return { path: arg.slice(start, end), params: NO_PARAMS };
+  if (!/^\s/.test(rest)) return undefined;
   const params = new Map<string, string>();
   for (const p of rest.trim().split(" ")) {
     if (p === "") continue;
@@ -1490,7 +1501,7 @@ export function parsePathArg(
 }
 
 /** Checks MAIL parameters: SIZE and BODY are implemented, nothing else. */
-function mailParamsReply(params: Map<string, string>): Reply | undefined {
+function mailParamsReply(params: ReadonlyMap<string, string>): Reply | undefined {
   for (const [key, value] of params) {
     if (key === "SIZE") {
       if (!/^\d{1,20}$/.test(value)) return REPLIES.mailSyntax;
@@ -3733,11 +3744,13 @@ class Session implements LineSink {
   #headerBuffer: Uint8Array | undefined;
   readonly #outbox: Outbox;
   readonly #reads: Reads;
+  readonly #lookups: Lookups;
 
   constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {
     this.transcript = new Transcript(client, this.started);
     this.#outbox = new Outbox(conn, this.transcript);
     this.#reads = new Reads(conn);
+    this.#lookups = lookupsOf(deps);
   }
 
   /** Runs the session to its end: the greeting, then read, frame, answer; returns why it failed, if it did. */
@@ -3778,7 +3791,7 @@ class Session implements LineSink {
     if (this.closed) return;
     this.closed = true;
     if (this.#tlsSlot) this.deps.tls!.sessions--;
-    this.state = abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message);
+    this.state = abandonOpen(this.state, policyInputs(this.deps, this.client, this.#lookups), this.#message);
     this.#gone.resolve();
     closeQuietly(this.conn);
   }
@@ -3840,7 +3853,7 @@ class Session implements LineSink {
 
   #badLine(kind: "long" | "chars"): void {
     this.transcript.command(undefined);
-    this.#apply(respondToBadLine(this.state, kind, policyInputs(this.deps, this.client)));
+    this.#apply(respondToBadLine(this.state, kind, policyInputs(this.deps, this.client, this.#lookups)));
   }
 
   #commandLine(line: Uint8Array): void {
@@ -3849,7 +3862,7 @@ class Session implements LineSink {
     // Only the first command's verb is kept (a health check says QUIT and nothing else): no split for the rest.
     this.transcript.command(this.transcript.commands === 0 ? splitCommand(text).verb : undefined);
     const before = this.state.tx;
-    const out = respond(this.state, text, policyInputs(this.deps, this.client));
+    const out = respond(this.state, text, policyInputs(this.deps, this.client, this.#lookups));
     this.#apply(out, () => this.transcript.record(before, out));
   }
 
@@ -3890,7 +3903,7 @@ class Session implements LineSink {
     this.#message = undefined;
     // The reader is its own summary (size, long line, Message-ID, headers).
     const summary: DataSummary = bare ? { ...message.summary, messageId: message.messageId, bare } : message;
-    const out = endOfData(this.state, summary, policyInputs(this.deps, this.client));
+    const out = endOfData(this.state, summary, policyInputs(this.deps, this.client, this.#lookups));
     this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
   }
 
@@ -3945,18 +3958,34 @@ function writeTables(deps: ServerDeps, out: Outcome): void {
   for (const key of out.ends ?? []) deps.attempts?.end(key, Date.now());
 }
 
-/** The policy's inputs now: the mode in effect, the time, the tables (read only). */
-function policyInputs(deps: ServerDeps, client: string): Inputs {
-  const now = Date.now();
+/** A session's read-only lookups into the tables, made once: `at` is the moment's time (policyInputs sets it). */
+interface Lookups {
+  at: number;
+  greylist: GreylistLookup;
+  attempts: AttemptLookup;
+}
+
+function lookupsOf(deps: ServerDeps): Lookups {
+  const l: Lookups = {
+    at: 0,
+    greylist: (key) => deps.greylist.lookup(key, l.at),
+    attempts: (key) => deps.attempts?.lookup(key),
+  };
+  return l;
+}
+
+/** The policy's inputs now: the mode in effect, the time, the tables (read only, through the session's lookups). */
+function policyInputs(deps: ServerDeps, client: string, lookups: Lookups): Inputs {
+  const now = lookups.at = Date.now();
   return {
     scenario: deps.modes.current,
     serverName: deps.config.serverName,
     client,
     now,
-    greylist: (key) => deps.greylist.lookup(key, now),
+    greylist: lookups.greylist,
     tlsAvailable: deps.config.startTls,
     tlsBusy: (deps.tls?.sessions ?? 0) >= MAX_TLS_SESSIONS,
-    attempts: (key) => deps.attempts?.lookup(key),
+    attempts: lookups.attempts,
   };
 }
 
