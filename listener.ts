@@ -122,6 +122,8 @@ export const GREYLIST_ENTRY_BYTES = 48;
 export const MAX_TLS_SESSIONS = 64;
 /** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
 export const READ_BUFFER_BYTES = 4 * 1024;
+/** Read buffers kept from ended sessions for new ones, at most (256 KiB; open sessions hold theirs anyway). */
+export const MAX_SPARE_READ_BUFFERS = 64;
 /** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
 export const TIMEOUT_SWEEP_MAX_MS = 1_000;
 /** A mode-source request is abandoned after this long. */
@@ -3653,19 +3655,24 @@ class Outbox {
       ? writeAll(this.conn, bytes)
       : this.#writing.then(() => writeAll(this.conn, bytes));
     this.#inFlight++;
-    this.#writing = write.then(this.#settled, this.#settled);
-    return write.then(() => {
+    // One continuation a write: the count of writes in flight, then the batch recorded (or the failure passed on).
+    const done = write.then(() => {
+      this.#inFlight--;
       this.transcript.bytesOut += bytes.length;
       for (const b of batch) {
         this.transcript.reply(b.code);
         b.then?.();
       }
+    }, (err) => {
+      this.#inFlight--;
+      throw err;
     });
+    this.#writing = done;
+    return done;
   }
 
-  /** Writes in flight or waiting (see flush), and the last one's end. */
+  /** Writes in flight or waiting (see flush). */
   #inFlight = 0;
-  #settled = () => void this.#inFlight--;
 }
 
 /** The queued replies' octets in one buffer, for one write. */
@@ -3682,7 +3689,7 @@ function concatBytes(batch: Queued[]): Uint8Array {
  * bytes left in the first wait to be framed. At most one read is in flight.
  */
 class Reads {
-  #bufs: Uint8Array[] = [new Uint8Array(READ_BUFFER_BYTES)];
+  #bufs: Uint8Array[] = [spareReadBuffers.pop() ?? new Uint8Array(READ_BUFFER_BYTES)];
   /** The buffer whose bytes are being framed. */
   #cur = 0;
   #pending: { at: number; read: Promise<number | null> } | undefined;
@@ -3718,7 +3725,24 @@ class Reads {
   bytes(n: number): Uint8Array {
     return this.#bufs[this.#cur].subarray(0, n);
   }
+
+  /**
+   * The session is over and no read of `next` is in flight: its buffers are kept for the next
+   * sessions (MAX_SPARE_READ_BUFFERS at most), but one a read ahead may still fill.
+   */
+  release(): void {
+    this.#bufs.forEach((buf, at) => {
+      if (at !== this.#pending?.at && spareReadBuffers.length < MAX_SPARE_READ_BUFFERS) spareReadBuffers.push(buf);
+    });
+    this.#bufs = [];
+  }
 }
+
+/**
+ * Read buffers of ended sessions, each taken by a new one: a connection a message makes no
+ * ArrayBuffer of its own (each is memory outside the V8 heap that its collector tracks and frees).
+ */
+const spareReadBuffers: Uint8Array[] = [];
 
 /**
  * One SMTP session's I/O: reads, frames what the client sent, asks the policy, carries out
@@ -3784,6 +3808,7 @@ class Session implements LineSink {
       return this.#left ? CLIENT_LEFT : this.closed ? undefined : describeError(err);
     } finally {
       this.close();
+      this.#reads.release(); // every read of `next` has settled here: it was awaited
     }
   }
 
