@@ -100,6 +100,15 @@ export const MAX_LOG_QUEUE_BYTES = 2 * (MAX_LOG_LINE_BYTES + 1024);
  * SIGTERM); what is still queued then is lost, and stderr says how many octets.
  */
 export const LOG_DRAIN_ON_STOP_MS = 5_000;
+/**
+ * How long log lines gather before they are written, at most: one write (and one timer) for
+ * every line of that time, not one a timer turn (at thousands of messages a second a write a turn
+ * cost a tenth of the listener's time). A line reaches stdout at most this late; a queue half
+ * filled past LOG_WRITE_AT_BYTES is written at once, long before it could overflow.
+ */
+export const LOG_GATHER_MS = 20;
+/** Octets queued that end the gathering at once (about an eighth of a queue half: it never waits to fill). */
+export const LOG_WRITE_AT_BYTES = 32 * 1024;
 /** Octets read from a mode file at most (a value is at most MAX_SCENARIO_LENGTH characters). */
 export const MAX_MODE_FILE_BYTES = 4 * 1024;
 /** Octets of an AWS answer read at most (an SSM parameter value is at most 8 KiB; credentials are smaller). */
@@ -124,6 +133,8 @@ export const GREYLIST_ENTRY_BYTES = 48;
 export const MAX_TLS_SESSIONS = 64;
 /** Bytes read from a socket at once (one buffer per session: 1000 sessions hold 4 MiB). */
 export const READ_BUFFER_BYTES = 4 * 1024;
+/** Read buffers kept from ended sessions for new ones, at most (256 KiB; open sessions hold theirs anyway). */
+export const MAX_SPARE_READ_BUFFERS = 64;
 /** Timeouts are checked by one sweep at most this far apart (not a timer per read). */
 export const TIMEOUT_SWEEP_MAX_MS = 1_000;
 /** A mode-source request is abandoned after this long. */
@@ -824,8 +835,15 @@ export type AttemptLookup = (key: string) => AttemptEntry | undefined;
  * count as one until one of them ends (docs/ledger.md, "What stays ambiguous").
  */
 export function attemptKey(from: string, rcpt: string): string {
-  return `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
+  if (from !== lastKeyOf[0] || rcpt !== lastKeyOf[1]) {
+    lastKeyOf = [from, rcpt];
+    lastKey = `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
+  }
+  return lastKey;
 }
+/** The last envelope attemptKey was asked for, and its key: a message asks again and again (RCPT, end of data, its end). */
+let lastKeyOf: [string, string] = ["", ""];
+let lastKey = " > ";
 
 /**
  * This attempt of a message: its number (1 for the first), when the message was first seen, and
@@ -1512,29 +1530,33 @@ export function parseMailbox(raw: string): string | undefined {
 export function pathEnd(arg: string, from: number): number {
   let quoted = false;
   for (let i = from; i < arg.length; i++) {
-    const c = arg[i];
+    const c = arg.charCodeAt(i);
     if (quoted) {
-      if (c === "\\") i++;
-      else if (c === '"') quoted = false;
-    } else if (c === '"') quoted = true;
-    else if (c === ">") return i;
-    else if (c === "<") return -1;
+      if (c === 92) i++; // "\\"
+      else if (c === 34) quoted = false; // '"'
+    } else if (c === 34) quoted = true;
+    else if (c === 62) return i; // ">"
+    else if (c === 60) return -1; // "<"
   }
   return -1;
 }
+
+/** A path without ESMTP parameters (most of them): one map for all, never written. */
+const NO_PARAMS: ReadonlyMap<string, string> = new Map();
 
 /** Parses `MAIL`/`RCPT` arguments into a path and ESMTP parameters (the path by `pathEnd`, checked by `parseMailbox`). */
 export function parsePathArg(
   arg: string,
   keyword: "FROM" | "TO",
-): { path: string; params: Map<string, string> } | undefined {
+): { path: string; params: ReadonlyMap<string, string> } | undefined {
   const head = PATH_HEAD_RE.exec(arg);
   if (!head || head[1].toUpperCase() !== keyword) return undefined;
   const start = head[0].length;
   const end = pathEnd(arg, start);
   if (end < 0) return undefined;
   const rest = arg.slice(end + 1);
-  if (rest !== "" && !/^\s/.test(rest)) return undefined;
+  if (rest === "") return { path: arg.slice(start, end), params: NO_PARAMS };
+  if (!/^\s/.test(rest)) return undefined;
   const params = new Map<string, string>();
   for (const p of rest.trim().split(" ")) {
     if (p === "") continue;
@@ -1545,7 +1567,7 @@ export function parsePathArg(
 }
 
 /** Checks MAIL parameters: SIZE and BODY are implemented, nothing else. */
-function mailParamsReply(params: Map<string, string>): Reply | undefined {
+function mailParamsReply(params: ReadonlyMap<string, string>): Reply | undefined {
   for (const [key, value] of params) {
     if (key === "SIZE") {
       if (!/^\d{1,20}$/.test(value)) return REPLIES.mailSyntax;
@@ -1874,6 +1896,10 @@ const isQtext = (c: number): boolean => c === 33 || (c >= 35 && c <= 91) || (c >
 const isDtext = (c: number): boolean => (c >= 33 && c <= 90) || (c >= 94 && c <= 126) || c > 0x7f;
 const isWsp = (c: number): boolean => c === 32 || c === 9 || c === 13 || c === 10;
 
+/** `[WSP] "<" dot-atom "@" dot-atom ">" [WSP]` in ASCII: a msg-id with nothing to take out (parseMessageId's fast path). */
+const SIMPLE_MSG_ID =
+  /^[ \t\r\n]*(<[\w!#$%&'*+\-/=?^`{|}~]+(?:\.[\w!#$%&'*+\-/=?^`{|}~]+)*@[\w!#$%&'*+\-/=?^`{|}~]+(?:\.[\w!#$%&'*+\-/=?^`{|}~]+)*>)[ \t\r\n]*$/;
+
 /**
  * A Message-ID field's value by RFC 5322's grammar (§3.6.4 and the obsolete forms of §4.5.4):
  * `[CFWS] "<" id-left "@" id-right ">" [CFWS]`, id-left a dot-atom, a quoted-string or words
@@ -1883,6 +1909,14 @@ const isWsp = (c: number): boolean => c === 32 || c === 9 || c === 13 || c === 1
  * characters; undefined when the value is no msg-id. Pure, linear in the value.
  */
 export function parseMessageId(value: string): string | undefined {
+  if (value.length > MAX_MESSAGE_ID_FIELD) return undefined;
+  // The common form, `<dot-atom@dot-atom>` in ASCII with whitespace around at most, is the grammar's answer as written.
+  const simple = SIMPLE_MSG_ID.exec(value);
+  return simple ? simple[1].slice(0, MAX_MESSAGE_ID_LENGTH) : messageIdByGrammar(value);
+}
+
+/** parseMessageId's answer by the whole grammar (every form; the fast path answers the common one the same). */
+export function messageIdByGrammar(value: string): string | undefined {
   if (value.length > MAX_MESSAGE_ID_FIELD) return undefined;
   let i = 0;
   const at = (): number => (i < value.length ? value.charCodeAt(i) : -1);
@@ -2498,8 +2532,10 @@ export function utf8Length(s: string): number {
 }
 
 const logQueue = new LogQueue();
-/** The background write in progress, if any. */
+/** The background write in progress (or gathering its lines), if any. */
 let logWriting: Promise<void> | undefined;
+/** Ends the gathering now (the queue is past LOG_WRITE_AT_BYTES), while it lasts. */
+let logGathered: (() => void) | undefined;
 /** stdout failed (its reader closed it): said once on stderr; nothing more is queued. */
 let logBroken = false;
 
@@ -2516,21 +2552,22 @@ function droppedLine(lines: number, octets: number): string {
 
 /**
  * Writes one event on stdout, whole, in the background: lines gathered while a write is in
- * progress (or for one timer turn) go in the next write, so a message a millisecond costs one
- * write, not one per line, and a stdout nobody reads holds up nothing but the log
+ * progress (or for LOG_GATHER_MS) go in the next write, so a busy listener writes its log a
+ * few times in LOG_GATHER_MS, not once a line, and a stdout nobody reads holds up nothing but the log
  * (MAX_LOG_QUEUE_BYTES). Order is kept; `drainLog` (or `flushLog`) before every exit.
  */
 export function log(e: LogEvent): void {
   if (e.event === "attempt") attemptTap?.(e);
   if (logBroken) return;
   logQueue.push(logFormat === "json" ? lineText(e) : textLine(e) + "\n"); // text is encoded in the queue
-  logWriting ??= writeLog();
+  if (logWriting === undefined) logWriting = writeLog();
+  else if (logGathered !== undefined && logQueue.bytes >= LOG_WRITE_AT_BYTES) logGathered();
 }
 
 async function writeLog(): Promise<void> {
   try {
-    await new Promise((ok) => setTimeout(ok, 0)); // one timer turn: the lines of this turn go together
-    for (let all; (all = logQueue.take(droppedLine));) {
+    // Lines gather for LOG_GATHER_MS (or until LOG_WRITE_AT_BYTES wait), then go in one write; again while more wait.
+    for (let all; (await gathered(), all = logQueue.take(droppedLine));) {
       for (let off = 0; off < all.length;) off += await Deno.stdout.write(all.subarray(off));
     }
   } catch (err) {
@@ -2541,6 +2578,16 @@ async function writeLog(): Promise<void> {
   } finally {
     logWriting = undefined;
   }
+}
+
+/** Settles after LOG_GATHER_MS, or as soon as LOG_WRITE_AT_BYTES are queued. */
+function gathered(): Promise<void> {
+  if (logQueue.bytes >= LOG_WRITE_AT_BYTES) return SETTLED;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return new Promise<void>((ok) => (logGathered = ok, timer = setTimeout(ok, LOG_GATHER_MS))).then(() => {
+    clearTimeout(timer);
+    logGathered = undefined;
+  });
 }
 
 /**
@@ -2909,8 +2956,17 @@ export class AttemptTable {
     return this.#entries.size;
   }
 
+  /** The key digested last and its digest: a message's key is digested once for its lookup, count and end. */
+  #lastKey = "";
+  #lastDigest = keyDigest("");
+
+  #digest(key: string): number {
+    if (key !== this.#lastKey) (this.#lastKey = key, this.#lastDigest = keyDigest(key));
+    return this.#lastDigest;
+  }
+
   lookup(key: string): AttemptEntry | undefined {
-    const found = this.#entries.get(keyDigest(key));
+    const found = this.#entries.get(this.#digest(key));
     return found === undefined ? undefined : unpackAttempt(found[0], found[1]);
   }
 
@@ -2926,7 +2982,7 @@ export class AttemptTable {
 
   /** Writes a message's next entry in place (its age stays), or as the newest when it had none. */
   #write(key: string, next: (seen: AttemptEntry | undefined) => AttemptEntry): void {
-    const digest = keyDigest(key);
+    const digest = this.#digest(key);
     const found = this.#entries.get(digest);
     const [a, b] = packAttempt(next(found === undefined ? undefined : unpackAttempt(found[0], found[1])));
     if (found === undefined) this.#entries.set(digest, a, b);
@@ -3686,19 +3742,24 @@ class Outbox {
       ? writeAll(this.conn, bytes)
       : this.#writing.then(() => writeAll(this.conn, bytes));
     this.#inFlight++;
-    this.#writing = write.then(this.#settled, this.#settled);
-    return write.then(() => {
+    // One continuation a write: the count of writes in flight, then the batch recorded (or the failure passed on).
+    const done = write.then(() => {
+      this.#inFlight--;
       this.transcript.bytesOut += bytes.length;
       for (const b of batch) {
         this.transcript.reply(b.code);
         b.then?.();
       }
+    }, (err) => {
+      this.#inFlight--;
+      throw err;
     });
+    this.#writing = done;
+    return done;
   }
 
-  /** Writes in flight or waiting (see flush), and the last one's end. */
+  /** Writes in flight or waiting (see flush). */
   #inFlight = 0;
-  #settled = () => void this.#inFlight--;
 }
 
 /** The queued replies' octets in one buffer, for one write. */
@@ -3715,7 +3776,7 @@ function concatBytes(batch: Queued[]): Uint8Array {
  * bytes left in the first wait to be framed. At most one read is in flight.
  */
 class Reads {
-  #bufs: Uint8Array[] = [new Uint8Array(READ_BUFFER_BYTES)];
+  #bufs: Uint8Array[] = [spareReadBuffers.pop() ?? new Uint8Array(READ_BUFFER_BYTES)];
   /** The buffer whose bytes are being framed. */
   #cur = 0;
   #pending: { at: number; read: Promise<number | null> } | undefined;
@@ -3747,11 +3808,35 @@ class Reads {
     return this.conn.read(this.#bufs[this.#cur]);
   }
 
+  /** A read of `next` was left in flight (a linger timed out): no buffer of this session is kept. */
+  forsake(): void {
+    this.#forsaken = true;
+  }
+  #forsaken = false;
+
   /** The `n` octets the last `next` read. */
   bytes(n: number): Uint8Array {
     return this.#bufs[this.#cur].subarray(0, n);
   }
+
+  /**
+   * The session is over: its buffers are kept for the next sessions (MAX_SPARE_READ_BUFFERS at
+   * most), but one a read ahead may still fill, and none when a read of `next` was left in flight.
+   */
+  release(): void {
+    if (this.#forsaken) return;
+    this.#bufs.forEach((buf, at) => {
+      if (at !== this.#pending?.at && spareReadBuffers.length < MAX_SPARE_READ_BUFFERS) spareReadBuffers.push(buf);
+    });
+    this.#bufs = [];
+  }
 }
+
+/**
+ * Read buffers of ended sessions, each taken by a new one: a connection a message makes no
+ * ArrayBuffer of its own (each is memory outside the V8 heap that its collector tracks and frees).
+ */
+const spareReadBuffers: Uint8Array[] = [];
 
 /**
  * One SMTP session's I/O: reads, frames what the client sent, asks the policy, carries out
@@ -3778,11 +3863,13 @@ class Session implements LineSink {
   #headerBuffer: Uint8Array | undefined;
   readonly #outbox: Outbox;
   readonly #reads: Reads;
+  readonly #lookups: Lookups;
 
   constructor(readonly conn: Transport, readonly deps: ServerDeps, readonly client: string) {
     this.transcript = new Transcript(client, this.started);
     this.#outbox = new Outbox(conn, this.transcript);
     this.#reads = new Reads(conn);
+    this.#lookups = lookupsOf(deps);
   }
 
   /** Runs the session to its end: the greeting, then read, frame, answer; returns why it failed, if it did. */
@@ -3816,6 +3903,7 @@ class Session implements LineSink {
       return this.#left ? CLIENT_LEFT : this.closed ? undefined : describeError(err);
     } finally {
       this.close();
+      this.#reads.release(); // every read of `next` was awaited here (but a linger's that timed out: forsaken)
     }
   }
 
@@ -3823,7 +3911,7 @@ class Session implements LineSink {
     if (this.closed) return;
     this.closed = true;
     if (this.#tlsSlot) this.deps.tls!.sessions--;
-    this.#moveTo(abandonOpen(this.state, policyInputs(this.deps, this.client), this.#message));
+    this.#moveTo(abandonOpen(this.state, policyInputs(this.deps, this.client, this.#lookups), this.#message));
     this.#gone.resolve();
     closeQuietly(this.conn);
   }
@@ -3900,12 +3988,15 @@ class Session implements LineSink {
         this.transcript.discarded += n;
         this.transcript.bytesIn += n;
       }
-    } catch { /* the client reset, or the linger timed out: close now */ }
+    } catch {
+      // The client reset, or the linger timed out: close now. A read may still be in flight: its buffer is not kept.
+      this.#reads.forsake();
+    }
   }
 
   #badLine(kind: "long" | "chars"): void {
     this.transcript.command(undefined);
-    this.#apply(respondToBadLine(this.state, kind, policyInputs(this.deps, this.client)));
+    this.#apply(respondToBadLine(this.state, kind, policyInputs(this.deps, this.client, this.#lookups)));
   }
 
   #commandLine(line: Uint8Array): void {
@@ -3914,7 +4005,7 @@ class Session implements LineSink {
     // Only the first command's verb is kept (a health check says QUIT and nothing else): no split for the rest.
     this.transcript.command(this.transcript.commands === 0 ? splitCommand(text).verb : undefined);
     const before = this.state.tx;
-    const out = respond(this.state, text, policyInputs(this.deps, this.client));
+    const out = respond(this.state, text, policyInputs(this.deps, this.client, this.#lookups));
     this.#apply(out, () => this.transcript.record(before, out));
   }
 
@@ -3966,7 +4057,7 @@ class Session implements LineSink {
     this.#message = undefined;
     // The reader is its own summary (size, long line, Message-ID, headers).
     const summary: DataSummary = bare ? { ...message.summary, messageId: message.messageId, bare } : message;
-    const out = endOfData(this.state, summary, policyInputs(this.deps, this.client));
+    const out = endOfData(this.state, summary, policyInputs(this.deps, this.client, this.#lookups));
     this.#apply(out, () => this.transcript.endOfData(message.size, out.reply.code));
   }
 
@@ -4022,18 +4113,34 @@ function writeTables(deps: ServerDeps, out: Outcome): void {
   for (const key of out.ends ?? []) deps.attempts?.end(key, Date.now());
 }
 
-/** The policy's inputs now: the mode in effect, the time, the tables (read only). */
-function policyInputs(deps: ServerDeps, client: string): Inputs {
-  const now = Date.now();
+/** A session's read-only lookups into the tables, made once: `at` is the moment's time (policyInputs sets it). */
+interface Lookups {
+  at: number;
+  greylist: GreylistLookup;
+  attempts: AttemptLookup;
+}
+
+function lookupsOf(deps: ServerDeps): Lookups {
+  const l: Lookups = {
+    at: 0,
+    greylist: (key) => deps.greylist.lookup(key, l.at),
+    attempts: (key) => deps.attempts?.lookup(key),
+  };
+  return l;
+}
+
+/** The policy's inputs now: the mode in effect, the time, the tables (read only, through the session's lookups). */
+function policyInputs(deps: ServerDeps, client: string, lookups: Lookups): Inputs {
+  const now = lookups.at = Date.now();
   return {
     scenario: deps.modes.current,
     serverName: deps.config.serverName,
     client,
     now,
-    greylist: (key) => deps.greylist.lookup(key, now),
+    greylist: lookups.greylist,
     tlsAvailable: deps.config.startTls,
     tlsBusy: (deps.tls?.sessions ?? 0) >= MAX_TLS_SESSIONS,
-    attempts: (key) => deps.attempts?.lookup(key),
+    attempts: lookups.attempts,
     rcptPoolFree: deps.rcptPool?.free,
   };
 }

@@ -10,6 +10,7 @@ import {
   MAX_MESSAGE_ID_FIELD,
   MAX_MESSAGE_ID_LENGTH,
   MAX_TEXT_LINE,
+  messageIdByGrammar,
   MessageReader,
   parseMessageId,
 } from "../listener.ts";
@@ -243,6 +244,50 @@ Deno.test("Message-ID: the RFC 5322 grammar, not a pattern: folded, commented, q
     ["", undefined],
   ];
   for (const [value, id] of ROWS) assertEquals(parseMessageId(value), id, JSON.stringify(value));
+
+  // The fast path (one regular expression for `<dot-atom@dot-atom>`) answers exactly as the grammar does:
+  // values built from atext, dots, "@", "<", ">", whitespace and a few characters the grammar treats apart.
+  const pieces = [
+    "a",
+    "Z",
+    "0",
+    "_",
+    "!",
+    "~",
+    "'",
+    "`",
+    ".",
+    "..",
+    "@",
+    "<",
+    ">",
+    " ",
+    "\t",
+    "\r\n",
+    '"',
+    "(",
+    ")",
+    "[",
+    "]",
+    "ü",
+  ];
+  let state = 7;
+  const pick = () => pieces[(state = (state * 1103515245 + 12345) & 0x7fffffff) % pieces.length];
+  for (let n = 0; n < 20_000; n++) {
+    const len = 1 + (n % 9);
+    const middle = Array.from({ length: len }, pick).join("");
+    const values = [
+      `<${middle}>`,
+      ` <${middle}@c.test> `,
+      `<a${middle}b@c${middle}d>`,
+      `${middle}<a@c>`,
+      `<a@c>${middle}`,
+      middle,
+    ];
+    for (const value of values) {
+      assertEquals(parseMessageId(value), messageIdByGrammar(value), JSON.stringify(value));
+    }
+  }
 
   // The reader takes the first Message-ID field, its folded lines unfolded, and parses it.
   const read = (...lines: string[]) => {
