@@ -756,7 +756,7 @@ export interface Transaction {
   /** The scenario read when the transaction began (MAIL): it holds to the end. */
   scenario: Scenario;
   from: string;
-  /** RCPT commands answered so far (whatever the answer): at most MAX_RECIPIENTS. */
+  /** RCPT commands answered so far (whatever the answer; past MAX_RECIPIENTS each is 452). */
   rcptCount: number;
   /** The address of the latest RCPT, for the transcript. */
   lastRcpt?: string;
@@ -1224,15 +1224,15 @@ const heloRow = (m: Moment, sc: Scenario): Decision =>
  */
 function rcptRow(m: Moment, sc: Scenario): Decision {
   const attempt = attemptOf(m);
+  // Past MAX_RECIPIENTS a transaction takes no more (RFC 5321 §4.5.3.1.10): 452, this attempt ends deferred.
+  if (m.state!.tx!.rcptCount >= MAX_RECIPIENTS) return noRoom(m, attempt);
   const own = recipientOutcome(m.rcpt!);
   const rule = own ? recipientRule(m, own) : scenarioRule(m, sc);
   const inPhase = !rule.phase || inFailingPhase(rule.phase, attempt, m.inputs.now ?? 0);
   const d = greylistAt(m, sc, rule, inPhase ? rule.answer : rule.then!);
   if (acceptsRecipient(d)) {
     if (recipientRoom(m.state!.tx!, m.rcpt!, m.inputs.rcptPoolFree)) return { ...d, attempt };
-    // No room to keep it: 452, and this attempt of its message ends deferred (as the MTA logs it); nothing is kept.
-    const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", NO_ROOM.fail!.code);
-    return { ...NO_ROOM, attempt, events };
+    return noRoom(m, attempt); // no room to keep it
   }
   // Refused or dropped here, this attempt of the message ends: the ledger says so. A dropped
   // recipient is recorded as deferred (451): it was not delivered, and nothing was said.
@@ -1249,6 +1249,12 @@ function rcptRow(m: Moment, sc: Scenario): Decision {
  * (Postfix logs it `status=deferred` and sends it again in a later transaction).
  */
 const NO_ROOM: Decision = { fail: REPLIES.tooManyRcpts, delayMs: 0 };
+
+/** 452 4.5.3 at RCPT (the transaction is full): this attempt of its message ends deferred, as the MTA logs it; nothing is kept. */
+function noRoom(m: Moment, attempt: Attempt): Decision {
+  const events = attemptEvents(m, [[m.rcpt!, envelopeAttempts(attempt)]], "rcpt", NO_ROOM.fail!.code);
+  return { ...NO_ROOM, attempt, events };
+}
 
 /** What keeping an accepted recipient costs: its octets and its entry (KEPT_ENTRY_COST). */
 export const keptRecipientCost = (box: string): number => box.length + KEPT_ENTRY_COST;
@@ -1709,7 +1715,6 @@ const COMMANDS: Record<string, Handler> = {
     const box = /^postmaster$/i.test(parsed.path) ? parsed.path : parseMailbox(parsed.path);
     if (box === undefined) return refuse(state, REPLIES.badRcpt);
     if (parsed.params.size > 0) return refuse(state, REPLIES.badParam);
-    if (tx.rcptCount >= MAX_RECIPIENTS) return answer(state, REPLIES.tooManyRcpts);
     const d = decide({ point: "rcpt", state, rcpt: box, inputs });
     const reply = d.fail ?? REPLIES.rcptOk;
     const n = d.attempt && envelopeAttempts(d.attempt);

@@ -110,7 +110,7 @@ Deno.test("bad input: commands pipelined in one packet get their replies in orde
     assertEquals(msgs[1].size, 12 + 2 + 6);
   }));
 
-Deno.test("bad input: 1000 recipients: 100 accepted, the rest 452 4.5.3, the message still goes", () =>
+Deno.test("bad input: 1000 recipients: 100 accepted, the rest 452 4.5.3 (each logged), the message still goes", () =>
   withListener(async (l) => {
     const c = await greeted(l.port);
     await c.cmd("MAIL FROM:<a@origin.test>");
@@ -125,6 +125,11 @@ Deno.test("bad input: 1000 recipients: 100 accepted, the rest 452 4.5.3, the mes
     c.close();
     const msg = await l.waitForLog((x) => x.event === "message");
     assertEquals((msg.rcpts as string[]).length, MAX_RECIPIENTS);
+    // Each recipient past the cap is an attempt of its message, deferred (the MTA sends it again later): logged.
+    for (const i of [MAX_RECIPIENTS, n - 1]) {
+      const a = await l.waitForLog((x) => x.event === "attempt" && x.rcpt === `r${i}@sinkhole.test`);
+      assertEquals(a.event === "attempt" && [a.stage, a.code, a.attempt], ["rcpt", 452, 1]);
+    }
   }));
 
 Deno.test("bad input: DATA never terminated ends at the idle timeout; others are served meanwhile", () =>

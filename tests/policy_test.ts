@@ -234,14 +234,27 @@ Deno.test("policy: syntax and sequence replies", () => {
   );
 });
 
-Deno.test("policy: recipients past the cap get 452 4.5.3 and the transaction goes on", () => {
+Deno.test("policy: recipients past the cap get 452 4.5.3, each an attempt of its message, and the transaction goes on", () => {
   const rcpts = Array.from({ length: MAX_RECIPIENTS + 5 }, (_, i) => `RCPT TO:<u${i}@sinkhole.test>`);
-  const { codes, state } = play("accept", [...STATES.mail, ...rcpts, "DATA"]);
-  const rcptCodes = codes.slice(2, -1);
-  assertEquals(rcptCodes.filter((c) => c === 250).length, MAX_RECIPIENTS);
-  assertEquals(rcptCodes.slice(MAX_RECIPIENTS), [452, 452, 452, 452, 452]);
-  assertEquals(codes.at(-1), 354);
-  assertEquals(state.tx?.rcptCount, MAX_RECIPIENTS);
+  for (const mode of ["accept", "bounce"]) {
+    const { codes, state, outs } = play(mode, [...STATES.mail, ...rcpts, "DATA"]);
+    const rcptCodes = codes.slice(2, -1);
+    assertEquals(rcptCodes.slice(MAX_RECIPIENTS), [452, 452, 452, 452, 452], mode);
+    assertEquals(state.tx?.acceptedCount, mode === "accept" ? MAX_RECIPIENTS : 0);
+    // The MTA defers those recipients and sends them again: each 452 is an attempt, counted and logged at once.
+    const past = outs.slice(2 + MAX_RECIPIENTS, -1);
+    assertEquals(
+      past.map((o) => o.attempt?.key),
+      rcpts.slice(MAX_RECIPIENTS).map((_, i) => `a@origin.test > u${MAX_RECIPIENTS + i}@sinkhole.test`),
+      mode,
+    );
+    assertEquals(
+      past.map((o) => o.events?.map((e) => e.event === "attempt" ? [e.rcpt, e.stage, e.code] : e.event)),
+      rcpts.slice(MAX_RECIPIENTS).map((_, i) => [[`u${MAX_RECIPIENTS + i}@sinkhole.test`, "rcpt", 452]]),
+      mode,
+    );
+  }
+  assertEquals(play("accept", [...STATES.mail, ...rcpts, "DATA"]).codes.at(-1), 354);
 });
 
 /**
