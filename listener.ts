@@ -1587,8 +1587,17 @@ function mailParamsReply(params: ReadonlyMap<string, string>): Reply | undefined
   return undefined;
 }
 
-/** EHLO keywords: only what this file implements. */
+/** EHLO keywords: only what this file implements. The same reply object as the last time for the same names (see replyBytes). */
 function ehloReply(serverName: string, clientName: string, startTls = false): Reply {
+  const last = lastEhlo;
+  if (last?.serverName === serverName && last.clientName === clientName && last.startTls === startTls) {
+    return last.reply;
+  }
+  return (lastEhlo = { serverName, clientName, startTls, reply: ehloReplyOf(serverName, clientName, startTls) }).reply;
+}
+let lastEhlo: { serverName: string; clientName: string; startTls: boolean; reply: Reply } | undefined;
+
+function ehloReplyOf(serverName: string, clientName: string, startTls: boolean): Reply {
   return r(
     250,
     `${serverName} greets ${clientName}`,
@@ -1600,9 +1609,14 @@ function ehloReply(serverName: string, clientName: string, startTls = false): Re
   );
 }
 
+/** The greeting, one reply object a server name (its octets are encoded once: replyBytes). */
 function greetingReply(serverName: string): Reply {
-  return r(220, `${serverName} ESMTP sinkhole`);
+  if (serverName !== lastGreeting.serverName) {
+    lastGreeting = { serverName, reply: r(220, `${serverName} ESMTP sinkhole`) };
+  }
+  return lastGreeting.reply!;
 }
+let lastGreeting: { serverName?: string; reply?: Reply } = {};
 
 /** Splits a command line into its verb (upper case) and argument. */
 function splitCommand(line: string): { verb: string; arg: string } {
@@ -3675,8 +3689,9 @@ interface Hold {
 type Queued = { bytes: Uint8Array; code: number; then?: () => void; unheard?: () => void };
 
 /**
- * Each reply's octets, encoded once: most replies are the same few objects (REPLIES, a mode's),
- * and a reply is never changed once made. Weak: a reply made for one session goes with it.
+ * Each reply's octets, encoded once: most replies are the same few objects (REPLIES, a mode's,
+ * the greeting and the last EHLO reply), and a reply is never changed once made. Weak: a reply
+ * made for one session goes with it.
  */
 const replyOctets = new WeakMap<Reply, Uint8Array>();
 function replyBytes(reply: Reply): Uint8Array {
