@@ -7,14 +7,14 @@
  * rate and the latency a slow SSM adds, mode-switch latency, and start-up time.
  * Prints a table and writes bench/results.md. Everything runs on loopback.
  *
- * Environment: BENCH_REPS (default 3), BENCH_MESSAGES (default 50000), BENCH_SLOW_MESSAGES
+ * Environment: BENCH_REPS (default 5), BENCH_MESSAGES (default 50000), BENCH_SLOW_MESSAGES
  * (maildev's, default 5000); smaller ones for a quick look (ratios then weigh start-up more).
  */
 import { memoryMiB, privateAddress, RawClient, ROOT, run, startCommand, transaction } from "../rig/helpers.ts";
 import { faultProxy, putMode, ssmEnv, startMoto } from "../rig/aws.ts";
 import { MAX_SESSIONS_CAP } from "../listener.ts";
 
-const REPS = Number(Deno.env.get("BENCH_REPS") ?? "3");
+const REPS = Number(Deno.env.get("BENCH_REPS") ?? "5");
 const MESSAGES = Number(Deno.env.get("BENCH_MESSAGES") ?? "50000");
 const SESSIONS = 20;
 /**
@@ -49,6 +49,17 @@ const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
+/** Ratios of `xs` to `ys` pair by pair (the same repetition): their median, least and most. */
+interface Spread {
+  median: number;
+  min: number;
+  max: number;
+}
+export function spread(xs: number[], ys: number[]): Spread {
+  const rs = xs.map((x, i) => x / ys[i]);
+  return { median: median(rs), min: Math.min(...rs), max: Math.max(...rs) };
+}
+const spreadText = (s: Spread) => `${s.median.toFixed(2)} (${s.min.toFixed(2)}–${s.max.toFixed(2)})`;
 const fmt = (n: number, digits = 0) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
 
 /** smtp-source and smtp-sink from Debian's postfix package, unpacked by scripts/mtas.sh into .mtas/postfix, not installed. */
@@ -286,7 +297,7 @@ async function switchLatency(at: Addr, change: () => Promise<unknown>, code: num
 async function main() {
   const rows: [string, string][] = [];
   /** Per server: its ratio to smtp-sink in each workload, the listener's to the floor, its messages a run if fewer. */
-  const throughput: [string, number[], number[] | undefined, number[] | undefined][] = [];
+  const throughput: [string, number[], Spread[] | undefined, number[] | undefined][] = [];
   const row = (what: string, value: string) => {
     rows.push([what, value]);
     console.log(`${what.padEnd(64)} ${value}`);
@@ -361,15 +372,17 @@ async function main() {
     const rate = (w: number, name: string) => median(rates.get(`${w}/${name}`)!);
     for (const s of servers) {
       const ratios = SHAPES.map((_, w) => rate(w, s.name) / rate(w, "smtp-sink"));
+      // To the floor rep by rep (both ran in the same repetition, minutes apart at most): a slow minute of the
+      // machine weighs on both, where medians taken apart can pair the floor's best with the listener's worst.
       const toFloor = s.name.startsWith("sinkhole")
-        ? SHAPES.map((_, w) => rate(w, s.name) / rate(w, servers[1].name))
+        ? SHAPES.map((_, w) => spread(rates.get(`${w}/${s.name}`)!, rates.get(`${w}/${servers[1].name}`)!))
         : undefined;
       throughput.push([s.name, ratios, toFloor, s.messages]);
     }
     for (const [name, ratios, toFloor] of throughput) {
       console.log(
         `${name.padEnd(40)} ${ratios.map((r) => r.toFixed(2)).join("  ")}${
-          toFloor ? `   (to the floor: ${toFloor.map((r) => r.toFixed(2)).join("  ")})` : ""
+          toFloor ? `   (to the floor: ${toFloor.map(spreadText).join("  ")})` : ""
         }`,
       );
     }
@@ -471,7 +484,7 @@ async function main() {
 
 async function report(
   rows: [string, string][],
-  throughput: [string, number[], number[] | undefined, number[] | undefined][],
+  throughput: [string, number[], Spread[] | undefined, number[] | undefined][],
   postfix: string,
 ) {
   const cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.*)/)?.[1] ?? "unknown";
@@ -486,7 +499,8 @@ Written by \`deno task bench\` on ${new Date().toISOString()}.
 - Deno ${Deno.version.deno} (V8 ${Deno.version.v8}); reference: Postfix's \`smtp-sink\` (${postfix}, unpacked by
   scripts/mtas.sh), load from its \`smtp-source\` (${SESSIONS} sessions)
 - ${MESSAGES} messages a run (fewer for the slow peers, as marked: each run still lasts seconds); ${REPS} repetitions, each server in turn, each repetition
-  starting with the next one; the median rate of each, as a ratio to smtp-sink's median in the same run
+  starting with the next one; the median rate of each, as a ratio to smtp-sink's median in the same run; sinkhole to the
+  floor: the median of the ratios repetition by repetition (each ran both), the least and the most in brackets
 - sinkhole runs as \`deno task start\` with its mode from SSM (moto_server on loopback, TTL 30 s), stdout to a file
 
 ## Throughput, as a ratio to smtp-sink (higher is faster)
@@ -496,7 +510,7 @@ Written by \`deno task bench\` on ${new Date().toISOString()}.
 ${
     throughput.map(([name, r, f, n]) =>
       `| ${name} | ${ratio(r[0])}${runs(n?.[0])} | ${ratio(r[1])}${runs(n?.[1])} | ${
-        f ? f.map(ratio).join(" / ") : ""
+        f ? f.map(spreadText).join(" / ") : ""
       } |`
     ).join("\n")
   }
