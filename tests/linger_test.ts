@@ -49,21 +49,7 @@ for (const [transport, env] of [["Deno's", {}], ["STARTTLS-capable", { SINKHOLE_
           }
           got += new TextDecoder().decode(buf.subarray(0, n));
         }
-        assertEquals(end, "EOF", "the connection ends in FIN");
-        const replies = got.split("\r\n").filter((x) => /^\d{3} /.test(x));
-        assertEquals(
-          replies.slice(-2),
-          ["250 2.1.0 Sender OK", "550 5.1.1 User unknown"],
-          "the reply before the drop arrived",
-        );
-        // After a RST the socket is gone and this write fails; after a FIN the listener is still reading.
-        let afterwards = "written";
-        try {
-          await write(enc.encode("NOOP\r\n"));
-        } catch (err) {
-          afterwards = (err as Error).name;
-        }
-        assertEquals(afterwards, "written", "the listener was still reading after its FIN: no RST");
+        await assertOrderlyEnd(got, end, write);
         await conn.closeWrite();
         conn.close();
         const session = await l.waitFor("session", (s) => s.dropped === true && s.bytesIn === sent);
@@ -77,6 +63,32 @@ for (const [transport, env] of [["Deno's", {}], ["STARTTLS-capable", { SINKHOLE_
 }
 
 /** Reads until the end: the text read and how it ended (EOF, or the error's name). */
+/**
+ * The end of a dropped session as the client sees it: the replies written before the drop (the sender's 250, the
+ * refused recipient's 550), then EOF (FIN; TLS: close_notify first), and a write after it still taken: after a RST
+ * the socket is gone and that write fails; after a FIN the listener is still reading.
+ */
+async function assertOrderlyEnd(
+  got: string,
+  end: string,
+  write: (bytes: Uint8Array) => Promise<unknown>,
+): Promise<void> {
+  assertEquals(end, "EOF", "the connection ends in FIN, not RST");
+  const replies = got.split("\r\n").filter((x) => /^\d{3} /.test(x));
+  assertEquals(
+    replies.slice(-2),
+    ["250 2.1.0 Sender OK", "550 5.1.1 User unknown"],
+    "the reply before the drop arrived",
+  );
+  let afterwards = "written";
+  try {
+    await write(enc.encode("NOOP\r\n"));
+  } catch (err) {
+    afterwards = (err as Error).name;
+  }
+  assertEquals(afterwards, "written", "the listener was still reading after its FIN: no RST");
+}
+
 async function readToEnd(conn: { read(b: Uint8Array): Promise<number | null> }): Promise<{ got: string; end: string }> {
   let got = "";
   const buf = new Uint8Array(65536);
@@ -127,22 +139,9 @@ Deno.test("linger: a drop in a TLS-upgraded session with pipelined input unread:
     const bytes = enc.encode(script);
     for (let b = bytes; b.length > 0; b = b.subarray(await tls.write(b)));
     const { got, end } = await readToEnd(tls);
-    assertEquals(end, "EOF", "close_notify and FIN, not RST");
-    const replies = got.split("\r\n").filter((x) => /^\d{3} /.test(x));
-    assertEquals(
-      replies.slice(-2),
-      ["250 2.1.0 Sender OK", "550 5.1.1 User unknown"],
-      "the reply before the drop arrived",
-    );
-    // After a RST the socket is gone and this write fails; after close_notify and FIN the listener is still reading.
-    let afterwards = "written";
-    try {
-      const more = enc.encode("NOOP\r\n");
+    await assertOrderlyEnd(got, end, async (more) => {
       for (let b = more; b.length > 0; b = b.subarray(await tls.write(b)));
-    } catch (err) {
-      afterwards = (err as Error).name;
-    }
-    assertEquals(afterwards, "written", "the listener was still reading after its FIN: no RST");
+    });
     tls.close();
     const session = await l.waitFor("session", (s) => s.dropped === true);
     assertEquals([session.tls, session.replies.at(-1)], [true, 550]);
