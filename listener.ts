@@ -835,14 +835,16 @@ export type AttemptLookup = (key: string) => AttemptEntry | undefined;
  * count as one until one of them ends (docs/ledger.md, "What stays ambiguous").
  */
 export function attemptKey(from: string, rcpt: string): string {
-  if (from !== lastKeyOf[0] || rcpt !== lastKeyOf[1]) {
-    lastKeyOf = [from, rcpt];
+  if (from !== lastKeyFrom || rcpt !== lastKeyRcpt) {
+    lastKeyFrom = from;
+    lastKeyRcpt = rcpt;
     lastKey = `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
   }
   return lastKey;
 }
 /** The last envelope attemptKey was asked for, and its key: a message asks again and again (RCPT, end of data, its end). */
-let lastKeyOf: [string, string] = ["", ""];
+let lastKeyFrom = "";
+let lastKeyRcpt = "";
 let lastKey = " > ";
 
 /**
@@ -1611,12 +1613,11 @@ function ehloReplyOf(serverName: string, clientName: string, startTls: boolean):
 
 /** The greeting, one reply object a server name (its octets are encoded once: replyBytes). */
 function greetingReply(serverName: string): Reply {
-  if (serverName !== lastGreeting.serverName) {
-    lastGreeting = { serverName, reply: r(220, `${serverName} ESMTP sinkhole`) };
-  }
-  return lastGreeting.reply!;
+  const last = lastGreeting;
+  if (last?.serverName === serverName) return last.reply;
+  return (lastGreeting = { serverName, reply: r(220, `${serverName} ESMTP sinkhole`) }).reply;
 }
-let lastGreeting: { serverName?: string; reply?: Reply } = {};
+let lastGreeting: { serverName: string; reply: Reply } | undefined;
 
 /** Splits a command line into its verb (upper case) and argument. */
 function splitCommand(line: string): { verb: string; arg: string } {
