@@ -1,7 +1,8 @@
 /**
  * `deno task bench`: sinkhole side by side with Postfix's smtp-sink, in one run.
  *
- * Throughput (smtp-source against smtp-sink, the Deno floor, sinkhole in accept and accept-log,
+ * Throughput (smtp-source against smtp-sink, the Deno floor (alone, on node:net, and with the
+ * ledger's line a message), sinkhole in accept and accept-log,
  * nodemailer's smtp-server as a sink and maildev, in turn; both workloads), memory (idle,
  * open sessions at the cap, during throughput; with and without the V8 flags), SSM call
  * rate and the latency a slow SSM adds, mode-switch latency, and start-up time.
@@ -59,6 +60,17 @@ export function spread(xs: number[], ys: number[]): Spread {
   const rs = xs.map((x, i) => x / ys[i]);
   return { median: median(rs), min: Math.min(...rs), max: Math.max(...rs) };
 }
+/** A server's throughput: its ratio to smtp-sink in each workload, paired spreads, its messages a run if fewer. */
+interface Throughput {
+  name: string;
+  ratios: number[];
+  /** The ledger floor's and the listener's to the Deno floor, repetition by repetition. */
+  toFloor?: Spread[];
+  /** The listener's to the ledger floor (bench/floor_ledger.ts), repetition by repetition. */
+  toLedger?: Spread[];
+  messages?: number[];
+}
+const LEDGER_FLOOR = "Deno floor + the ledger's line (bench/floor_ledger.ts)";
 const spreadText = (s: Spread) => `${s.median.toFixed(2)} (${s.min.toFixed(2)}–${s.max.toFixed(2)})`;
 const fmt = (n: number, digits = 0) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
 
@@ -145,19 +157,32 @@ async function sinkhole(
   };
 }
 
-/** A reference server on an address of its own, its output discarded; ready once it greets. */
-async function reference(cmd: string, args: (at: Addr) => string[], env?: Record<string, string>): Promise<Proc> {
+/**
+ * A reference server on an address of its own, its output discarded (`logged`: its stdout to a
+ * file, as the listener's); ready once it greets.
+ */
+async function reference(
+  cmd: string,
+  args: (at: Addr) => string[],
+  env?: Record<string, string>,
+  logged = false,
+): Promise<Proc> {
   const at = privateAddress();
-  const child = new Deno.Command(cmd, { args: args(at), env, stdout: "null", stderr: "null" }).spawn();
+  const logFile = logged ? await Deno.makeTempFile({ prefix: "sinkhole-bench-ref-", suffix: ".log" }) : "";
+  const child = logged
+    ? new Deno.Command("sh", { args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, cmd, ...args(at)], env, stdin: "null" })
+      .spawn()
+    : new Deno.Command(cmd, { args: args(at), env, stdout: "null", stderr: "null" }).spawn();
   await firstGreeting(at, performance.now());
   return {
     pid: child.pid,
     ...at,
     child,
-    logFile: "",
+    logFile,
     stop: async () => {
       child.kill("SIGTERM");
       await child.status;
+      if (logFile) await Deno.remove(logFile).catch(() => {});
     },
   };
 }
@@ -182,6 +207,23 @@ function denoFloor(): Promise<Proc> {
       at.host,
       String(at.port),
     ],
+  );
+}
+
+/** bench/floor_ledger.ts: the floor and the ledger's attempt line a message, stdout to a file as the listener's. */
+function denoLedgerFloor(): Promise<Proc> {
+  return reference(
+    Deno.execPath(),
+    (at) => [
+      "run",
+      "--v8-flags=--max-semi-space-size=1",
+      "--allow-net",
+      `${ROOT}/bench/floor_ledger.ts`,
+      at.host,
+      String(at.port),
+    ],
+    undefined,
+    true,
   );
 }
 
@@ -296,8 +338,7 @@ async function switchLatency(at: Addr, change: () => Promise<unknown>, code: num
 
 async function main() {
   const rows: [string, string][] = [];
-  /** Per server: its ratio to smtp-sink in each workload, the listener's to the floor, its messages a run if fewer. */
-  const throughput: [string, number[], Spread[] | undefined, number[] | undefined][] = [];
+  const throughput: Throughput[] = [];
   const row = (what: string, value: string) => {
     rows.push([what, value]);
     console.log(`${what.padEnd(64)} ${value}`);
@@ -332,9 +373,10 @@ async function main() {
     const sink = await smtpSink(tools);
     const floor = await denoFloor();
     const floorNode = await denoFloorNode();
+    const ledgerFloor = await denoLedgerFloor();
     const nodemailer = await smtpServerSink();
     const dev = await maildev();
-    procs.push(accept, acceptLog, sink, floor, floorNode, nodemailer, dev);
+    procs.push(accept, acceptLog, sink, floor, floorNode, ledgerFloor, nodemailer, dev);
     await sleep(1000);
     row("RSS idle, SSM client loaded (MiB)", fmt(memoryMiB(accept.pid).rss, 1));
 
@@ -344,6 +386,7 @@ async function main() {
       { name: "smtp-sink", at: sink },
       { name: "Deno floor (bench/floor.ts, Deno.listen)", at: floor },
       { name: "Deno floor on node:net (bench/floor_node.ts)", at: floorNode },
+      { name: LEDGER_FLOOR, at: ledgerFloor },
       { name: "sinkhole accept", at: accept, sample: true },
       { name: "sinkhole accept-log", at: acceptLog, sample: true },
       {
@@ -374,15 +417,22 @@ async function main() {
       const ratios = SHAPES.map((_, w) => rate(w, s.name) / rate(w, "smtp-sink"));
       // To the floor rep by rep (both ran in the same repetition, minutes apart at most): a slow minute of the
       // machine weighs on both, where medians taken apart can pair the floor's best with the listener's worst.
-      const toFloor = s.name.startsWith("sinkhole")
-        ? SHAPES.map((_, w) => spread(rates.get(`${w}/${s.name}`)!, rates.get(`${w}/${servers[1].name}`)!))
-        : undefined;
-      throughput.push([s.name, ratios, toFloor, s.messages]);
+      const paired = (to: string) =>
+        SHAPES.map((_, w) => spread(rates.get(`${w}/${s.name}`)!, rates.get(`${w}/${to}`)!));
+      const isListener = s.name.startsWith("sinkhole");
+      throughput.push({
+        name: s.name,
+        ratios,
+        toFloor: isListener || s.name === LEDGER_FLOOR ? paired(servers[1].name) : undefined,
+        toLedger: isListener ? paired(LEDGER_FLOOR) : undefined,
+        messages: s.messages,
+      });
     }
-    for (const [name, ratios, toFloor] of throughput) {
+    for (const t of throughput) {
+      const to = (what: string, s?: Spread[]) => s ? `   (to the ${what}: ${s.map(spreadText).join("  ")})` : "";
       console.log(
-        `${name.padEnd(40)} ${ratios.map((r) => r.toFixed(2)).join("  ")}${
-          toFloor ? `   (to the floor: ${toFloor.map(spreadText).join("  ")})` : ""
+        `${t.name.padEnd(40)} ${t.ratios.map((r) => r.toFixed(2)).join("  ")}${to("floor", t.toFloor)}${
+          to("ledger floor", t.toLedger)
         }`,
       );
     }
@@ -484,7 +534,7 @@ async function main() {
 
 async function report(
   rows: [string, string][],
-  throughput: [string, number[], Spread[] | undefined, number[] | undefined][],
+  throughput: Throughput[],
   postfix: string,
 ) {
   const cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.*)/)?.[1] ?? "unknown";
@@ -500,18 +550,19 @@ Written by \`deno task bench\` on ${new Date().toISOString()}.
   scripts/mtas.sh), load from its \`smtp-source\` (${SESSIONS} sessions)
 - ${MESSAGES} messages a run (fewer for the slow peers, as marked: each run still lasts seconds); ${REPS} repetitions, each server in turn, each repetition
   starting with the next one; the median rate of each, as a ratio to smtp-sink's median in the same run; sinkhole to the
-  floor: the median of the ratios repetition by repetition (each ran both), the least and the most in brackets
+  floor: the median of the ratios repetition by repetition (each ran both), the least and the most in brackets; the
+  ledger floor is the Deno floor that also logs each attempt's line as the listener does (its stdout to a file too)
 - sinkhole runs as \`deno task start\` with its mode from SSM (moto_server on loopback, TTL 30 s), stdout to a file
 
 ## Throughput, as a ratio to smtp-sink (higher is faster)
 
-| server | one message per connection | many messages per connection | sinkhole to the Deno floor |
-| --- | --- | --- | --- |
+| server | one message per connection | many messages per connection | to the Deno floor | sinkhole to the ledger floor |
+| --- | --- | --- | --- | --- |
 ${
-    throughput.map(([name, r, f, n]) =>
-      `| ${name} | ${ratio(r[0])}${runs(n?.[0])} | ${ratio(r[1])}${runs(n?.[1])} | ${
-        f ? f.map(spreadText).join(" / ") : ""
-      } |`
+    throughput.map((t) =>
+      `| ${t.name} | ${ratio(t.ratios[0])}${runs(t.messages?.[0])} | ${ratio(t.ratios[1])}${runs(t.messages?.[1])} | ${
+        t.toFloor ? t.toFloor.map(spreadText).join(" / ") : ""
+      } | ${t.toLedger ? t.toLedger.map(spreadText).join(" / ") : ""} |`
     ).join("\n")
   }
 
@@ -531,6 +582,7 @@ Commands (what the bench runs):
 smtp-sink -u nobody HOST:PORT 1000                                       # reference
 deno run --allow-net bench/floor.ts HOST PORT                            # Deno's I/O floor
 deno run --allow-net bench/floor_node.ts HOST PORT                       # the same on node:net
+deno run --allow-net bench/floor_ledger.ts HOST PORT > FILE              # the floor + each attempt's ledger line
 deno run --allow-net --allow-env --allow-read --allow-sys bench/smtp_server_sink.ts HOST PORT
 deno run --allow-all node_modules/maildev/dist/bin/maildev.js --smtp PORT --ip HOST --disable-web --silent
 smtp-source -s ${SESSIONS} -m ${MESSAGES} -f bench@origin.test -t bench@sinkhole.test HOST:PORT

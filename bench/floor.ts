@@ -18,13 +18,25 @@ export const REPLIES: Record<string, string> = {
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("latin1");
 
+/** What the ledger floor (bench/floor_ledger.ts) is told: the envelope, the header lines, each message's end. */
+export interface Ledger {
+  mail(line: string): void;
+  rcpt(line: string): void;
+  /** A line of the message's header section (up to its first empty line). */
+  header(line: string): void;
+  /** The message's final dot: its attempt, accepted. */
+  end(): void;
+}
+
 /**
  * One session's replies: fed what the client sent (as latin1 text), answers what to write back
- * and whether the client said QUIT. The whole of the floor's SMTP; both floors use it.
+ * and whether the client said QUIT. The whole of the floor's SMTP; every floor uses it (the
+ * ledger floor passes a `ledger`; without one, no line is looked at beyond its verb).
  */
-export function responder(): (text: string) => { out: string; quit: boolean } {
+export function responder(ledger?: Ledger): (text: string) => { out: string; quit: boolean } {
   let pending = "";
   let inData = false;
+  let inHeaders = false;
   return (text) => {
     pending += text;
     let out = "";
@@ -33,21 +45,30 @@ export function responder(): (text: string) => { out: string; quit: boolean } {
       const line = pending.slice(0, nl).replace(/\r$/, "");
       pending = pending.slice(nl + 1);
       if (inData) {
-        if (line === ".") (inData = false, out += "250 ok\r\n");
+        if (line === ".") (inData = false, out += "250 ok\r\n", ledger?.end());
+        else if (ledger && inHeaders) {
+          if (line === "") inHeaders = false;
+          else ledger.header(line);
+        }
         continue;
       }
       const verb = line.slice(0, 4).toUpperCase();
       inData = verb === "DATA";
       quit = verb === "QUIT";
+      if (ledger) {
+        if (verb === "MAIL") ledger.mail(line);
+        else if (verb === "RCPT") ledger.rcpt(line);
+        inHeaders = inData;
+      }
       out += REPLIES[verb] ?? "500 unrecognized\r\n";
     }
     return { out, quit };
   };
 }
 
-async function session(conn: Deno.Conn): Promise<void> {
+/** One connection, start to end: the greeting, then read, answer, write (`respond` is its `responder`). */
+export async function session(conn: Deno.Conn, respond = responder()): Promise<void> {
   const buf = new Uint8Array(4096);
-  const respond = responder();
   try {
     await conn.write(encoder.encode("220 floor\r\n"));
     for (let quit = false; !quit;) {
