@@ -4,8 +4,9 @@
  * fit is counted and said in one `log_dropped` line where the gap is.
  */
 import { assert, assertEquals } from "../rig/assert.ts";
-import { REPLY_WAIT_MS, ROOT, taskCommand, transaction } from "../rig/helpers.ts";
+import { prng, REPLY_WAIT_MS, ROOT, taskCommand, transaction } from "../rig/helpers.ts";
 import {
+  isoTime,
   LOG_DRAIN_ON_STOP_MS,
   type LogLine,
   LogQueue,
@@ -72,6 +73,31 @@ Deno.test("log queue: whole lines in order up to the cap; past it counted, and s
   for (const s of ["", "abc", "é", "€uro", "😀", "a\u2028b", "\ud800x"]) {
     assertEquals(utf8Length(s), s.includes("\ud800") ? 3 : new TextEncoder().encode(s).length, JSON.stringify(s));
   }
+});
+
+Deno.test("log lines' time: isoTime is toISOString, ms by ms, across seconds, back in time (a clock stepped back) and far apart", () => {
+  const start = Date.UTC(2026, 10, 30, 23, 59, 58, 990);
+  const steps = [
+    0,
+    1,
+    9,
+    10,
+    99,
+    100,
+    999,
+    1000,
+    1001,
+    start,
+    start - 1, // back within the second
+    start - 990, // back to an earlier second
+    start + 10, // the next day
+    Date.UTC(2027, 0, 1) - 1,
+    Date.UTC(2027, 0, 1),
+  ];
+  for (let ms = start; ms < start + 3000; ms++) steps.push(ms); // second and day boundaries, ms after ms
+  const rand = prng(21);
+  for (let i = 0; i < 2000; i++) steps.push(Math.floor(rand() * 4102444800000)); // 1970 to 2100
+  for (const ms of steps) assertEquals(isoTime(ms), new Date(ms).toISOString(), String(ms));
 });
 
 /**
