@@ -1807,10 +1807,11 @@ export interface LineSink {
   /** The line being read crossed the limit: said once a line, as soon as it is seen. */
   overflow(): void;
   /**
-   * A complete line with its line end, or undefined when it was over the limit; `length` counts every
-   * octet; `bare` when it ends in a bare LF or holds a bare CR (RFC 5321 §2.3.8: lines end in CRLF).
+   * A complete line with its line end, `buf[start, start + length)`; `buf` undefined when it was over
+   * the limit (`length` counts every octet); `bare` when it ends in a bare LF or holds a bare CR
+   * (RFC 5321 §2.3.8: lines end in CRLF). Offsets, not a view: no object made a line.
    */
-  line(bytes: Uint8Array | undefined, length: number, bare: boolean): void;
+  line(buf: Uint8Array | undefined, start: number, length: number, bare: boolean): void;
   /** False stops the framing (a reply must wait first, or the session ends). */
   more(): boolean;
 }
@@ -1818,7 +1819,7 @@ export interface LineSink {
 /**
  * Splits a byte stream into lines at LF. A line that spans reads is kept in one buffer of
  * MAX_TEXT_LINE octets (allocated the first time one does); a longer line is counted, not
- * kept. Pure: no I/O, no clock. The bytes handed to `line` are valid until the next `feed`.
+ * kept. Pure: no I/O, no clock. The octets handed to `line` are valid until the next `feed`.
  */
 export class LineFramer {
   #partial: Uint8Array | undefined;
@@ -1833,26 +1834,30 @@ export class LineFramer {
     return this.#lineBytes;
   }
 
-  /** Frames `chunk` until it is read or `sink.more()` is false; returns where it stopped. */
-  feed(chunk: Uint8Array, sink: LineSink): number {
-    let pos = 0;
-    while (pos < chunk.length && sink.more()) {
-      const nl = chunk.indexOf(LF, pos);
-      const end = nl < 0 ? chunk.length : nl + 1;
-      const piece = chunk.subarray(pos, end);
+  /** Frames `chunk[from, to)` until it is read or `sink.more()` is false; returns where it stopped. */
+  feed(chunk: Uint8Array, sink: LineSink, from = 0, to = chunk.length): number {
+    let pos = from;
+    while (pos < to && sink.more()) {
+      const found = chunk.indexOf(LF, pos);
+      const nl = found < to ? found : -1;
+      const end = nl < 0 ? to : nl + 1;
+      const start = pos;
       pos = end;
       const limit = sink.limit();
       if (this.#lineBytes === 0 && nl >= 0) {
         // The common case: a whole line inside this read, used in place. LF comes only last,
         // so the line is clean exactly when its first CR is the one right before the LF.
-        const bare = piece.length < 2 || piece.indexOf(CR) !== piece.length - 2;
-        if (piece.length <= limit) sink.line(piece, piece.length, bare);
+        const length = end - start;
+        const bare = length < 2 || chunk.indexOf(CR, start) !== end - 2;
+        if (length <= limit) sink.line(chunk, start, length, bare);
         else {
           sink.overflow();
-          sink.line(undefined, piece.length, bare);
+          sink.line(undefined, start, length, bare);
         }
         continue;
       }
+      // A line that spans reads: its pieces are kept (rare; a view a piece).
+      const piece = chunk.subarray(start, end);
       this.#scanBare(piece, nl >= 0);
       const total = this.#lineBytes + piece.length;
       if (total <= limit) (this.#partial ??= new Uint8Array(MAX_TEXT_LINE)).set(piece, this.#lineBytes);
@@ -1863,7 +1868,7 @@ export class LineFramer {
         this.#lineBytes = 0;
         this.#bare = false;
         this.#lastCR = false;
-        sink.line(total <= limit ? this.#partial!.subarray(0, total) : undefined, total, bare);
+        sink.line(total <= limit ? this.#partial : undefined, 0, total, bare);
       }
     }
     return pos;
@@ -1884,11 +1889,11 @@ export class LineFramer {
   }
 }
 
-/** Octets of a line without its LF and an optional CR before it. */
-function lineEnd(line: Uint8Array): number {
-  let len = line.length;
-  if (len > 0 && line[len - 1] === LF) len--;
-  if (len > 0 && line[len - 1] === CR) len--;
+/** Octets of the line `buf[start, start + length)` without its LF and an optional CR before it. */
+function lineEnd(buf: Uint8Array, start: number, length: number): number {
+  let len = length;
+  if (len > 0 && buf[start + len - 1] === LF) len--;
+  if (len > 0 && buf[start + len - 1] === CR) len--;
   return len;
 }
 
@@ -2048,25 +2053,27 @@ export class MessageReader {
   }
 
   /**
-   * One line with its line end (undefined when it was over MAX_TEXT_LINE): "end" at the
+   * One line with its line end, `buf[start, start + length)` (`buf` undefined when it was over
+   * MAX_TEXT_LINE; `length` counts its octets all the same): "end" at the
    * end-of-data line, "bare" when the line has a bare LF or CR, else "more". The end is
    * only ".<CRLF>" after a line that ended in CRLF (RFC 5321 §4.1.1.4): a bare line end
    * never ends the message, and answering it at once leaves nothing to smuggle behind it.
    */
-  line(bytes: Uint8Array | undefined, length: number, bare = false): "more" | "end" | "bare" {
+  line(buf: Uint8Array | undefined, start: number, length: number, bare = false): "more" | "end" | "bare" {
     if (bare) return "bare";
-    if (bytes === undefined) {
+    if (buf === undefined) {
       this.size += length;
       this.longLine = true;
       if (this.#inHeaders) this.#stopCapture(true); // it may continue the last field: taken back
       if (this.#idField !== undefined) this.#idField = "\0"; // a part of the field was not read: no msg-id
       return "more";
     }
-    if (bytes[0] === DOT && bytes.length === 3) return "end"; // ".\r\n" (not bare: CR LF)
-    const stuffed = bytes[0] === DOT ? 1 : 0;
+    if (buf[start] === DOT && length === 3) return "end"; // ".\r\n" (not bare: CR LF)
+    const stuffed = buf[start] === DOT ? 1 : 0;
     this.size += length - stuffed;
     if (!this.#inHeaders) return "more";
-    const len = lineEnd(bytes);
+    const bytes = buf.subarray(start, start + length); // a header line (a few a message): one view
+    const len = lineEnd(bytes, 0, length);
     if (len === 0) {
       this.#inHeaders = false;
       return "more";
@@ -3835,7 +3842,7 @@ class Reads {
 
   /**
    * How many octets the client sent next (the read ahead, if one was made), or null at its end;
-   * `bytes(n)` holds them. A count, not a view: no closure or promise a read beyond the read's own.
+   * `current` holds them. A count, not a view: no closure or promise a read beyond the read's own.
    */
   next(): Promise<number | null> {
     const pending = this.#pending;
@@ -3853,9 +3860,9 @@ class Reads {
   }
   #forsaken = false;
 
-  /** The `n` octets the last `next` read. */
-  bytes(n: number): Uint8Array {
-    return this.#bufs[this.#cur].subarray(0, n);
+  /** The buffer the last `next` read into (its count of octets from the start). */
+  get current(): Uint8Array {
+    return this.#bufs[this.#cur];
   }
 
   /**
@@ -3919,14 +3926,13 @@ class Session implements LineSink {
       while (!this.closed && !this.#closing) {
         const n = await this.#reads.next();
         if (n === null) break;
-        const chunk = this.#reads.bytes(n);
+        const buf = this.#reads.current; // its first n octets: what the client sent (no view made)
         this.lastRead = Date.now();
-        this.transcript.bytesIn += chunk.length;
-        let rest: Uint8Array | undefined = chunk;
+        this.transcript.bytesIn += n;
         // Framing stops when a reply must wait or MAX_PENDING_REPLY_BYTES wait to be written: write, then go on.
-        while (rest) {
-          const pos = this.#framer.feed(rest, this);
-          rest = !this.#closing && pos < rest.length ? rest.subarray(pos) : undefined;
+        for (let pos = 0, more = true; more;) {
+          pos = this.#framer.feed(buf, this, pos, n);
+          more = !this.#closing && pos < n;
           // Nothing held (the common case): write, no #release frame a command.
           const upgraded = this.#outbox.hold ? await this.#release() : (await this.#outbox.flush(), false);
           if (upgraded || this.#closing) break; // RFC 3207: bytes pipelined after STARTTLS are discarded
@@ -3965,13 +3971,13 @@ class Session implements LineSink {
   overflow(): void {
     if (!this.#message) this.#badLine("long"); // a command is answered at once; the rest is discarded to LF
   }
-  line(bytes: Uint8Array | undefined, length: number, bare: boolean): void {
+  line(buf: Uint8Array | undefined, start: number, length: number, bare: boolean): void {
     if (!this.#message) {
       // Commands: a bare LF ends the line too (as Postfix's "normalize"); a bare CR is an invalid character.
-      if (bytes !== undefined) this.#commandLine(bytes);
+      if (buf !== undefined) this.#commandLine(buf.subarray(start, start + lineEnd(buf, start, length)));
       return;
     }
-    const read = this.#message.line(bytes, length, bare);
+    const read = this.#message.line(buf, start, length, bare);
     if (read !== "more") this.#endData(read === "bare");
   }
 
@@ -4038,8 +4044,9 @@ class Session implements LineSink {
     this.#apply(respondToBadLine(this.state, kind, policyInputs(this.deps, this.client, this.#lookups)));
   }
 
+  /** A command line, its line end taken off. */
   #commandLine(line: Uint8Array): void {
-    const text = decodeCommand(line.subarray(0, lineEnd(line)));
+    const text = decodeCommand(line);
     if (text === undefined) return this.#badLine("chars");
     // Only the first command's verb is kept (a health check says QUIT and nothing else): no split for the rest.
     this.transcript.command(this.transcript.commands === 0 ? splitCommand(text).verb : undefined);

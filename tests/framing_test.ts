@@ -27,10 +27,11 @@ function frame(chunks: string[], limit: number, stopAfter = Infinity): { events:
     limit: () => limit,
     more: () => lines < stopAfter,
     overflow: () => events.push("overflow"),
-    line: (bytes, length, bare) => {
+    line: (buf, start, length, bare) => {
       lines++;
       events.push(
-        (bytes === undefined ? `long(${length})` : JSON.stringify(dec.decode(bytes))) + (bare ? " bare" : ""),
+        (buf === undefined ? `long(${length})` : JSON.stringify(dec.decode(buf.subarray(start, start + length)))) +
+          (bare ? " bare" : ""),
       );
     },
   };
@@ -79,6 +80,25 @@ Deno.test("framer: stops when the sink says so and returns the rest, unread", ()
   assertEquals(rest, [6], "B and C are handed back");
 });
 
+Deno.test("framer: frames only chunk[from, to): a line end past `to` is not seen, the rest of a line waits for the next feed", () => {
+  const framer = new LineFramer();
+  const seen: string[] = [];
+  const sink: LineSink = {
+    limit: () => L,
+    more: () => true,
+    overflow: () => seen.push("overflow"),
+    line: (buf, start, length, bare) =>
+      seen.push(dec.decode(buf!.subarray(start, start + length)) + (bare ? " bare" : "")),
+  };
+  const chunk = enc.encode("AAA\r\nBB\r\nCC\r\n");
+  assertEquals(framer.feed(chunk, sink, 5, 9), 9);
+  assertEquals(seen, ["BB\r\n"], "the line between from and to, at its offset");
+  assertEquals(framer.feed(chunk, sink, 9, 12), 12);
+  assertEquals([seen.length, framer.pending], [1, 3], "CC\r: its LF is past `to`");
+  assertEquals(framer.feed(chunk, sink, 12, 13), 13);
+  assertEquals(seen, ["BB\r\n", "CC\r\n"], "ended by the next feed, not bare");
+});
+
 Deno.test("framer: the limit is asked per line (commands, then a data line after DATA)", () => {
   const framer = new LineFramer();
   const seen: string[] = [];
@@ -87,9 +107,10 @@ Deno.test("framer: the limit is asked per line (commands, then a data line after
     limit: () => limit,
     more: () => true,
     overflow: () => seen.push("overflow"),
-    line: (bytes, length, _bare) => {
-      seen.push(bytes ? dec.decode(bytes).trimEnd() : `long(${length})`);
-      if (bytes && dec.decode(bytes).startsWith("DATA")) limit = MAX_TEXT_LINE;
+    line: (buf, start, length, _bare) => {
+      const text = buf && dec.decode(buf.subarray(start, start + length));
+      seen.push(text ? text.trimEnd() : `long(${length})`);
+      if (text?.startsWith("DATA")) limit = MAX_TEXT_LINE;
     },
   };
   const body = "y".repeat(800);
@@ -106,7 +127,7 @@ function read(lines: string[], capture = true, buffer?: Uint8Array): { m: Messag
   for (const [i, line] of lines.entries()) {
     const text = /\n$/.test(line) ? line : line + "\r\n";
     const bytes = enc.encode(text);
-    const read = m.line(bytes.length > MAX_TEXT_LINE ? undefined : bytes, bytes.length, false);
+    const read = m.line(bytes.length > MAX_TEXT_LINE ? undefined : bytes, 0, bytes.length, false);
     if (read === "end") return { m, endedAt: i };
   }
   return { m, endedAt: -1 };
@@ -201,11 +222,12 @@ Deno.test("message reader: a line over 1000 octets is counted and flagged, not k
 
 Deno.test("message reader: the end is .CRLF only; a bare line end is answered, never taken for the end", () => {
   const m = new MessageReader();
-  const line = (t: string, bare = false) => m.line(enc.encode(t), t.length, bare);
+  const line = (t: string, bare = false) => m.line(enc.encode(t), 0, t.length, bare);
   assertEquals(line("body\r\n"), "more");
   assertEquals(line(".\n", true), "bare", "LF.LF is no end of data");
-  assertEquals(new MessageReader().line(enc.encode(".\r\n"), 3, false), "end");
-  assertEquals(new MessageReader().line(undefined, 2000, true), "bare", "a long bare line too");
+  assertEquals(new MessageReader().line(enc.encode(".\r\n"), 0, 3, false), "end");
+  assertEquals(new MessageReader().line(enc.encode("x\r\n.\r\n"), 3, 3, false), "end", "at an offset");
+  assertEquals(new MessageReader().line(undefined, 0, 2000, true), "bare", "a long bare line too");
 });
 
 Deno.test("Message-ID: the RFC 5322 grammar, not a pattern: folded, commented, quoted, literal, UTF-8, garbage, bounded", () => {
@@ -292,7 +314,7 @@ Deno.test("Message-ID: the RFC 5322 grammar, not a pattern: folded, commented, q
   // The reader takes the first Message-ID field, its folded lines unfolded, and parses it.
   const read = (...lines: string[]) => {
     const r = new MessageReader();
-    for (const l of [...lines, "", "body"]) r.line(new TextEncoder().encode(l + "\r\n"), l.length + 2);
+    for (const l of [...lines, "", "body"]) r.line(new TextEncoder().encode(l + "\r\n"), 0, l.length + 2);
     return r.messageId;
   };
   assertEquals(read("Message-ID:", " <folded@c.test>"), "<folded@c.test>");
@@ -303,9 +325,9 @@ Deno.test("Message-ID: the RFC 5322 grammar, not a pattern: folded, commented, q
   assertEquals(read("Subject: <a@c.test>"), undefined);
   // A folded line over MAX_TEXT_LINE: part of the field was not read, so no ID is taken.
   const r = new MessageReader();
-  r.line(new TextEncoder().encode("Message-ID: <a@c.test\r\n"), 22);
-  r.line(undefined, 2000);
-  r.line(new TextEncoder().encode(" >\r\n"), 4);
+  r.line(new TextEncoder().encode("Message-ID: <a@c.test\r\n"), 0, 23);
+  r.line(undefined, 0, 2000);
+  r.line(new TextEncoder().encode(" >\r\n"), 0, 4);
   assertEquals(r.messageId, undefined);
   // The log escapes what it logs: the line separator is \u2028 in the JSON line, which stays one line.
   const line = new TextDecoder().decode(logLine({
