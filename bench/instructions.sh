@@ -3,7 +3,8 @@
 # that holds on a busy machine, where wall-clock rates do not. For before/after a change.
 #
 #   bash bench/instructions.sh MODE SHAPE [MESSAGES]
-#     MODE: floor (bench/floor.ts), or a listener mode (accept, accept-log, ...) run at `deno task start`'s flags
+#     MODE: floor (bench/floor.ts), ledger-floor (bench/floor_ledger.ts, its lines to a file), or a listener
+#       mode (accept, accept-log, ...) run at `deno task start`'s flags
 #     SHAPE: one (a message a connection) or many (smtp-source -d)
 #
 # smtp-source sends MESSAGES/2 first (start-up and V8's compilation), then the counts are zeroed and
@@ -19,8 +20,10 @@ pid=""
 trap '[ -z "$pid" ] || kill -KILL "$pid" 2>/dev/null; rm -rf "$out"' EXIT
 vg=(valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out/cg.%p" --dump-instr=no)
 cd "$root"
-if [ "$mode" = floor ]; then
-  "${vg[@]}" deno run --v8-flags=--max-semi-space-size=1 --allow-net bench/floor.ts "$host" "$port" >"$out/log" 2>&1 &
+if [ "$mode" = floor ] || [ "$mode" = ledger-floor ]; then
+  file=floor.ts
+  [ "$mode" = ledger-floor ] && file=floor_ledger.ts
+  "${vg[@]}" deno run --v8-flags=--max-semi-space-size=1 --allow-net "bench/$file" "$host" "$port" >"$out/log" 2>&1 &
 else
   SINKHOLE_MODE=$mode SINKHOLE_BIND_HOST=$host SINKHOLE_BIND_PORT=$port SINKHOLE_HEALTH_HOST=$host \
     SINKHOLE_HEALTH_PORT=0 "${vg[@]}" deno run --no-npm --v8-flags=--max-semi-space-size=1,--max-old-space-size=24 \
