@@ -2661,7 +2661,7 @@ export function flushLog(): void {
  * Bounded by MAX_LOGGED_TRANSACTIONS, MAX_LOGGED_REPLIES and MAX_TRANSCRIPT_BYTES; past a
  * bound entries are counted, not kept, and the line says `transcriptTruncated`.
  */
-class Transcript {
+export class Transcript {
   transactions: TransactionLog[] = [];
   transactionCount = 0;
   /** Octets charged to the kept entries (see MAX_TRANSCRIPT_BYTES). */
@@ -3733,7 +3733,7 @@ const SETTLED: Promise<void> = Promise.resolve();
  * The replies on their way to one client: queued, held when an outcome waits, drops or
  * upgrades, written in one write (writes never overlap), recorded once they were written.
  */
-class Outbox {
+export class Outbox {
   /** Replies queued and not yet written; `then` runs once the reply is on the wire. */
   #out: Queued[] = [];
   /** Octets queued (see MAX_PENDING_REPLY_BYTES). */
@@ -3785,24 +3785,36 @@ class Outbox {
     const bytes = batch.length === 1 ? batch[0].bytes : concatBytes(batch);
     // Writes never overlap: one waits for the write in flight (a goodbye meanwhile); with none, it goes at once.
     const write = this.#inFlight === 0
-      ? writeAll(this.conn, bytes)
-      : this.#writing.then(() => writeAll(this.conn, bytes));
+      ? writeSome(this.conn, bytes)
+      : this.#writing.then(() => writeSome(this.conn, bytes));
     this.#inFlight++;
-    // One continuation a write: the count of writes in flight, then the batch recorded (or the failure passed on).
-    const done = write.then(() => {
-      this.#inFlight--;
-      this.transcript.bytesOut += bytes.length;
-      for (const b of batch) {
-        this.transcript.reply(b.code);
-        b.then?.();
-      }
-    }, (err) => {
-      this.#inFlight--;
-      throw err;
-    });
+    // One continuation a write (the rest of a partial write is written first), then the batch recorded (or the failure passed on).
+    const done = write.then(
+      (n) =>
+        n < bytes.length
+          ? writeAll(this.conn, bytes.subarray(n)).then(() => this.#written(batch, bytes.length))
+          : this.#written(batch, bytes.length),
+      this.#failed,
+    );
     this.#writing = done;
     return done;
   }
+
+  /** A batch is on the wire: one write fewer in flight, its replies recorded and their `then` run. */
+  #written(batch: Queued[], octets: number): void {
+    this.#inFlight--;
+    this.transcript.bytesOut += octets;
+    for (const b of batch) {
+      this.transcript.reply(b.code);
+      b.then?.();
+    }
+  }
+
+  /** A write failed: one fewer in flight, the failure passed on (made once an outbox, not once a write). */
+  readonly #failed = (err: unknown): never => {
+    this.#inFlight--;
+    throw err;
+  };
 
   /** Writes in flight or waiting (see flush). */
   #inFlight = 0;
@@ -4214,13 +4226,16 @@ const CLIENT_LEFT = "the client closed the connection while its reply was held";
 
 /** Writes every octet (a write may take fewer). Not an async function: no frame a write. */
 function writeAll(conn: Transport, bytes: Uint8Array): Promise<void> {
-  let write: Promise<number>;
+  return writeSome(conn, bytes).then((n) => n < bytes.length ? writeAll(conn, bytes.subarray(n)) : undefined);
+}
+
+/** One write: the octets it took (maybe fewer than all); a connection already closed is a rejection, as from an async function. */
+function writeSome(conn: Transport, bytes: Uint8Array): Promise<number> {
   try {
-    write = conn.write(bytes);
+    return conn.write(bytes);
   } catch (err) {
-    return Promise.reject(err); // a connection already closed: a rejection, as from an async function
+    return Promise.reject(err);
   }
-  return write.then((n) => n < bytes.length ? writeAll(conn, bytes.subarray(n)) : undefined);
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
