@@ -2361,8 +2361,8 @@ function encodeLine(e: LogEvent, ts: string): Uint8Array {
   return logEncoder.encode(jsonText(e, ts));
 }
 
-/** An event's JSON line as text, with its line-breaking characters escaped. */
-function jsonText(e: LogEvent, ts: string): string {
+/** An event's JSON line as text, with its line-breaking characters escaped (bench/floor_ledger.ts writes its lines with it too). */
+export function jsonText(e: LogEvent, ts: string): string {
   const body = JSON.stringify(e);
   // `ts` first, then the event's own fields: spliced in, not a copy of the event (ts is ISO 8601: nothing to escape).
   const line = `{"ts":"${ts}",${body.slice(1)}\n`;

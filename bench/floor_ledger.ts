@@ -1,14 +1,14 @@
 /**
  * The ledger floor: bench/floor.ts plus the one thing every sinkhole attempt must leave, its
- * `attempt` line (the retry ledger's, docs/ledger.md: the same fields as the listener's, JSON,
- * line breakers escaped, gathered and written on stdout LOG_GATHER_MS at a time as the
+ * `attempt` line (the retry ledger's, docs/ledger.md: the same fields, made by the listener's
+ * own `jsonText` and `isoTime`, gathered and written on stdout LOG_GATHER_MS at a time as the
  * listener's log is), done the least way: no policy, no limits, no transcript, no bound on
  * what waits to be written, one count per envelope in a Map. It shows how much of the gap
  * between the listener and the floor the ledger's line costs by itself. Not a product: bench only.
  *
  *   deno run --allow-net bench/floor_ledger.ts HOST PORT > FILE
  */
-import { LOG_GATHER_MS, LOG_WRITE_AT_BYTES } from "../listener.ts";
+import { type AttemptEvent, isoTime, jsonText, LOG_GATHER_MS, LOG_WRITE_AT_BYTES } from "../listener.ts";
 import { type Ledger, responder, session } from "./floor.ts";
 
 const encoder = new TextEncoder();
@@ -17,24 +17,6 @@ const attempts = new Map<string, number>();
 let queued: string[] = [];
 let queuedLength = 0;
 let writing: Promise<void> | undefined;
-
-/** The time now in ISO 8601, made once a millisecond (as the listener's `isoNow`). */
-let isoAt = NaN;
-let isoText = "";
-function isoNow(): string {
-  const ms = Date.now();
-  if (ms !== isoAt) (isoAt = ms, isoText = new Date(ms).toISOString());
-  return isoText;
-}
-
-/** One event's line, U+0085, U+2028 and U+2029 escaped (JSON leaves them raw). */
-export function ledgerLine(e: Record<string, unknown>): string {
-  const body = JSON.stringify(e);
-  const line = `{"ts":"${isoNow()}",${body.slice(1)}\n`;
-  return body.indexOf("\u0085") < 0 && body.indexOf("\u2028") < 0 && body.indexOf("\u2029") < 0
-    ? line
-    : line.replace(/[\u0085\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
-}
 
 function log(line: string): void {
   queued.push(line);
@@ -81,12 +63,13 @@ export function ledger(client: string, logLine: (line: string) => void = log): L
         const key = `${from.toLowerCase()} > ${rcpt.toLowerCase()}`;
         const attempt = (attempts.get(key) ?? 0) + 1;
         attempts.set(key, attempt);
-        const e: Record<string, unknown> = { event: "attempt", key, attempt, from, rcpt, stage: "eod", code: 250 };
+        // Field by field in the listener's order (attemptEvents), the optional Message-ID only when there is one.
+        const e = { event: "attempt", key, attempt, from, rcpt, stage: "eod", code: 250 } as AttemptEvent;
         if (messageId) e.messageId = messageId;
         e.client = client;
         e.tls = false;
         e.mode = "accept";
-        logLine(ledgerLine(e));
+        logLine(jsonText(e, isoTime(Date.now()))); // the listener's own line: its serializer and its clock
       }
       rcpts = [];
     },
