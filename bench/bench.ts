@@ -119,6 +119,11 @@ async function firstGreeting(at: Addr, t0: number, limitMs = 30_000): Promise<nu
   throw new Error(`no greeting on ${at.host}:${at.port} in ${limitMs} ms`);
 }
 
+/** `cmd` with its stdout and stderr to `logFile` (through sh: a file, as awslogs would take it, not a pipe). */
+function loggedCommand(logFile: string, cmd: string[], opts: { cwd?: string; env?: Record<string, string> } = {}) {
+  return new Deno.Command("sh", { args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, ...cmd], ...opts, stdin: "null" });
+}
+
 /** The listener exactly as `deno task start` runs it, stdout to a file (as awslogs would take it). */
 async function sinkhole(
   env: Record<string, string>,
@@ -129,8 +134,7 @@ async function sinkhole(
   let cmd = startCommand();
   if (opts.v8Defaults) cmd = cmd.filter((a) => !a.startsWith("--v8-flags="));
   const t0 = performance.now();
-  const child = new Deno.Command("sh", {
-    args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, ...cmd],
+  const child = loggedCommand(logFile, cmd, {
     cwd: ROOT,
     env: {
       SINKHOLE_BIND_HOST: at.host,
@@ -140,7 +144,6 @@ async function sinkhole(
       NO_COLOR: "1",
       ...env,
     },
-    stdin: "null",
   }).spawn();
   const startMs = await firstGreeting(at, t0);
   return {
@@ -170,8 +173,7 @@ async function reference(
   const at = privateAddress();
   const logFile = logged ? await Deno.makeTempFile({ prefix: "sinkhole-bench-ref-", suffix: ".log" }) : "";
   const child = logged
-    ? new Deno.Command("sh", { args: ["-c", 'exec "$@" > "$0" 2>&1', logFile, cmd, ...args(at)], env, stdin: "null" })
-      .spawn()
+    ? loggedCommand(logFile, [cmd, ...args(at)], { env }).spawn()
     : new Deno.Command(cmd, { args: args(at), env, stdout: "null", stderr: "null" }).spawn();
   await firstGreeting(at, performance.now());
   return {
